@@ -1,0 +1,585 @@
+"""The command line: parse, call the library, render, map errors to exit codes.
+
+Only this module knows typer and rich. Torch is imported inside the commands
+that need it, so `nnctl --help`, `--version` and `schema` start fast.
+Exit codes: 0 success, 1 runtime failure, 2 usage or config error,
+128 + signal for a run stopped by SIGINT (130) or SIGTERM (143).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from . import __version__
+
+app = typer.Typer(
+    name="nnctl",
+    help="Train, fine-tune, inspect and export PyTorch models declared in YAML.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(text.rstrip("\n") + "\n")
+    sys.stderr.flush()
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def handle_errors(fn):
+    """Turn nnctl's errors into one-line messages and exit codes; never a traceback for a user mistake."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import ConfigError, NnctlError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            for p in exc.problems:
+                _err(p.format())
+            raise typer.Exit(2) from None
+        except NnctlError as exc:
+            _err(f"error: {' '.join(str(exc).split())}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _err("interrupted")
+            raise typer.Exit(130) from None
+        except typer.Exit:
+            raise
+        except MemoryError:
+            _err("error: out of memory")
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a bug in nnctl, not a user mistake: say so, keep it short
+            if os.environ.get("NNCTL_DEBUG"):
+                raise
+            _err(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+                 "(set NNCTL_DEBUG=1 for a traceback and please report it)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        print(f"nnctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+):
+    """Train, fine-tune, inspect and export PyTorch models declared in YAML."""
+
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a config value: key.path=value (repeatable), "
+                                               "e.g. train.optimizer.Adam.lr=0.01")
+
+
+def _warn(problems) -> None:
+    for p in problems:
+        text = p.format()
+        head, _, rest = text.partition(": ")
+        _err(f"{head}: warning: {rest}")
+
+
+# --- check ----------------------------------------------------------------------------
+
+@app.command()
+@handle_errors
+def check(
+    config: str = typer.Argument(..., help="The YAML config to validate."),
+    set_: Optional[list[str]] = SetOpt,
+    strict: bool = typer.Option(False, "--strict", help="Treat lint warnings as errors (exit 2)."),
+):
+    """Validate a config and lint it, without training."""
+    from . import config as C
+    from .errors import ConfigError
+
+    cfg, doc = C.load(config, set_ or [])
+    from . import model as M
+    from . import train as T
+
+    problems = []
+    plan = None
+    try:
+        plan = M.plan(cfg, doc)
+    except ConfigError as exc:
+        problems += exc.problems
+    problems += T.validate(cfg, doc)
+    if problems:
+        raise ConfigError(problems)
+    warnings = M.lint(cfg, plan)
+    _warn(warnings)
+    if strict and warnings:
+        raise typer.Exit(2)
+    out = list(plan.output_shape) if plan.output_shape else "?"
+    print(f"ok: {config}: {len(plan.root.children)} layers, {plan.root.params:,} parameters, "
+          f"input {list(plan.input_shape)} -> output {out}"
+          + (f", {len(warnings)} warning(s)" if warnings else ""))
+
+
+# --- summary ---------------------------------------------------------------------------
+
+def _load_source(source: str, overrides: list[str], which: str = "last"):
+    """A config or a checkpoint (or run folder) -> (cfg, doc, model, plan, checkpoint state or None)."""
+    from pathlib import Path
+
+    from . import config as C
+
+    p = Path(source)
+    if p.is_dir() or p.suffix in (".pt", ".pth", ".ckpt"):
+        from . import checkpoint as K
+        from . import freeze as F
+        from . import model as M
+
+        path = K.resolve(p, which)
+        state = K.load(path)
+        cfg, doc = C.from_dict(state["config"], str(path))
+        model, plan = M.build(cfg, doc)
+        F.load_weights(model, plan, state["model"], str(path))
+        if state.get("freeze"):
+            F.apply(model, state["freeze"])
+        return cfg, doc, model, plan, state
+    cfg, doc = C.load(source, overrides)
+    from . import freeze as F
+    from . import model as M
+
+    model, plan = M.build(cfg, doc)
+    if cfg.freeze is not None:
+        F.apply(model, F.plan_from_config(model, cfg.freeze))
+    return cfg, doc, model, plan, None
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+@handle_errors
+def summary(
+    source: str = typer.Argument(..., help="A config, a checkpoint, or a run folder."),
+    depth: int = typer.Option(1, "--depth", "-d", min=0, help="Levels of nested blocks to open (0: all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
+    which: str = typer.Option("last", "--which", help="For a run folder: best or last."),
+    set_: Optional[list[str]] = SetOpt,
+):
+    """Per-layer table: output shapes, parameters, trainable/frozen, MACs; totals."""
+    from . import summary as S
+
+    cfg, doc, model, plan, _ = _load_source(source, set_ or [], which)
+    result = S.summarize(model, plan, cfg.model.input_shape, depth=depth)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name}: input {list(cfg.model.input_shape)}", title_justify="left")
+    for col, justify in (("#", "left"), ("layer", "left"), ("output shape", "left"), ("params", "right"),
+                         ("status", "left"), ("MACs", "right"), ("line", "right")):
+        table.add_column(col, justify=justify)
+    for row in result.rows:
+        indent = "  " * row.depth
+        table.add_row(indent + row.name, indent + row.type, str(row.output_shape) if row.output_shape else "-",
+                      _fmt_int(row.params), row.status, _fmt_int(row.macs), str(row.line or ""))
+    con = _console()
+    con.print(table)
+    con.print(f"total params: {_fmt_int(result.total_params)}   trainable: {_fmt_int(result.trainable_params)}   "
+              f"frozen: {_fmt_int(result.frozen_params)}")
+    con.print(f"parameter size: {_fmt_bytes(result.param_bytes)}   buffers: {_fmt_bytes(result.buffer_bytes)}   "
+              f"activations (one sample, estimate): {_fmt_bytes(result.activation_bytes)}   "
+              f"MACs (one sample): {_fmt_int(result.total_macs)}")
+
+
+# --- layers, schema -------------------------------------------------------------------
+
+@app.command()
+@handle_errors
+def layers(
+    name: Optional[str] = typer.Argument(None, help="Show one layer type's arguments."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """The layer types a config may name (torch.nn) and their arguments, from PyTorch's signatures."""
+    from . import layers as L
+    from .config import suggest
+    from .errors import UsageError
+
+    reg = L.registry()
+    if name:
+        if name not in reg:
+            raise UsageError(f"unknown layer type {name!r}{suggest(name, list(reg))}")
+        info = [L.describe(reg[name])]
+    else:
+        info = [L.describe(reg[n]) for n in sorted(reg)]
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    if name:
+        d = info[0]
+        con.print(f"[bold]{d['name']}[/bold]: {d['summary']}")
+        table = Table()
+        for col in ("#", "argument", "type", "default", "note"):
+            table.add_column(col)
+        for i, a in enumerate(d["arguments"]):
+            table.add_row(str(i), a["name"], a["type"], "required" if a["required"] else a["default"],
+                          "inferred from the input shape when omitted" if a["inferred"] else "")
+        con.print(table)
+        con.print("A scalar is the first argument, a list the positional arguments in this order, "
+                  "a mapping the keyword arguments.")
+        return
+    table = Table(title="torch.nn layer types (plus Sequential and Residual)")
+    table.add_column("layer")
+    table.add_column("arguments (PyTorch's order; * = required)")
+    for d in info:
+        args = ", ".join(("*" if a["required"] else "") + a["name"] for a in d["arguments"])
+        table.add_row(d["name"], args)
+    table.add_row("Sequential", "a list of layer entries")
+    table.add_row("Residual", "a list of layer entries: x + body(x)")
+    con.print(table)
+
+
+@app.command()
+@handle_errors
+def schema(
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Write to this file instead of stdout."),
+):
+    """A JSON Schema of the config, for YAML editors (yaml-language-server)."""
+    from .config import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if output:
+        with open(output, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+
+
+# --- train ---------------------------------------------------------------------------
+
+class _Progress:
+    """Renders fit() events: rich bars on a terminal, one plain line an epoch otherwise."""
+
+    def __init__(self, console, batch_size: int, fancy: bool):
+        self.con = console
+        self.fancy = fancy
+        self.batch_size = batch_size
+        self.progress = None
+        self.last_refresh = 0.0
+        self.epoch_began = 0.0
+
+    def __call__(self, e) -> None:
+        if e.kind == "start":
+            if self.fancy:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                           TimeRemainingColumn)
+
+                self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                         TimeRemainingColumn(), console=self.con, transient=False)
+                self.progress.start()
+                self.t_epochs = self.progress.add_task("epochs", total=e.epochs, info="")
+                self.t_steps = self.progress.add_task("steps ", total=e.steps, info="")
+        elif e.kind == "epoch_start":
+            self.epoch_began = time.perf_counter()
+            if self.progress:
+                self.progress.update(self.t_epochs, completed=e.epoch)
+                self.progress.reset(self.t_steps, total=e.steps, completed=e.step, info="")
+        elif e.kind == "step" and self.progress:
+            now = time.perf_counter()
+            if now - self.last_refresh > 0.25:  # read the loss (a host sync) a few times a second only
+                self.last_refresh = now
+                loss = e.sums.last()
+                rate = (e.sums.seen / max(now - self.epoch_began, 1e-9))
+                self.progress.update(self.t_steps, completed=e.step, info=f"loss {loss:.4f}  {rate:,.0f} samples/s")
+            else:
+                self.progress.update(self.t_steps, completed=e.step)
+        elif e.kind == "epoch_end":
+            row = e.row
+            text = _epoch_line(row, e.epochs, best=e.message == "best")
+            if self.progress:
+                self.progress.update(self.t_epochs, completed=e.epoch + 1, info=_short_metrics(row))
+                self.progress.console.print(text)
+            else:
+                print(text, flush=True)
+        elif e.kind == "stop":
+            if self.progress:
+                self.progress.console.print(e.message)
+            else:
+                print(e.message, flush=True)
+
+    def close(self):
+        if self.progress:
+            self.progress.stop()
+            self.progress = None
+
+
+def _short_metrics(row: dict) -> str:
+    if "val_accuracy" in row:
+        return f"val acc {row['val_accuracy']:.4f}"
+    if "val_loss" in row:
+        return f"val loss {row['val_loss']:.4g}"
+    return f"loss {row['train_loss']:.4g}"
+
+
+def _epoch_line(row: dict, epochs: int, best: bool = False) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_mae", "val_mse"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}" if key != "val_mse" else f"{key} {row[key]:.4g}")
+    parts.append(f"lr {row['lr']:.3g}")
+    parts.append(f"{row['seconds']:.2f}s")
+    if best:
+        parts.append("*")
+    return "  ".join(parts)
+
+
+def _config_diff(a, b, prefix=()) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _config_diff(a.get(k), b.get(k), prefix + (str(k),))
+        return out
+    return [] if a == b else [".".join(prefix)]
+
+
+RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download"}
+
+
+@app.command()
+@handle_errors
+def train(
+    config: Optional[str] = typer.Argument(None, help="The YAML config (optional with --resume)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Override seed."),
+    set_: Optional[list[str]] = SetOpt,
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (default runs/<name>, never reused)."),
+    resume: Optional[str] = typer.Option(None, "--resume", help="Continue a run: its folder or a checkpoint."),
+    init: Optional[str] = typer.Option(None, "--init", help="Start from weights: an nnctl checkpoint, "
+                                                            ".safetensors, or a .pt/.pth state_dict."),
+    partial: bool = typer.Option(False, "--partial", help="With --init: load the keys that fit, skip the rest "
+                                                          "(e.g. a new head), and report what was skipped."),
+    force: bool = typer.Option(False, "--force", help="With --resume: accept a config that differs from the "
+                                                      "checkpoint's."),
+):
+    """Build, train, validate and checkpoint a model."""
+    from pathlib import Path
+
+    from . import config as C
+    from .errors import UsageError
+
+    overrides = list(set_ or [])
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    if resume and init:
+        raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
+    if config is None and not resume:
+        raise UsageError("give a CONFIG to train, or --resume RUN_FOLDER_OR_CHECKPOINT")
+    if config is not None:
+        cfg, doc = C.load(config, overrides)  # config mistakes surface before torch is imported
+
+    from . import checkpoint as K
+    from . import data as D
+    from . import freeze as F
+    from . import model as M
+    from . import train as T
+
+    state = None
+    if resume:
+        ckpt_path = K.resolve(resume, "last")
+        state = K.load(ckpt_path)
+        saved, saved_doc = C.from_dict(state["config"], str(ckpt_path))
+        if config is None:
+            saved_doc_data = dict(saved_doc.data)
+            saved_doc.data = saved_doc_data
+            if overrides:
+                C.apply_overrides(saved_doc, overrides)
+            cfg, doc = C.validate(saved_doc), saved_doc
+        diff = [k for k in _config_diff(C.resolved(saved), C.resolved(cfg)) if k not in RESUME_MAY_CHANGE]
+        if diff and not force:
+            raise UsageError(f"the config differs from the checkpoint's in {', '.join(diff[:8])}"
+                             f"{' ...' if len(diff) > 8 else ''}; resuming would not continue the same run "
+                             "(use --force to resume anyway, or start a new run)")
+        if state.get("epoch", 0) >= cfg.train.epochs and not state.get("step_in_epoch"):
+            raise UsageError(f"{ckpt_path}: the run already finished {state['epoch']} of {cfg.train.epochs} "
+                             "epochs; pass --epochs N with a larger N to train further")
+        run_dir = Path(ckpt_path).parent
+    problems = T.validate(cfg, doc)
+    model, plan = M.build(cfg, doc)
+    if problems:
+        from .errors import ConfigError
+
+        raise ConfigError(problems)
+    lint = M.lint(cfg, plan)
+    _warn(lint)
+    if cfg.train.loss == "l2":
+        _err(f"note: {T.L2_NOTE}")
+
+    dev = T.select_device(cfg.train.device)
+    freeze_plan = None
+    init_report = None
+    if state is not None:
+        freeze_plan = state.get("freeze")
+        if freeze_plan:
+            F.apply(model, freeze_plan)
+    else:
+        if init:
+            init_report, freeze_plan = F.init_from(model, plan, init, partial=partial)
+        if cfg.freeze is not None:
+            freeze_plan = F.plan_from_config(model, cfg.freeze)
+        if freeze_plan:
+            F.apply(model, freeze_plan)
+        run_dir = T.new_run_dir(cfg.name, out)
+
+    data = D.load_data(cfg, dev)
+    con = _console()
+    fancy = con.is_terminal
+    say = con.print if fancy else (lambda *a, **k: print(*a, flush=True))
+    threads = f", {torch_threads()} CPU threads" if dev.type == "cpu" else ""
+    say(f"device: {dev}{threads}")
+    say(f"run: {run_dir}" + (f" (resuming from epoch {state['epoch']}"
+                             f"{', step ' + str(state['step_in_epoch']) if state.get('step_in_epoch') else ''})"
+                             if state else ""))
+    say(f"data: {data.description}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"model: {n_params:,} parameters ({n_train:,} trainable)")
+    if init_report:
+        say(init_report)
+
+    import yaml
+
+    with T.RunLock(run_dir):
+        if state is None:
+            K.atomic_write(run_dir / "config.yaml",
+                           lambda fh: fh.write(yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()))
+        progress = _Progress(con, cfg.train.batch_size, fancy)
+        try:
+            result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=progress,
+                           freeze_plan=freeze_plan)
+        except T.Interrupted:
+            progress.close()
+            _plot_quietly(run_dir, cfg.name)
+            raise
+        finally:
+            progress.close()
+        plot = _plot_quietly(run_dir, cfg.name)
+    _final_table(con, cfg, result, run_dir, plot)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _plot_quietly(run_dir, name: str) -> str | None:
+    import csv
+
+    from . import train as T
+
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return None
+    with open(path) as fh:
+        rows = [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v != ""}
+                for r in csv.DictReader(fh)]
+    try:
+        return T.plot_curves(run_dir, rows, name)
+    except OSError as exc:
+        _err(f"warning: could not write the learning-curve plot: {exc}")
+        return None
+
+
+def _final_table(con, cfg, result, run_dir, plot) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name}: {result.epochs_run} epochs in {result.seconds:.1f}s"
+                        + (" (stopped early)" if result.stopped_early else ""), title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    final = result.final
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_mae", "val_mse"):
+        if key in final:
+            table.add_row(f"final {key.replace('_', ' ')}", f"{final[key]:.4f}")
+    if result.best.get("value") is not None:
+        table.add_row(f"best {result.best['metric'].replace('_', ' ')}",
+                      f"{result.best['value']:.4f} (epoch {result.best['epoch']})")
+    table.add_row("run folder", str(run_dir))
+    table.add_row("checkpoints", "last.pt" + (", best.pt" if result.best_path else ""))
+    table.add_row("metrics", "metrics.csv" + (", curves.png" if plot else ""))
+    con.print(table)
+
+
+# --- eval ------------------------------------------------------------------------------
+
+@app.command("eval")
+@handle_errors
+def eval_(
+    source: str = typer.Argument(..., help="A checkpoint or run folder."),
+    which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
+    split: str = typer.Option("val", "--split", help="val (the run's validation split) or train."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """The metrics of a checkpoint on a split of its data."""
+    from . import data as D
+    from . import train as T
+    from .errors import UsageError
+
+    if which not in ("best", "last"):
+        raise UsageError("--which must be best or last")
+    if split not in ("val", "train"):
+        raise UsageError("--split must be val or train")
+    cfg, doc, model, plan, state = _load_source(source, [], which)
+    if state is None:
+        raise UsageError(f"{source}: eval needs a checkpoint or a run folder, not a config")
+    dev = T.select_device(device or cfg.train.device)
+    model.to(dev)
+    data = D.load_data(cfg, dev)
+    batches = data.val if split == "val" else data.train
+    if batches is None:
+        raise UsageError("this run has no validation split (val_fraction 0); use --split train")
+    classification = cfg.train.loss in ("cross_entropy", "nll") and cfg.data.target == "label"
+    if split == "train":  # evaluate in a fixed order
+        batches = D.in_order(batches) if hasattr(D, "in_order") else batches
+    result = T.evaluate(model, T.make_loss(cfg.train.loss), batches, classification)
+    result = {"split": split, "samples": batches.num_samples, "epoch": state.get("epoch"), **result}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+def main() -> None:
+    app()

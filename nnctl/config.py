@@ -1,0 +1,430 @@
+"""The config: load the YAML, apply overrides, validate the structure.
+
+This module does not import torch. It checks everything that can be checked
+without it (keys, types, ranges, choices) and reports every problem at once,
+each located in the file. The model's layers are checked by ``nnctl.model``,
+which needs torch for shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, Problem
+from .yamlio import Document, format_path, load_file, load_text, scalar_value
+
+LOSSES = ("cross_entropy", "nll", "mse", "l1", "l2")
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll")
+SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tensors", "synthetic")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+_Int = int
+_Size = Field(ge=1, le=1 << 20)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def _one_key(value: Any, what: str) -> tuple[str, dict]:
+    """`Adam`, `{Adam: {lr: 0.1}}` or `{Adam: null}` -> ("Adam", {...})."""
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict) and len(value) == 1:
+        (name, args), = value.items()
+        if not isinstance(name, str):
+            raise ValueError(f"{what} name must be a class name such as Adam")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ValueError(f"the arguments of {what} {name} must be a mapping such as {{lr: 0.001}}")
+        return name, args
+    raise ValueError(f"expected one {what} class name, alone or with a mapping of its arguments, "
+                     f"such as {{Adam: {{lr: 0.001}}}}")
+
+
+class ModelSection(_Section):
+    input_shape: list[_Int] = Field(min_length=1, max_length=4,
+                                    description="one sample's shape, without the batch dimension, e.g. [1, 28, 28]")
+    blocks: dict[str, Any] = Field(default_factory=dict,
+                                   description="named layer entries (usually a Sequential or Residual) used as type names")
+    layers: list[Any] = Field(min_length=1, description="the children of the top-level nn.Sequential")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        for d in v:
+            if d < 1 or d > (1 << 20):
+                raise ValueError(f"each dimension must be between 1 and {1 << 20}, got {d}")
+        if math.prod(v) > (1 << 28):
+            raise ValueError(f"one sample of shape {v} has {math.prod(v):,} values, more than {1 << 28:,}; refused")
+        return v
+
+
+class DataSection(_Section):
+    source: Literal[SOURCES] = Field(description="digits (built in), mnist, fashion_mnist, cifar10, cifar100, "
+                                                 "image_folder, tensors or synthetic")
+    root: str | None = Field(None, description="folder of torchvision datasets or of an image_folder")
+    path: str | None = Field(None, description="a .pt, .npz or .safetensors file with x and y (source: tensors)")
+    download: bool = Field(False, description="let torchvision download the dataset into root")
+    split: Literal["fraction", "test"] = Field("fraction", description="validate on a seeded fraction of the "
+                                                                        "training data, or on the dataset's own test split")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    normalize: Any = Field(None, description="true (per-channel mean/std of the training split), false, "
+                                             "or {mean: [...], std: [...]}; default true for images")
+    target: Literal["label", "input"] = Field("label", description="label: class labels or y; input: reconstruct the input")
+    noise: float = Field(0.0, ge=0.0, le=1000.0, description="std of Gaussian noise added to inputs when target is input")
+    shape: list[_Int] | None = Field(None, description="synthetic: one sample's shape (default: model.input_shape)")
+    classes: int | None = Field(None, ge=1, le=1_000_000, description="synthetic: number of classes")
+    size: int | None = Field(None, ge=1, le=100_000_000, description="synthetic: number of samples")
+    image_size: list[_Int] | None = Field(None, min_length=2, max_length=2, description="image_folder: resize to [H, W]")
+    grayscale: bool = Field(False, description="image_folder: convert to one channel")
+    limit: int | None = Field(None, ge=1, description="use only the first N training samples")
+    preload: bool | None = Field(None, description="hold the dataset as tensors on the device; default: when it fits")
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers when not preloaded")
+
+    @field_validator("normalize")
+    @classmethod
+    def _normalize(cls, v: Any) -> Any:
+        if v is None or isinstance(v, bool):
+            return v
+        if isinstance(v, dict) and set(v) == {"mean", "std"}:
+            for key in ("mean", "std"):
+                vals = v[key]
+                if isinstance(vals, int | float) and not isinstance(vals, bool):
+                    vals = [vals]
+                if not isinstance(vals, list) or not vals or not all(
+                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in vals
+                ):
+                    raise ValueError(f"normalize.{key} must be a number or a list of finite numbers")
+                if key == "std" and any(x <= 0 for x in vals):
+                    raise ValueError("normalize.std must be positive")
+                v[key] = [float(x) for x in vals]
+            return v
+        raise ValueError("expected true, false or {mean: [...], std: [...]}")
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not 1 <= len(v) <= 4 or any(d < 1 for d in v) or math.prod(v) > (1 << 28)):
+            raise ValueError("expected 1 to 4 positive dimensions, at most 2^28 values a sample")
+        return v
+
+
+class EarlyStopping(_Section):
+    patience: int = Field(ge=1, le=1_000_000, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+
+
+class TrainSection(_Section):
+    epochs: int = Field(10, ge=1, le=1_000_000)
+    batch_size: int = Field(64, ge=1, le=1 << 20)
+    eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="default: 4 x batch_size")
+    loss: Literal[LOSSES] = Field(description="cross_entropy | nll | mse | l1 | l2 (= mse: PyTorch has no L2Loss)")
+    optimizer: Any = Field(default_factory=lambda: {"Adam": {"lr": 0.001}},
+                           description="a torch.optim class with its arguments, e.g. {SGD: {lr: 0.1, momentum: 0.9}}")
+    scheduler: Any = Field(None, description="a torch.optim.lr_scheduler class with its arguments")
+    scheduler_interval: Literal["epoch", "step"] = "epoch"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    precision: Literal[PRECISIONS] = Field("fp32", description="fp32, or bf16 / fp16 autocast (fp16 with a grad scaler)")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradients' total norm to this value")
+    early_stopping: EarlyStopping | None = None
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the model")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (torch.set_num_threads)")
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: Any) -> dict:
+        name, args = _one_key(v, "optimizer")
+        return {name: args}
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: Any) -> dict | None:
+        if v is None:
+            return None
+        name, args = _one_key(v, "scheduler")
+        return {name: args}
+
+
+class FreezeSection(_Section):
+    first: int | None = Field(None, ge=0, description="freeze the first N children of the model")
+    children: list[_Int] | None = Field(None, description="freeze these children by index")
+    names: list[str] | None = Field(None, description="freeze these children or parameters by dotted name; globs allowed")
+    unfreeze: list[str] | None = Field(None, description="then make these dotted names / globs trainable again")
+    train_frozen_norm: bool = Field(False, description="let frozen normalisation layers update running statistics")
+
+
+class Config(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="the run's name; runs go to runs/<name>/")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    freeze: FreezeSection | None = None
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        problems = []
+        d, t = self.data, self.train
+        if d.target == "input" and t.loss in CLASSIFICATION_LOSSES:
+            problems.append((("train", "loss"), f"target: input reconstructs the input; use mse or l1, not {t.loss}"))
+        if d.source == "tensors" and not d.path:
+            problems.append((("data",), "source: tensors needs path: a .pt, .npz or .safetensors file with x and y"))
+        if d.source == "image_folder" and not d.root:
+            problems.append((("data",), "source: image_folder needs root: a folder with one sub-folder per class"))
+        if d.source == "synthetic" and d.target == "label" and t.loss in CLASSIFICATION_LOSSES and not d.classes:
+            problems.append((("data",), "source: synthetic with a classification loss needs classes: N"))
+        if d.split == "test" and d.source in ("tensors", "synthetic", "image_folder", "digits"):
+            problems.append((("data", "split"), f"source {d.source} has no test split of its own; use split: fraction"))
+        if d.split == "fraction" and d.val_fraction == 0.0 and t.early_stopping is not None:
+            problems.append((("train", "early_stopping"), "early stopping needs validation data: val_fraction > 0"))
+        if problems:
+            raise _CrossProblems(problems)
+        return self
+
+
+class _CrossProblems(ValueError):
+    def __init__(self, problems: list[tuple[tuple, str]]):
+        super().__init__("; ".join(m for _, m in problems))
+        self.problems = problems
+
+
+# --- turning pydantic's errors into located, actionable problems -------------------
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    import typing
+
+    cls: Any = Config
+    for part in path:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        cls = args[0] if args and not (isinstance(ann, type) and issubclass(ann, BaseModel)) else ann
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+CORE_LAYERS = ("Conv2d", "Linear", "Dropout2d", "Dropout", "MaxPool2d", "ReLU", "Softmax", "LogSoftmax",
+               "ReflectionPad2d", "InstanceNorm2d", "Flatten", "Sequential", "Residual", "BatchNorm2d")
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """'; did you mean X?' or '' (case-insensitive close match; the documented core wins ties)."""
+    lowered = {c.lower(): c for c in choices}
+    target = str(word).lower()
+    hits = difflib.get_close_matches(target, list(lowered), n=5, cutoff=0.6)
+    if not hits:
+        return ""
+    score = lambda h: (round(difflib.SequenceMatcher(None, target, h).ratio(), 6), lowered[h] in CORE_LAYERS)
+    best = max(hits, key=score)
+    return f"; did you mean {lowered[best]!r}?"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _problem_from(err: dict, data: Any, doc: Document) -> Problem:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    path: list = []
+    cur = data
+    missing_key = None
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            path.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            path.append(part)
+            cur = cur[part]
+        elif kind == "missing" and i == len(loc) - 1:
+            missing_key = part
+        # else: a union member tag or similar; not a place in the file
+    msg = err["msg"]
+    value = err.get("input")
+    if kind == "missing":
+        msg = f"missing required key {missing_key!r}"
+    elif kind == "extra_forbidden":
+        model = _model_at(tuple(path[:-1]))
+        fields = list(model.model_fields) if model else []
+        key = path[-1] if path else "?"
+        msg = f"unknown key {key!r}" + (suggest(key, fields) or (f" (expected one of: {', '.join(fields)})" if fields else ""))
+    elif kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        msg = f"{_describe(value)} is not one of {expected}" + suggest(str(value), [e.strip(" '") for e in expected.replace(" or ", ",").split(",")])
+    elif kind == "bool_type":
+        msg = f"expected true or false, got {_describe(value)}"
+        if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+            msg += f" (nnctl reads YAML 1.2: {value!r} is a string here; write {'true' if value.lower() in ('yes', 'on', 'y') else 'false'})"
+    elif kind in ("int_type", "int_from_float"):
+        msg = f"expected an integer, got {_describe(value)}"
+    elif kind in ("float_type", "float_parsing"):
+        msg = f"expected a number, got {_describe(value)}"
+    elif kind == "string_type":
+        msg = f"expected a string, got {_describe(value)}"
+    elif kind in ("list_type",):
+        msg = f"expected a list, got {_describe(value)}"
+    elif kind in ("dict_type", "model_type", "model_attributes_type"):
+        msg = f"expected a mapping, got {_describe(value)}"
+    elif kind == "string_pattern_mismatch":
+        msg = f"{_describe(value)} is not valid here (must match {err.get('ctx', {}).get('pattern')})"
+    elif kind == "value_error":
+        msg = str(err.get("ctx", {}).get("error", msg))
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than",
+                  "too_short", "too_long", "finite_number"):
+        msg = f"{msg}, got {_describe(value)}"
+    if missing_key is not None or kind != "missing":
+        pass
+    return doc.problem(tuple(path), msg)
+
+
+def validate(doc: Document) -> Config:
+    """Validate the structure of a loaded document; raise ConfigError with every problem."""
+    data = doc.data
+    if not isinstance(data, dict):
+        raise ConfigError([doc.problem((), f"a config must be a mapping with 'name', 'model', 'data' and 'train', "
+                                             f"not {type(data).__name__}")])
+    try:
+        return Config.model_validate(copy.deepcopy(data))
+    except ValidationError as exc:
+        problems: list[Problem] = []
+        for err in exc.errors(include_url=False):
+            cross = err.get("ctx", {}).get("error")
+            if isinstance(cross, _CrossProblems):
+                problems.extend(doc.problem(p, m) for p, m in cross.problems)
+            else:
+                problems.append(_problem_from(err, data, doc))
+        # one problem per place and message, in file order
+        unique = {(p.line, p.column, p.path, p.message): p for p in problems}
+        ordered = sorted(unique.values(), key=lambda p: (p.line or 0, p.column or 0))
+        raise ConfigError(ordered) from None
+
+
+# --- overrides: --set train.optimizer.Adam.lr=0.01 ---------------------------------
+
+def _split_key(key: str) -> list[str | int]:
+    import re
+
+    parts: list[str | int] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if token.startswith("["):
+            parts.append(int(token[1:-1]))
+        elif token.isdigit():
+            parts.append(int(token))
+        else:
+            parts.append(token)
+    return parts
+
+
+def apply_overrides(doc: Document, overrides: list[str]) -> None:
+    """Apply `key.path=value` overrides in place; values are parsed as YAML."""
+    problems = []
+    for item in overrides:
+        where = f"--set {item}"
+        if "=" not in item:
+            problems.append(Problem("expected key.path=value, e.g. train.optimizer.Adam.lr=0.01", "", where))
+            continue
+        key, raw = item.split("=", 1)
+        parts = _split_key(key.strip())
+        if not parts:
+            problems.append(Problem("empty key", "", where))
+            continue
+        try:
+            value = load_text(raw, where).data if raw.strip() else None
+        except ConfigError:
+            value = scalar_value(raw)
+        if doc.data is None:
+            doc.data = {}
+        cur = doc.data
+        ok = True
+        for i, part in enumerate(parts[:-1]):
+            nxt = parts[i + 1]
+            if isinstance(cur, dict):
+                if part not in cur or cur[part] is None:
+                    cur[part] = [] if isinstance(nxt, int) else {}
+                cur = cur[part]
+            elif isinstance(cur, list) and isinstance(part, int) and part < len(cur):
+                cur = cur[part]
+            else:
+                problems.append(Problem(f"cannot set {format_path(tuple(parts[:i + 1]))}: "
+                                        f"the config has no such place", "", where))
+                ok = False
+                break
+        if not ok:
+            continue
+        last = parts[-1]
+        if isinstance(cur, dict):
+            cur[last] = value
+        elif isinstance(cur, list) and isinstance(last, int) and last < len(cur):
+            cur[last] = value
+        else:
+            problems.append(Problem(f"cannot set {key}: the config has no such place", "", where))
+            continue
+        # locate anything under the override at the override itself
+        doc.marks = {p: m for p, m in doc.marks.items() if p[: len(parts)] != tuple(parts)}
+        doc.overridden[tuple(parts)] = where
+    if problems:
+        raise ConfigError(problems)
+
+
+def load(source: str, overrides: list[str] | None = None) -> tuple[Config, Document]:
+    """Load, override and validate a config file. Raises ConfigError."""
+    doc = load_file(source)
+    if overrides:
+        apply_overrides(doc, overrides)
+    return validate(doc), doc
+
+
+def from_dict(data: dict, file: str = "<checkpoint>") -> tuple[Config, Document]:
+    """Validate a config carried inside a checkpoint."""
+    doc = Document(copy.deepcopy(data), file)
+    return validate(doc), doc
+
+
+def resolved(cfg: Config) -> dict:
+    """The config with every default filled in, as plain data."""
+    return cfg.model_dump(mode="json")
+
+
+def json_schema() -> dict:
+    """A JSON Schema of the config for YAML editors (yaml-language-server)."""
+    from ._nn_names import LAYER_NAMES
+
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nnctl config"
+    names = sorted(set(LAYER_NAMES) | {"Sequential", "Residual"})
+    layer_args = {"anyOf": [{"type": "null"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"},
+                            {"type": "array"}, {"type": "object"}]}
+    entry = {
+        "description": "a layer: a torch.nn class name, or {Type: args} with optional name and repeat",
+        "anyOf": [
+            {"type": "string", "anyOf": [{"enum": names}, {"pattern": "^[A-Z][A-Za-z0-9_]*$"}]},
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                    "repeat": {"type": "integer", "minimum": 1},
+                    **{n: layer_args for n in names},
+                },
+                "patternProperties": {"^[A-Z][A-Za-z0-9_]*$": layer_args},
+                "additionalProperties": False,
+                "minProperties": 1,
+            },
+        ],
+    }
+    schema.setdefault("$defs", {})["LayerEntry"] = entry
+    model = schema["$defs"]["ModelSection"]["properties"]
+    model["layers"]["items"] = {"$ref": "#/$defs/LayerEntry"}
+    model["blocks"]["additionalProperties"] = {"$ref": "#/$defs/LayerEntry"}
+    return schema

@@ -1,0 +1,56 @@
+"""Error types shared by every step. No torch, no printing.
+
+Exit codes (DESIGN.md section 7): 0 success, 1 runtime failure, 2 usage or
+config error. The CLI maps these exceptions to those codes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config, located in its file."""
+
+    message: str
+    path: str = ""  # YAML path such as model.layers[3].Conv2d.kernel_size
+    file: str = ""
+    line: int | None = None  # 1-based
+    column: int | None = None  # 1-based
+
+    def format(self) -> str:
+        where = self.file or "<config>"
+        if self.line is not None:
+            where += f":{self.line}"
+            if self.column is not None:
+                where += f":{self.column}"
+        head = f"{where}: "
+        if self.path:
+            head += f"{self.path}: "
+        # one line a problem, whatever the underlying message carried
+        return head + " ".join(self.message.split())
+
+
+class NnctlError(Exception):
+    """A failure the user can act on; exit code 1 unless a subclass says otherwise."""
+
+    exit_code = 1
+
+
+class UsageError(NnctlError):
+    """Wrong command-line usage or a file that is not what it should be (exit 2)."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """Every problem found in one config, reported together (exit 2)."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = list(problems)
+        super().__init__("\n".join(p.format() for p in self.problems))
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or weights file that cannot be used (corrupt, hostile, mismatched)."""

@@ -1,0 +1,689 @@
+"""The training loop: devices, losses, optimizers, ``train_one_epoch``, ``evaluate``, ``fit``.
+
+Read it top to bottom as torchvision's reference ``train.py``. What it keeps
+off the hot path: no per-step host synchronisation (loss sums stay on the
+device and are read once an epoch, or when a progress display asks), batches
+come preloaded on the device, ``zero_grad(set_to_none=True)``.
+
+Exactness: the data order of an epoch depends only on (seed, epoch), the
+global RNG state is saved in every checkpoint, and an interrupted epoch saves
+its step and running sums, so a resumed run is bit-identical on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import CLASSIFICATION_LOSSES, Config, resolved, suggest
+from .errors import NnctlError, Problem, UsageError
+from .yamlio import Document
+
+L2_NOTE = "PyTorch has no L2Loss: loss l2 is MSELoss (mean squared error)"
+
+
+class NonFiniteLoss(NnctlError):
+    """The loss became NaN or infinite (exit 1)."""
+
+
+class Interrupted(NnctlError):
+    """SIGINT / SIGTERM: the run saved a checkpoint and stopped (exit 128 + signal)."""
+
+    def __init__(self, signum: int, checkpoint: str | None):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.checkpoint = checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name}; " + (f"saved {checkpoint}; resume with --resume" if checkpoint
+                                                   else "nothing saved"))
+
+
+# --- devices ------------------------------------------------------------------------
+
+def select_device(spec: str) -> torch.device:
+    """auto: CUDA, else MPS, else CPU. Asking for an absent device is an error, never a fallback."""
+    spec = (spec or "auto").strip()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+            raise UsageError("device mps requested but MPS is not available on this machine "
+                             "(Apple silicon with a MPS-enabled PyTorch); use --device cpu or auto")
+        return torch.device("mps")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec} requested but CUDA is not available "
+                             f"(torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                             "use --device cpu or auto")
+        index = int(spec.split(":", 1)[1]) if ":" in spec else 0
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise UsageError(f"device {spec} requested but this machine has {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1})")
+        return torch.device("cuda", index)
+    raise UsageError(f"unknown device {spec!r}: use auto, cpu, cuda, cuda:N or mps")
+
+
+# --- losses, optimizers, schedulers --------------------------------------------------
+
+def make_loss(name: str) -> nn.Module:
+    return {
+        "cross_entropy": nn.CrossEntropyLoss,
+        "nll": nn.NLLLoss,
+        "mse": nn.MSELoss,
+        "l2": nn.MSELoss,
+        "l1": nn.L1Loss,
+    }[name]()
+
+
+def _optim_registry() -> dict[str, type]:
+    return {n: c for n, c in vars(torch.optim).items()
+            if inspect.isclass(c) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+
+
+def _scheduler_registry() -> dict[str, type]:
+    sched = torch.optim.lr_scheduler
+    base = getattr(sched, "LRScheduler", None) or sched._LRScheduler
+    skip = {"LRScheduler", "_LRScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"}
+    out = {n: c for n, c in vars(sched).items()
+           if inspect.isclass(c) and (issubclass(c, base) or n == "ReduceLROnPlateau") and n not in skip
+           and not n.startswith("_")}
+    return out
+
+
+def _check_class_args(kind: str, registry: dict[str, type], spec: dict, path: tuple, doc: Document,
+                      skip: tuple[str, ...]) -> list[Problem]:
+    (name, args), = spec.items()
+    cls = registry.get(name)
+    if cls is None:
+        return [doc.problem(path + (name,), f"unknown {kind} {name!r}{suggest(name, list(registry))} "
+                                            f"(torch.{'optim' if kind == 'optimizer' else 'optim.lr_scheduler'} "
+                                            "classes only)")]
+    params = [p for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+              if p.name not in skip and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = [p.name for p in params]
+    problems = []
+    for key, value in args.items():
+        if key not in names:
+            problems.append(doc.problem(path + (name, key), f"unknown argument {key!r} for {name}"
+                                                           f"{suggest(str(key), names) or ' (takes: ' + ', '.join(names) + ')'}"))
+            continue
+        flat = value if isinstance(value, list) else [value]
+        for v in flat:
+            if isinstance(v, float) and not math.isfinite(v):
+                problems.append(doc.problem(path + (name, key), f"{name}.{key} must be finite, got {v}"))
+            elif isinstance(v, dict) or (isinstance(v, str) and key not in ("mode", "anneal_strategy", "threshold_mode", "scale_mode")):
+                problems.append(doc.problem(path + (name, key), f"{name}.{key}: {v!r} is not a valid value"))
+    for p in params:
+        if p.default is inspect.Parameter.empty and p.name not in args and p.name not in ("total_steps", "epochs", "steps_per_epoch"):
+            problems.append(doc.problem(path + (name,), f"{name} needs {p.name}"))
+    return problems
+
+
+def validate(cfg: Config, doc: Document) -> list[Problem]:
+    """Problems in the train section that need torch to find (optimizer and scheduler classes)."""
+    t = cfg.train
+    problems = _check_class_args("optimizer", _optim_registry(), t.optimizer, ("train", "optimizer"), doc, ("params",))
+    if t.scheduler:
+        problems += _check_class_args("scheduler", _scheduler_registry(), t.scheduler, ("train", "scheduler"), doc,
+                                      ("optimizer",))
+    return problems
+
+
+def make_optimizer(spec: dict, params) -> torch.optim.Optimizer:
+    (name, args), = spec.items()
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in args.items()}
+    return _optim_registry()[name](params, **args)
+
+
+def make_scheduler(spec: dict | None, optimizer, epochs: int, steps_per_epoch: int, interval: str):
+    if not spec:
+        return None
+    (name, args), = spec.items()
+    args = dict(args)
+    cls = _scheduler_registry()[name]
+    sig = inspect.signature(cls.__init__).parameters
+    if "total_steps" in sig and "total_steps" not in args and "epochs" not in args:
+        args["total_steps"] = epochs * (steps_per_epoch if interval == "step" else 1)
+    return cls(optimizer, **args)
+
+
+# --- one epoch, evaluation ------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What the step needs, built once by fit()."""
+
+    model: nn.Module  # what runs forward (possibly compiled)
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    device: torch.device
+    autocast: Callable[[], Any]
+    grad_clip: float | None
+    step_scheduler: bool
+    channels_last: bool
+    classification: bool
+    trainable: list[nn.Parameter]
+    set_train_mode: Callable[[], None]
+
+
+def _prepare(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    if ctx.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@dataclass
+class EpochSums:
+    """The epoch's per-step losses, kept on the device; read (one sync) at the end of the epoch.
+
+    Appending the detached loss costs no kernel and no host sync per step.
+    """
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def seen(self) -> int:
+        return sum(self.sizes)
+
+    def last(self) -> float | None:
+        """The latest step's loss (a host sync: for displays that refresh a few times a second)."""
+        return float(self.losses[-1]) if self.losses else None
+
+    def reduce(self) -> tuple[float, int]:
+        """(mean loss weighted by batch size, index of the first non-finite step or -1)."""
+        if not self.losses:
+            return math.nan, -1
+        values = torch.stack([v.float() for v in self.losses]).double().cpu()
+        bad = (~torch.isfinite(values)).nonzero()
+        first_bad = int(bad[0]) if len(bad) else -1
+        sizes = torch.tensor(self.sizes, dtype=torch.float64)
+        return float((values * sizes).sum() / sizes.sum()), first_bad
+
+    def state(self) -> dict:
+        return {"losses": torch.stack([v.float() for v in self.losses]).cpu() if self.losses else torch.zeros(0),
+                "sizes": list(self.sizes)}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device) -> "EpochSums":
+        if not state:
+            return cls()
+        return cls([v.to(device) for v in state["losses"]], list(state["sizes"]))
+
+
+def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: EpochSums,
+                    on_step: Callable[[int, EpochSums], bool] | None = None) -> int:
+    """Train over one epoch's batches from start_step. Returns the next step index.
+
+    on_step(step, sums) is called after each step; returning True stops at that step boundary.
+    """
+    ctx.set_train_mode()
+    step = start_step
+    for x, y in batches.epoch(epoch, start_step):
+        x = _prepare(ctx, x)
+        with ctx.autocast():
+            out = ctx.model(x)
+            loss = ctx.loss_fn(out.float() if out.dtype != torch.float32 else out, y)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+            if ctx.grad_clip:
+                ctx.scaler.unscale_(ctx.optimizer)
+                torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+            ctx.scaler.step(ctx.optimizer)
+            ctx.scaler.update()
+        else:
+            loss.backward()
+            if ctx.grad_clip:
+                torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+            ctx.optimizer.step()
+        if ctx.step_scheduler:
+            ctx.scheduler.step()
+        sums.losses.append(loss.detach())
+        sums.sizes.append(x.shape[0])
+        step += 1
+        if on_step is not None and on_step(step, sums):
+            break
+    return step
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool,
+             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False) -> dict[str, float]:
+    """Loss and metric over a split, in eval mode. One host sync at the end."""
+    was_training = model.training
+    model.eval()
+    device = None
+    total = correct = sq = ab = None
+    n = 0
+    try:
+        for x, y in batches.epoch(0):
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                out = model(x)
+            out = out.float()
+            loss = loss_fn(out, y).double() * x.shape[0]
+            if device is None:
+                device = out.device
+                total = torch.zeros((), device=device, dtype=torch.float64)
+                correct = torch.zeros((), device=device, dtype=torch.int64)
+                sq = torch.zeros((), device=device, dtype=torch.float64)
+                ab = torch.zeros((), device=device, dtype=torch.float64)
+            total += loss
+            if classification:
+                correct += (out.argmax(dim=1) == y).sum()
+            else:
+                diff = (out - y.to(out.dtype)).double()
+                sq += diff.pow(2).mean(dim=tuple(range(1, diff.dim()))).sum() if diff.dim() > 1 else diff.pow(2).sum()
+                ab += diff.abs().mean(dim=tuple(range(1, diff.dim()))).sum() if diff.dim() > 1 else diff.abs().sum()
+            n += x.shape[0]
+    finally:
+        model.train(was_training)
+    if n == 0:
+        return {}
+    result = {"loss": total.item() / n}
+    if classification:
+        result["accuracy"] = correct.item() / n
+    else:
+        result["mse"] = sq.item() / n
+        result["mae"] = ab.item() / n
+    return result
+
+
+# --- fit ------------------------------------------------------------------------------
+
+@dataclass
+class Event:
+    """What fit() reports to whoever displays progress (the CLI)."""
+
+    kind: str  # "start" | "epoch_start" | "step" | "epoch_end" | "best" | "stop"
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    steps: int = 0
+    sums: EpochSums | None = None
+    row: dict | None = None
+    message: str = ""
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best: dict
+    best_state: dict[str, torch.Tensor] | None
+    last_path: str
+    best_path: str | None
+    stopped_early: bool = False
+    epochs_run: int = 0
+    seconds: float = 0.0
+    final: dict = field(default_factory=dict)
+
+
+def monitor_for(cfg: Config, has_val: bool) -> tuple[str, str]:
+    """(metric, mode): val accuracy for classification, else val loss; train loss without validation."""
+    if not has_val:
+        return "train_loss", "min"
+    if cfg.train.loss in CLASSIFICATION_LOSSES and cfg.data.target == "label":
+        return "val_accuracy", "max"
+    return "val_loss", "min"
+
+
+class _StopFlag:
+    """SIGINT / SIGTERM set a flag; the loop stops at the next step boundary."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        return False
+
+
+def _frozen_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose own parameters are all frozen (kept in eval mode during training)."""
+    out = []
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            out.append(module)
+    return out
+
+
+def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device, run_dir,
+        resume: dict | None = None, on_event: Callable[[Event], None] | None = None,
+        freeze_plan: dict | None = None, write_checkpoints: bool = True) -> FitResult:
+    """Train the model as the config says, writing checkpoints into run_dir. Returns the history."""
+    from pathlib import Path
+
+    t = cfg.train
+    run_dir = Path(run_dir)
+    emit = on_event or (lambda e: None)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+
+    model.to(device)
+    if t.channels_last:
+        model.to(memory_format=torch.channels_last)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise UsageError("every parameter is frozen: nothing to train")
+    frozen_modules = [] if (freeze_plan or {}).get("train_frozen_norm") else _frozen_modules(model)
+
+    def set_train_mode():
+        model.train()
+        for m in frozen_modules:
+            m.eval()
+
+    optimizer = make_optimizer(t.optimizer, trainable)
+    steps = len(data.train)
+    scheduler = make_scheduler(t.scheduler, optimizer, t.epochs, steps, t.scheduler_interval)
+    plateau = scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    if amp_dtype is not None:
+        autocast = lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)
+    else:
+        autocast = nullcontext
+    runner = torch.compile(model) if t.compile else model
+    classification = cfg.train.loss in CLASSIFICATION_LOSSES and cfg.data.target == "label"
+    ctx = Context(runner, make_loss(t.loss), optimizer, scheduler, scaler, device, autocast, t.grad_clip,
+                  scheduler is not None and t.scheduler_interval == "step" and not plateau,
+                  t.channels_last, classification, trainable, set_train_mode)
+
+    metric, mode = monitor_for(cfg, data.val is not None)
+    history: list[dict] = []
+    best = {"metric": metric, "mode": mode, "value": None, "epoch": None}
+    start_epoch, start_step, global_step = 0, 0, 0
+    partial = None
+    bad_epochs = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        if resume.get("optimizer"):
+            optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None and resume.get("scheduler"):
+            scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        start_epoch = int(resume.get("epoch", 0))
+        start_step = int(resume.get("step_in_epoch", 0))
+        global_step = int(resume.get("global_step", 0))
+        history = list(resume.get("history") or [])
+        best = dict(resume.get("best") or best)
+        bad_epochs = int(resume.get("bad_epochs", 0))
+        partial = resume.get("partial")
+        ckpt.set_rng_state(resume.get("rng"))
+    best_state = None
+    best_path = str(run_dir / ckpt.NAMES["best"]) if (run_dir / ckpt.NAMES["best"]).exists() else None
+    last_path = str(run_dir / ckpt.NAMES["last"])
+    resolved_cfg = resolved(cfg)
+
+    def payload(kind: str, epoch: int, step_in_epoch: int, sums: EpochSums | None, state=None) -> dict:
+        return {
+            "kind": kind,
+            "config": resolved_cfg,
+            "model": state if state is not None else model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "global_step": global_step,
+            "rng": ckpt.rng_state(),
+            "best": dict(best),
+            "bad_epochs": bad_epochs,
+            "history": list(history),
+            "freeze": freeze_plan,
+            "partial": None if sums is None else sums.state(),
+            "input_shape": list(cfg.model.input_shape),
+        }
+
+    emit(Event("start", epochs=t.epochs, steps=steps, message=str(device)))
+    stopped_early = False
+    began = time.perf_counter()
+    with _StopFlag() as stop:
+        for epoch in range(start_epoch, t.epochs):
+            tick = time.perf_counter()
+            sums = EpochSums.from_state(partial if start_step > 0 else None, device)
+            partial = None
+            emit(Event("epoch_start", epoch=epoch, epochs=t.epochs, step=start_step, steps=steps))
+
+            def on_step(step: int, s: EpochSums) -> bool:
+                nonlocal global_step
+                global_step += 1
+                emit(Event("step", epoch=epoch, epochs=t.epochs, step=step, steps=steps, sums=s))
+                return stop.signum is not None
+
+            step = train_one_epoch(ctx, data.train, epoch, start_step, sums, on_step)
+            start_step = 0
+            if stop.signum is not None and step < steps:
+                path = None
+                if write_checkpoints:
+                    ckpt.save(last_path, payload("last", epoch, step, sums))
+                    path = last_path
+                raise Interrupted(stop.signum, path)
+            train_loss, first_bad = sums.reduce()
+            if first_bad >= 0 or not math.isfinite(train_loss):
+                where = f"epoch {epoch + 1}, step {first_bad + 1 if first_bad >= 0 else '?'}"
+                raise NonFiniteLoss(f"the training loss became non-finite at {where} (of {steps} steps an epoch); "
+                                    f"lower the learning rate, clip gradients (train.grad_clip) or check the data. "
+                                    + (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
+                                       else "No checkpoint was written before this."))
+            row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss}
+            if data.val is not None:
+                ev = evaluate(runner, ctx.loss_fn, data.val, classification, autocast, t.channels_last)
+                row.update({f"val_{k}": v for k, v in ev.items()})
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            if scheduler is not None and t.scheduler_interval == "epoch":
+                if plateau:
+                    scheduler.step(row.get("val_loss", train_loss))
+                else:
+                    scheduler.step()
+            row["seconds"] = time.perf_counter() - tick
+            history.append(row)
+            value = row.get(metric)
+            improved = value is not None and math.isfinite(value) and (
+                best["value"] is None
+                or (mode == "max" and value > best["value"] + (t.early_stopping.min_delta if t.early_stopping else 0))
+                or (mode == "min" and value < best["value"] - (t.early_stopping.min_delta if t.early_stopping else 0)))
+            if improved:
+                best.update(value=value, epoch=epoch + 1)
+                best_state = copy.deepcopy(model.state_dict())
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            if write_checkpoints:
+                if improved:
+                    best_path = str(run_dir / ckpt.NAMES["best"])
+                    ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state))
+                ckpt.save(last_path, payload("last", epoch + 1, 0, None))
+                write_metrics(run_dir, history)
+            emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row, message="best" if improved else ""))
+            if t.early_stopping and bad_epochs >= t.early_stopping.patience and epoch + 1 < t.epochs:
+                stopped_early = True
+                emit(Event("stop", epoch=epoch, message=f"early stopping: {metric} did not improve for "
+                                                        f"{bad_epochs} epochs"))
+                break
+    return FitResult(history, best, best_state, last_path, best_path, stopped_early,
+                     len(history), time.perf_counter() - began, history[-1] if history else {})
+
+
+# --- run folders --------------------------------------------------------------------
+
+def new_run_dir(name: str, out: str | None = None, base: str = "runs"):
+    """A fresh run folder: --out as given (refused if it holds a run), else runs/<name>, runs/<name>-2, ..."""
+    import os
+    from pathlib import Path
+
+    def holds_run(p: Path) -> bool:
+        return p.exists() and any((p / f).exists() for f in ("last.pt", "best.pt", "config.yaml", "metrics.csv"))
+
+    if out:
+        p = Path(out)
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"--out {p}: exists and is not a folder")
+        if holds_run(p):
+            raise UsageError(f"--out {p}: already holds a run; continue it with --resume {p}, "
+                             "or choose another --out")
+    else:
+        p = Path(base) / name
+        i = 2
+        while holds_run(p):
+            p = Path(base) / f"{name}-{i}"
+            i += 1
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to the run folder {p}: {exc.strerror or exc}") from None
+    return p
+
+
+class RunLock:
+    """One training process a run folder: a lock file made with O_EXCL, holding the pid."""
+
+    def __init__(self, run_dir):
+        from pathlib import Path
+
+        self.path = Path(run_dir) / ".lock"
+        self.held = False
+
+    def __enter__(self):
+        import os
+
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid) and pid != os.getpid():
+                    raise UsageError(f"{self.path.parent}: another nnctl process (pid {pid}) is training in "
+                                     "this run folder") from None
+                try:  # stale lock of a dead process
+                    self.path.unlink()
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as exc:
+                raise UsageError(f"cannot lock the run folder {self.path.parent}: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise UsageError(f"{self.path.parent}: could not take the run lock")
+
+    def __exit__(self, *exc):
+        if self.held:
+            try:
+                self.path.unlink()
+            except OSError:
+                pass
+        return False
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_metrics(run_dir, history: list[dict]) -> None:
+    """metrics.csv: one row an epoch (rewritten atomically from the history)."""
+    import csv
+    import io
+    from pathlib import Path
+
+    if not history:
+        return
+    columns: list[str] = []
+    for row in history:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    ckpt.atomic_write(Path(run_dir) / "metrics.csv", lambda fh: fh.write(buf.getvalue().encode()))
+
+
+def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
+    """curves.png: losses (left) and the validation metric (right) by epoch."""
+    from pathlib import Path
+
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    metric_keys = [k for k in ("val_accuracy", "val_mae") if k in history[0]]
+    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(10 if metric_keys else 5.5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for key in ("train_loss", "val_loss"):
+        if key in history[0]:
+            ax.plot(epochs, [r.get(key) for r in history], marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if metric_keys:
+        ax2 = axes[0][1]
+        key = metric_keys[0]
+        ax2.plot(epochs, [r.get(key) for r in history], marker="o", ms=3, color="tab:green")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel(key.replace("_", " "))
+        ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(run_dir) / "curves.png"
+    ckpt.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    plt.close(fig)
+    return str(path)
