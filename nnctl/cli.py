@@ -37,7 +37,10 @@ def _err(text: str) -> None:
 def _console():
     from rich.console import Console
 
-    return Console()
+    con = Console()
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con = Console(width=160)  # logs and pipes: no wrapping of table cells
+    return con
 
 
 def handle_errors(fn):

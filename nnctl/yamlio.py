@@ -230,7 +230,7 @@ def load_text(text: str, file: str = "<config>") -> Document:
     """Parse one YAML document. Raises ConfigError with every problem found."""
     doc = Document(None, file)
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
-        raise ConfigError([Problem(f"the file is larger than {MAX_BYTES // 1024} KiB; refused", "", file)])
+        raise ConfigError([Problem(f"the file is larger than {MAX_BYTES // 1024} KiB; refused", "", file, 1)])
     if not text.strip() or all(
         not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
     ):
@@ -274,7 +274,7 @@ def load_file(path: str) -> Document:
     try:
         size = os.path.getsize(path)
         if size > MAX_BYTES:
-            raise ConfigError([Problem(f"the file is {size:,} bytes, larger than {MAX_BYTES // 1024} KiB; refused", "", path)])
+            raise ConfigError([Problem(f"the file is {size:,} bytes, larger than {MAX_BYTES // 1024} KiB; refused", "", path, 1)])
         with open(path, "rb") as fh:
             raw = fh.read(MAX_BYTES + 1)
     except FileNotFoundError:
