@@ -544,6 +544,111 @@ def _final_table(con, cfg, result, run_dir, plot) -> None:
     con.print(table)
 
 
+# --- freeze, export-weights ---------------------------------------------------------------
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    from .errors import UsageError
+
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UsageError(f"{what}: expected comma-separated child indices such as 0,2,5, got {text!r}") from None
+
+
+def _names(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+@app.command()
+@handle_errors
+def freeze(
+    source: str = typer.Argument(..., help="A config, a checkpoint, or a run folder."),
+    first: Optional[int] = typer.Option(None, "--first", help="Freeze the first N children."),
+    children: Optional[str] = typer.Option(None, "--children", help="Freeze children by index: 0,2,5"),
+    names: Optional[str] = typer.Option(None, "--names", help="Freeze by dotted name, globs allowed: "
+                                                              "features,classifier.1"),
+    unfreeze: Optional[str] = typer.Option(None, "--unfreeze", help="Then make these names / globs trainable."),
+    train_frozen_norm: bool = typer.Option(False, "--train-frozen-norm",
+                                           help="Let frozen normalisation layers update their running statistics."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a checkpoint with the weights and "
+                                                                      "the plan, for nnctl train --init."),
+    which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Freeze children for fine-tuning; print the children table; -o writes a checkpoint with the plan."""
+    from . import checkpoint as K
+    from . import config as C
+    from . import freeze as F
+
+    cfg, doc, model, plan, state = _load_source(source, [], which)
+    if any(v is not None for v in (first, children, names, unfreeze)):
+        fplan = F.make_plan(model, first, _int_list(children, "--children"), _names(names), _names(unfreeze),
+                            train_frozen_norm)
+        F.apply(model, fplan)
+    else:
+        fplan = (state or {}).get("freeze")
+    rows = F.children_rows(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if output:
+        payload = {"kind": "freeze", "config": C.resolved(cfg), "model": model.state_dict(), "freeze": fplan,
+                   "epoch": 0, "step_in_epoch": 0, "global_step": 0, "input_shape": list(cfg.model.input_shape),
+                   "source": os.path.basename(source)}
+        K.save(output, payload)
+    if as_json:
+        print(json.dumps({"children": rows, "total": total, "trainable": trainable, "frozen": total - trainable,
+                          "plan": fplan, "output": output}, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.name}: children", title_justify="left")
+    for col, j in (("#", "right"), ("name", "left"), ("type", "left"), ("params", "right"), ("status", "left")):
+        table.add_column(col, justify=j)
+    for r in rows:
+        table.add_row(str(r["index"]), r["name"], r["type"], _fmt_int(r["params"]), r["status"])
+    con = _console()
+    con.print(table)
+    con.print(f"total params: {_fmt_int(total)}   trainable: {_fmt_int(trainable)}   frozen: {_fmt_int(total - trainable)}")
+    if output:
+        con.print(f"wrote {output}: train from it with  nnctl train CONFIG --init {output}")
+
+
+@app.command("export-weights")
+@handle_errors
+def export_weights(
+    source: str = typer.Argument(..., help="A checkpoint or a run folder."),
+    fmt: str = typer.Option("safetensors", "--format", "-f", help="safetensors | pt | npz | onnx"),
+    which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: beside the checkpoint)."),
+):
+    """Export a checkpoint's weights: safetensors (default, with metadata), pt, npz or onnx."""
+    from pathlib import Path
+
+    from . import export as E
+    from .errors import UsageError
+
+    if which not in ("best", "last"):
+        raise UsageError("--which must be best or last")
+    if fmt not in E.FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(E.FORMATS)}")
+    cfg, doc, model, plan, state = _load_source(source, [], which)
+    if state is None:
+        raise UsageError(f"{source}: export-weights needs a checkpoint or a run folder, not a config")
+    from . import checkpoint as K
+
+    ckpt_path = K.resolve(source, which)
+    out = output or str(Path(ckpt_path).with_suffix(E.SUFFIX[fmt]))
+    result = E.export(state, model, fmt, out, which, str(ckpt_path))
+    for note in result.notes:
+        _err(f"note: {note}")
+    line = f"wrote {result.path} ({fmt}, {result.tensors} tensors, {_fmt_bytes(result.bytes)})"
+    if result.max_abs_diff is not None:
+        line += f"; onnxruntime vs eager max |diff| = {result.max_abs_diff:.2e}"
+    print(line)
+
+
 # --- eval ------------------------------------------------------------------------------
 
 @app.command("eval")

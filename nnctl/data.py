@@ -1,0 +1,710 @@
+"""Datasets as batches of tensors on the training device.
+
+``load_data(cfg, device)`` reads the source named by ``cfg.data``, splits it into
+training and validation samples, and returns a ``DataBundle`` whose ``Batches``
+yield ``(x, y)`` already on the device.
+
+How the data is held:
+
+* Every source is first read into one in-memory *store*: raw samples ``x`` of
+  shape ``(N, *sample_shape)`` (uint8 for images, float32 otherwise) and targets
+  ``y`` (int64 class labels, or float32). The dataset's own test split, when
+  used, is appended after the training samples. ``image_folder`` streams its
+  files instead when it is not preloaded.
+* Preloaded (``data.preload: true``, or auto when the store is under 2 GiB and,
+  on CUDA, under half the free GPU memory): ``x`` and ``y`` are moved to the
+  device once (images stay uint8 there, a quarter of the memory of float32) and a
+  batch is one index operation with the epoch's shuffled index tensor.
+* Otherwise a ``DataLoader`` with ``data.num_workers`` workers reads the same
+  samples in the same order, through a batch sampler.
+* Either way, each batch is finished on the device by the same code: uint8 is
+  scaled to [0, 1] (digits: /16, other images: /255), normalised per channel,
+  and for ``target: input`` copied to ``y`` with optional noise added to ``x``.
+  So both paths give identical batches.
+
+Default dataset folder (mnist, fashion_mnist, cifar10, cifar100):
+``$XDG_CACHE_HOME/nnctl/datasets``, i.e. ``~/.cache/nnctl/datasets``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import CLASSIFICATION_LOSSES, Config
+from .errors import NnctlError, UsageError
+
+IMAGE_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder")
+PRELOAD_LIMIT_BYTES = 2 << 30
+_MASK = (1 << 63) - 1
+
+
+def default_root() -> Path:
+    """Where torchvision datasets live when data.root is not given."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "nnctl" / "datasets"
+
+
+def _mix(*parts: int) -> int:
+    """A 63-bit seed from integers: seed * 1_000_003 + epoch, and so on."""
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) & _MASK
+    return h
+
+
+# --- the store: every source read into tensors ----------------------------------------
+
+@dataclass
+class _Store:
+    """All samples of a source: raw x (or image files), targets y, and the split."""
+
+    y: Tensor                       # (N,) int64 labels or (N, k) float32 targets
+    sample_shape: tuple[int, ...]
+    x: Tensor | None = None         # (N, *sample_shape) uint8 or float32; None: stream `files`
+    scale: float | None = None      # uint8 x is divided by this (255, or 16 for digits)
+    num_classes: int | None = None
+    test_start: int | None = None   # samples from here on are the dataset's own test split
+    files: list[str] | None = None  # image_folder, streamed
+    image_mode: str = "RGB"
+    image_size: tuple[int, int] | None = None  # (H, W) to resize to
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def nbytes(self) -> int:
+        per = math.prod(self.sample_shape) * (self.x.element_size() if self.x is not None else 1)
+        return len(self) * per + self.y.numel() * self.y.element_size()
+
+    def sample(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.x[i] if self.x is not None else _decode_image(self.files[i], self.image_mode, self.image_size)
+        return x, self.y[i]
+
+
+class _StoreDataset(torch.utils.data.Dataset):
+    def __init__(self, store: _Store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.store.sample(i)
+
+
+def _digits() -> _Store:
+    """The built-in 1,797 8x8 digits: pixels 0..16 kept as uint8, scaled by 1/16 per batch."""
+    ref = resources.files("nnctl") / "data" / "digits.csv.gz"
+    try:
+        with ref.open("rb") as raw, gzip.open(raw, "rt") as text:
+            table = np.loadtxt(text, delimiter=",", dtype=np.int64)
+    except (OSError, ValueError) as exc:
+        raise NnctlError(f"cannot read the built-in digits data ({ref}): {exc}; reinstall nnctl") from exc
+    x = torch.from_numpy(table[:, :64].astype(np.uint8)).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(table[:, 64].copy())
+    return _Store(y=y, sample_shape=(1, 8, 8), x=x, scale=16.0, num_classes=10)
+
+
+_MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def _mnist(cfg: Config, root: Path) -> _Store:
+    """MNIST / FashionMNIST through torchvision, read as whole uint8 tensors (no PIL)."""
+    from torchvision import datasets
+
+    source = cfg.data.source
+    cls = datasets.MNIST if source == "mnist" else datasets.FashionMNIST
+    raw = root / _MNIST_FOLDERS[source] / "raw"
+    parts = []
+    for train in (True, False):
+        try:
+            ds = cls(str(root), train=train, download=cfg.data.download)
+        except RuntimeError as exc:
+            if "not found" in str(exc) and not cfg.data.download:
+                raise UsageError(
+                    f"{source} is not in {raw}: torchvision expects the unpacked files train-images-idx3-ubyte, "
+                    f"train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte there "
+                    f"(data.download: true also unpacks .gz archives found there); set data.download: true (or --set data.download=true) to fetch "
+                    f"them, or data.root to the folder that holds {_MNIST_FOLDERS[source]}/raw") from None
+            raise NnctlError(f"cannot download {source} into {raw}: {exc}") from exc
+        except Exception as exc:  # a damaged IDX file
+            raise UsageError(f"cannot read {source} from {raw}: {exc}; delete the folder and download again "
+                             f"(data.download: true)") from exc
+        parts.append((ds.data.to(torch.uint8), ds.targets.to(torch.int64)))
+    (xtr, ytr), (xte, yte) = parts
+    x = torch.cat([xtr, xte]).unsqueeze(1)
+    y = torch.cat([ytr, yte])
+    return _Store(y=y, sample_shape=tuple(x.shape[1:]), x=x, scale=255.0, num_classes=10, test_start=len(xtr))
+
+
+# CIFAR: our own reader with a restricted unpickler. Torchvision's checks md5 sums
+# first and then runs an unrestricted pickle.load.
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    # protocol 2 written by Python 3 stores bytes as _codecs.encode(text, "latin1")
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only numpy arrays, lists, dicts, numbers and strings; refuses every other global."""
+
+    def __init__(self, file, name: str):
+        super().__init__(file, encoding="bytes")
+        self.name = name
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PICKLE_ALLOWED:
+            return super().find_class(module, name)
+        raise UsageError(f"refusing to unpickle {module}.{name} from {self.name}: CIFAR batch files hold only "
+                         f"numpy arrays and lists; this file is not a genuine CIFAR batch")
+
+
+def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch file -> (N x 3072 uint8 data, N int64 labels)."""
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, str(path)).load()
+    except UsageError:
+        raise
+    except OSError as exc:
+        raise NnctlError(f"cannot read {path}: {exc}") from exc
+    except Exception as exc:
+        raise UsageError(f"{path} is not a readable CIFAR batch file ({type(exc).__name__}: {exc})") from exc
+
+    def get(key: bytes) -> Any:
+        if isinstance(batch, dict):
+            for k in (key, key.decode()):
+                if k in batch:
+                    return batch[k]
+        raise UsageError(f"{path} is not a CIFAR batch: it has no {key.decode()!r} entry")
+
+    data, labels = get(b"data"), get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise UsageError(f"{path}: 'data' must be an N x 3072 uint8 array")
+    try:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{path}: {label_key.decode()!r} must be a list of integers") from exc
+    if len(labels) != len(data):
+        raise UsageError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def _cifar(cfg: Config, root: Path) -> _Store:
+    source = cfg.data.source
+    folder, train_files, test_files, label_key, classes = _CIFAR[source]
+    base = root / folder
+    missing = [n for n in train_files + test_files if not (base / n).is_file()]
+    if missing:
+        if not cfg.data.download:
+            raise UsageError(f"{source} is not in {base} (no {missing[0]}); set data.download: true "
+                             f"(or --set data.download=true) to fetch it, or data.root to the folder that holds "
+                             f"{folder}/")
+        from torchvision import datasets
+
+        cls = datasets.CIFAR10 if source == "cifar10" else datasets.CIFAR100
+        try:
+            cls(str(root), train=True, download=True)  # fetch and verify only; we read the files ourselves
+        except Exception as exc:
+            raise NnctlError(f"cannot download {source} into {root}: {exc}") from exc
+    xs, ys, n_train = [], [], 0
+    for name in train_files + test_files:
+        data, labels = read_cifar_batch(base / name, label_key)
+        xs.append(data)
+        ys.append(labels)
+        if name in train_files:
+            n_train += len(data)
+    x = torch.from_numpy(np.concatenate(xs)).reshape(-1, 3, 32, 32)
+    y = torch.from_numpy(np.concatenate(ys))
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise UsageError(f"{base}: labels must be in [0, {classes}), found {int(y.min())}..{int(y.max())}")
+    return _Store(y=y, sample_shape=(3, 32, 32), x=x, scale=255.0, num_classes=classes, test_start=n_train)
+
+
+def _decode_image(path: str, mode: str, size: tuple[int, int] | None) -> Tensor:
+    """One image file -> uint8 (C, H, W)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if size is not None and (img.height, img.width) != tuple(size):
+                img = img.resize((size[1], size[0]), Image.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except OSError as exc:
+        raise UsageError(f"cannot read image {path}: {exc}") from exc
+    t = torch.from_numpy(arr.copy())
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+
+
+def _image_folder(cfg: Config) -> _Store:
+    """ImageFolder's files and classes; sizes checked from the headers, decoding left for later."""
+    from PIL import Image
+    from torchvision import datasets
+
+    root = Path(os.path.expanduser(cfg.data.root))
+    if not root.is_dir():
+        raise UsageError(f"data.root {root} is not a folder; image_folder needs one sub-folder of images per class")
+    try:
+        folder = datasets.ImageFolder(str(root))
+    except (FileNotFoundError, OSError) as exc:
+        raise UsageError(f"data.root {root}: {exc} (image_folder needs one sub-folder of images per class)") from exc
+    files = [p for p, _ in folder.samples]
+    y = torch.tensor([c for _, c in folder.samples], dtype=torch.int64)
+    mode = "L" if cfg.data.grayscale else "RGB"
+    if cfg.data.image_size is not None:
+        size = (int(cfg.data.image_size[0]), int(cfg.data.image_size[1]))
+    else:
+        sizes: dict[tuple[int, int], str] = {}
+        for p in files:
+            try:
+                with Image.open(p) as img:
+                    sizes.setdefault((img.height, img.width), p)
+            except OSError as exc:
+                raise UsageError(f"cannot read image {p}: {exc}") from exc
+            if len(sizes) > 1:
+                (s1, f1), (s2, f2) = list(sizes.items())[:2]
+                raise UsageError(f"images in {root} have different sizes ({f1} is {s1[0]}x{s1[1]}, {f2} is "
+                                 f"{s2[0]}x{s2[1]}); set data.image_size: [H, W] to resize them all")
+        size = next(iter(sizes))
+    channels = 1 if mode == "L" else 3
+    return _Store(y=y, sample_shape=(channels, *size), scale=255.0, num_classes=len(folder.classes),
+                  files=files, image_mode=mode, image_size=size)
+
+
+def _decode_all(store: _Store, workers: int) -> None:
+    """Decode every image of a streamed store once into one uint8 tensor."""
+    loader = torch.utils.data.DataLoader(_StoreDataset(store), batch_size=256, num_workers=workers)
+    store.x = torch.cat([x for x, _ in loader]) if len(store) else torch.empty((0, *store.sample_shape),
+                                                                                dtype=torch.uint8)
+    store.files = None
+
+
+def _read_tensors(path: Path) -> dict[str, Any]:
+    ext = path.suffix.lower()
+    if ext in (".pt", ".pth"):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict):
+            raise UsageError(f"{path} holds a {type(obj).__name__}, not a dict with 'x' and 'y' tensors")
+        return obj
+    if ext == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
+    if ext == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    raise UsageError(f"data.path {path}: unsupported file type {ext or '(none)'!r}; "
+                     f"use .pt, .pth, .npz or .safetensors with x and y")
+
+
+def _tensors(cfg: Config) -> _Store:
+    """A file with x and y: integer y is class labels, float y regression targets (N -> N x 1)."""
+    path = Path(os.path.expanduser(cfg.data.path))
+    if not path.is_file():
+        raise UsageError(f"data.path {path} does not exist (expected a .pt, .npz or .safetensors file with x and y)")
+    try:
+        obj = _read_tensors(path)
+    except UsageError:
+        raise
+    except Exception as exc:
+        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
+    missing = [k for k in ("x", "y") if k not in obj]
+    if missing:
+        raise UsageError(f"{path} has no {' or '.join(repr(m) for m in missing)} (keys: {sorted(map(str, obj))})")
+    x, y = obj["x"], obj["y"]
+    for k, v in (("x", x), ("y", y)):
+        if not isinstance(v, Tensor):
+            raise UsageError(f"{path}: {k!r} is a {type(v).__name__}, not a tensor")
+    if x.ndim < 2:
+        raise UsageError(f"{path}: x must have a sample dimension first, shape (N, ...), got {list(x.shape)}")
+    if y.ndim < 1 or len(y) != len(x):
+        raise UsageError(f"{path}: x has {len(x)} samples but y has shape {list(y.shape)}")
+    if x.dtype == torch.bool or x.is_complex() or y.dtype == torch.bool or y.is_complex():
+        raise UsageError(f"{path}: x and y must be real numbers (x: {x.dtype}, y: {y.dtype})")
+    x = x.to(torch.float32).contiguous()
+    num_classes = None
+    if y.is_floating_point():
+        y = y.to(torch.float32)
+        if y.ndim == 1:
+            y = y.unsqueeze(1)
+    else:
+        if y.ndim != 1:
+            raise UsageError(f"{path}: integer y (class labels) must have shape (N,), got {list(y.shape)}")
+        y = y.to(torch.int64)
+        if len(y) and int(y.min()) < 0:
+            raise UsageError(f"{path}: class labels in y must be >= 0, found {int(y.min())}")
+        num_classes = int(y.max()) + 1 if len(y) else 0
+    return _Store(y=y.contiguous(), sample_shape=tuple(x.shape[1:]), x=x, num_classes=num_classes)
+
+
+def _synthetic(cfg: Config) -> _Store:
+    """Seeded random data: x ~ N(0, 1); labels uniform in [0, classes), or for a regression
+    loss y = x.flatten() @ w + 0.01 * N(0, 1) with a fixed random w of shape (features, 1)."""
+    d = cfg.data
+    shape = tuple(d.shape or cfg.model.input_shape)
+    n = d.size or 1024
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn((n, *shape), generator=g)
+    if cfg.train.loss in CLASSIFICATION_LOSSES:
+        classes = d.classes or 1
+        return _Store(y=torch.randint(0, classes, (n,), generator=g), sample_shape=shape, x=x, num_classes=classes)
+    features = math.prod(shape)
+    w = torch.randn((features, 1), generator=g) / math.sqrt(features)
+    y = x.reshape(n, -1) @ w + 0.01 * torch.randn((n, 1), generator=g)
+    return _Store(y=y, sample_shape=shape, x=x)
+
+
+def _read(cfg: Config) -> _Store:
+    source = cfg.data.source
+    root = Path(os.path.expanduser(cfg.data.root)) if cfg.data.root else default_root()
+    if source == "digits":
+        return _digits()
+    if source in _MNIST_FOLDERS:
+        return _mnist(cfg, root)
+    if source in _CIFAR:
+        return _cifar(cfg, root)
+    if source == "image_folder":
+        return _image_folder(cfg)
+    if source == "tensors":
+        return _tensors(cfg)
+    return _synthetic(cfg)
+
+
+# --- batches ---------------------------------------------------------------------------
+
+@dataclass
+class _Order:
+    """Which samples each batch of an epoch holds, for one rank (see ``Batches``)."""
+
+    indices: Tensor
+    batch_size: int
+    shuffle: bool
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.batch_size
+        count = -(-n // b)
+        if self.world_size > 1 and n % b and n % b < self.world_size:
+            count -= 1  # too few samples left to give every rank one
+        return count
+
+    def order(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return self.indices
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def batches(self, epoch: int, start_step: int, device: torch.device | None = None) -> Iterator[Tensor]:
+        order = self.order(epoch)
+        if device is not None:
+            order = order.to(device)  # one copy an epoch, then every batch is a slice
+        b, ws = self.batch_size, self.world_size
+        for step in range(start_step, len(self)):
+            chunk = order[step * b:(step + 1) * b]
+            yield torch.tensor_split(chunk, ws)[self.rank] if ws > 1 else chunk
+
+
+class _EpochBatchSampler:
+    """Hands a DataLoader the index lists of one epoch, from a start step on."""
+
+    def __init__(self, order: _Order):
+        self.plan = order
+        self.epoch = 0
+        self.start_step = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for idx in self.plan.batches(self.epoch, self.start_step):
+            yield idx.tolist()
+
+    def __len__(self) -> int:
+        return max(0, len(self.plan) - self.start_step)
+
+
+class Batches:
+    """The batches of one split, for one process.
+
+    Training batches are shuffled by a permutation that depends only on
+    ``(seed, epoch)``, so ``epoch(e, start_step=k)`` yields exactly batches
+    k, k+1, ... of ``epoch(e)``. Validation batches come in order. The last
+    partial batch is kept.
+
+    Several processes (``world_size > 1``): every rank draws the same permutation;
+    each global batch of ``batch_size`` samples is cut into ``world_size``
+    consecutive slices and rank r takes slice r, so a rank's batches hold
+    ``batch_size // world_size`` samples and the ranks together see each global
+    batch exactly once. The last partial global batch is split as evenly as
+    possible (``torch.tensor_split``), and dropped if it has fewer samples than
+    ranks so that every rank runs the same number of steps. Validation is split
+    differently: each rank evaluates one contiguous block of the validation
+    samples (sum the metrics over ranks).
+
+    Iterate one epoch at a time: a streamed split shares one DataLoader (and its
+    persistent workers) between epochs; starting a new epoch abandons the last.
+
+    ``target: input`` with noise: ``x`` gets ``noise * N(0, 1)`` from a generator
+    seeded by (seed, epoch, step, rank) for training, by (seed, step, rank) for
+    validation; ``y`` is the clean ``x``.
+    """
+
+    def __init__(self, store: _Store, indices: Tensor, batch_size: int, device: torch.device, *,
+                 shuffle: bool, seed: int, mean: list[float] | None, std: list[float] | None,
+                 target_input: bool, noise: float, preloaded: bool, num_workers: int = 0,
+                 rank: int = 0, world_size: int = 1, device_x: Tensor | None = None,
+                 device_y: Tensor | None = None):
+        self.store = store
+        self.indices = indices
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        # validation is sharded through `indices` already
+        self._plan = _Order(indices, batch_size, shuffle, seed, rank, world_size if shuffle else 1)
+        self.target_input = target_input
+        self.noise = float(noise)
+        self.preloaded = preloaded
+        self.rank = rank
+        self.world_size = self._plan.world_size
+        view = (1, -1) + (1,) * (len(store.sample_shape) - 1)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(view) if mean else None
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(view) if std else None
+        self._x, self._y = device_x, device_y
+        self._loader = None
+        if not preloaded:
+            # the sampler must not refer back to this object: a reference cycle would leave the
+            # persistent workers to be shut down by the garbage collector, slowly
+            self._sampler = _EpochBatchSampler(self._plan)
+            self._loader = torch.utils.data.DataLoader(
+                _StoreDataset(store), batch_sampler=self._sampler, num_workers=num_workers,
+                pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+        self._len = len(self._plan)
+        self.num_samples = sum(map(len, self._plan.batches(0, 0))) if self.world_size > 1 else len(indices)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def order(self, epoch: int) -> Tensor:
+        """This split's sample indices in the order of ``epoch`` (all ranks)."""
+        return self._plan.order(epoch)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` on the device for batches ``start_step``, ... of ``epoch``."""
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        if self.preloaded:
+            for step, idx in enumerate(self._plan.batches(epoch, start_step, self.device), start_step):
+                yield self._finish(self._x[idx], self._y[idx], epoch, step)
+        else:
+            self._sampler.epoch, self._sampler.start_step = epoch, start_step
+            if start_step >= self._len:
+                return
+            nb = self.device.type == "cuda"
+            for step, (x, y) in enumerate(self._loader, start_step):
+                yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
+                                   epoch, step)
+
+    def _finish(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[Tensor, Tensor]:
+        """Scale, normalise and (target: input) copy and noise one batch, on the device."""
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div_(self.store.scale)
+        elif x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        if self._mean is not None:
+            x = (x - self._mean) / self._std
+        if not self.target_input:
+            return x, y
+        y = x
+        if self.noise > 0:
+            seed = _mix(self.seed, epoch, step, self.rank) if self.shuffle else _mix(self.seed, 7, step, self.rank)
+            g = torch.Generator(device=x.device).manual_seed(seed)
+            x = x + self.noise * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return x, y
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs to know about its data."""
+
+    train: Batches
+    val: Batches | None
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    task: str                       # "classification" or "regression"
+    mean: list[float] | None
+    std: list[float] | None
+    description: str
+    preloaded: bool
+
+
+# --- load_data -------------------------------------------------------------------------
+
+def _split(cfg: Config, store: _Store) -> tuple[Tensor, Tensor]:
+    """Training and validation indices into the store.
+
+    ``split: fraction``: a permutation seeded by cfg.seed; the last
+    ceil(val_fraction * N) samples validate (as scikit-learn rounds: 1,797 digits
+    at 0.2 -> 1,437 / 360). ``split: test``: the dataset's own test split.
+    ``limit`` then keeps the first N training samples.
+    """
+    d = cfg.data
+    n = len(store)
+    if d.split == "test":
+        if store.test_start is None:
+            raise UsageError(f"source {d.source} has no test split of its own; use split: fraction")
+        train, val = torch.arange(store.test_start), torch.arange(store.test_start, n)
+    else:
+        n_val = math.ceil(d.val_fraction * n - 1e-9) if d.val_fraction > 0 else 0
+        if n - n_val < 1:
+            raise UsageError(f"{d.source} has {n} samples: too few for val_fraction {d.val_fraction}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+        train, val = perm[:n - n_val], perm[n - n_val:]
+    if d.limit is not None:
+        train = train[:d.limit]
+    return train, val
+
+
+def _stats(store: _Store, indices: Tensor, workers: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the scaled training samples (float64 sums)."""
+    c = store.sample_shape[0]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    count = 0
+    if store.x is not None:
+        chunks = (store.x[indices[i:i + 8192]] for i in range(0, len(indices), 8192))
+    else:
+        subset = torch.utils.data.Subset(_StoreDataset(store), indices.tolist())
+        chunks = (x for x, _ in torch.utils.data.DataLoader(subset, batch_size=256, num_workers=workers))
+    for x in chunks:
+        x = x.to(torch.float64)
+        if store.scale:  # set for uint8 images only
+            x = x / store.scale
+        per = x.transpose(0, 1).reshape(c, -1)
+        total += per.sum(1)
+        squares += (per * per).sum(1)
+        count += per.shape[1]
+    if count == 0:
+        raise UsageError("no training samples to compute normalisation statistics from")
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
+    std = torch.where(std > 0, std, torch.ones_like(std))  # a constant channel is only shifted
+    return mean.tolist(), std.tolist()
+
+
+def _normalization(cfg: Config, store: _Store, train: Tensor) -> tuple[list[float] | None, list[float] | None]:
+    norm = cfg.data.normalize
+    if norm is None:
+        norm = cfg.data.source in IMAGE_SOURCES
+    if norm is False:
+        return None, None
+    if norm is True:
+        return _stats(store, train, cfg.data.num_workers)
+    c = store.sample_shape[0]
+    mean, std = list(norm["mean"]), list(norm["std"])
+    for key, vals in (("mean", mean), ("std", std)):
+        if len(vals) not in (1, c):
+            raise UsageError(f"data.normalize.{key} has {len(vals)} values; the data has {c} channels "
+                             f"(samples of shape {list(store.sample_shape)}): give 1 or {c}")
+    return mean * c if len(mean) == 1 else mean, std * c if len(std) == 1 else std
+
+
+def _should_preload(cfg: Config, store: _Store, device: torch.device) -> bool:
+    if cfg.data.preload is not None:
+        return cfg.data.preload
+    size = store.nbytes()
+    if size > PRELOAD_LIMIT_BYTES:
+        return False
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+        except Exception:
+            return False
+        return size < free // 2
+    return True
+
+
+def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1) -> DataBundle:
+    """Read cfg.data and return the training (and validation) batches on ``device``.
+
+    With ``world_size > 1`` each rank gets its own shard of every batch (see ``Batches``);
+    train.batch_size is the global batch and must divide by world_size.
+    """
+    device = torch.device(device)
+    d, t = cfg.data, cfg.train
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in a world of {world_size}")
+    if t.batch_size % world_size:
+        raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
+                         f"({world_size}): it is the global batch, split evenly between them")
+    store = _read(cfg)
+    shape = list(store.sample_shape)
+    if shape != list(cfg.model.input_shape):
+        raise UsageError(f"data gives samples of shape {shape} but model.input_shape is "
+                         f"{list(cfg.model.input_shape)} (source: {d.source}); set model.input_shape: {shape}")
+    if len(store) == 0:
+        raise UsageError(f"{d.source} has no samples")
+
+    if d.target == "input":
+        task, num_classes = "regression", None
+    elif store.y.dtype == torch.int64:
+        task, num_classes = "classification", store.num_classes
+        if t.loss not in CLASSIFICATION_LOSSES:
+            raise UsageError(f"{d.source} gives class labels but train.loss is {t.loss}; use cross_entropy or nll, "
+                             f"or data.target: input to reconstruct the input")
+    else:
+        task, num_classes = "regression", None
+        if t.loss in CLASSIFICATION_LOSSES:
+            raise UsageError(f"{d.source} gives float targets (y is {store.y.dtype}), not class labels, but "
+                             f"train.loss is {t.loss}; use mse or l1, or integer labels in y")
+
+    train_idx, val_idx = _split(cfg, store)
+    mean, std = _normalization(cfg, store, train_idx)
+    preload = _should_preload(cfg, store, device)
+    if preload and store.x is None:
+        _decode_all(store, d.num_workers)
+    dx = dy = None
+    if preload:
+        try:
+            dx, dy = store.x.to(device), store.y.to(device)
+        except torch.OutOfMemoryError as exc:
+            raise NnctlError(f"{d.source} ({store.nbytes() / 2**30:.1f} GiB) does not fit on {device}; "
+                             f"set data.preload: false to stream it") from exc
+
+    common = dict(seed=cfg.seed, mean=mean, std=std, target_input=d.target == "input", noise=d.noise,
+                  preloaded=preload, num_workers=d.num_workers, device_x=dx, device_y=dy)
+    train = Batches(store, train_idx, t.batch_size, device, shuffle=True, rank=rank, world_size=world_size,
+                    **common)
+    val = None
+    if len(val_idx):
+        if world_size > 1:
+            val_idx = torch.tensor_split(val_idx, world_size)[rank]
+        val = Batches(store, val_idx, t.eval_batch_size or 4 * t.batch_size, device, shuffle=False, **common)
+
+    how = f"preloaded on {device}" if preload else f"streamed by a DataLoader with {d.num_workers} workers"
+    desc = f"{d.source}: {len(train_idx):,} train / {len(val_idx):,} {'test' if d.split == 'test' else 'val'} " \
+           f"samples, {how}"
+    if world_size > 1:
+        desc += f" (rank {rank} of {world_size})"
+    return DataBundle(train=train, val=val, input_shape=tuple(shape), num_classes=num_classes, task=task,
+                      mean=mean, std=std, description=desc, preloaded=preload)

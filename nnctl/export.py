@@ -1,0 +1,145 @@
+"""Weights out of nnctl, in the formats the ecosystem reads.
+
+- ``safetensors`` (default): the state_dict, with metadata (format, nnctl version, the
+  resolved config as JSON, input shape, source checkpoint, epoch).
+- ``pt``: a plain state_dict of CPU tensors; ``torch.load(path, weights_only=True)`` reads it.
+- ``npz``: one array a tensor; bfloat16 (which numpy lacks) is widened to float32,
+  losslessly, and the original dtypes are listed in the ``__nnctl_meta__`` entry.
+- ``onnx`` (the ``onnx`` extra): the model graph with its weights, checked against the
+  eager model on random input; the largest absolute difference is reported.
+
+Tied or shared tensors (two names, one storage) are written once per name as
+independent copies: every format then loads with a plain ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .checkpoint import atomic_write
+from .errors import NnctlError, UsageError
+
+FORMATS = ("safetensors", "pt", "npz", "onnx")
+SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "onnx": ".onnx"}
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    tensors: int
+    bytes: int
+    shared: list[tuple[str, str]] = field(default_factory=list)
+    max_abs_diff: float | None = None  # onnx: largest |onnxruntime - eager| on random input
+    notes: list[str] = field(default_factory=list)
+
+
+def plain_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+    """CPU, contiguous, unshared copies of a state_dict; and the (name, first name) pairs that shared storage."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    shared = []
+    for key, t in state.items():
+        t = t.detach()
+        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
+            if t.numel() else None
+        if ident is not None and ident in seen:
+            shared.append((key, seen[ident]))
+        elif ident is not None:
+            seen[ident] = key
+        out[key] = t.to("cpu").contiguous().clone()
+    return out, shared
+
+
+def metadata(state: dict, which: str, source: str) -> dict[str, str]:
+    cfg = state.get("config") or {}
+    return {
+        "format": "nnctl.weights",
+        "nnctl_version": __version__,
+        "config": json.dumps(cfg, sort_keys=False),
+        "input_shape": json.dumps(state.get("input_shape") or cfg.get("model", {}).get("input_shape")),
+        "source": os.path.basename(source),
+        "which": which,
+        "epoch": str(state.get("epoch")),
+    }
+
+
+def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str = "last",
+           source: str = "") -> ExportResult:
+    """Write the checkpoint's weights in one format. `model` (with the weights loaded) is needed for onnx."""
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    weights, shared = plain_state(state["model"])
+    meta = metadata(state, which, source)
+    notes = [f"{a} shared storage with {b}: written as an independent copy" for a, b in shared]
+    path = Path(out)
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save
+
+            meta["shared"] = json.dumps(shared)
+            blob = save(weights, metadata=meta)
+            atomic_write(path, lambda fh: fh.write(blob))
+        elif fmt == "pt":
+            atomic_write(path, lambda fh: torch.save(weights, fh))
+        elif fmt == "npz":
+            import numpy as np
+
+            arrays = {}
+            dtypes = {}
+            for key, t in weights.items():
+                dtypes[key] = str(t.dtype).replace("torch.", "")
+                if t.dtype == torch.bfloat16:
+                    t = t.float()
+                    notes.append(f"{key}: bfloat16 widened to float32 (numpy has no bfloat16)") if len(notes) < 20 else None
+                arrays[key] = t.numpy()
+            meta["dtypes"] = json.dumps(dtypes)
+            arrays["__nnctl_meta__"] = np.array(json.dumps(meta))
+            atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        else:
+            return _onnx(model, state, path, weights, shared)
+    except OSError as exc:
+        raise NnctlError(f"could not write {path}: {exc.strerror or exc}") from None
+    return ExportResult(str(path), fmt, len(weights), path.stat().st_size, shared, None, notes)
+
+
+def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> ExportResult:
+    try:
+        import onnxruntime as ort  # noqa: F401
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UsageError("ONNX export needs the onnx extra: pip install 'nnctl[onnx]'") from None
+    if model is None:
+        raise UsageError("ONNX export needs the model")
+    import numpy as np
+
+    model = model.float().eval().cpu()
+    shape = tuple(state.get("input_shape") or state["config"]["model"]["input_shape"])
+    dummy = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+        os.replace(tmp, path)
+    except Exception as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise NnctlError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+    return ExportResult(str(path), "onnx", len(weights), path.stat().st_size, shared, diff)
