@@ -125,8 +125,18 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> 
     dummy = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
+        import contextlib
+        import io
+        import warnings
+
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:  # the torch.export-based exporter (PyTorch's default since 2.9)
+                torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["output"],
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+            except Exception:  # models torch.export cannot trace: the TorchScript exporter
+                torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
         os.replace(tmp, path)
     except Exception as exc:
         try:
