@@ -85,6 +85,9 @@ class DataSection(_Section):
     image_size: list[_Int] | None = Field(None, min_length=2, max_length=2, description="image_folder: resize to [H, W]")
     grayscale: bool = Field(False, description="image_folder: convert to one channel")
     limit: int | None = Field(None, ge=1, description="use only the first N training samples")
+    label_map: list[_Int] | None = Field(None, min_length=1, max_length=100_000,
+                                         description="class i becomes label_map[i]: a changed task for fine-tuning, "
+                                                     "e.g. [0, 1, 0, 1, 0, 1, 0, 1, 0, 1] for even / odd")
     preload: bool | None = Field(None, description="hold the dataset as tensors on the device; default: when it fits")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers when not preloaded")
 
@@ -107,6 +110,13 @@ class DataSection(_Section):
                 v[key] = [float(x) for x in vals]
             return v
         raise ValueError("expected true, false or {mean: [...], std: [...]}")
+
+    @field_validator("label_map")
+    @classmethod
+    def _label_map(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(c < 0 or c > 1_000_000 for c in v):
+            raise ValueError("label_map entries are class indices from 0")
+        return v
 
     @field_validator("shape")
     @classmethod

@@ -644,6 +644,18 @@ def _should_preload(cfg: Config, store: _Store, device: torch.device) -> bool:
     return True
 
 
+def _map_labels(store: _Store, label_map: list[int], source: str) -> None:
+    """data.label_map: class i becomes label_map[i] (a changed task for fine-tuning, e.g. even / odd)."""
+    if store.y.dtype != torch.int64 or store.y.dim() != 1:
+        raise UsageError(f"data.label_map needs class labels, but {source} gives {store.y.dtype} targets")
+    classes = store.num_classes if store.num_classes is not None else int(store.y.max()) + 1
+    if len(label_map) != classes:
+        raise UsageError(f"data.label_map has {len(label_map)} entries but {source} has {classes} classes: "
+                         "give one new class for each original class")
+    store.y = torch.tensor(label_map, dtype=torch.int64)[store.y]
+    store.num_classes = max(label_map) + 1
+
+
 def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1) -> DataBundle:
     """Read cfg.data and return the training (and validation) batches on ``device``.
 
@@ -658,6 +670,8 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
         raise UsageError(f"train.batch_size {t.batch_size} must be a multiple of the number of processes "
                          f"({world_size}): it is the global batch, split evenly between them")
     store = _read(cfg)
+    if d.label_map is not None:
+        _map_labels(store, d.label_map, d.source)
     shape = list(store.sample_shape)
     if shape != list(cfg.model.input_shape):
         raise UsageError(f"data gives samples of shape {shape} but model.input_shape is "

@@ -225,3 +225,36 @@ def test_alexnet_config_loads_torchvision_state_dict(tmp_path):
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         assert torch.equal(model(x), ref(x))
+
+
+def test_readme_fine_tuning_walkthrough(tmp_path):
+    """The README's walk-through, command for command: train, freeze features, new head, export, plain load."""
+    r = run_cli("train", str(ROOT / "configs" / "digits_features.yaml"), "--epochs", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("freeze", "runs/digits-features", "--names", "features", "-o", "frozen.pt", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", str(ROOT / "configs" / "digits_parity.yaml"), "--init", "frozen.pt", "--partial",
+                "--epochs", "2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "skipped: 2 wrong shape: classifier.2.weight" in r.stdout
+    r = run_cli("export-weights", "runs/digits-parity", "-o", "parity.safetensors", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    model = nn.Sequential()
+    model.add_module("features", nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                               nn.Flatten()))
+    model.add_module("classifier", nn.Sequential(nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 2)))
+    model.load_state_dict(load_file(str(tmp_path / "parity.safetensors")))
+    base = K.load(tmp_path / "runs" / "digits-features" / "best.pt")["model"]
+    # the frozen feature extractor is the base model's, bit for bit
+    assert torch.equal(model.features[0].weight, base["features.0.weight"])
+    cfg, doc = C.load(str(ROOT / "configs" / "digits_parity.yaml"))
+    data = D.load_data(cfg, CPU)
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in data.val.epoch(0):
+            correct += (model(x).argmax(1) == y).sum().item()
+            total += len(y)
+    assert correct / total > 0.85
