@@ -390,26 +390,115 @@ def train(
                                                           "(e.g. a new head), and report what was skipped."),
     force: bool = typer.Option(False, "--force", help="With --resume: accept a config that differs from the "
                                                       "checkpoint's."),
+    nproc_per_node: Optional[int] = typer.Option(None, "--nproc-per-node", min=1,
+                                                 help="Train with DistributedDataParallel in N processes on this "
+                                                      "machine (through torch.distributed.run, as torchrun)."),
+    nnodes: str = typer.Option("1", "--nnodes", help="Machines (torchrun's --nnodes, e.g. 2 or 1:4)."),
+    node_rank: Optional[int] = typer.Option(None, "--node-rank", min=0, help="This machine's rank (static rendezvous)."),
+    rdzv_endpoint: Optional[str] = typer.Option(None, "--rdzv-endpoint", help="host:port of the rendezvous, for "
+                                                                              "several machines."),
+    rdzv_id: str = typer.Option("nnctl", "--rdzv-id", help="A job id shared by every machine of the run."),
+    max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Restart failed workers up to N times; "
+                                                                     "they resume from the last checkpoint."),
 ):
     """Build, train, validate and checkpoint a model."""
+    from .errors import UsageError
+
+    if resume and init:
+        raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
+    if config is None and not resume:
+        raise UsageError("give a CONFIG to train, or --resume RUN_FOLDER_OR_CHECKPOINT")
+    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
+        forwarded = _forwarded_train_args(config, device, epochs, seed, set_ or [], out, resume, init, partial, force)
+        return _launch(config, forwarded, out, resume, set_ or [], nproc_per_node, nnodes, node_rank,
+                       rdzv_endpoint, rdzv_id, max_restarts)
+    from . import train as T
+
+    dist = T.dist_from_env()
+    try:
+        _train_worker(config, device, epochs, seed, set_ or [], out, resume, init, partial, force, dist)
+    except RuntimeError as exc:
+        import torch.distributed as tdist
+
+        if dist.enabled and isinstance(exc, getattr(tdist, "DistBackendError", RuntimeError)):
+            from .errors import NnctlError
+
+            raise NnctlError(f"rank {dist.rank}: lost contact with another process of the run "
+                             f"({' '.join(str(exc).split())[:160]})") from None
+        raise
+    finally:
+        if dist.enabled:
+            T.close_distributed()
+
+
+def _forwarded_train_args(config, device, epochs, seed, set_, out, resume, init, partial, force) -> list[str]:
+    args = [config] if config else []
+    for flag, value in (("--device", device), ("--epochs", epochs), ("--seed", seed), ("--out", out),
+                        ("--resume", resume), ("--init", init)):
+        if value is not None:
+            args += [flag, str(value)]
+    for item in set_:
+        args += ["--set", item]
+    if partial:
+        args.append("--partial")
+    if force:
+        args.append("--force")
+    return args
+
+
+def _launch(config, forwarded, out, resume, overrides, nproc, nnodes, node_rank, endpoint, rdzv_id,
+            max_restarts) -> None:
+    """Start the workers through torch.distributed.run (the engine behind torchrun)."""
+    from . import config as C
+    from . import train as T
+    from .errors import NnctlError
+
+    if config is not None:
+        C.load(config, overrides)  # config mistakes surface once, here, not in N workers
+    if resume is None and out is None:
+        # one run folder, chosen here, so that restarted workers find their checkpoint
+        cfg, _ = C.load(config, overrides)
+        out = str(T.new_run_dir(cfg.name))
+        forwarded = forwarded + ["--out", out]
+    from torch.distributed import run as torchrun
+
+    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts)]
+    if endpoint:
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id]
+        if node_rank is not None:
+            args += ["--node-rank", str(node_rank)]
+    elif str(nnodes) == "1":
+        args += ["--standalone"]
+    else:
+        raise NnctlError("--nnodes > 1 needs --rdzv-endpoint host:port (the same on every machine)")
+    args += ["-m", "nnctl", "train", *forwarded]
+    try:
+        torchrun.run(torchrun.parse_args(args))
+    except Exception as exc:  # ChildFailedError: a worker failed or was killed
+        text = " ".join(str(exc).split())
+        raise NnctlError(f"distributed training failed: {text[:400]}"
+                         + (f"; the last checkpoint is in {out}" if out else "")) from None
+
+
+def _train_worker(config, device, epochs, seed, overrides, out, resume, init, partial, force, dist) -> None:
     from pathlib import Path
 
     from . import config as C
-    from .errors import UsageError
+    from .errors import ConfigError, UsageError
 
-    overrides = list(set_ or [])
+    overrides = list(overrides)
     if epochs is not None:
         overrides.append(f"train.epochs={epochs}")
     if seed is not None:
         overrides.append(f"seed={seed}")
     if device is not None:
         overrides.append(f"train.device={device}")
-    if resume and init:
-        raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
-    if config is None and not resume:
-        raise UsageError("give a CONFIG to train, or --resume RUN_FOLDER_OR_CHECKPOINT")
     if config is not None:
         cfg, doc = C.load(config, overrides)  # config mistakes surface before torch is imported
+    # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
+    if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            and (Path(out) / "last.pt").exists()):
+        resume, init = out, None
 
     from . import checkpoint as K
     from . import data as D
@@ -418,13 +507,12 @@ def train(
     from . import train as T
 
     state = None
+    run_dir = None
     if resume:
         ckpt_path = K.resolve(resume, "last")
         state = K.load(ckpt_path)
         saved, saved_doc = C.from_dict(state["config"], str(ckpt_path))
         if config is None:
-            saved_doc_data = dict(saved_doc.data)
-            saved_doc.data = saved_doc_data
             if overrides:
                 C.apply_overrides(saved_doc, overrides)
             cfg, doc = C.validate(saved_doc), saved_doc
@@ -440,15 +528,21 @@ def train(
     problems = T.validate(cfg, doc)
     model, plan = M.build(cfg, doc)
     if problems:
-        from .errors import ConfigError
-
         raise ConfigError(problems)
-    lint = M.lint(cfg, plan)
-    _warn(lint)
-    if cfg.train.loss == "l2":
-        _err(f"note: {T.L2_NOTE}")
+    if dist.main:
+        _warn(M.lint(cfg, plan))
+        if cfg.train.loss == "l2":
+            _err(f"note: {T.L2_NOTE}")
 
     dev = T.select_device(cfg.train.device)
+    if dist.enabled and dev.type == "cuda":
+        import torch
+
+        if dist.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"local rank {dist.local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; use --nproc-per-node {torch.cuda.device_count()}")
+        dev = torch.device("cuda", dist.local_rank)
+    T.init_distributed(dist, dev)
     freeze_plan = None
     init_report = None
     if state is not None:
@@ -462,14 +556,22 @@ def train(
             freeze_plan = F.plan_from_config(model, cfg.freeze)
         if freeze_plan:
             F.apply(model, freeze_plan)
-        run_dir = T.new_run_dir(cfg.name, out)
+        if dist.main:
+            run_dir = T.new_run_dir(cfg.name, out)
+        if dist.enabled:
+            import torch
 
-    data = D.load_data(cfg, dev)
+            run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
+            if not dist.main:  # dropout and noise: a stream of its own per rank
+                torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+
+    data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size)
     con = _console()
-    fancy = con.is_terminal
-    say = con.print if fancy else (lambda *a, **k: print(*a, flush=True))
+    fancy = con.is_terminal and dist.main
+    say = (con.print if fancy else (lambda *a, **k: print(*a, flush=True))) if dist.main else (lambda *a, **k: None)
     threads = f", {torch_threads()} CPU threads" if dev.type == "cpu" else ""
-    say(f"device: {dev}{threads}")
+    say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
+                                     f"{'nccl' if dev.type == 'cuda' else 'gloo'})" if dist.enabled else ""))
     say(f"run: {run_dir}" + (f" (resuming from epoch {state['epoch']}"
                              f"{', step ' + str(state['step_in_epoch']) if state.get('step_in_epoch') else ''})"
                              if state else ""))
@@ -480,24 +582,29 @@ def train(
     if init_report:
         say(init_report)
 
+    import contextlib
+
     import yaml
 
-    with T.RunLock(run_dir):
-        if state is None:
+    lock = T.RunLock(run_dir) if dist.main else contextlib.nullcontext()
+    with lock:
+        if state is None and dist.main:
             K.atomic_write(run_dir / "config.yaml",
                            lambda fh: fh.write(yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()))
         progress = _Progress(con, cfg.train.batch_size, fancy)
         try:
             result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=progress,
-                           freeze_plan=freeze_plan)
+                           freeze_plan=freeze_plan, dist=dist)
         except T.Interrupted:
             progress.close()
-            _plot_quietly(run_dir, cfg.name)
+            if dist.main:
+                _plot_quietly(run_dir, cfg.name)
             raise
         finally:
             progress.close()
-        plot = _plot_quietly(run_dir, cfg.name)
-    _final_table(con, cfg, result, run_dir, plot)
+        plot = _plot_quietly(run_dir, cfg.name) if dist.main else None
+    if dist.main:
+        _final_table(con, cfg, result, run_dir, plot)
 
 
 def torch_threads() -> int:

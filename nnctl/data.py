@@ -505,6 +505,10 @@ class Batches:
     def __len__(self) -> int:
         return self._len
 
+    def global_size(self, step: int) -> int:
+        """Samples in batch ``step`` summed over every rank (the global batch; smaller for the last)."""
+        return max(0, min(self.batch_size, len(self.indices) - step * self.batch_size))
+
     def order(self, epoch: int) -> Tensor:
         """This split's sample indices in the order of ``epoch`` (all ranks)."""
         return self._plan.order(epoch)

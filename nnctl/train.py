@@ -210,15 +210,22 @@ class EpochSums:
         """The latest step's loss (a host sync: for displays that refresh a few times a second)."""
         return float(self.losses[-1]) if self.losses else None
 
-    def reduce(self) -> tuple[float, int]:
-        """(mean loss weighted by batch size, index of the first non-finite step or -1)."""
+    def reduce(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> tuple[float, int]:
+        """(mean loss weighted by batch size, index of the first non-finite step or -1).
+
+        all_reduce (distributed runs) sums the loss and sample counts of every rank.
+        """
         if not self.losses:
             return math.nan, -1
-        values = torch.stack([v.float() for v in self.losses]).double().cpu()
-        bad = (~torch.isfinite(values)).nonzero()
-        first_bad = int(bad[0]) if len(bad) else -1
-        sizes = torch.tensor(self.sizes, dtype=torch.float64)
-        return float((values * sizes).sum() / sizes.sum()), first_bad
+        values = torch.stack([v.float() for v in self.losses]).double()
+        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=values.device)
+        totals = torch.stack([(values * sizes).sum(), sizes.sum(), (~torch.isfinite(values)).sum().double()])
+        if all_reduce is not None:
+            all_reduce(totals)
+        bad = (~torch.isfinite(values.cpu())).nonzero()
+        loss_sum, seen, n_bad = totals.tolist()
+        first_bad = int(bad[0]) if len(bad) else (-2 if n_bad else -1)  # -2: on another rank
+        return loss_sum / seen, first_bad
 
     def state(self) -> dict:
         return {"losses": torch.stack([v.float() for v in self.losses]).cpu() if self.losses else torch.zeros(0),
@@ -239,21 +246,27 @@ def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: Ep
     """
     ctx.set_train_mode()
     step = start_step
+    world = batches.world_size
     for x, y in batches.epoch(epoch, start_step):
         x = _prepare(ctx, x)
         with ctx.autocast():
             out = ctx.model(x)
             loss = ctx.loss_fn(out.float() if out.dtype != torch.float32 else out, y)
+        objective = loss
+        if world > 1:  # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
+            scale = x.shape[0] * world / batches.global_size(step)
+            if scale != 1.0:
+                objective = loss * scale
         ctx.optimizer.zero_grad(set_to_none=True)
         if ctx.scaler is not None:
-            ctx.scaler.scale(loss).backward()
+            ctx.scaler.scale(objective).backward()
             if ctx.grad_clip:
                 ctx.scaler.unscale_(ctx.optimizer)
                 torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
             ctx.scaler.step(ctx.optimizer)
             ctx.scaler.update()
         else:
-            loss.backward()
+            objective.backward()
             if ctx.grad_clip:
                 torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
             ctx.optimizer.step()
@@ -269,13 +282,19 @@ def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: Ep
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool,
-             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False) -> dict[str, float]:
-    """Loss and metric over a split, in eval mode. One host sync at the end."""
+             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False,
+             device: torch.device | None = None, all_reduce: Callable[[torch.Tensor], None] | None = None,
+             ) -> dict[str, float]:
+    """Loss and metric over a split, in eval mode. One host sync at the end.
+
+    all_reduce (distributed runs) sums the totals of every rank's shard in place.
+    """
     was_training = model.training
     model.eval()
-    device = None
-    total = correct = sq = ab = None
-    n = 0
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # loss sum, correct (or squared error sum), absolute error sum, samples
+    sums = torch.zeros(4, device=device, dtype=torch.float64)
     try:
         for x, y in batches.epoch(0):
             if channels_last and x.dim() == 4:
@@ -283,32 +302,111 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
             with autocast():
                 out = model(x)
             out = out.float()
-            loss = loss_fn(out, y).double() * x.shape[0]
-            if device is None:
-                device = out.device
-                total = torch.zeros((), device=device, dtype=torch.float64)
-                correct = torch.zeros((), device=device, dtype=torch.int64)
-                sq = torch.zeros((), device=device, dtype=torch.float64)
-                ab = torch.zeros((), device=device, dtype=torch.float64)
-            total += loss
+            sums[0] += loss_fn(out, y).double() * x.shape[0]
             if classification:
-                correct += (out.argmax(dim=1) == y).sum()
+                sums[1] += (out.argmax(dim=1) == y).sum()
             else:
-                diff = (out - y.to(out.dtype)).double()
-                sq += diff.pow(2).mean(dim=tuple(range(1, diff.dim()))).sum() if diff.dim() > 1 else diff.pow(2).sum()
-                ab += diff.abs().mean(dim=tuple(range(1, diff.dim()))).sum() if diff.dim() > 1 else diff.abs().sum()
-            n += x.shape[0]
+                diff = (out - y.to(out.dtype)).double().reshape(x.shape[0], -1)
+                sums[1] += diff.pow(2).mean(dim=1).sum()
+                sums[2] += diff.abs().mean(dim=1).sum()
+            sums[3] += x.shape[0]
     finally:
         model.train(was_training)
+    if all_reduce is not None:
+        all_reduce(sums)
+    loss, second, third, n = sums.tolist()
     if n == 0:
         return {}
-    result = {"loss": total.item() / n}
+    result = {"loss": loss / n}
     if classification:
-        result["accuracy"] = correct.item() / n
+        result["accuracy"] = second / n
     else:
-        result["mse"] = sq.item() / n
-        result["mae"] = ab.item() / n
+        result["mse"] = second / n
+        result["mae"] = third / n
     return result
+
+
+# --- distributed ----------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process's place in a torch.distributed run (world_size 1: a plain run)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when flag is True on any rank (a collective: every rank must call it)."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        self.all_reduce(t)
+        return bool(t.item() > 0)
+
+    def gather(self, obj: Any) -> list:
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def dist_from_env() -> Dist:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or a single process."""
+    import os
+
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return Dist()
+    return Dist(rank, world, local) if world > 1 else Dist()
+
+
+def init_distributed(d: Dist, device: torch.device) -> None:
+    """One process group: gloo on the CPU, nccl on CUDA (one device a rank)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    if not d.enabled or dist.is_initialized():
+        return
+    import os
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    timeout = datetime.timedelta(minutes=10)
+    # torchrun's store outlives a restart (--max-restarts): keys of the earlier attempt's
+    # process group would be read again, so each attempt gets a prefix of its own
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"nnctl-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
+def close_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # --- fit ------------------------------------------------------------------------------
@@ -385,13 +483,20 @@ def _frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device, run_dir,
         resume: dict | None = None, on_event: Callable[[Event], None] | None = None,
-        freeze_plan: dict | None = None, write_checkpoints: bool = True) -> FitResult:
-    """Train the model as the config says, writing checkpoints into run_dir. Returns the history."""
+        freeze_plan: dict | None = None, write_checkpoints: bool = True, dist: Dist | None = None) -> FitResult:
+    """Train the model as the config says, writing checkpoints into run_dir. Returns the history.
+
+    Under torch.distributed (dist.enabled) the model is wrapped in DistributedDataParallel,
+    losses and validation metrics are reduced across ranks, every rank takes the same
+    decisions (best, early stopping, stop on a signal), and only rank 0 writes.
+    """
     from pathlib import Path
 
     t = cfg.train
     run_dir = Path(run_dir)
-    emit = on_event or (lambda e: None)
+    dist = dist or Dist()
+    write_checkpoints = write_checkpoints and dist.main
+    emit = (on_event or (lambda e: None)) if dist.main else (lambda e: None)
     if t.threads:
         torch.set_num_threads(t.threads)
 
@@ -418,7 +523,13 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
         autocast = lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)
     else:
         autocast = nullcontext
-    runner = torch.compile(model) if t.compile else model
+    runner = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        runner = torch.compile(runner)
     classification = cfg.train.loss in CLASSIFICATION_LOSSES and cfg.data.target == "label"
     ctx = Context(runner, make_loss(t.loss), optimizer, scheduler, scaler, device, autocast, t.grad_clip,
                   scheduler is not None and t.scheduler_interval == "step" and not plateau,
@@ -445,13 +556,20 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
         best = dict(resume.get("best") or best)
         bad_epochs = int(resume.get("bad_epochs", 0))
         partial = resume.get("partial")
-        ckpt.set_rng_state(resume.get("rng"))
+        ranks = resume.get("rng_ranks")
+        if dist.enabled and ranks and len(ranks) == dist.world_size:
+            ckpt.set_rng_state(ranks[dist.rank])
+        elif dist.enabled and not dist.main:  # another process count: a fresh stream per rank
+            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank + start_epoch)
+        else:
+            ckpt.set_rng_state(resume.get("rng"))
     best_state = None
     best_path = str(run_dir / ckpt.NAMES["best"]) if (run_dir / ckpt.NAMES["best"]).exists() else None
     last_path = str(run_dir / ckpt.NAMES["last"])
     resolved_cfg = resolved(cfg)
 
-    def payload(kind: str, epoch: int, step_in_epoch: int, sums: EpochSums | None, state=None) -> dict:
+    def payload(kind: str, epoch: int, step_in_epoch: int, sums: EpochSums | None, state=None,
+                rng_ranks=None) -> dict:
         return {
             "kind": kind,
             "config": resolved_cfg,
@@ -463,6 +581,8 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             "step_in_epoch": step_in_epoch,
             "global_step": global_step,
             "rng": ckpt.rng_state(),
+            "rng_ranks": rng_ranks,
+            "world_size": dist.world_size,
             "best": dict(best),
             "bad_epochs": bad_epochs,
             "history": list(history),
@@ -485,26 +605,31 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                 nonlocal global_step
                 global_step += 1
                 emit(Event("step", epoch=epoch, epochs=t.epochs, step=step, steps=steps, sums=s))
+                if dist.enabled:  # every rank must stop at the same step: agree every 8 steps
+                    return step % 8 == 0 and dist.any(stop.signum is not None, device)
                 return stop.signum is not None
 
             step = train_one_epoch(ctx, data.train, epoch, start_step, sums, on_step)
             start_step = 0
-            if stop.signum is not None and step < steps:
+            if step < steps:  # stopped by a signal at a step boundary
+                rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
                 path = None
                 if write_checkpoints:
-                    ckpt.save(last_path, payload("last", epoch, step, sums))
+                    ckpt.save(last_path, payload("last", epoch, step, sums, rng_ranks=rng_ranks))
                     path = last_path
-                raise Interrupted(stop.signum, path)
-            train_loss, first_bad = sums.reduce()
-            if first_bad >= 0 or not math.isfinite(train_loss):
-                where = f"epoch {epoch + 1}, step {first_bad + 1 if first_bad >= 0 else '?'}"
+                raise Interrupted(stop.signum or signal.SIGTERM, path)
+            train_loss, first_bad = sums.reduce(dist.all_reduce if dist.enabled else None)
+            if first_bad != -1 or not math.isfinite(train_loss):
+                where = f"epoch {epoch + 1}" + (f", step {first_bad + 1}" if first_bad >= 0 else
+                                                 ", on another rank" if first_bad == -2 else "")
                 raise NonFiniteLoss(f"the training loss became non-finite at {where} (of {steps} steps an epoch); "
                                     f"lower the learning rate, clip gradients (train.grad_clip) or check the data. "
                                     + (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
                                        else "No checkpoint was written before this."))
             row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss}
             if data.val is not None:
-                ev = evaluate(runner, ctx.loss_fn, data.val, classification, autocast, t.channels_last)
+                ev = evaluate(runner, ctx.loss_fn, data.val, classification, autocast, t.channels_last, device,
+                              dist.all_reduce if dist.enabled else None)
                 row.update({f"val_{k}": v for k, v in ev.items()})
             row["lr"] = optimizer.param_groups[0]["lr"]
             if scheduler is not None and t.scheduler_interval == "epoch":
@@ -525,13 +650,16 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                 bad_epochs = 0
             else:
                 bad_epochs += 1
+            rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
             if write_checkpoints:
                 if improved:
                     best_path = str(run_dir / ckpt.NAMES["best"])
-                    ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state))
-                ckpt.save(last_path, payload("last", epoch + 1, 0, None))
+                    ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state, rng_ranks))
+                ckpt.save(last_path, payload("last", epoch + 1, 0, None, rng_ranks=rng_ranks))
                 write_metrics(run_dir, history)
             emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row, message="best" if improved else ""))
+            if dist.any(stop.signum is not None, device):  # a signal during validation: the epoch is saved
+                raise Interrupted(stop.signum or signal.SIGTERM, last_path if write_checkpoints else None)
             if t.early_stopping and bad_epochs >= t.early_stopping.patience and epoch + 1 < t.epochs:
                 stopped_early = True
                 emit(Event("stop", epoch=epoch, message=f"early stopping: {metric} did not improve for "
