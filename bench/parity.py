@@ -1,0 +1,119 @@
+"""nnctl's training path against a hand-written PyTorch loop on the CPU.
+
+    python bench/parity.py            # the measurement (about 1-2 minutes on 2 cores)
+    python bench/parity.py --quick    # tiny sizes, one run: checks that it works
+
+Both sides train the same freshly built model (the hand side gets a deep copy of the
+model nnctl.model.build made), over the same preloaded tensors, in the same batch order
+(nnctl's Batches.order for the epoch), with the same optimizer, loss, precision (fp32)
+and torch threads, in one process. Only the epoch is timed: nnctl.train.fit with
+write_checkpoints=False (no validation split) against the loop below. The global RNG is
+reseeded before each side, so Dropout draws the same masks and the losses must agree.
+Goal: nnctl throughput >= 0.97x the hand loop's, with equal losses (to 5 decimals).
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import common
+
+
+def hand_epoch(model, X, Y, order, batch_size, optimizer, loss_fn):
+    """The loop a careful PyTorch user writes over preloaded tensors."""
+    model.train()
+    losses = []
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        x, y = X[idx], Y[idx]
+        loss = loss_fn(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list:
+    import time
+
+    import torch
+    from nnctl import config, data as ndata, model as nmodel, train
+
+    cpu = torch.device("cpu")
+    cfg, doc = config.from_dict(common.config_dict(model_name, common.synthetic(size), batch), "<bench>")
+    bundle = ndata.load_data(cfg, cpu)
+    X, Y = bundle.train.store.x, bundle.train.store.y   # the very tensors nnctl batches from
+    state: dict = {"diff_loss": 0.0, "diff_weight": 0.0, "diff_mean": 0.0}
+
+    def run_nnctl():
+        model, _ = nmodel.build(cfg, doc)
+        state["hand_model"] = copy.deepcopy(model)
+        seen = {}
+
+        def on_event(e):
+            if e.kind == "step":
+                seen["sums"] = e.sums
+
+        torch.manual_seed(1234)
+        t0 = time.perf_counter()
+        res = train.fit(cfg, doc, model, bundle, cpu, tmp, on_event=on_event, write_checkpoints=False)
+        took = time.perf_counter() - t0
+        state["nnctl_losses"] = torch.stack(seen["sums"].losses)
+        state["nnctl_mean"] = res.history[-1]["train_loss"]
+        state["nnctl_model"] = model
+        return took
+
+    def run_hand():
+        model = state.pop("hand_model")
+        layers, loss, opt = common.MODELS[model_name]
+        (opt_name, opt_args), = opt.items()
+        optimizer = getattr(torch.optim, opt_name)(model.parameters(), **opt_args)
+        loss_fn = torch.nn.CrossEntropyLoss() if loss == "cross_entropy" else torch.nn.NLLLoss()
+        torch.manual_seed(1234)
+        t0 = time.perf_counter()
+        order = bundle.train.order(0)  # the epoch's shuffle: a randperm, as a hand loop draws one
+        losses = hand_epoch(model, X, Y, order, batch, optimizer, loss_fn)
+        took = time.perf_counter() - t0
+        hand = torch.stack(losses)
+        sizes = torch.tensor([min(batch, len(order) - i) for i in range(0, len(order), batch)], dtype=torch.float64)
+        hand_mean = float((hand.double() * sizes).sum() / sizes.sum())
+        state["diff_loss"] = max(state["diff_loss"], float((hand - state["nnctl_losses"]).abs().max()))
+        state["diff_mean"] = max(state["diff_mean"], abs(hand_mean - state["nnctl_mean"]))
+        ref = state.pop("nnctl_model").state_dict()
+        state["diff_weight"] = max(state["diff_weight"], max(float((v - ref[k]).abs().max())
+                                                             for k, v in model.state_dict().items()))
+        return took
+
+    print(f"{model_name}: {size:,} samples, batch {batch}", flush=True)
+    times = common.interleaved({"nnctl": run_nnctl, "hand": run_hand}, runs, warmup=0 if runs == 1 else 1)
+    a, b = common.median(times["nnctl"]), common.median(times["hand"])
+    ratio = b / a  # nnctl throughput relative to the hand loop's
+    equal = state["diff_loss"] < 5e-6
+    return [model_name, f"{size:,}", batch, a, b, f"{size / a:,.0f}", f"{size / b:,.0f}", ratio,
+            common.verdict(ratio, 0.97, lower_is_better=False),
+            f"{state['diff_loss']:.1e}" + ("" if equal else " (DIFFERENT)"), f"{state['diff_weight']:.1e}"]
+
+
+def main() -> None:
+    args = common.parser(__doc__.splitlines()[0], runs=7).parse_args()
+    threads = common.setup_threads(args.threads)
+    common.header("parity: nnctl.train.fit vs a hand-written loop (CPU, fp32)", args.quick)
+    runs = 1 if args.quick else args.runs
+    cases = [("mlp", 256, 64), ("cnn", 64, 32)] if args.quick else [("mlp", 20_000, 64), ("cnn", 4_000, 64)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, size, batch in cases:
+            rows.append(compare(name, size, batch, runs, tmp))
+    common.table(
+        f"parity, one epoch, median of {runs} interleaved runs, {threads} threads",
+        ["model", "samples", "batch", "nnctl s", "hand s", "nnctl samples/s", "hand samples/s",
+         "throughput nnctl/hand", "goal", "max loss diff", "max weight diff"],
+        rows,
+        "throughput nnctl/hand = hand s / nnctl s. Loss diff: per step, nnctl vs hand, over every run; "
+        "weight diff: every parameter after the epoch.")
+
+
+if __name__ == "__main__":
+    main()

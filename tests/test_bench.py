@@ -1,0 +1,60 @@
+"""The benchmark scripts run (not timed tests): each with --tiny exits 0 and prints a table.
+
+The measurements themselves are in docs/benchmarks.md; these tests only keep the
+scripts working. The Lightning benchmark is skipped where lightning is not installed
+(it is not an nnctl dependency), and bench/gpu.py skips itself without CUDA (it then
+prints the reference figures and a "skipped" line).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def run_bench(name: str, *extra: str) -> str:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(BENCH / name), "--tiny", *extra], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, f"{name} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def assert_table(out: str) -> None:
+    lines = out.splitlines()
+    assert any(line.startswith("### ") for line in lines), out
+    assert any(line.startswith("|--") or line.startswith("|-") for line in lines), out
+
+
+@pytest.mark.parametrize("name", ["parity.py", "tutorial.py", "startup.py", "checkpoints.py"])
+def test_cpu_benchmark_runs(name):
+    out = run_bench(name)
+    assert_table(out)
+    if name == "parity.py":  # the same losses on both sides, step by step
+        assert "DIFFERENT" not in out, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="lightning is not installed")
+def test_lightning_benchmark_runs():
+    out = run_bench("lightning_vs_nnctl.py")
+    assert_table(out)
+    assert "Lightning s" in out
+
+
+def test_gpu_benchmark_runs_or_skips():
+    import torch
+
+    out = run_bench("gpu.py")
+    assert_table(out)  # the reference figures, at least
+    if not torch.cuda.is_available():
+        assert "skipped: no CUDA device" in out
+    else:
+        assert "parity on" in out
