@@ -192,6 +192,11 @@ def _prepare(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def acc_dtype(device: torch.device) -> torch.dtype:
+    """Accumulate sums in float64, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @dataclass
 class EpochSums:
     """The epoch's per-step losses, kept on the device; read (one sync) at the end of the epoch.
@@ -217,9 +222,10 @@ class EpochSums:
         """
         if not self.losses:
             return math.nan, -1
-        values = torch.stack([v.float() for v in self.losses]).double()
-        sizes = torch.tensor(self.sizes, dtype=torch.float64, device=values.device)
-        totals = torch.stack([(values * sizes).sum(), sizes.sum(), (~torch.isfinite(values)).sum().double()])
+        values = torch.stack([v.float() for v in self.losses])
+        values = values.to(acc_dtype(values.device))
+        sizes = torch.tensor(self.sizes, dtype=values.dtype, device=values.device)
+        totals = torch.stack([(values * sizes).sum(), sizes.sum(), (~torch.isfinite(values)).sum().to(values.dtype)])
         if all_reduce is not None:
             all_reduce(totals)
         bad = (~torch.isfinite(values.cpu())).nonzero()
@@ -294,7 +300,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     # loss sum, correct (or squared error sum), absolute error sum, samples
-    sums = torch.zeros(4, device=device, dtype=torch.float64)
+    sums = torch.zeros(4, device=device, dtype=acc_dtype(device))
     try:
         for x, y in batches.epoch(0):
             if channels_last and x.dim() == 4:
@@ -302,11 +308,11 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
             with autocast():
                 out = model(x)
             out = out.float()
-            sums[0] += loss_fn(out, y).double() * x.shape[0]
+            sums[0] += loss_fn(out, y).to(sums.dtype) * x.shape[0]
             if classification:
                 sums[1] += (out.argmax(dim=1) == y).sum()
             else:
-                diff = (out - y.to(out.dtype)).double().reshape(x.shape[0], -1)
+                diff = (out - y.to(out.dtype)).to(sums.dtype).reshape(x.shape[0], -1)
                 sums[1] += diff.pow(2).mean(dim=1).sum()
                 sums[2] += diff.abs().mean(dim=1).sum()
             sums[3] += x.shape[0]
