@@ -48,23 +48,32 @@ def setup_threads(threads: int | None) -> int:
 # --- timing ---------------------------------------------------------------------------
 
 def interleaved(variants: dict[str, Callable[[], float | None]], runs: int, warmup: int = 1,
-                log: bool = True) -> dict[str, list[float]]:
-    """Run each variant `runs` times in rounds (A B C, A B C, ...) after `warmup` untimed rounds.
+                log: bool = True, before_round: Callable[[], None] | None = None,
+                after_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Run each variant `runs` times in rounds after `warmup` untimed rounds.
 
+    The order alternates, A B, B A, A B, ..., so neither side always runs first (a cache
+    warmed or a clock boosted by the one before). before_round / after_round run
+    outside the timing (e.g. to build one fresh model for both sides, then compare them).
     A variant returns the seconds it measured itself (to time only the epoch and leave
     set-up out), or None to be timed whole by the wall clock here.
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
+    names = list(variants)
     for r in range(warmup + runs):
-        for name, fn in variants.items():
+        if before_round is not None:
+            before_round()
+        for name in (names if r % 2 == 0 else names[::-1]):
             t0 = time.perf_counter()
-            got = fn()
+            got = variants[name]()
             took = time.perf_counter() - t0 if got is None else float(got)
             if r >= warmup:
                 times[name].append(took)
+        if after_round is not None:
+            after_round()
         if log and r >= warmup:
             done = r - warmup + 1
-            print(f"  run {done}/{runs}: " + "  ".join(f"{n} {times[n][-1]:.3f}s" for n in variants),
+            print(f"  run {done}/{runs}: " + "  ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
                   file=sys.stderr, flush=True)
     return times
 

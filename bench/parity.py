@@ -47,9 +47,12 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list
     X, Y = bundle.train.store.x, bundle.train.store.y   # the very tensors nnctl batches from
     state: dict = {"diff_loss": 0.0, "diff_weight": 0.0, "diff_mean": 0.0}
 
+    def before_round():
+        model, _ = nmodel.build(cfg, doc)          # seeded: the same init every round
+        state["nnctl_model"], state["hand_model"] = model, copy.deepcopy(model)
+
     def run_nnctl():
-        model, _ = nmodel.build(cfg, doc)
-        state["hand_model"] = copy.deepcopy(model)
+        model = state["nnctl_model"]
         seen = {}
 
         def on_event(e):
@@ -62,11 +65,10 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list
         took = time.perf_counter() - t0
         state["nnctl_losses"] = torch.stack(seen["sums"].losses)
         state["nnctl_mean"] = res.history[-1]["train_loss"]
-        state["nnctl_model"] = model
         return took
 
     def run_hand():
-        model = state.pop("hand_model")
+        model = state["hand_model"]
         layers, loss, opt = common.MODELS[model_name]
         (opt_name, opt_args), = opt.items()
         optimizer = getattr(torch.optim, opt_name)(model.parameters(), **opt_args)
@@ -76,18 +78,20 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list
         order = bundle.train.order(0)  # the epoch's shuffle: a randperm, as a hand loop draws one
         losses = hand_epoch(model, X, Y, order, batch, optimizer, loss_fn)
         took = time.perf_counter() - t0
-        hand = torch.stack(losses)
+        state["hand_losses"] = torch.stack(losses)
         sizes = torch.tensor([min(batch, len(order) - i) for i in range(0, len(order), batch)], dtype=torch.float64)
-        hand_mean = float((hand.double() * sizes).sum() / sizes.sum())
-        state["diff_loss"] = max(state["diff_loss"], float((hand - state["nnctl_losses"]).abs().max()))
-        state["diff_mean"] = max(state["diff_mean"], abs(hand_mean - state["nnctl_mean"]))
-        ref = state.pop("nnctl_model").state_dict()
-        state["diff_weight"] = max(state["diff_weight"], max(float((v - ref[k]).abs().max())
-                                                             for k, v in model.state_dict().items()))
+        state["hand_mean"] = float((state["hand_losses"].double() * sizes).sum() / sizes.sum())
         return took
 
+    def after_round():
+        hand, ref = state.pop("hand_model").state_dict(), state.pop("nnctl_model").state_dict()
+        state["diff_loss"] = max(state["diff_loss"], float((state["hand_losses"] - state["nnctl_losses"]).abs().max()))
+        state["diff_mean"] = max(state["diff_mean"], abs(state["hand_mean"] - state["nnctl_mean"]))
+        state["diff_weight"] = max(state["diff_weight"], max(float((v - ref[k]).abs().max()) for k, v in hand.items()))
+
     print(f"{model_name}: {size:,} samples, batch {batch}", flush=True)
-    times = common.interleaved({"nnctl": run_nnctl, "hand": run_hand}, runs, warmup=0 if runs == 1 else 1)
+    times = common.interleaved({"nnctl": run_nnctl, "hand": run_hand}, runs, warmup=0 if runs == 1 else 1,
+                               before_round=before_round, after_round=after_round)
     a, b = common.median(times["nnctl"]), common.median(times["hand"])
     ratio = b / a  # nnctl throughput relative to the hand loop's
     equal = state["diff_loss"] < 5e-6
@@ -101,7 +105,7 @@ def main() -> None:
     threads = common.setup_threads(args.threads)
     common.header("parity: nnctl.train.fit vs a hand-written loop (CPU, fp32)", args.quick)
     runs = 1 if args.quick else args.runs
-    cases = [("mlp", 256, 64), ("cnn", 64, 32)] if args.quick else [("mlp", 20_000, 64), ("cnn", 4_000, 64)]
+    cases = [("mlp", 256, 64), ("cnn", 64, 32)] if args.quick else [("mlp", 20_000, 64), ("cnn", 2_000, 64)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, size, batch in cases:

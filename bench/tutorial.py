@@ -16,7 +16,7 @@ epoch is nnctl.train.fit with write_checkpoints=False. Reading the file (load_da
 is set-up, timed separately and shown under the table. Only the epoch is compared.
 
 Goal on the CPU: nnctl epoch time <= 0.5x the tutorial loop's for the MLP, <= 1.0x for the CNN.
-The CNN uses 4,000 samples instead of 20,000 so that a run takes seconds on 2 cores.
+The CNN uses 2,000 samples instead of 20,000 so that a run takes seconds on 2 cores.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     threads = common.setup_threads(args.threads)
     common.header("tutorial: nnctl vs the PIL/ToTensor/Normalize DataLoader loop (CPU)", args.quick)
     runs = 1 if args.quick else args.runs
-    cases = [("mlp", 256, 64), ("cnn", 64, 32)] if args.quick else [("mlp", 20_000, 64), ("cnn", 4_000, 64)]
+    cases = [("mlp", 256, 64), ("cnn", 64, 32)] if args.quick else [("mlp", 20_000, 64), ("cnn", 2_000, 64)]
     workers = [0, 2]
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:

@@ -786,8 +786,6 @@ def eval_(
     if batches is None:
         raise UsageError("this run has no validation split (val_fraction 0); use --split train")
     classification = cfg.train.loss in ("cross_entropy", "nll") and cfg.data.target == "label"
-    if split == "train":  # evaluate in a fixed order
-        batches = D.in_order(batches) if hasattr(D, "in_order") else batches
     result = T.evaluate(model, T.make_loss(cfg.train.loss), batches, classification)
     result = {"split": split, "samples": batches.num_samples, "epoch": state.get("epoch"), **result}
     if as_json:

@@ -29,6 +29,8 @@ RESERVED = ("name", "repeat")
 MAX_PARAMS = 10**10  # 40 GB of fp32 weights
 MAX_ACTIVATION = 1 << 31  # values in one layer's output for one sample
 MAX_REPEAT = 1000
+SMALL_PARAMS = 1 << 22  # layers this small are probed on real CPU zeros
+SMALL_INPUT = 1 << 18  # values a sample
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -273,7 +275,13 @@ class _Planner:
                 return node, None
             module.eval()
             try:
-                out = module(L.meta_input(shape))
+                if node.params <= SMALL_PARAMS and math.prod(shape) <= SMALL_INPUT:
+                    # small: a real forward on zeros is milliseconds, while the meta kernels of
+                    # convolutions pull in sympy (0.5 s) the first time
+                    with torch.random.fork_rng(devices=[]), torch.no_grad():
+                        out = cls(**kwargs).eval()(torch.zeros((2, *shape)))
+                else:  # large: shapes on the meta device, nothing allocated
+                    out = module(L.meta_input(shape))
             except Exception as exc:
                 self.fail(tpath, f"{where} cannot take an input of shape {list(shape)}: {_short(exc)}")
                 return node, None
