@@ -17,6 +17,8 @@ the resolved config. Fields (``FORMAT_VERSION`` 1):
 - ``partial``: the running sums of an interrupted epoch, or None
 - ``digest``: SHA-256 over the model tensors' bytes, checked on load, so flipped
   bits in the weights are reported instead of silently loaded
+- ``state_digest``: SHA-256 over everything else as loaded (optimizer, scheduler, RNG,
+  history, ...), checked on load when present (older checkpoints lack it)
 
 Writing is atomic: a temporary file in the same folder, flushed and fsynced,
 then renamed over the target, then the folder fsynced. A crash at any instant
@@ -58,21 +60,102 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def state_digest(obj: Any) -> str:
+    """SHA-256 over a whole checkpoint payload: every tensor's bytes and every plain value, in order.
+
+    The zip records' CRCs do not cover everything a reader trusts: a flipped bit in the
+    central directory's attributes (say, the "is a folder" flag of one record) passes
+    Python's zipfile checks, yet makes PyTorch's zip reader hand back other bytes for that
+    record. Hashing what ``torch.load`` returned, not the file's bytes, catches any such
+    difference, in the optimizer and RNG states as well as in the weights.
+    """
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().to("cpu").contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}:".encode())
+            for k, v in x.items():
+                feed(k)
+                feed(v)
+        elif isinstance(x, list | tuple):
+            h.update(f"{type(x).__name__[0]}{len(x)}:".encode())
+            for v in x:
+                feed(v)
+        else:
+            h.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed(obj)
+    return h.hexdigest()
+
+
+DIGEST_KEYS = ("digest", "state_digest")
+
+
+class WriteError(NnctlError, OSError):
+    """A file could not be written (disk full, read-only folder, file-size limit): exit 1.
+
+    Both an NnctlError (the CLI prints one line, no traceback) and an OSError (callers
+    that catch OSError, such as the optional learning-curve plot, still do).
+    """
+
+    reason: str = ""  # the operating system's words, e.g. "No space left on device"
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class _Recording:
+    """A file object that remembers the OSError of a failed write (serialisers may hide it)."""
+
+    def __init__(self, fh):
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            n = self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
 def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(fileobj) on a temporary file beside path, then rename it into place."""
+    """Call write(fileobj) on a temporary file beside path, then rename it into place.
+
+    An I/O failure removes the temporary file, leaves any previous file at path intact
+    and raises WriteError naming the file.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink = None
     try:
         with open(tmp, "wb") as fh:
-            write(fh)
+            sink = _Recording(fh)
+            write(sink)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
         except OSError:
             pass
+        # torch.save reports a failed write (disk full, EFBIG) as a RuntimeError about the zip
+        # writer's position; the OSError underneath is the real reason
+        cause = exc if isinstance(exc, OSError) else (sink.error if sink is not None else None)
+        if cause is not None and not isinstance(exc, WriteError) and not isinstance(exc, KeyboardInterrupt):
+            err = WriteError(cause.errno, f"could not write {path}: {cause.strerror or cause}")
+            err.reason = cause.strerror or str(cause)
+            raise err from None
         raise
     try:
         fd = os.open(path.parent, os.O_RDONLY)
@@ -91,11 +174,14 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     payload.setdefault("format_version", FORMAT_VERSION)
     payload.setdefault("nnctl_version", __version__)
     payload["digest"] = tensor_digest(payload["model"])
+    payload.pop("state_digest", None)
+    payload["state_digest"] = state_digest({k: v for k, v in payload.items() if k not in DIGEST_KEYS})
     try:
         atomic_write(path, lambda fh: torch.save(payload, fh))
     except OSError as exc:
-        raise NnctlError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
-                         "the previous checkpoint is intact") from None
+        previous = "; the previous checkpoint is intact" if os.path.exists(path) else ""
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise WriteError(exc.errno, f"could not write checkpoint {path}: {reason}{previous}") from None
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
@@ -118,8 +204,12 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
                 bad = zf.testzip()
             if bad is not None:
                 raise CheckpointError(f"{path}: corrupt (record {bad} fails its CRC check)")
-        except zipfile.BadZipFile as exc:
-            raise CheckpointError(f"{path}: corrupt or truncated ({exc})") from None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # BadZipFile, and for mangled headers UnicodeDecodeError, NotImplementedError,
+            # OverflowError, struct.error, zlib.error, EOFError, ...: every one means a damaged file
+            text = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{path}: corrupt or truncated ({type(exc).__name__}: {text})") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError for pickled classes, RuntimeError for bad zips, ...
@@ -147,6 +237,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     digest = state.get("digest")
     if digest is not None and tensor_digest(state["model"]) != digest:
         raise CheckpointError(f"{path}: corrupt checkpoint: the weights do not match their recorded SHA-256")
+    whole = state.get("state_digest")
+    if whole is not None and state_digest({k: v for k, v in state.items() if k not in DIGEST_KEYS}) != whole:
+        raise CheckpointError(f"{path}: corrupt checkpoint: its contents (optimizer, RNG or training state) do "
+                              "not match their recorded SHA-256")
     return state
 
 

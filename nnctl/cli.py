@@ -415,6 +415,7 @@ def train(
     from . import train as T
 
     dist = T.dist_from_env()
+    _stop_on_sigterm()
     try:
         _train_worker(config, device, epochs, seed, set_ or [], out, resume, init, partial, force, dist)
     except RuntimeError as exc:
@@ -429,6 +430,22 @@ def train(
     finally:
         if dist.enabled:
             T.close_distributed()
+
+
+def _stop_on_sigterm() -> None:
+    """Until the loop installs its own handler: SIGTERM while loading exits 143, cleanly."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        from .train import Interrupted
+
+        raise Interrupted(signum, None)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _forwarded_train_args(config, device, epochs, seed, set_, out, resume, init, partial, force) -> list[str]:

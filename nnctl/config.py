@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -301,6 +302,9 @@ def _problem_from(err: dict, data: Any, doc: Document) -> Problem:
 def validate(doc: Document) -> Config:
     """Validate the structure of a loaded document; raise ConfigError with every problem."""
     data = doc.data
+    if data is None:
+        raise ConfigError([doc.problem((), "the document is empty: expected a mapping with 'name', 'model', "
+                                            "'data' and 'train'")])
     if not isinstance(data, dict):
         raise ConfigError([doc.problem((), f"a config must be a mapping with 'name', 'model', 'data' and 'train', "
                                              f"not {type(data).__name__}")])
@@ -340,7 +344,8 @@ def apply_overrides(doc: Document, overrides: list[str]) -> None:
     """Apply `key.path=value` overrides in place; values are parsed as YAML."""
     problems = []
     for item in overrides:
-        where = f"--set {item}"
+        # an option may hold newlines or control characters; the location stays one line
+        where = "--set " + re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], item)
         if "=" not in item:
             problems.append(Problem("expected key.path=value, e.g. train.optimizer.Adam.lr=0.01", "", where))
             continue

@@ -20,7 +20,7 @@ class Problem:
     column: int | None = None  # 1-based
 
     def format(self) -> str:
-        where = self.file or "<config>"
+        where = "".join(c if c.isprintable() else repr(c)[1:-1] for c in (self.file or "<config>"))
         if self.line is not None:
             where += f":{self.line}"
             if self.column is not None:

@@ -106,7 +106,8 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
         else:
             return _onnx(model, state, path, weights, shared)
     except OSError as exc:
-        raise NnctlError(f"could not write {path}: {exc.strerror or exc}") from None
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise NnctlError(f"could not write {path}: {reason}") from None
     return ExportResult(str(path), fmt, len(weights), path.stat().st_size, shared, None, notes)
 
 

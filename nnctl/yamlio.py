@@ -226,6 +226,19 @@ class _Abort(Exception):
         self.node, self.path, self.message = node, path, message
 
 
+def _reader_problem(exc: "yaml.reader.ReaderError", text: str, file: str) -> Problem:
+    """A located problem for a character YAML does not allow (control characters and the like)."""
+    pos = exc.position if isinstance(exc.position, int) and 0 <= exc.position <= len(text) else None
+    line = col = None
+    if pos is not None:
+        line = text.count("\n", 0, pos) + 1
+        col = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    char = exc.character
+    what = f"U+{char:04X}" if isinstance(char, int) else repr(char)
+    return Problem(f"the character {what} is not allowed in a YAML file (control characters are refused)",
+                   "", file, line, col)
+
+
 def load_text(text: str, file: str = "<config>") -> Document:
     """Parse one YAML document. Raises ConfigError with every problem found."""
     doc = Document(None, file)
@@ -235,7 +248,12 @@ def load_text(text: str, file: str = "<config>") -> Document:
         not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
     ):
         raise ConfigError([Problem("the file is empty: expected a mapping with 'model', 'data' and 'train'", "", file, 1, 1)])
-    loader = _Loader(text)
+    try:
+        # the Reader checks for control characters as it is built: inside the try, so that
+        # a stray byte such as \x08 is a located ConfigError, never a traceback
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_reader_problem(exc, text, file)]) from None
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -245,8 +263,9 @@ def load_text(text: str, file: str = "<config>") -> Document:
             message = "more than one YAML document ('---') in the file: a config is one document"
         line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
         raise ConfigError([Problem(f"YAML syntax error: {message}", "", file, line, col)]) from None
-    except yaml.YAMLError as exc:  # reader errors: control characters and the like
-        line = getattr(exc, "position", None)
+    except yaml.reader.ReaderError as exc:  # control characters met while reading on
+        raise ConfigError([_reader_problem(exc, text, file)]) from None
+    except yaml.YAMLError as exc:
         raise ConfigError([Problem(f"YAML error: {exc}", "", file, None, None)]) from None
     except RecursionError:
         raise ConfigError([Problem(f"nesting deeper than {MAX_DEPTH} levels is refused", "", file)]) from None
