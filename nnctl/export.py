@@ -54,7 +54,8 @@ def plain_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
             shared.append((key, seen[ident]))
         elif ident is not None:
             seen[ident] = key
-        out[key] = t.to("cpu").contiguous().clone()
+        t = t.to("cpu").contiguous()
+        out[key] = t.clone() if ident is not None and seen[ident] != key else t  # copy only what is shared
     return out, shared
 
 
