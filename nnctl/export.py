@@ -125,27 +125,27 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> 
     model = model.float().eval().cpu()
     shape = tuple(state.get("input_shape") or state["config"]["model"]["input_shape"])
     dummy = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        import contextlib
-        import io
-        import warnings
+    import contextlib
+    import io
+    import tempfile
+    import warnings
 
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:  # the torch.export-based exporter (PyTorch's default since 2.9)
-                torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["output"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
-            except Exception:  # models torch.export cannot trace: the TorchScript exporter
-                torch.onnx.export(model, (dummy,), str(tmp), input_names=["input"], output_names=["output"],
-                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, dynamo=False)
-        os.replace(tmp, path)
-    except Exception as exc:
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_file = Path(scratch) / "model.onnx"
         try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise NnctlError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:  # the torch.export-based exporter (PyTorch's default since 2.9)
+                    torch.onnx.export(model, (dummy,), str(onnx_file), input_names=["input"],
+                                      output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                      dynamo=True, verbose=False, external_data=False)
+                except Exception:  # models torch.export cannot trace: the TorchScript exporter
+                    torch.onnx.export(model, (dummy,), str(onnx_file), input_names=["input"],
+                                      output_names=["output"], dynamo=False,
+                                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as exc:
+            raise NnctlError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
+        atomic_write(path, lambda fh: fh.write(onnx_file.read_bytes()))
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
