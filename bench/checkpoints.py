@@ -36,7 +36,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nnctl import checkpoint, config, export, model as nmodel, train
+    from nnctl import checkpoint, config, export, model as nmodel
 
     runs = 1 if args.quick else args.runs
     hidden = [64, 32] if args.quick else [2048, 1024]

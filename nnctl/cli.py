@@ -288,10 +288,9 @@ def schema(
 class _Progress:
     """Renders fit() events: rich bars on a terminal, one plain line an epoch otherwise."""
 
-    def __init__(self, console, batch_size: int, fancy: bool):
+    def __init__(self, console, fancy: bool):
         self.con = console
         self.fancy = fancy
-        self.batch_size = batch_size
         self.progress = None
         self.last_refresh = 0.0
         self.epoch_began = 0.0
@@ -608,7 +607,7 @@ def _train_worker(config, device, epochs, seed, overrides, out, resume, init, pa
         if state is None and dist.main:
             K.atomic_write(run_dir / "config.yaml",
                            lambda fh: fh.write(yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()))
-        progress = _Progress(con, cfg.train.batch_size, fancy)
+        progress = _Progress(con, fancy)
         try:
             result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=progress,
                            freeze_plan=freeze_plan, dist=dist)

@@ -25,7 +25,6 @@ SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_fol
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 _Int = int
-_Size = Field(ge=1, le=1 << 20)
 
 
 class _Section(BaseModel):
@@ -294,8 +293,6 @@ def _problem_from(err: dict, data: Any, doc: Document) -> Problem:
     elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than",
                   "too_short", "too_long", "finite_number"):
         msg = f"{msg}, got {_describe(value)}"
-    if missing_key is not None or kind != "missing":
-        pass
     return doc.problem(tuple(path), msg)
 
 
