@@ -37,7 +37,8 @@ from typing import Any
 import torch
 
 from . import __version__
-from .errors import CheckpointError, NnctlError
+from .errors import CheckpointError, NnctlError, UsageError
+from .files import WriteError, atomic_write, deferred_signals  # noqa: F401  (re-exported)
 
 FORMAT = "nnctl.checkpoint"
 FORMAT_VERSION = 1
@@ -95,79 +96,47 @@ def state_digest(obj: Any) -> str:
 
 DIGEST_KEYS = ("digest", "state_digest")
 
+# optional fields: name -> (default, accepted types); checked on load, filled in by make_payload
+FIELDS: dict[str, tuple[Any, tuple]] = {
+    "optimizer": (None, (dict, type(None))),
+    "scheduler": (None, (dict, type(None))),
+    "scaler": (None, (dict, type(None))),
+    "epoch": (0, (int,)),
+    "step_in_epoch": (0, (int,)),
+    "global_step": (0, (int,)),
+    "rng": (None, (dict, type(None))),
+    "rng_ranks": (None, (list, type(None))),
+    "world_size": (1, (int,)),
+    "best": (None, (dict, type(None))),
+    "bad_epochs": (0, (int,)),
+    "history": (list, (list,)),
+    "freeze": (None, (dict, type(None))),
+    "partial": (None, (dict, type(None))),
+    "input_shape": (None, (list, type(None))),
+    "source": (None, (str, type(None))),
+}
 
-class WriteError(NnctlError, OSError):
-    """A file could not be written (disk full, read-only folder, file-size limit): exit 1.
 
-    Both an NnctlError (the CLI prints one line, no traceback) and an OSError (callers
-    that catch OSError, such as the optional learning-curve plot, still do).
+def make_payload(kind: str, config: dict, model: dict[str, torch.Tensor], **fields: Any) -> dict[str, Any]:
+    """The one place a checkpoint's fields are put together (the schema is this module's docstring).
+
+    ``kind`` is last, best or freeze; ``fields`` are the optional training-state fields
+    (optimizer, scheduler, scaler, epoch, step_in_epoch, global_step, rng, rng_ranks,
+    world_size, best, bad_epochs, history, freeze, partial, input_shape, source). Unknown
+    field names are refused, so a misspelt field cannot silently go missing.
     """
-
-    reason: str = ""  # the operating system's words, e.g. "No space left on device"
-
-    def __str__(self) -> str:
-        return self.strerror or super().__str__()
-
-
-class _Recording:
-    """A file object that remembers the OSError of a failed write (serialisers may hide it)."""
-
-    def __init__(self, fh):
-        self._fh = fh
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            n = self._fh.write(data)
-        except OSError as exc:
-            self.error = exc
-            raise
-        return n
-
-    def __getattr__(self, name):
-        return getattr(self._fh, name)
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise TypeError(f"unknown checkpoint field(s): {', '.join(sorted(unknown))}")
+    payload: dict[str, Any] = {"kind": kind, "config": config, "model": model}
+    for key, (default, _) in FIELDS.items():
+        payload[key] = fields.get(key, default() if callable(default) else default)
+    if payload.get("input_shape") is None:
+        payload["input_shape"] = list((config.get("model") or {}).get("input_shape") or [])
+    return payload
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call write(fileobj) on a temporary file beside path, then rename it into place.
-
-    An I/O failure removes the temporary file, leaves any previous file at path intact
-    and raises WriteError naming the file.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    sink = None
-    try:
-        with open(tmp, "wb") as fh:
-            sink = _Recording(fh)
-            write(sink)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        # torch.save reports a failed write (disk full, EFBIG) as a RuntimeError about the zip
-        # writer's position; the OSError underneath is the real reason
-        cause = exc if isinstance(exc, OSError) else (sink.error if sink is not None else None)
-        if cause is not None and not isinstance(exc, WriteError) and not isinstance(exc, KeyboardInterrupt):
-            err = WriteError(cause.errno, f"could not write {path}: {cause.strerror or cause}")
-            err.reason = cause.strerror or str(cause)
-            raise err from None
-        raise
-    try:
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
-        pass
-
-
-def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list = ()) -> None:
     """Write a checkpoint atomically. I/O failures (disk full, read-only) raise NnctlError."""
     payload = dict(payload)
     payload.setdefault("format", FORMAT)
@@ -177,7 +146,7 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     payload.pop("state_digest", None)
     payload["state_digest"] = state_digest({k: v for k, v in payload.items() if k not in DIGEST_KEYS})
     try:
-        atomic_write(path, lambda fh: torch.save(payload, fh))
+        atomic_write(path, lambda fh: torch.save(payload, fh), inputs)
     except OSError as exc:
         previous = "; the previous checkpoint is intact" if os.path.exists(path) else ""
         reason = getattr(exc, "reason", None) or exc.strerror or exc
@@ -186,16 +155,10 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load(weights_only=True) with every failure turned into a CheckpointError."""
+    from .files import read_input
+
     path = str(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    data = read_input(path, "checkpoint file", CheckpointError)  # never blocks on a FIFO
     if not data:
         raise CheckpointError(f"{path}: the file is empty (a checkpoint cut off while being written?)")
     if data[:2] == b"PK":
@@ -204,7 +167,7 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
                 bad = zf.testzip()
             if bad is not None:
                 raise CheckpointError(f"{path}: corrupt (record {bad} fails its CRC check)")
-        except CheckpointError:
+        except NnctlError:  # a CheckpointError, or a stop signal (Interrupted) while reading: not corruption
             raise
         except Exception as exc:  # BadZipFile, and for mangled headers UnicodeDecodeError, NotImplementedError,
             # OverflowError, struct.error, zlib.error, EOFError, ...: every one means a damaged file
@@ -212,6 +175,8 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: corrupt or truncated ({type(exc).__name__}: {text})") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except NnctlError:  # SIGTERM while unpickling: the file is not to blame
+        raise
     except Exception as exc:  # UnpicklingError for pickled classes, RuntimeError for bad zips, ...
         text = " ".join(str(exc).split())
         if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
@@ -228,30 +193,63 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not an nnctl checkpoint (no 'format: {FORMAT}' field); "
                               "plain state_dicts and .safetensors files are weights: use `nnctl train --init`")
     version = state.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if type(version) is not int or version < 1:
+        raise CheckpointError(f"{path}: corrupt checkpoint: format version {version!r} is not a positive integer")
+    if version > FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {version!r} is newer than this nnctl "
                               f"understands ({FORMAT_VERSION}); upgrade nnctl")
     for key in ("config", "model"):
         if not isinstance(state.get(key), dict):
             raise CheckpointError(f"{path}: corrupt checkpoint: '{key}' is missing or not a mapping")
-    digest = state.get("digest")
-    if digest is not None and tensor_digest(state["model"]) != digest:
+    bad = [k for k, v in state["model"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: corrupt checkpoint: 'model' holds {len(bad)} entries that are not "
+                              f"named tensors (first: {str(bad[0])[:60]!r})")
+    for key in DIGEST_KEYS:  # every checkpoint nnctl has written carries both
+        if not isinstance(state.get(key), str):
+            raise CheckpointError(f"{path}: corrupt or altered checkpoint: its '{key}' field is missing, so its "
+                                  "contents cannot be verified; refused")
+    digest = state["digest"]
+    if tensor_digest(state["model"]) != digest:
         raise CheckpointError(f"{path}: corrupt checkpoint: the weights do not match their recorded SHA-256")
-    whole = state.get("state_digest")
-    if whole is not None and state_digest({k: v for k, v in state.items() if k not in DIGEST_KEYS}) != whole:
+    whole = state["state_digest"]
+    if state_digest({k: v for k, v in state.items() if k not in DIGEST_KEYS}) != whole:
         raise CheckpointError(f"{path}: corrupt checkpoint: its contents (optimizer, RNG or training state) do "
                               "not match their recorded SHA-256")
+    problems = []
+    for key, (_, types) in FIELDS.items():
+        if key in state and not isinstance(state[key], types):
+            problems.append(f"'{key}' is {type(state[key]).__name__}")
+        elif key in ("epoch", "step_in_epoch", "global_step", "bad_epochs") and isinstance(state.get(key), int) \
+                and (isinstance(state[key], bool) or state[key] < 0):
+            problems.append(f"'{key}' is {state[key]!r}")
+    if not isinstance(state.get("kind", ""), str):
+        problems.append(f"'kind' is {type(state['kind']).__name__}")
+    if isinstance(state.get("history"), list) and not all(isinstance(r, dict) for r in state["history"]):
+        problems.append("'history' holds entries that are not mappings")
+    if problems:
+        raise CheckpointError(f"{path}: corrupt checkpoint: fields of the wrong type or value: {'; '.join(problems)}")
     return state
 
 
 def resolve(source: str | os.PathLike, which: str = "last") -> Path:
     """A run folder or a checkpoint file -> the checkpoint file."""
+    if which not in NAMES:
+        raise UsageError(f"--which must be best or last, not {which!r}")
     p = Path(source)
     if p.is_dir():
         f = p / NAMES[which]
-        if not f.exists():
-            raise CheckpointError(f"{p}: no {NAMES[which]} in this folder (is it an nnctl run folder?)")
-        return f
+        if f.exists():
+            return f
+        other = p / NAMES["last" if which == "best" else "best"]
+        if other.exists():
+            raise CheckpointError(f"{p}: no {NAMES[which]} in this run folder (it has {other.name}: "
+                                  f"use --which {other.stem})")
+        if (p / "config.yaml").exists():
+            raise CheckpointError(f"{p}: this run stopped before its first checkpoint was written, so there is "
+                                  f"nothing to load or resume; start it again with: nnctl train "
+                                  f"{p / 'config.yaml'} --out {p}")
+        raise CheckpointError(f"{p}: no {NAMES[which]} in this folder (is it an nnctl run folder?)")
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
     return p

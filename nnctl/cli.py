@@ -29,9 +29,26 @@ app = typer.Typer(
 )
 
 
+_ANSI = None
+
+
+def _clean(text: str) -> str:
+    """One printable line: terminal escape sequences removed, other control characters shown escaped."""
+    global _ANSI
+    if _ANSI is None:
+        import re
+
+        _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
+    text = _ANSI.sub("", str(text))
+    return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
+
+
 def _err(text: str) -> None:
-    sys.stderr.write(text.rstrip("\n") + "\n")
-    sys.stderr.flush()
+    try:
+        sys.stderr.write("\n".join(_clean(line) for line in text.rstrip("\n").split("\n")) + "\n")
+        sys.stderr.flush()
+    except (BrokenPipeError, OSError):
+        pass
 
 
 def _console():
@@ -56,6 +73,13 @@ def handle_errors(fn):
             for p in exc.problems:
                 _err(p.format())
             raise typer.Exit(2) from None
+        except BrokenPipeError:  # `nnctl schema | head`: the reader left; not an error of ours
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except OSError:
+                pass
+            raise typer.Exit(0) from None
         except NnctlError as exc:
             _err(f"error: {' '.join(str(exc).split())}")
             raise typer.Exit(exc.exit_code) from None
@@ -114,20 +138,22 @@ def check(
     from . import config as C
     from .errors import ConfigError
 
-    cfg, doc = C.load(config, set_ or [])
+    doc = C.load_document(config, set_ or [])
+    structural = C.validate_all(doc)
+    if structural.problems:
+        # shown at once, before paying for import torch; the layer and shape problems follow
+        for p in structural.problems:
+            _err(p.format())
     from . import model as M
-    from . import train as T
 
-    problems = []
-    plan = None
-    try:
-        plan = M.plan(cfg, doc)
-    except ConfigError as exc:
-        problems += exc.problems
-    problems += T.validate(cfg, doc)
-    if problems:
-        raise ConfigError(problems)
-    warnings = M.lint(cfg, plan)
+    result = M.check(doc)
+    if result.problems:
+        shown = {p.format() for p in structural.problems}
+        rest = [p for p in result.problems if p.format() not in shown]
+        if rest:
+            raise ConfigError(rest)
+        raise typer.Exit(2)
+    cfg, plan, warnings = result.cfg, result.plan, result.warnings
     _warn(warnings)
     if strict and warnings:
         raise typer.Exit(2)
@@ -139,12 +165,15 @@ def check(
 
 # --- summary ---------------------------------------------------------------------------
 
-def _load_source(source: str, overrides: list[str], which: str = "last"):
+def _load_source(source: str, overrides: list[str], which: str = "best"):
     """A config or a checkpoint (or run folder) -> (cfg, doc, model, plan, checkpoint state or None)."""
     from pathlib import Path
 
     from . import config as C
+    from .errors import UsageError
 
+    if which not in ("best", "last"):
+        raise UsageError(f"--which must be best or last, not {which!r}")
     p = Path(source)
     if p.is_dir() or p.suffix in (".pt", ".pth", ".ckpt"):
         from . import checkpoint as K
@@ -187,7 +216,7 @@ def summary(
     source: str = typer.Argument(..., help="A config, a checkpoint, or a run folder."),
     depth: int = typer.Option(1, "--depth", "-d", min=0, help="Levels of nested blocks to open (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
-    which: str = typer.Option("last", "--which", help="For a run folder: best or last."),
+    which: str = typer.Option("best", "--which", help="For a run folder: best (default) or last."),
     set_: Optional[list[str]] = SetOpt,
 ):
     """Per-layer table: output shapes, parameters, trainable/frozen, MACs; totals."""
@@ -277,8 +306,9 @@ def schema(
 
     text = json.dumps(json_schema(), indent=2)
     if output:
-        with open(output, "w") as fh:
-            fh.write(text + "\n")
+        from .files import atomic_write  # refuses a folder, a device or a FIFO as the target
+
+        atomic_write(output, lambda fh: fh.write((text + "\n").encode()))
     else:
         print(text)
 
@@ -361,18 +391,6 @@ def _epoch_line(row: dict, epochs: int, best: bool = False) -> str:
     return "  ".join(parts)
 
 
-def _config_diff(a, b, prefix=()) -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _config_diff(a.get(k), b.get(k), prefix + (str(k),))
-        return out
-    return [] if a == b else [".".join(prefix)]
-
-
-RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download"}
-
-
 @app.command()
 @handle_errors
 def train(
@@ -401,12 +419,8 @@ def train(
                                                                      "they resume from the last checkpoint."),
 ):
     """Build, train, validate and checkpoint a model."""
-    from .errors import UsageError
+    from . import run as R
 
-    if resume and init:
-        raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
-    if config is None and not resume:
-        raise UsageError("give a CONFIG to train, or --resume RUN_FOLDER_OR_CHECKPOINT")
     if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:
         forwarded = _forwarded_train_args(config, device, epochs, seed, set_ or [], out, resume, init, partial, force)
         return _launch(config, forwarded, out, resume, set_ or [], nproc_per_node, nnodes, node_rank,
@@ -415,8 +429,19 @@ def train(
 
     dist = T.dist_from_env()
     _stop_on_sigterm()
+    con = _console()
+    fancy = con.is_terminal and dist.main
+    progress = _Progress(con, fancy)
+    if not dist.main:
+        say = lambda text: None  # noqa: E731
+    elif fancy:
+        say = lambda text: con.print(text, markup=False, highlight=False)  # noqa: E731
+    else:
+        say = lambda text: print(text, flush=True)  # noqa: E731
     try:
-        _train_worker(config, device, epochs, seed, set_ or [], out, resume, init, partial, force, dist)
+        result = R.train(config, overrides=set_ or [], out=out, resume=resume, init=init, partial=partial,
+                         force=force, epochs=epochs, seed=seed, device=device, on_event=progress,
+                         on_message=lambda text: say(_clean(text)), dist=dist)
     except RuntimeError as exc:
         import torch.distributed as tdist
 
@@ -427,8 +452,11 @@ def train(
                              f"({' '.join(str(exc).split())[:160]})") from None
         raise
     finally:
+        progress.close()
         if dist.enabled:
             T.close_distributed()
+    if dist.main:
+        _final_table(con, result)
 
 
 def _stop_on_sigterm() -> None:
@@ -466,17 +494,41 @@ def _launch(config, forwarded, out, resume, overrides, nproc, nnodes, node_rank,
             max_restarts) -> None:
     """Start the workers through torch.distributed.run (the engine behind torchrun)."""
     from . import config as C
-    from . import train as T
-    from .errors import NnctlError
+    from . import run as R
 
     if config is not None:
         C.load(config, overrides)  # config mistakes surface once, here, not in N workers
-    if resume is None and out is None:
-        # one run folder, chosen here, so that restarted workers find their checkpoint
-        cfg, _ = C.load(config, overrides)
-        out = str(T.new_run_dir(cfg.name))
-        forwarded = forwarded + ["--out", out]
+    # the launcher takes the run folder and its lock, and holds it for its workers (and their restarts)
+    source = R.resume_source(resume, out) if resume else None
+    if source is not None and source.continue_in is not None:
+        claim = R.claim_existing(source.continue_in)
+        out = str(source.continue_in)
+    else:
+        cfg, _ = C.load(config, overrides) if config is not None else (None, None)
+        if cfg is None:
+            from . import checkpoint as K
+
+            cfg, _ = C.from_dict(K.load(source.checkpoint)["config"], str(source.checkpoint))
+        claim = R.claim_new(cfg.name, out)
+        if out is None:
+            forwarded = forwarded + ["--out", str(claim.folder)]
+        out = str(claim.folder)
+    os.environ[R.LOCKED_ENV] = os.path.abspath(out)
+    try:
+        _run_torchrun(forwarded, out, nproc, nnodes, node_rank, endpoint, rdzv_id, max_restarts)
+    except BaseException:
+        if not (source is not None and source.continue_in is not None):
+            claim.abandon()
+        raise
+    finally:
+        claim.release()
+        os.environ.pop(R.LOCKED_ENV, None)
+
+
+def _run_torchrun(forwarded, out, nproc, nnodes, node_rank, endpoint, rdzv_id, max_restarts) -> None:
     from torch.distributed import run as torchrun
+
+    from .errors import NnctlError
 
     args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts)]
     if endpoint:
@@ -496,161 +548,13 @@ def _launch(config, forwarded, out, resume, overrides, nproc, nnodes, node_rank,
                          + (f"; the last checkpoint is in {out}" if out else "")) from None
 
 
-def _train_worker(config, device, epochs, seed, overrides, out, resume, init, partial, force, dist) -> None:
-    from pathlib import Path
-
-    from . import config as C
-    from .errors import ConfigError, UsageError
-
-    overrides = list(overrides)
-    if epochs is not None:
-        overrides.append(f"train.epochs={epochs}")
-    if seed is not None:
-        overrides.append(f"seed={seed}")
-    if device is not None:
-        overrides.append(f"train.device={device}")
-    if config is not None:
-        cfg, doc = C.load(config, overrides)  # config mistakes surface before torch is imported
-    # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
-    if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-            and (Path(out) / "last.pt").exists()):
-        resume, init = out, None
-
-    from . import checkpoint as K
-    from . import data as D
-    from . import freeze as F
-    from . import model as M
-    from . import train as T
-
-    state = None
-    run_dir = None
-    if resume:
-        ckpt_path = K.resolve(resume, "last")
-        state = K.load(ckpt_path)
-        saved, saved_doc = C.from_dict(state["config"], str(ckpt_path))
-        if config is None:
-            if overrides:
-                C.apply_overrides(saved_doc, overrides)
-            cfg, doc = C.validate(saved_doc), saved_doc
-        diff = [k for k in _config_diff(C.resolved(saved), C.resolved(cfg)) if k not in RESUME_MAY_CHANGE]
-        if diff and not force:
-            raise UsageError(f"the config differs from the checkpoint's in {', '.join(diff[:8])}"
-                             f"{' ...' if len(diff) > 8 else ''}; resuming would not continue the same run "
-                             "(use --force to resume anyway, or start a new run)")
-        if state.get("epoch", 0) >= cfg.train.epochs and not state.get("step_in_epoch"):
-            raise UsageError(f"{ckpt_path}: the run already finished {state['epoch']} of {cfg.train.epochs} "
-                             "epochs; pass --epochs N with a larger N to train further")
-        run_dir = Path(ckpt_path).parent
-    problems = T.validate(cfg, doc)
-    model, plan = M.build(cfg, doc)
-    if problems:
-        raise ConfigError(problems)
-    if dist.main:
-        _warn(M.lint(cfg, plan))
-        if cfg.train.loss == "l2":
-            _err(f"note: {T.L2_NOTE}")
-
-    dev = T.select_device(cfg.train.device)
-    if dist.enabled and dev.type == "cuda":
-        import torch
-
-        if dist.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {dist.local_rank} has no GPU: this machine has "
-                             f"{torch.cuda.device_count()}; use --nproc-per-node {torch.cuda.device_count()}")
-        dev = torch.device("cuda", dist.local_rank)
-    T.init_distributed(dist, dev)
-    freeze_plan = None
-    init_report = None
-    if state is not None:
-        freeze_plan = state.get("freeze")
-        if freeze_plan:
-            F.apply(model, freeze_plan)
-    else:
-        if init:
-            init_report, freeze_plan = F.init_from(model, plan, init, partial=partial)
-        if cfg.freeze is not None:
-            freeze_plan = F.plan_from_config(model, cfg.freeze)
-        if freeze_plan:
-            F.apply(model, freeze_plan)
-        if dist.main:
-            run_dir = T.new_run_dir(cfg.name, out)
-        if dist.enabled:
-            import torch
-
-            run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
-            if not dist.main:  # dropout and noise: a stream of its own per rank
-                torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
-
-    data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size)
-    con = _console()
-    fancy = con.is_terminal and dist.main
-    say = (con.print if fancy else (lambda *a, **k: print(*a, flush=True))) if dist.main else (lambda *a, **k: None)
-    threads = f", {torch_threads()} CPU threads" if dev.type == "cpu" else ""
-    say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
-                                     f"{'nccl' if dev.type == 'cuda' else 'gloo'})" if dist.enabled else ""))
-    say(f"run: {run_dir}" + (f" (resuming from epoch {state['epoch']}"
-                             f"{', step ' + str(state['step_in_epoch']) if state.get('step_in_epoch') else ''})"
-                             if state else ""))
-    say(f"data: {data.description}")
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model: {n_params:,} parameters ({n_train:,} trainable)")
-    if init_report:
-        say(init_report)
-
-    import contextlib
-
-    import yaml
-
-    lock = T.RunLock(run_dir) if dist.main else contextlib.nullcontext()
-    with lock:
-        if state is None and dist.main:
-            K.atomic_write(run_dir / "config.yaml",
-                           lambda fh: fh.write(yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()))
-        progress = _Progress(con, fancy)
-        try:
-            result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=progress,
-                           freeze_plan=freeze_plan, dist=dist)
-        except T.Interrupted:
-            progress.close()
-            if dist.main:
-                _plot_quietly(run_dir, cfg.name)
-            raise
-        finally:
-            progress.close()
-        plot = _plot_quietly(run_dir, cfg.name) if dist.main else None
-    if dist.main:
-        _final_table(con, cfg, result, run_dir, plot)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _plot_quietly(run_dir, name: str) -> str | None:
-    import csv
-
-    from . import train as T
-
-    path = run_dir / "metrics.csv"
-    if not path.exists():
-        return None
-    with open(path) as fh:
-        rows = [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v != ""}
-                for r in csv.DictReader(fh)]
-    try:
-        return T.plot_curves(run_dir, rows, name)
-    except OSError as exc:
-        _err(f"warning: could not write the learning-curve plot: {exc}")
-        return None
-
-
-def _final_table(con, cfg, result, run_dir, plot) -> None:
+def _final_table(con, run) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{cfg.name}: {result.epochs_run} epochs in {result.seconds:.1f}s"
+    result, run_dir, plot = run.fit, run.run_dir, run.plot
+    name = run_dir.name
+    epochs = f"{result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'}"
+    table = Table(title=f"{name}: {epochs} in {result.seconds:.1f}s"
                         + (" (stopped early)" if result.stopped_early else ""), title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -716,10 +620,13 @@ def freeze(
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if output:
-        payload = {"kind": "freeze", "config": C.resolved(cfg), "model": model.state_dict(), "freeze": fplan,
-                   "epoch": 0, "step_in_epoch": 0, "global_step": 0, "input_shape": list(cfg.model.input_shape),
-                   "source": os.path.basename(source)}
-        K.save(output, payload)
+        payload = K.make_payload("freeze", C.resolved(cfg), model.state_dict(), freeze=fplan,
+                                 input_shape=list(cfg.model.input_shape), source=os.path.basename(source))
+        inputs = [source] + ([str(K.resolve(source, which))] if state is not None else [])
+        from .files import check_output
+
+        check_output(output, inputs, what="-o")
+        K.save(output, payload, inputs)
     if as_json:
         print(json.dumps({"children": rows, "total": total, "trainable": trainable, "frozen": total - trainable,
                           "plan": fplan, "output": output}, indent=2))
@@ -744,7 +651,8 @@ def export_weights(
     source: str = typer.Argument(..., help="A checkpoint or a run folder."),
     fmt: str = typer.Option("safetensors", "--format", "-f", help="safetensors | pt | npz | onnx"),
     which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: beside the checkpoint)."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: CKPT_FOLDER/export/"
+                                                                      "<best|last>.<format's suffix>)."),
 ):
     """Export a checkpoint's weights: safetensors (default, with metadata), pt, npz or onnx."""
     from pathlib import Path
@@ -762,8 +670,8 @@ def export_weights(
     from . import checkpoint as K
 
     ckpt_path = K.resolve(source, which)
-    out = output or str(Path(ckpt_path).with_suffix(E.SUFFIX[fmt]))
-    result = E.export(state, model, fmt, out, which, str(ckpt_path))
+    out = output or str(E.default_path(ckpt_path, fmt))
+    result = E.export(state, model, fmt, out, which, str(ckpt_path), inputs=[str(ckpt_path), source])
     for note in result.notes:
         _err(f"note: {note}")
     line = f"wrote {result.path} ({fmt}, {result.tensors} tensors, {_fmt_bytes(result.bytes)})"
@@ -804,10 +712,22 @@ def eval_(
     classification = cfg.train.loss in ("cross_entropy", "nll") and cfg.data.target == "label"
     result = T.evaluate(model, T.make_loss(cfg.train.loss), batches, classification)
     result = {"split": split, "samples": batches.num_samples, "epoch": state.get("epoch"), **result}
-    if as_json:
-        print(json.dumps(result, indent=2))
+    if as_json:  # strict JSON: a non-finite number is null, never NaN
+        print(json.dumps(_finite(result), indent=2, allow_nan=False))
     else:
         print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+
+
+def _finite(obj):
+    import math
+
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def main() -> None:

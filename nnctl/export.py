@@ -72,11 +72,36 @@ def metadata(state: dict, which: str, source: str) -> dict[str, str]:
     }
 
 
+def default_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """Where an export goes without -o: an ``export/`` folder beside the checkpoint, never over an input.
+
+    ``runs/x/best.pt`` -> ``runs/x/export/best.safetensors`` (``.pt``, ``.npz``, ``.onnx``).
+    """
+    ckpt = Path(checkpoint)
+    return ckpt.parent / "export" / (ckpt.stem + SUFFIX[fmt])
+
+
 def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str = "last",
-           source: str = "") -> ExportResult:
-    """Write the checkpoint's weights in one format. `model` (with the weights loaded) is needed for onnx."""
+           source: str = "", inputs: list | tuple = ()) -> ExportResult:
+    """Write the checkpoint's weights in one format. `model` (with the weights loaded) is needed for onnx.
+
+    The target is refused (exit 2) if it is one of ``inputs``, a file nnctl keeps in a run
+    folder, or anything but a regular file.
+    """
+    from .files import check_output
+
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    inputs = [i for i in (*inputs, source) if i]
+    check_output(out, inputs, what="-o")
+    out_path = Path(out)
+    if out_path.parent.name == "export" and not out_path.parent.exists():
+        try:
+            out_path.parent.mkdir(parents=False)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise NnctlError(f"could not create {out_path.parent}: {exc.strerror or exc}") from None
     weights, shared = plain_state(state["model"])
     meta = metadata(state, which, source)
     notes = [f"{a} shared storage with {b}: written as an independent copy" for a, b in shared]
@@ -87,9 +112,9 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
 
             meta["shared"] = json.dumps(shared)
             blob = save(weights, metadata=meta)
-            atomic_write(path, lambda fh: fh.write(blob))
+            atomic_write(path, lambda fh: fh.write(blob), inputs)
         elif fmt == "pt":
-            atomic_write(path, lambda fh: torch.save(weights, fh))
+            atomic_write(path, lambda fh: torch.save(weights, fh), inputs)
         elif fmt == "npz":
             import numpy as np
 
@@ -103,7 +128,7 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
                 arrays[key] = t.numpy()
             meta["dtypes"] = json.dumps(dtypes)
             arrays["__nnctl_meta__"] = np.array(json.dumps(meta))
-            atomic_write(path, lambda fh: np.savez(fh, **arrays))
+            atomic_write(path, lambda fh: np.savez(fh, **arrays), inputs)
         else:
             return _onnx(model, state, path, weights, shared)
     except OSError as exc:

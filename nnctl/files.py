@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import UsageError
+from .errors import NnctlError, UsageError
 
 # the files nnctl itself keeps in a run folder; no export or -o may replace them
 RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", ".lock", "status.json")
@@ -112,3 +112,147 @@ def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str =
         raise UsageError(f"{what} {p}: is a file nnctl keeps in the run folder {p.parent}; refused "
                          "(choose another -o)")
     return p
+
+
+# --- writing -----------------------------------------------------------------------
+
+class WriteError(NnctlError, OSError):
+    """A file could not be written (disk full, read-only folder, file-size limit): exit 1.
+
+    Both an NnctlError (the CLI prints one line, no traceback) and an OSError (callers
+    that catch OSError, such as the optional learning-curve plot, still do).
+    """
+
+    reason: str = ""  # the operating system's words, e.g. "No space left on device"
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
+
+
+class _Recording:
+    """A file object that remembers the OSError of a failed write (serialisers may hide it)."""
+
+    def __init__(self, fh):
+        self._fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            n = self._fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+        return n
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of earlier writes to path whose process is gone (killed mid-write)."""
+    prefix = f".{path.name}.tmp-"
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            try:
+                os.unlink(path.parent / name)
+            except OSError:
+                pass
+
+
+class deferred_signals:
+    """Hold SIGINT and SIGTERM until a write is complete, then deliver them (main thread only).
+
+    A second Ctrl-C while a checkpoint is written would otherwise break the write in the
+    middle of torch's zip writer. The signal is not lost: it is raised again on exit.
+    """
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self.pending: list[int] = []
+        self.old: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    self.old[sig] = signal.signal(sig, lambda signum, frame: self.pending.append(signum))
+                except (ValueError, OSError):
+                    pass
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+        for sig in dict.fromkeys(self.pending):
+            signal.raise_signal(sig)
+        return False
+
+
+def atomic_write(path: str | os.PathLike, write, inputs: tuple | list = ()) -> None:
+    """Call write(fileobj) on a temporary file beside path, then rename it into place.
+
+    A target that exists and is not a regular file (a device, a FIFO, a folder, a link) or
+    that is one of ``inputs`` is refused (UsageError) before anything is written. An I/O
+    failure removes the temporary file, leaves any previous file at path intact and raises
+    WriteError naming the file. SIGINT / SIGTERM are held until the file is in place.
+    Temporary files left by a writer killed mid-write are removed.
+    """
+    path = check_output(path, inputs, what="target", allow_run_files=True)
+    _remove_stale_temporaries(path)
+    with deferred_signals():
+        _atomic_write(path, write)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sink = None
+    try:
+        with open(tmp, "wb") as fh:
+            sink = _Recording(fh)
+            write(sink)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        # torch.save reports a failed write (disk full, EFBIG) as a RuntimeError about the zip
+        # writer's position; the OSError underneath is the real reason
+        cause = exc if isinstance(exc, OSError) else (sink.error if sink is not None else None)
+        if cause is not None and not isinstance(exc, WriteError) and not isinstance(exc, KeyboardInterrupt):
+            err = WriteError(cause.errno, f"could not write {path}: {cause.strerror or cause}")
+            err.reason = cause.strerror or str(cause)
+            raise err from None
+        raise
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
+        pass

@@ -1,0 +1,555 @@
+"""One training run: the run folder and its lock, resume / init / freeze decisions, config.yaml, restarts.
+
+The order is what makes it safe. The run folder is claimed (created with ``mkdir``, or
+locked) before anything is read or chosen: a new run's folder name is taken with an
+atomic ``mkdir`` and locked at once; a resumed run's folder is locked before its
+checkpoint is read. The lock is a ``flock`` on ``RUN/.lock``, so the kernel drops it when
+the process dies: there are no stale locks, whatever happens to the pid.
+
+Resume semantics (README, "Resuming"):
+
+- ``--resume RUN`` or ``--resume RUN/last.pt`` continues that run, in that folder;
+- any other checkpoint (``RUN/best.pt``, a ``frozen.pt`` from ``nnctl freeze -o``, a
+  copied file), or ``--resume RUN --out NEW``, starts a new run folder (``--out`` or
+  ``runs/<name>-N``) from that checkpoint's full training state; the source is only read.
+
+nnctl never writes into a folder it did not make: ``--out`` must be new, empty, or a run
+folder that holds no checkpoint (a run that stopped before its first one).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import CheckpointError, NnctlError, UsageError
+from .files import RUN_FILES, is_run_folder
+
+# config keys a resume may change without --force
+RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download"}
+LOCKED_ENV = "NNCTL_RUN_LOCKED"  # set by the distributed launcher, which holds the lock for its workers
+CHECKPOINTS = ("last.pt", "best.pt")
+
+
+# --- the lock ---------------------------------------------------------------------------
+
+class RunLock:
+    """One training process a run folder: an exclusive flock on RUN/.lock (dropped by the kernel at exit)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+            except IsADirectoryError:
+                raise UsageError(f"{self.path}: the run lock is a folder, not a file; nnctl never makes it so: "
+                                 "remove it (rmdir) if no nnctl process is using this run folder") from None
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise UsageError(f"{self.path}: the run lock is a symbolic link; refused (remove it)") from None
+                raise UsageError(f"cannot lock the run folder {self.folder}: {exc.strerror or exc}") from None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise UsageError(f"{self.path}: the run lock is not a regular file; refused (remove it)")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise UsageError(f"{self.folder}: another nnctl process{f' (pid {holder})' if holder else ''} is "
+                                 "training in this run folder; wait for it, or stop it first") from None
+            except OSError as exc:
+                os.close(fd)
+                raise UsageError(f"cannot lock the run folder {self.folder}: {exc.strerror or exc}") from None
+            try:  # the file we locked must still be the one at the path (a releaser may have unlinked it)
+                same = os.stat(self.path, follow_symlinks=False).st_ino == st.st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            self.fd = fd
+            return self
+        raise UsageError(f"{self.folder}: could not take the run lock")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still locked: a waiter re-checks the inode
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+        return False
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_locked(folder: str | os.PathLike) -> bool:
+    """True while a live process holds the folder's run lock."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(folder) / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+# --- run folders ----------------------------------------------------------------------------
+
+def has_checkpoint(folder: str | os.PathLike) -> bool:
+    return any((Path(folder) / f).exists() for f in CHECKPOINTS)
+
+
+def _reusable(folder: Path) -> str | None:
+    """None if nnctl may start a run in this existing folder (under its lock), else the reason."""
+    if has_checkpoint(folder):
+        return "already holds a run"
+    try:
+        names = [n for n in os.listdir(folder) if not n.startswith(".") or n == ".lock"]
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    foreign = [n for n in names if n not in RUN_FILES]
+    if foreign and not is_run_folder(folder):
+        return f"is not empty and is not an nnctl run folder (it holds {foreign[0]!r})"
+    if foreign:
+        return f"holds files nnctl did not write ({foreign[0]!r})"
+    return None
+
+
+def _clear_stale(folder: Path) -> None:
+    """The leftovers of a run that stopped before its first checkpoint (the folder is locked)."""
+    for name in ("config.yaml", "metrics.csv", "curves.png", "status.json"):
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _probe_writable(folder: Path) -> None:
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to the run folder {folder}: {exc.strerror or exc}") from None
+
+
+@dataclass
+class Claim:
+    """A run folder this process holds: its lock, and whether it made the folder."""
+
+    folder: Path
+    lock: RunLock | None
+    created: bool = False
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def abandon(self) -> None:
+        """A run that failed before its first checkpoint: leave nothing that blocks the next one."""
+        if not has_checkpoint(self.folder):
+            _clear_stale(self.folder)
+            if self.created:
+                if self.lock is not None:
+                    self.lock.release()
+                try:
+                    self.folder.rmdir()  # only if empty: never removes a file nnctl did not make
+                except OSError:
+                    pass
+        self.release()
+
+
+def _lock(folder: Path) -> RunLock | None:
+    """Lock a folder, unless the distributed launcher that started this process holds its lock."""
+    held = os.environ.get(LOCKED_ENV)
+    if held and os.path.abspath(held) == os.path.abspath(folder):
+        return None
+    return RunLock(folder).acquire()
+
+
+def claim_new(name: str, out: str | os.PathLike | None = None, base: str | os.PathLike = "runs") -> Claim:
+    """A fresh run folder, locked: --out as given, else the first free runs/<name>, runs/<name>-2, ...
+
+    A name is taken by an atomic mkdir, so two runs started at once never share a folder. An
+    existing folder is used only if it is locked by this process and holds no checkpoint and no
+    foreign file (a run that stopped before its first checkpoint, or an empty folder).
+    """
+    if out is not None:
+        p = Path(out)
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise UsageError(f"--out {p}: exists and is not a folder")
+        return _claim_one(p, explicit=True)
+    root = Path(base)
+    for i in range(1, 100_000):
+        p = root / (name if i == 1 else f"{name}-{i}")
+        try:
+            return _claim_one(p, explicit=False)
+        except _Taken:
+            continue
+    raise UsageError(f"{root}: no free run folder name for {name!r}")
+
+
+class _Taken(Exception):
+    pass
+
+
+def _claim_one(p: Path, explicit: bool) -> Claim:
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(p)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as exc:
+        raise UsageError(f"cannot create the run folder {p}: {exc.strerror or exc}") from None
+    if not created and (p.is_symlink() or not p.is_dir()):
+        if explicit:
+            raise UsageError(f"--out {p}: exists and is not a folder")
+        raise _Taken
+    try:
+        lock = _lock(p)
+    except UsageError:
+        if explicit:
+            raise
+        raise _Taken from None
+    claim = Claim(p, lock, created)
+    if not created:
+        reason = _reusable(p)
+        if reason is not None:
+            claim.release()
+            if explicit:
+                hint = (f"continue it with --resume {p}, or choose another --out" if has_checkpoint(p)
+                        else "choose another --out")
+                raise UsageError(f"--out {p}: {reason}; {hint}")
+            raise _Taken
+        _clear_stale(p)
+    try:
+        _probe_writable(p)
+    except UsageError:
+        claim.abandon()
+        raise
+    return claim
+
+
+def claim_existing(folder: str | os.PathLike) -> Claim:
+    """Lock a run folder to continue its run (before its checkpoint is read)."""
+    p = Path(folder)
+    return Claim(p, _lock(p), False)
+
+
+# --- resume --------------------------------------------------------------------------------
+
+@dataclass
+class ResumeSource:
+    """What --resume names: a checkpoint, and the run folder to continue in (None: a new folder)."""
+
+    checkpoint: Path
+    continue_in: Path | None
+
+
+def resume_source(resume: str | os.PathLike, out: str | os.PathLike | None) -> ResumeSource:
+    from . import checkpoint as K
+
+    p = Path(resume)
+    if p.is_dir():
+        folder = p
+        ckpt = folder / "last.pt"
+        if not ckpt.exists():
+            K.resolve(folder, "last")  # raises the message that leads somewhere (no checkpoint yet, or best only)
+    else:
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such checkpoint or run folder")
+        ckpt = p
+        folder = p.parent if (p.name == "last.pt" and is_run_folder(p.parent)) else None
+    if folder is not None and out is not None and os.path.abspath(out) != os.path.abspath(folder):
+        folder = None  # --resume RUN --out NEW: a new run from RUN's state; RUN is only read
+    return ResumeSource(ckpt, folder)
+
+
+def config_diff(a: Any, b: Any, prefix: tuple = ()) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += config_diff(a.get(k), b.get(k), prefix + (str(k),))
+        return out
+    return [] if a == b else [".".join(prefix)]
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """What nnctl.train returns: the run folder, the fit result and the learning-curve plot."""
+
+    run_dir: Path
+    fit: Any
+    plot: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def history(self) -> list[dict]:
+        return self.fit.history
+
+    @property
+    def best(self) -> dict:
+        return self.fit.best
+
+
+def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: str | None = None,
+          resume: str | None = None, init: str | None = None, partial: bool = False, force: bool = False,
+          epochs: int | None = None, seed: int | None = None, device: str | None = None,
+          on_event: Callable | None = None, on_message: Callable[[str], None] | None = None,
+          dist=None) -> RunResult:
+    """Run one training: claim the run folder, resume or initialise, train, write checkpoints.
+
+    ``on_message`` receives the run's information lines (device, run folder, data, model,
+    notes); ``on_event`` the loop's progress events. Errors are nnctl's exception types.
+    """
+    from . import config as C
+
+    say = on_message or (lambda text: None)
+    if resume and init:
+        raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
+    if config is None and not resume:
+        raise UsageError("give a CONFIG to train, or --resume RUN_FOLDER_OR_CHECKPOINT")
+    if partial and not init:
+        raise UsageError("--partial applies to --init WEIGHTS; there is no --init here")
+    if force and not resume:
+        raise UsageError("--force applies to --resume; there is no --resume here")
+    overrides = list(overrides)
+    if epochs is not None:
+        overrides.append(f"train.epochs={epochs}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if device is not None:
+        overrides.append(f"train.device={device}")
+    cfg = doc = None
+    if config is not None:
+        cfg, doc = C.load(config, overrides)  # config mistakes surface before torch is imported
+    # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
+    if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+            and (Path(out) / "last.pt").exists()):
+        resume, init = out, None
+
+    from . import train as T
+
+    dist = dist or T.dist_from_env()
+    source = resume_source(resume, out) if resume else None
+    claim: Claim | None = None
+    if source is not None and source.continue_in is not None and dist.main:
+        claim = claim_existing(source.continue_in)  # locked before the checkpoint is read
+    try:
+        return _train_locked(cfg, doc, config, overrides, out, source, init, partial, force, on_event, say,
+                             dist, claim)
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+
+
+def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force, on_event, say, dist,
+                  claim: Claim | None) -> RunResult:
+    from . import checkpoint as K
+    from . import config as C
+    from . import data as D
+    from . import freeze as F
+    from . import model as M
+    from . import train as T
+    from .errors import ConfigError
+
+    state = None
+    if source is not None:
+        state = K.load(source.checkpoint)
+        saved, saved_doc = C.from_dict(state["config"], str(source.checkpoint))
+        if cfg is None:
+            if overrides:
+                C.apply_overrides(saved_doc, overrides)
+            cfg, doc = C.validate(saved_doc), saved_doc
+        diff = [k for k in config_diff(C.resolved(saved), C.resolved(cfg)) if k not in RESUME_MAY_CHANGE]
+        if diff and not force:
+            raise UsageError(f"the config differs from the checkpoint's in {', '.join(diff[:8])}"
+                             f"{' ...' if len(diff) > 8 else ''}; resuming would not continue the same run "
+                             "(use --force to resume anyway, or start a new run)")
+        if state.get("epoch", 0) >= cfg.train.epochs and not state.get("step_in_epoch"):
+            raise UsageError(f"{source.checkpoint}: the run already finished {state['epoch']} of "
+                             f"{cfg.train.epochs} epochs; pass --epochs N with a larger N to train further")
+    require = getattr(C, "require_data", None)
+    if require is not None:
+        require(cfg, doc)
+    problems = T.validate(cfg, doc)
+    model, plan = M.build(cfg, doc)
+    if problems:
+        raise ConfigError(problems)
+    notes: list[str] = []
+    if dist.main:
+        notes += [p.format().replace(": ", ": warning: ", 1) for p in M.lint(cfg, plan)]
+        if cfg.train.loss == "l2":
+            notes.append(f"note: {T.L2_NOTE}")
+    if state is not None:
+        missing, unexpected, wrong = F.compare(model, F.strip_prefixes(dict(state["model"])))
+        if missing or unexpected or wrong:
+            raise CheckpointError(f"{source.checkpoint} holds another model's weights: "
+                                  f"{F.mismatch_text(plan, missing, unexpected, wrong, 4)}")
+
+    dev = T.select_device(cfg.train.device)
+    if dist.enabled and dev.type == "cuda":
+        import torch
+
+        if dist.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"local rank {dist.local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; use --nproc-per-node {torch.cuda.device_count()}")
+        dev = torch.device("cuda", dist.local_rank)
+    if cfg.train.threads and dev.type == "cpu":
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
+    T.init_distributed(dist, dev)
+    freeze_plan = None
+    init_report = None
+    if state is not None:
+        freeze_plan = state.get("freeze")
+        if freeze_plan:
+            F.apply(model, freeze_plan)
+    else:
+        if init:
+            init_report, freeze_plan = F.init_from(model, plan, init, partial=partial)
+        if cfg.freeze is not None:
+            freeze_plan = F.plan_from_config(model, cfg.freeze)
+        if freeze_plan:
+            F.apply(model, freeze_plan)
+    if dist.enabled and not dist.main:  # dropout and noise: a stream of its own per rank
+        if state is None:
+            import torch
+
+            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+
+    continuing = source is not None and source.continue_in is not None
+    if continuing:
+        run_dir = source.continue_in
+    else:
+        run_dir = None
+        if dist.main:
+            claim = claim_new(cfg.name, out)
+            run_dir = claim.folder
+        if dist.enabled:
+            run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
+    try:
+        return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freeze_plan, init_report, notes,
+                    dev, dist, on_event, say)
+    except BaseException:
+        if claim is not None and not continuing:
+            claim.abandon()  # nothing was saved: the folder must not block or confuse the next run
+        raise
+
+
+def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_plan, init_report, notes, dev,
+         dist, on_event, say) -> RunResult:
+    import torch
+    import yaml
+
+    from . import checkpoint as K
+    from . import config as C
+    from . import data as D
+    from . import train as T
+    from .errors import ConfigError
+
+    data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size)
+    check = getattr(D, "check_targets", None)
+    if check is not None:
+        problems = check(cfg, doc, plan, data)
+        if problems:
+            raise ConfigError(problems)
+    if dist.main:
+        threads = f", {torch.get_num_threads()} CPU threads" if dev.type == "cpu" else ""
+        say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
+                                         f"{'nccl' if dev.type == 'cuda' else 'gloo'})" if dist.enabled else ""))
+        resumed = ""
+        if state is not None:
+            step = f", step {state['step_in_epoch']}" if state.get("step_in_epoch") else ""
+            what = "resuming" if continuing else "starting from"
+            resumed = f" ({what} {'epoch ' + str(state['epoch'])}{step}" + \
+                      ("" if continuing else f" of {state.get('source') or 'the checkpoint'}") + ")"
+        say(f"run: {run_dir}{resumed}")
+        say(f"data: {data.description}")
+        for note in getattr(data, "notes", None) or []:
+            say(f"note: {note}")
+        n_params = sum(p.numel() for p in model.parameters())
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        say(f"model: {n_params:,} parameters ({n_train:,} trainable)")
+        for note in notes:
+            say(note)
+        if init_report:
+            say(init_report)
+        if not continuing:
+            text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
+            K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text))
+    try:
+        result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=on_event,
+                       freeze_plan=freeze_plan, dist=dist)
+    except T.Interrupted:
+        if dist.main:
+            plot_quietly(run_dir, cfg.name)
+        raise
+    plot = plot_quietly(run_dir, cfg.name) if dist.main else None
+    if claim is not None:
+        claim.release()
+    return RunResult(run_dir, result, plot)
+
+
+def plot_quietly(run_dir: Path, name: str) -> str | None:
+    """curves.png from metrics.csv; a failure (disk full, a signal) never hides a finished run."""
+    import csv
+
+    from . import train as T
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return None
+    from . import checkpoint as K
+
+    try:
+        with K.deferred_signals(), open(path) as fh:
+            rows = [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v != ""}
+                    for r in csv.DictReader(fh)]
+            return T.plot_curves(run_dir, rows, name)
+    except (OSError, ValueError, NnctlError):
+        return None
