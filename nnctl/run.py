@@ -143,14 +143,16 @@ def _reusable(folder: Path) -> str | None:
     if has_checkpoint(folder):
         return "already holds a run"
     try:
-        names = [n for n in os.listdir(folder) if not n.startswith(".") or n == ".lock"]
+        names = [n for n in os.listdir(folder) if n != ".lock" and not n.startswith((".write-test-", "."))]
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
+    if not names:
+        return None
+    if not (folder / "config.yaml").is_file():
+        return f"is not empty and is not an nnctl run folder (it holds {sorted(names)[0]!r})"
     foreign = [n for n in names if n not in RUN_FILES]
-    if foreign and not is_run_folder(folder):
-        return f"is not empty and is not an nnctl run folder (it holds {foreign[0]!r})"
     if foreign:
-        return f"holds files nnctl did not write ({foreign[0]!r})"
+        return f"holds files nnctl did not write ({sorted(foreign)[0]!r})"
     return None
 
 

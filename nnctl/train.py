@@ -137,9 +137,12 @@ def _check_class_args(kind: str, registry: dict[str, type], spec: dict, path: tu
     return problems
 
 
-def validate(cfg: Config, doc: Document) -> list[Problem]:
-    """Problems in the train section that need torch to find (optimizer and scheduler classes)."""
-    t = cfg.train
+def validate(cfg: Config | Any, doc: Document) -> list[Problem]:
+    """Problems in the train section that need torch to find (optimizer and scheduler classes).
+
+    ``cfg`` is a whole config or its train section alone (``config.TrainSection``).
+    """
+    t = getattr(cfg, "train", cfg)
     problems = _check_class_args("optimizer", _optim_registry(), t.optimizer, ("train", "optimizer"), doc, ("params",))
     if t.scheduler:
         problems += _check_class_args("scheduler", _scheduler_registry(), t.scheduler, ("train", "scheduler"), doc,
@@ -448,7 +451,8 @@ def monitor_for(cfg: Config, has_val: bool) -> tuple[str, str]:
     """(metric, mode): val accuracy for classification, else val loss; train loss without validation."""
     if not has_val:
         return "train_loss", "min"
-    if cfg.train.loss in CLASSIFICATION_LOSSES and cfg.data.target == "label":
+    target = cfg.data.target if cfg.data is not None else "label"
+    if cfg.train.loss in CLASSIFICATION_LOSSES and target == "label":
         return "val_accuracy", "max"
     return "val_loss", "min"
 
@@ -673,96 +677,6 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                 break
     return FitResult(history, best, best_state, last_path, best_path, stopped_early,
                      len(history), time.perf_counter() - began, history[-1] if history else {})
-
-
-# --- run folders --------------------------------------------------------------------
-
-def new_run_dir(name: str, out: str | None = None, base: str = "runs"):
-    """A fresh run folder: --out as given (refused if it holds a run), else runs/<name>, runs/<name>-2, ..."""
-    import os
-    from pathlib import Path
-
-    def holds_run(p: Path) -> bool:
-        return p.exists() and any((p / f).exists() for f in ("last.pt", "best.pt", "config.yaml", "metrics.csv"))
-
-    if out:
-        p = Path(out)
-        if p.exists() and not p.is_dir():
-            raise UsageError(f"--out {p}: exists and is not a folder")
-        if holds_run(p):
-            raise UsageError(f"--out {p}: already holds a run; continue it with --resume {p}, "
-                             "or choose another --out")
-    else:
-        p = Path(base) / name
-        i = 2
-        while holds_run(p):
-            p = Path(base) / f"{name}-{i}"
-            i += 1
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write to the run folder {p}: {exc.strerror or exc}") from None
-    return p
-
-
-class RunLock:
-    """One training process a run folder: a lock file made with O_EXCL, holding the pid."""
-
-    def __init__(self, run_dir):
-        from pathlib import Path
-
-        self.path = Path(run_dir) / ".lock"
-        self.held = False
-
-    def __enter__(self):
-        import os
-
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid) and pid != os.getpid():
-                    raise UsageError(f"{self.path.parent}: another nnctl process (pid {pid}) is training in "
-                                     "this run folder") from None
-                try:  # stale lock of a dead process
-                    self.path.unlink()
-                except FileNotFoundError:
-                    pass
-                continue
-            except OSError as exc:
-                raise UsageError(f"cannot lock the run folder {self.path.parent}: {exc.strerror or exc}") from None
-            with os.fdopen(fd, "w") as fh:
-                fh.write(str(os.getpid()))
-            self.held = True
-            return self
-        raise UsageError(f"{self.path.parent}: could not take the run lock")
-
-    def __exit__(self, *exc):
-        if self.held:
-            try:
-                self.path.unlink()
-            except OSError:
-                pass
-        return False
-
-
-def _alive(pid: int) -> bool:
-    import os
-
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_metrics(run_dir, history: list[dict]) -> None:

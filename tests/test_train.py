@@ -283,14 +283,16 @@ K.save({str(target)!r}, {{"config": {{}}, "model": {{"w": torch.zeros(3)}}, "epo
 def test_two_runs_on_one_folder_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    other = ("from nnctl import train as T\ntry:\n    T.RunLock(%r).__enter__()\n    print('TOOK IT')\n"
+    other = ("from nnctl import run as R\ntry:\n    R.RunLock(%r).acquire()\n    print('TOOK IT')\n"
              "except Exception as e:\n    print(e)\n" % str(run))
-    with T.RunLock(run):
+    from nnctl import run as R
+
+    with R.RunLock(run):
         proc = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True)
         assert "another nnctl process" in proc.stdout, proc.stdout + proc.stderr
     assert not (run / ".lock").exists()
     (run / ".lock").write_text("999999999")  # a stale lock of a dead process is taken over
-    with T.RunLock(run):
+    with R.RunLock(run):
         pass
 
 
