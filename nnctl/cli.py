@@ -445,7 +445,9 @@ def train(
     except RuntimeError as exc:
         import torch.distributed as tdist
 
-        if dist.enabled and isinstance(exc, getattr(tdist, "DistBackendError", RuntimeError)):
+        text = str(exc)
+        if dist.enabled and (isinstance(exc, getattr(tdist, "DistBackendError", RuntimeError))
+                             or any(w in text for w in ("gloo", "NCCL", "Connection reset", "Connection closed"))):
             from .errors import NnctlError
 
             raise NnctlError(f"rank {dist.rank}: lost contact with another process of the run "
@@ -552,7 +554,7 @@ def _final_table(con, run) -> None:
     from rich.table import Table
 
     result, run_dir, plot = run.fit, run.run_dir, run.plot
-    name = run_dir.name
+    name = run.name or run_dir.name
     epochs = f"{result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'}"
     table = Table(title=f"{name}: {epochs} in {result.seconds:.1f}s"
                         + (" (stopped early)" if result.stopped_early else ""), title_justify="left")

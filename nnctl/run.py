@@ -326,6 +326,7 @@ class RunResult:
     fit: Any
     plot: str | None = None
     notes: list[str] = field(default_factory=list)
+    name: str = ""
 
     @property
     def history(self) -> list[dict]:
@@ -476,7 +477,7 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
             run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
     try:
         return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freeze_plan, init_report, notes,
-                    dev, dist, on_event, say)
+                    dev, dist, on_event, say, str(source.checkpoint) if source is not None else "")
     except BaseException:
         if claim is not None and not continuing:
             claim.abandon()  # nothing was saved: the folder must not block or confuse the next run
@@ -484,7 +485,7 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
 
 
 def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_plan, init_report, notes, dev,
-         dist, on_event, say) -> RunResult:
+         dist, on_event, say, source_name: str = "") -> RunResult:
     import torch
     import yaml
 
@@ -507,9 +508,9 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_
         resumed = ""
         if state is not None:
             step = f", step {state['step_in_epoch']}" if state.get("step_in_epoch") else ""
-            what = "resuming" if continuing else "starting from"
-            resumed = f" ({what} {'epoch ' + str(state['epoch'])}{step}" + \
-                      ("" if continuing else f" of {state.get('source') or 'the checkpoint'}") + ")"
+            what = "resuming from" if continuing else "a new run from"
+            resumed = f" ({what} epoch {state['epoch']}{step}" + \
+                      ("" if continuing else f" of {source_name}") + ")"
         say(f"run: {run_dir}{resumed}")
         say(f"data: {data.description}")
         for note in getattr(data, "notes", None) or []:
@@ -534,7 +535,7 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_
     plot = plot_quietly(run_dir, cfg.name) if dist.main else None
     if claim is not None:
         claim.release()
-    return RunResult(run_dir, result, plot)
+    return RunResult(run_dir, result, plot, name=cfg.name)
 
 
 def plot_quietly(run_dir: Path, name: str) -> str | None:
