@@ -167,35 +167,10 @@ def check(
 
 def _load_source(source: str, overrides: list[str], which: str = "best"):
     """A config or a checkpoint (or run folder) -> (cfg, doc, model, plan, checkpoint state or None)."""
-    from pathlib import Path
+    from . import api
 
-    from . import config as C
-    from .errors import UsageError
-
-    if which not in ("best", "last"):
-        raise UsageError(f"--which must be best or last, not {which!r}")
-    p = Path(source)
-    if p.is_dir() or p.suffix in (".pt", ".pth", ".ckpt"):
-        from . import checkpoint as K
-        from . import freeze as F
-        from . import model as M
-
-        path = K.resolve(p, which)
-        state = K.load(path)
-        cfg, doc = C.from_dict(state["config"], str(path))
-        model, plan = M.build(cfg, doc)
-        F.load_weights(model, plan, state["model"], str(path))
-        if state.get("freeze"):
-            F.apply(model, state["freeze"])
-        return cfg, doc, model, plan, state
-    cfg, doc = C.load(source, overrides)
-    from . import freeze as F
-    from . import model as M
-
-    model, plan = M.build(cfg, doc)
-    if cfg.freeze is not None:
-        F.apply(model, F.plan_from_config(model, cfg.freeze))
-    return cfg, doc, model, plan, None
+    src = api.open_source(source, overrides, which)
+    return src.cfg, src.doc, src.model, src.plan, src.state
 
 
 def _fmt_int(n: int) -> str:
@@ -655,25 +630,14 @@ def export_weights(
     which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output file (default: CKPT_FOLDER/export/"
                                                                       "<best|last>.<format's suffix>)."),
+    with_preprocess: bool = typer.Option(False, "--with-preprocess", help="onnx: fold the recorded scaling and "
+                                                                          "normalisation into the graph, so it "
+                                                                          "takes raw pixels."),
 ):
     """Export a checkpoint's weights: safetensors (default, with metadata), pt, npz or onnx."""
-    from pathlib import Path
+    from . import api
 
-    from . import export as E
-    from .errors import UsageError
-
-    if which not in ("best", "last"):
-        raise UsageError("--which must be best or last")
-    if fmt not in E.FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(E.FORMATS)}")
-    cfg, doc, model, plan, state = _load_source(source, [], which)
-    if state is None:
-        raise UsageError(f"{source}: export-weights needs a checkpoint or a run folder, not a config")
-    from . import checkpoint as K
-
-    ckpt_path = K.resolve(source, which)
-    out = output or str(E.default_path(ckpt_path, fmt))
-    result = E.export(state, model, fmt, out, which, str(ckpt_path), inputs=[str(ckpt_path), source])
+    result = api.export(source, fmt, output, which=which, with_preprocess=with_preprocess)
     for note in result.notes:
         _err(f"note: {note}")
     line = f"wrote {result.path} ({fmt}, {result.tensors} tensors, {_fmt_bytes(result.bytes)})"
@@ -687,37 +651,176 @@ def export_weights(
 @app.command("eval")
 @handle_errors
 def eval_(
-    source: str = typer.Argument(..., help="A checkpoint or run folder."),
+    source: str = typer.Argument(..., help="A checkpoint or run folder (or a config, with --init)."),
     which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
-    split: str = typer.Option("val", "--split", help="val (the run's validation split) or train."),
+    split: Optional[str] = typer.Option(None, "--split", help="val (default), train, test (the dataset's own "
+                                                              "test split) or all (default with --data)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Score on other data: a YAML file with a data: "
+                                                            "section; the recorded preprocessing applies."),
+    set_: Optional[list[str]] = SetOpt,
+    init: Optional[str] = typer.Option(None, "--init", help="With a config: evaluate these weights, untrained."),
+    partial: bool = typer.Option(False, "--partial", help="With --init: load the keys that fit."),
+    confusion: bool = typer.Option(False, "--confusion", help="Write a confusion-matrix PNG and print "
+                                                              "per-class precision and recall."),
+    confusion_out: Optional[str] = typer.Option(None, "--confusion-out", help="Where the PNG goes (default: "
+                                                                              "RUN/eval/confusion-SPLIT.png)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N | mps"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """The metrics of a checkpoint on a split of its data."""
-    from . import data as D
-    from . import train as T
+    """The metrics of a checkpoint on a split of its data, or on other data."""
+    from . import evaluation as V
+
+    if partial and not init:
+        from .errors import UsageError
+
+        raise UsageError("--partial applies to --init WEIGHTS; there is no --init here")
+    result = V.evaluate(source, which=which, split=split, data=data, overrides=set_ or [], init=init,
+                        partial=partial, device=device, confusion=confusion, confusion_path=confusion_out)
+    for note in result.notes:
+        _err(f"note: {note}")
+    if as_json:  # strict JSON: a non-finite number is null, never NaN
+        print(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
+        return
+    head = {"split": result.split, "samples": result.samples, "epoch": result.epoch, **result.metrics}
+    print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.items()))
+    if result.per_class:
+        from rich.table import Table
+
+        table = Table(title=f"per class ({result.split})", title_justify="left")
+        for col, j in (("#", "right"), ("class", "left"), ("precision", "right"), ("recall", "right"),
+                       ("support", "right")):
+            table.add_column(col, justify=j)
+        for r in result.per_class:
+            table.add_row(str(r["class"]), _clean(r["name"]), "-" if r["precision"] is None else f"{r['precision']:.4f}",
+                          "-" if r["recall"] is None else f"{r['recall']:.4f}", f"{r['support']:,}")
+        _console().print(table)
+    if result.confusion_png:
+        print(f"wrote {result.confusion_png}")
+
+
+# --- predict ---------------------------------------------------------------------------
+
+@app.command()
+@handle_errors
+def predict(
+    source: str = typer.Argument(..., help="A run folder or a checkpoint."),
+    inputs: list[str] = typer.Argument(..., help="Image files, folders of them, or tensors files "
+                                                 "(.pt, .npz, .safetensors: key x)."),
+    which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
+    top_k: int = typer.Option(1, "--top-k", "-k", min=1, help="Classes to show for each input."),
+    fmt: str = typer.Option("table", "--format", help="table | csv | jsonl"),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Write the results to this file "
+                                                                     "(atomically) instead of stdout."),
+    glob: Optional[str] = typer.Option(None, "--glob", help="In folders: only files matching this pattern, "
+                                                            "e.g. '*.png'."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Inputs a forward pass."),
+    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda | cuda:N | mps"),
+):
+    """Run a trained model on new inputs with its recorded preprocessing; exit 1 if any input failed."""
+    from . import api
     from .errors import UsageError
 
-    if which not in ("best", "last"):
-        raise UsageError("--which must be best or last")
-    if split not in ("val", "train"):
-        raise UsageError("--split must be val or train")
-    cfg, doc, model, plan, state = _load_source(source, [], which)
-    if state is None:
-        raise UsageError(f"{source}: eval needs a checkpoint or a run folder, not a config")
-    dev = T.select_device(device or cfg.train.device)
-    model.to(dev)
-    data = D.load_data(cfg, dev)
-    batches = data.val if split == "val" else data.train
-    if batches is None:
-        raise UsageError("this run has no validation split (val_fraction 0); use --split train")
-    classification = cfg.train.loss in ("cross_entropy", "nll") and cfg.data.target == "label"
-    result = T.evaluate(model, T.make_loss(cfg.train.loss), batches, classification)
-    result = {"split": split, "samples": batches.num_samples, "epoch": state.get("epoch"), **result}
-    if as_json:  # strict JSON: a non-finite number is null, never NaN
-        print(json.dumps(_finite(result), indent=2, allow_nan=False))
+    if fmt not in ("table", "csv", "jsonl"):
+        raise UsageError(f"--format must be table, csv or jsonl, not {fmt!r}")
+    if output:
+        from .files import check_output
+
+        check_output(output, [source, *inputs], what="-o")
+    con = _console()
+    bar = None
+    if con.is_terminal and sys.stderr.isatty():
+        from rich.progress import Progress
+
+        bar = Progress(console=_console_err(), transient=True)
+    if bar is not None:
+        bar.start()
+        task = bar.add_task("predicting", total=None)
+        on_progress = lambda done, total: bar.update(task, completed=done, total=total)  # noqa: E731
     else:
-        print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        on_progress = None
+    try:
+        preds = api.predict(source, inputs, which=which, device=device, batch_size=batch_size, top_k=top_k,
+                            glob=glob, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.stop()
+    for note in preds.notes:
+        _err(f"note: {note}")
+    text = _render_predictions(preds, fmt)
+    if output:
+        from .files import atomic_write
+
+        atomic_write(output, lambda fh: fh.write(text.encode()), [source, *inputs])
+        print(f"wrote {output} ({len(preds) - len(preds.failed)} predicted, {len(preds.failed)} failed)")
+    elif fmt == "table":
+        con.print(text, markup=False, highlight=False, end="")
+    else:
+        sys.stdout.write(text)
+    for row in preds.failed:
+        _err(f"error: {row.input}: {row.error}")
+    if preds.failed:
+        raise typer.Exit(1)
+
+
+def _console_err():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _render_predictions(preds, fmt: str) -> str:
+    import csv
+    import io
+
+    classification = preds.task == "classification"
+    if fmt == "jsonl":
+        return "".join(json.dumps(_finite(r.to_dict()), allow_nan=False) + "\n" for r in preds.rows)
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        if classification:
+            k = preds.top_k
+            w.writerow(["input"] + [f"{c}{i + 1}" for i in range(k) for c in ("class", "name", "probability")]
+                       + ["error"])
+            for r in preds.rows:
+                cells: list = [r.input]
+                for i in range(k):
+                    if r.classes is not None and i < len(r.classes):
+                        cells += [r.classes[i], r.names[i], f"{r.probabilities[i]:.6g}"]
+                    else:
+                        cells += ["", "", ""]
+                w.writerow(cells + [r.error or ""])
+        else:
+            w.writerow(["input", "values", "error"])
+            for r in preds.rows:
+                w.writerow([r.input, " ".join(f"{v:.6g}" for v in (r.values or [])), r.error or ""])
+        return buf.getvalue()
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(preds.rows) - len(preds.failed)} predicted, {len(preds.failed)} failed",
+                  title_justify="left")
+    table.add_column("input")
+    if classification:
+        table.add_column("class")
+        table.add_column("name")
+        table.add_column("probability", justify="right")
+        for r in preds.rows:
+            if r.error is not None:
+                table.add_row(_clean(r.input), "-", "-", f"error: {_clean(r.error)}")
+                continue
+            table.add_row(_clean(r.input), " ".join(map(str, r.classes)), ", ".join(_clean(n) for n in r.names),
+                          " ".join(f"{p:.4f}" for p in r.probabilities))
+    else:
+        table.add_column("values")
+        for r in preds.rows:
+            vals = "error: " + _clean(r.error) if r.error is not None else " ".join(f"{v:.4g}" for v in r.values[:12])
+            if r.values is not None and len(r.values) > 12:
+                vals += f" ... ({len(r.values)} values)"
+            table.add_row(_clean(r.input), vals)
+    buf = Console(file=io.StringIO(), width=int(os.environ.get("COLUMNS", 160)), force_terminal=False)
+    buf.print(table)
+    return buf.file.getvalue()
 
 
 def _finite(obj):

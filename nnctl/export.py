@@ -69,6 +69,8 @@ def metadata(state: dict, which: str, source: str) -> dict[str, str]:
         "source": os.path.basename(source),
         "which": which,
         "epoch": str(state.get("epoch")),
+        # the preprocessing record (nnctl.preprocess): what turns raw inputs into this model's inputs
+        "preprocessing": json.dumps(state.get("preprocessing")),
     }
 
 
@@ -82,7 +84,7 @@ def default_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
 
 
 def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str = "last",
-           source: str = "", inputs: list | tuple = ()) -> ExportResult:
+           source: str = "", inputs: list | tuple = (), with_preprocess: bool = False) -> ExportResult:
     """Write the checkpoint's weights in one format. `model` (with the weights loaded) is needed for onnx.
 
     The target is refused (exit 2) if it is one of ``inputs``, a file nnctl keeps in a run
@@ -90,6 +92,9 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
     """
     from .files import check_output
 
+    if with_preprocess and fmt != "onnx":
+        raise UsageError("--with-preprocess applies to --format onnx (the other formats hold weights only; "
+                         "their metadata carries the preprocessing record)")
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     inputs = [i for i in (*inputs, source) if i]
@@ -130,14 +135,31 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
             arrays["__nnctl_meta__"] = np.array(json.dumps(meta))
             atomic_write(path, lambda fh: np.savez(fh, **arrays), inputs)
         else:
-            return _onnx(model, state, path, weights, shared)
+            return _onnx(model, state, path, weights, shared, meta, with_preprocess)
     except OSError as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or exc
         raise NnctlError(f"could not write {path}: {reason}") from None
     return ExportResult(str(path), fmt, len(weights), path.stat().st_size, shared, None, notes)
 
 
-def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> ExportResult:
+class WithPreprocess(nn.Module):
+    """Raw values in (pixels 0..255, or the source's own uint8 scale), the model's output out."""
+
+    def __init__(self, model: nn.Module, scale: float, mean: list[float] | None, std: list[float] | None,
+                 ndim: int):
+        super().__init__()
+        self.model = model
+        self.scale = float(scale)
+        shape = (1, -1) + (1,) * (ndim - 1)
+        self.register_buffer("mean", torch.tensor(mean or [0.0]).reshape(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std or [1.0]).reshape(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.model((x.float() / self.scale - self.mean) / self.std)
+
+
+def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, meta: dict | None = None,
+          with_preprocess: bool = False) -> ExportResult:
     try:
         import onnxruntime as ort  # noqa: F401
         import onnx  # noqa: F401
@@ -149,6 +171,18 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> 
 
     model = model.float().eval().cpu()
     shape = tuple(state.get("input_shape") or state["config"]["model"]["input_shape"])
+    notes = []
+    if with_preprocess:
+        from .preprocess import Preprocessing
+
+        pre = Preprocessing.from_dict(state.get("preprocessing"))
+        if pre is None:
+            raise UsageError("--with-preprocess needs the checkpoint's preprocessing record, and this checkpoint "
+                             "was written before records existed; retrain, or export without it")
+        scale = pre.image_scale if pre.is_image else (pre.scale or 1.0)
+        model = WithPreprocess(model, scale, pre.mean, pre.std, len(shape)).eval()
+        notes.append(f"the graph takes raw values: divided by {scale:g}"
+                     + (", then normalised with the recorded mean/std" if pre.mean else ""))
     dummy = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
     import contextlib
     import io
@@ -170,6 +204,14 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> 
                                       dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
         except Exception as exc:
             raise NnctlError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
+        if meta:
+            import onnx
+
+            proto = onnx.load(str(onnx_file))
+            for key, value in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = f"nnctl.{key}", str(value)
+            onnx.save(proto, str(onnx_file))
         atomic_write(path, lambda fh: fh.write(onnx_file.read_bytes()))
     import onnxruntime as ort
 
@@ -179,4 +221,4 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared) -> 
         want = model(x).numpy()
     got = session.run(None, {"input": x.numpy()})[0]
     diff = float(np.max(np.abs(got - want))) if want.size else 0.0
-    return ExportResult(str(path), "onnx", len(weights), path.stat().st_size, shared, diff)
+    return ExportResult(str(path), "onnx", len(weights), path.stat().st_size, shared, diff, notes)
