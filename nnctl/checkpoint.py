@@ -114,6 +114,7 @@ FIELDS: dict[str, tuple[Any, tuple]] = {
     "partial": (None, (dict, type(None))),
     "input_shape": (None, (list, type(None))),
     "source": (None, (str, type(None))),
+    "preprocessing": (None, (dict, type(None))),  # nnctl.preprocess.Preprocessing.to_dict()
 }
 
 

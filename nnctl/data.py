@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import preprocess as P
 from .config import CLASSIFICATION_LOSSES, Config
 from .errors import NnctlError, UsageError
 
@@ -78,6 +79,7 @@ class _Store:
     files: list[str] | None = None  # image_folder, streamed
     image_mode: str = "RGB"
     image_size: tuple[int, int] | None = None  # (H, W) to resize to
+    class_names: list[str] | None = None  # index = class id (the preprocessing record's `classes`)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -112,7 +114,7 @@ def _digits() -> _Store:
         raise NnctlError(f"cannot read the built-in digits data ({ref}): {exc}; reinstall nnctl") from exc
     x = torch.from_numpy(table[:, :64].astype(np.uint8)).reshape(-1, 1, 8, 8)
     y = torch.from_numpy(table[:, 64].copy())
-    return _Store(y=y, sample_shape=(1, 8, 8), x=x, scale=16.0, num_classes=10)
+    return _Store(y=y, sample_shape=(1, 8, 8), x=x, scale=16.0, num_classes=10, class_names=list(P.DIGITS))
 
 
 _MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
@@ -144,7 +146,9 @@ def _mnist(cfg: Config, root: Path) -> _Store:
     (xtr, ytr), (xte, yte) = parts
     x = torch.cat([xtr, xte]).unsqueeze(1)
     y = torch.cat([ytr, yte])
-    return _Store(y=y, sample_shape=tuple(x.shape[1:]), x=x, scale=255.0, num_classes=10, test_start=len(xtr))
+    names = list(P.FASHION_MNIST) if source == "fashion_mnist" else list(P.DIGITS)
+    return _Store(y=y, sample_shape=tuple(x.shape[1:]), x=x, scale=255.0, num_classes=10, test_start=len(xtr),
+                  class_names=names)
 
 
 # CIFAR: our own reader with a restricted unpickler. Torchvision's checks md5 sums
@@ -238,7 +242,19 @@ def _cifar(cfg: Config, root: Path) -> _Store:
     y = torch.from_numpy(np.concatenate(ys))
     if len(y) and (y.min() < 0 or y.max() >= classes):
         raise UsageError(f"{base}: labels must be in [0, {classes}), found {int(y.min())}..{int(y.max())}")
-    return _Store(y=y, sample_shape=(3, 32, 32), x=x, scale=255.0, num_classes=classes, test_start=n_train)
+    return _Store(y=y, sample_shape=(3, 32, 32), x=x, scale=255.0, num_classes=classes, test_start=n_train,
+                  class_names=list(P.CIFAR10) if source == "cifar10" else _cifar100_names(base))
+
+
+def _cifar100_names(base: Path) -> list[str] | None:
+    """CIFAR-100's fine label names from its meta file (read with the same restricted unpickler)."""
+    try:
+        with open(base / "meta", "rb") as fh:
+            meta = _CifarUnpickler(fh, str(base / "meta")).load()
+        names = meta.get("fine_label_names") if isinstance(meta, dict) else None
+        return [str(n) for n in names] if isinstance(names, list) and len(names) == 100 else None
+    except Exception:  # no meta file, or a damaged one: names by index
+        return None
 
 
 def _decode_image(path: str, mode: str, size: tuple[int, int] | None) -> Tensor:
@@ -289,7 +305,7 @@ def _image_folder(cfg: Config) -> _Store:
         size = next(iter(sizes))
     channels = 1 if mode == "L" else 3
     return _Store(y=y, sample_shape=(channels, *size), scale=255.0, num_classes=len(folder.classes),
-                  files=files, image_mode=mode, image_size=size)
+                  files=files, image_mode=mode, image_size=size, class_names=list(folder.classes))
 
 
 def _decode_all(store: _Store, workers: int) -> None:
@@ -560,6 +576,7 @@ class DataBundle:
     std: list[float] | None
     description: str
     preloaded: bool
+    preprocessing: P.Preprocessing | None = None  # the record every checkpoint of this data carries
 
 
 # --- load_data -------------------------------------------------------------------------
@@ -658,9 +675,31 @@ def _map_labels(store: _Store, label_map: list[int], source: str) -> None:
                          "give one new class for each original class")
     store.y = torch.tensor(label_map, dtype=torch.int64)[store.y]
     store.num_classes = max(label_map) + 1
+    store.class_names = P.label_map_names(store.class_names, label_map)
 
 
-def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1) -> DataBundle:
+IMAGE_MODES = {"digits": "L", "mnist": "L", "fashion_mnist": "L", "cifar10": "RGB", "cifar100": "RGB"}
+
+
+def preprocessing_record(cfg: Config, store: _Store, task: str, mean, std) -> P.Preprocessing:
+    """What turns a raw input into this data's model input, and an output into an answer."""
+    source = cfg.data.source
+    shape = [int(v) for v in store.sample_shape]
+    mode = store.image_mode if source == "image_folder" else IMAGE_MODES.get(source)
+    resize = list(store.image_size) if store.image_size else (shape[1:3] if mode and len(shape) == 3 else None)
+    if cfg.data.target == "input":
+        task = "reconstruction"
+    return P.Preprocessing(task=task, source=source, input_shape=shape, color_mode=mode,
+                           resize=[int(v) for v in resize] if resize else None,
+                           scale=float(store.scale) if store.scale else None,
+                           mean=[float(v) for v in mean] if mean is not None else None,
+                           std=[float(v) for v in std] if std is not None else None,
+                           classes=list(store.class_names) if store.class_names and task == "classification"
+                           else None)
+
+
+def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1,
+              preprocessing: P.Preprocessing | None = None) -> DataBundle:
     """Read cfg.data and return the training (and validation) batches on ``device``.
 
     With ``world_size > 1`` each rank gets its own shard of every batch (see ``Batches``);
@@ -697,7 +736,10 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
                              f"train.loss is {t.loss}; use mse or l1, or integer labels in y")
 
     train_idx, val_idx = _split(cfg, store)
-    mean, std = _normalization(cfg, store, train_idx)
+    if preprocessing is not None:  # scoring other data as the model was trained: the recorded statistics
+        mean, std = preprocessing.mean, preprocessing.std
+    else:
+        mean, std = _normalization(cfg, store, train_idx)
     preload = _should_preload(cfg, store, device)
     if preload and store.x is None:
         _decode_all(store, d.num_workers)
@@ -724,5 +766,6 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
            f"samples, {how}"
     if world_size > 1:
         desc += f" (rank {rank} of {world_size})"
+    record = preprocessing_record(cfg, store, task, mean, std)
     return DataBundle(train=train, val=val, input_shape=tuple(shape), num_classes=num_classes, task=task,
-                      mean=mean, std=std, description=desc, preloaded=preload)
+                      mean=mean, std=std, description=desc, preloaded=preload, preprocessing=record)

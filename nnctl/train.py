@@ -599,6 +599,7 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             "freeze": freeze_plan,
             "partial": None if sums is None else sums.state(),
             "input_shape": list(cfg.model.input_shape),
+            "preprocessing": data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,
         }
 
     emit(Event("start", epochs=t.epochs, steps=steps, message=str(device)))
