@@ -217,14 +217,19 @@ def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", de
                      glob=glob, on_progress=on_progress)
 
 
-def evaluate(source: Any, *, which: str = "best", split: str = "val", data: Any = None,
+def evaluate(source: Any, *, which: str = "best", split: str | None = None, data: Any = None,
              overrides: Sequence[str] = (), init: str | None = None, partial: bool = False,
-             device: str | None = None, confusion: bool = False):
-    """Metrics of a checkpoint (or of a config with ``init`` weights) on a split of its data or other data."""
+             device: str | None = None, confusion: bool = False, confusion_path: str | None = None):
+    """Metrics of a checkpoint (or of a config with ``init`` weights) on a split of its data or other data.
+
+    ``split``: val, train, test (the dataset's own test split) or all (the default with ``data``).
+    ``data``: a YAML file with a ``data:`` section, or a dict; the recorded preprocessing applies.
+    ``confusion``: also the confusion matrix, per-class precision/recall and a PNG. Returns an EvalResult.
+    """
     from . import evaluation as E
 
     return E.evaluate(source, which=which, split=split, data=data, overrides=list(overrides), init=init,
-                      partial=partial, device=device, confusion=confusion)
+                      partial=partial, device=device, confusion=confusion, confusion_path=confusion_path)
 
 
 def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Sequence[str] = ()):

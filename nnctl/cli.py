@@ -668,13 +668,13 @@ def eval_(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """The metrics of a checkpoint on a split of its data, or on other data."""
-    from . import evaluation as V
+    from . import api
 
     if partial and not init:
         from .errors import UsageError
 
         raise UsageError("--partial applies to --init WEIGHTS; there is no --init here")
-    result = V.evaluate(source, which=which, split=split, data=data, overrides=set_ or [], init=init,
+    result = api.evaluate(source, which=which, split=split, data=data, overrides=set_ or [], init=init,
                         partial=partial, device=device, confusion=confusion, confusion_path=confusion_out)
     for note in result.notes:
         _err(f"note: {note}")
