@@ -242,7 +242,7 @@ def _claim_one(p: Path, explicit: bool) -> Claim:
     except FileExistsError:
         created = False
     except OSError as exc:
-        raise UsageError(f"cannot create the run folder {p}: {exc.strerror or exc}") from None
+        raise UsageError(f"cannot write to the run folder {p}: {exc.strerror or exc}") from None
     if not created and (p.is_symlink() or not p.is_dir()):
         if explicit:
             raise UsageError(f"--out {p}: exists and is not a folder")

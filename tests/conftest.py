@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,3 +64,69 @@ def cli():
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
+
+
+# --- shared by the reliability tests (tests/test_reliability_*.py) ---------------------
+
+HELPERS = Path(__file__).resolve().parent / "helpers"
+SENTINEL = "SENTINEL"  # the file a hostile payload would create, were it ever run
+
+
+def helper_command(name: str, *args: str) -> list[str]:
+    """The command line running tests/helpers/NAME.py by its absolute path: works from any working folder."""
+    return [sys.executable, str(HELPERS / f"{name}.py"), *args]
+
+
+def config_outcome(doc) -> tuple[str, list[str]]:
+    """Validate a loaded document as `nnctl check` does: ("ok", []) or ("refused", the problems as the
+    CLI prints them). Any other exception escapes. The caller asserts on the problems."""
+    from nnctl import config as C
+    from nnctl import model as M
+    from nnctl import train as T
+    from nnctl.errors import ConfigError, UsageError
+
+    try:
+        cfg = C.validate(doc)
+        M.plan(cfg, doc)
+        problems = T.validate(cfg, doc)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as exc:
+        return "refused", [p.format() for p in exc.problems]
+    except UsageError as exc:
+        return "refused", [" ".join(str(exc).split())]  # as the CLI's handle_errors prints it
+    return "ok", []
+
+
+def text_outcome(text: str, file: str = "c.yaml") -> tuple[str, list[str]]:
+    """config_outcome for YAML text: refused by the loader itself, or the loaded document's outcome."""
+    from nnctl import yamlio
+    from nnctl.errors import ConfigError
+
+    try:
+        doc = yamlio.load_text(text, file)
+    except ConfigError as exc:
+        return "refused", [p.format() for p in exc.problems]
+    return config_outcome(doc)
+
+
+def not_one_line(texts: list[str]) -> list[str]:
+    """The texts that are not exactly one non-empty line (the ones a test should complain about)."""
+    return [t for t in texts if "\n" in t or not t.strip()]
+
+
+def add_to_reliability_report(stats: Counter) -> None:
+    """Add a module's counts to the JSON file named by NNCTL_RELIABILITY_REPORT, if set: the figures
+    that docs/reliability.md quotes (configs tried, corruptions tried and caught, kills resumed)."""
+    target = os.environ.get("NNCTL_RELIABILITY_REPORT")
+    if not target:
+        return
+    old = {}
+    if os.path.exists(target):
+        try:
+            old = json.loads(Path(target).read_text())
+        except ValueError:
+            old = {}
+    for k, v in stats.items():
+        old[k] = old.get(k, 0) + v
+    Path(target).write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
