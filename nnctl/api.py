@@ -49,23 +49,25 @@ def load_config(config: Any, overrides: Sequence[str] = ()):
 def check(config: Any, overrides: Sequence[str] = ()) -> list:
     """Every problem of a config, in one pass (structure, layers, shapes, optimizer): [] when it is valid."""
     from . import config as C
+    from . import model as M
+    from .yamlio import Document, load_text
 
-    everything = getattr(C, "check_all", None)
     try:
-        if everything is not None and isinstance(config, (str, os.PathLike)) and os.path.exists(config):
-            return list(everything(os.fspath(config), list(overrides)))
-        cfg, doc = load_config(config, overrides)
-        from . import model as M
-        from . import train as T
+        if isinstance(config, dict):
+            import copy
 
-        problems = []
-        try:
-            M.plan(cfg, doc)
-        except ConfigError as exc:
-            problems += exc.problems
-        return problems + list(T.validate(cfg, doc))
+            doc = Document(copy.deepcopy(config), "<dict>")
+            if overrides:
+                C.apply_overrides(doc, list(overrides))
+        elif isinstance(config, str) and ("\n" in config or config.lstrip().startswith("{")):
+            doc = load_text(config, "<string>")
+            if overrides:
+                C.apply_overrides(doc, list(overrides))
+        else:
+            doc = C.load_document(os.fspath(config), list(overrides))
     except ConfigError as exc:
         return list(exc.problems)
+    return list(M.check(doc).problems)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -206,6 +208,50 @@ def train(config: Any = None, *, overrides: Sequence[str] = (), out: str | None 
     return R.train(None if config is None else os.fspath(config), overrides=list(overrides), out=out,
                    resume=resume, init=init, partial=partial, force=force, epochs=epochs, seed=seed,
                    device=device, on_event=on_event, on_message=on_message)
+
+
+@dataclass
+class Prepared:
+    """A config made ready to train in memory: its model, its data on the device (what bench and tests time)."""
+
+    cfg: Any
+    doc: Any
+    model: Any
+    plan: Any
+    data: Any
+    device: Any
+
+
+def prepare(config: Any, *, overrides: Sequence[str] = (), device: str | None = None) -> Prepared:
+    """Config -> model + data on the device, as ``nnctl.train`` would make them, without a run folder."""
+    from . import data as D
+    from . import model as M
+    from . import train as T
+
+    cfg, doc = load_config(config, overrides)
+    from . import config as C
+
+    C.require_data(cfg, doc, what="training")
+    problems = T.validate(cfg, doc)
+    if problems:
+        raise ConfigError(problems)
+    model, plan = M.build(cfg, doc)
+    dev = T.select_device(device or cfg.train.device)
+    return Prepared(cfg, doc, model, plan, D.load_data(cfg, dev), dev)
+
+
+def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_event=None):
+    """The training loop on prepared model and data. Without run_dir nothing is written (a FitResult)."""
+    import tempfile
+
+    from . import train as T
+
+    if run_dir is not None:
+        return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, run_dir,
+                     on_event=on_event)
+    with tempfile.TemporaryDirectory() as tmp:
+        return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, tmp,
+                     on_event=on_event, write_checkpoints=False)
 
 
 def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", device: str = "cpu",

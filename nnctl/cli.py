@@ -237,7 +237,8 @@ def layers(
     reg = L.registry()
     if name:
         if name not in reg:
-            raise UsageError(f"unknown layer type {name!r}{suggest(name, list(reg))}")
+            reason = L.refusal(name) if hasattr(L, "refusal") else None
+            raise UsageError(reason or f"unknown layer type {name!r}{suggest(name, list(reg))}")
         info = [L.describe(reg[name])]
     else:
         info = [L.describe(reg[n]) for n in sorted(reg)]

@@ -12,6 +12,7 @@ import copy
 import difflib
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -53,7 +54,18 @@ class ModelSection(_Section):
                                     description="one sample's shape, without the batch dimension, e.g. [1, 28, 28]")
     blocks: dict[str, Any] = Field(default_factory=dict,
                                    description="named layer entries (usually a Sequential or Residual) used as type names")
-    layers: list[Any] = Field(min_length=1, description="the children of the top-level nn.Sequential")
+    layers: list[Any] = Field(default_factory=list, description="the children of the top-level nn.Sequential "
+                                                                "(or torchvision: a torchvision model instead)")
+    torchvision: str | None = Field(None, description="a torchvision classification model by its builder name "
+                                                      "(torchvision.models.list_models()), e.g. resnet18, "
+                                                      "instead of layers")
+    weights: str | None = Field(None, description="torchvision: pretrained weights by name (IMAGENET1K_V1, "
+                                                  "DEFAULT, ResNet18_Weights.IMAGENET1K_V1), read from the local "
+                                                  "torch hub cache; null: random init")
+    args: dict[str, Any] = Field(default_factory=dict, description="torchvision: the builder's keyword arguments")
+    replace: dict[str, Any] = Field(default_factory=dict,
+                                    description="torchvision: child (dotted name) -> a layer entry that replaces "
+                                                "it, its input size inferred, e.g. {fc: {Linear: {out_features: 5}}}")
 
     @field_validator("input_shape")
     @classmethod
@@ -64,6 +76,28 @@ class ModelSection(_Section):
         if math.prod(v) > (1 << 28):
             raise ValueError(f"one sample of shape {v} has {math.prod(v):,} values, more than {1 << 28:,}; refused")
         return v
+
+    @model_validator(mode="after")
+    def _source(self) -> "ModelSection":
+        problems = []
+        if self.torchvision is None:
+            if not self.layers:
+                problems.append((("model", "layers"), "the model needs layers: a non-empty list of layers "
+                                                      "(or torchvision: a model name such as resnet18)"))
+            for key in ("weights", "args", "replace"):
+                if getattr(self, key):
+                    problems.append((("model", key), f"{key} applies to a torchvision model "
+                                                     "(model.torchvision: NAME); this model is written with layers"))
+        else:
+            if self.layers:
+                problems.append((("model", "layers"), "a model is written with layers or taken from torchvision, "
+                                                      "not both: remove layers or torchvision"))
+            if self.blocks:
+                problems.append((("model", "blocks"), "blocks apply to models written with layers, not to a "
+                                                      "torchvision model (use replace to change its children)"))
+        if problems:
+            raise _CrossProblems(problems)
+        return self
 
 
 class DataSection(_Section):
@@ -135,7 +169,8 @@ class TrainSection(_Section):
     epochs: int = Field(10, ge=1, le=1_000_000)
     batch_size: int = Field(64, ge=1, le=1 << 20)
     eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="default: 4 x batch_size")
-    loss: Literal[LOSSES] = Field(description="cross_entropy | nll | mse | l1 | l2 (= mse: PyTorch has no L2Loss)")
+    loss: Literal[LOSSES] = Field("cross_entropy",
+                                  description="cross_entropy (the default) | nll | mse | l1 | l2 (= mse: PyTorch has no L2Loss)")
     optimizer: Any = Field(default_factory=lambda: {"Adam": {"lr": 0.001}},
                            description="a torch.optim class with its arguments, e.g. {SGD: {lr: 0.1, momentum: 0.9}}")
     scheduler: Any = Field(None, description="a torch.optim.lr_scheduler class with its arguments")
@@ -174,17 +209,22 @@ class FreezeSection(_Section):
 
 class Config(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
-                      description="the run's name; runs go to runs/<name>/")
+                      description="the run's name; runs go to runs/<name>/ (default: the config file's name)")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     model: ModelSection
-    data: DataSection
-    train: TrainSection
+    data: DataSection | None = Field(None, description="what to train on; only train and eval need it "
+                                                       "(check, summary, layers, freeze need only model)")
+    train: TrainSection = Field(default_factory=TrainSection,
+                                description="how to train; every key has a default (Adam lr 1e-3, 10 epochs, "
+                                            "batch 64, cross_entropy)")
     freeze: FreezeSection | None = None
 
     @model_validator(mode="after")
     def _cross(self) -> "Config":
         problems = []
         d, t = self.data, self.train
+        if d is None:
+            return self
         if d.target == "input" and t.loss in CLASSIFICATION_LOSSES:
             problems.append((("train", "loss"), f"target: input reconstructs the input; use mse or l1, not {t.loss}"))
         if d.source == "tensors" and not d.path:
@@ -296,17 +336,29 @@ def _problem_from(err: dict, data: Any, doc: Document) -> Problem:
     return doc.problem(tuple(path), msg)
 
 
+def default_name(file: str) -> str:
+    """The run name of a config without ``name:``: its file name, made a valid name."""
+    import os
+
+    stem = os.path.splitext(os.path.basename(str(file)))[0]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("._-")[:100]
+    return name or "model"
+
+
 def validate(doc: Document) -> Config:
     """Validate the structure of a loaded document; raise ConfigError with every problem."""
     data = doc.data
     if data is None:
-        raise ConfigError([doc.problem((), "the document is empty: expected a mapping with 'name', 'model', "
-                                            "'data' and 'train'")])
+        raise ConfigError([doc.problem((), "the document is empty: expected a mapping with at least 'model' "
+                                            "(and 'data' and 'train' to train)")])
     if not isinstance(data, dict):
-        raise ConfigError([doc.problem((), f"a config must be a mapping with 'name', 'model', 'data' and 'train', "
-                                             f"not {type(data).__name__}")])
+        raise ConfigError([doc.problem((), f"a config must be a mapping with at least 'model' (and 'data' and "
+                                             f"'train' to train), not {type(data).__name__}")])
+    data = copy.deepcopy(data)
+    if "name" not in data:
+        data["name"] = default_name(doc.file)
     try:
-        return Config.model_validate(copy.deepcopy(data))
+        return Config.model_validate(data)
     except ValidationError as exc:
         problems: list[Problem] = []
         for err in exc.errors(include_url=False):
@@ -319,6 +371,103 @@ def validate(doc: Document) -> Config:
         unique = {(p.line, p.column, p.path, p.message): p for p in problems}
         ordered = sorted(unique.values(), key=lambda p: (p.line or 0, p.column or 0))
         raise ConfigError(ordered) from None
+
+
+def require_data(cfg: Config, doc: Document, what: str = "training") -> DataSection:
+    """The data section, or a located ConfigError saying that `what` needs one.
+
+    Only ``train`` and ``eval`` need data; ``check``, ``summary``, ``layers``, ``freeze``
+    and ``export-weights`` work on a config that has only ``model:``.
+    """
+    if cfg.data is None:
+        raise ConfigError([Problem(f"no data: section: {what} needs one; add for example "
+                                   "`data: {source: digits}`", "data", doc.file)])
+    return cfg.data
+
+
+@dataclass
+class Checked:
+    """Every structural problem of a document, and the sections that are valid on their own.
+
+    ``cfg`` is the whole validated config (None when anything is wrong); ``model`` and
+    ``train`` are those sections when they validate alone, so that the model can still be
+    planned (and its layer and shape problems reported) while another section is broken.
+    """
+
+    cfg: Config | None
+    model: ModelSection | None
+    train: TrainSection | Any | None  # with only optimizer and scheduler when the rest is broken
+    problems: list[Problem]
+
+
+def validate_all(doc: Document) -> Checked:
+    """Like :func:`validate`, but never raises: every problem, plus the sections that are valid."""
+    try:
+        cfg = validate(doc)
+        return Checked(cfg, cfg.model, cfg.train, [])
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    data = doc.data
+    sections: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, cls in (("model", ModelSection), ("train", TrainSection)):
+            value = data.get(key, {} if key == "train" else None)
+            if value is None:
+                continue
+            try:
+                sections[key] = cls.model_validate(copy.deepcopy(value))
+            except ValidationError:
+                if key == "train" and isinstance(value, dict):
+                    sections[key] = _classes_only(value)
+    return Checked(None, sections.get("model"), sections.get("train"), problems)
+
+
+def _classes_only(train: dict) -> Any:
+    """A broken train section's optimizer and scheduler, when those two are well formed.
+
+    Lets ``nnctl check`` check the optimizer's class and arguments while, say, ``epochs``
+    is wrong (each problem is then reported once, in the same pass).
+    """
+    from types import SimpleNamespace
+
+    try:
+        optimizer = TrainSection._optimizer(train.get("optimizer", {"Adam": {"lr": 0.001}}))
+        scheduler = TrainSection._scheduler(train.get("scheduler"))
+    except ValueError:
+        return None
+    return SimpleNamespace(optimizer=optimizer, scheduler=scheduler)
+
+
+# --- paths: relative to the config file's folder --------------------------------------
+
+# every path-valued key of the config
+PATH_KEYS: tuple[tuple[str, ...], ...] = (("data", "root"), ("data", "path"))
+
+
+def _resolve_path(value: Any, base: str) -> Any:
+    import os
+
+    if not isinstance(value, str) or not value.strip():
+        return value  # not a path: validation reports it
+    value = os.path.expanduser(value)
+    return os.path.normpath(os.path.join(base, value)) if not os.path.isabs(value) else value
+
+
+def resolve_paths(doc: Document, base: str, only_overridden: bool = False) -> None:
+    """Make the path-valued keys absolute: relative ones against ``base``, ``~`` expanded.
+
+    A config file's paths resolve against the file's folder; ``--set`` values against the
+    current directory (``only_overridden=True`` with base = the current directory).
+    """
+    data = doc.data
+    for keys in PATH_KEYS:
+        if only_overridden != any(keys[:i] in doc.overridden for i in range(1, len(keys) + 1)):
+            continue
+        cur = data
+        for k in keys[:-1]:
+            cur = cur.get(k) if isinstance(cur, dict) else None
+        if isinstance(cur, dict) and keys[-1] in cur:
+            cur[keys[-1]] = _resolve_path(cur[keys[-1]], base)
 
 
 # --- overrides: --set train.optimizer.Adam.lr=0.01 ---------------------------------
@@ -391,10 +540,24 @@ def apply_overrides(doc: Document, overrides: list[str]) -> None:
 
 def load(source: str, overrides: list[str] | None = None) -> tuple[Config, Document]:
     """Load, override and validate a config file. Raises ConfigError."""
+    doc = load_document(source, overrides)
+    return validate(doc), doc
+
+
+def load_document(source: str, overrides: list[str] | None = None) -> Document:
+    """Read a config file and apply overrides, with its paths resolved; not yet validated.
+
+    Paths in the file resolve against the file's folder; paths given with ``--set``
+    against the current directory.
+    """
+    import os
+
     doc = load_file(source)
+    resolve_paths(doc, os.path.dirname(os.path.abspath(source)))
     if overrides:
         apply_overrides(doc, overrides)
-    return validate(doc), doc
+        resolve_paths(doc, os.getcwd(), only_overridden=True)
+    return doc
 
 
 def from_dict(data: dict, file: str = "<checkpoint>") -> tuple[Config, Document]:

@@ -109,9 +109,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     if overrides and api.is_checkpoint_source(source):
         C.apply_overrides(doc, overrides)
         cfg = C.validate(doc)
-    require = getattr(C, "require_data", None)
-    if require is not None:
-        require(cfg, doc)
+    C.require_data(cfg, doc, what="evaluation")
     dev = T.select_device(device or cfg.train.device)
     model = src.model.to(dev).eval()
     bundle = D.load_data(cfg, dev, preprocessing=pre) if pre is not None else D.load_data(cfg, dev)

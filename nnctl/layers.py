@@ -23,17 +23,98 @@ INFERRED = ("in_channels", "in_features", "num_features")
 HIDDEN = frozenset({"device", "dtype"})  # factory kwargs: nnctl places the model itself
 
 
-@lru_cache(maxsize=1)
-def registry() -> dict[str, type[nn.Module]]:
-    """Every public torch.nn module class, by its exact name."""
+# torch.nn modules that cannot be one child of a Sequential: their forward returns a tuple,
+# or takes more than one tensor. Named in a config, they get this reason, located.
+TUPLE_OUTPUT = {
+    "RNN": "(output, h_n)",
+    "GRU": "(output, h_n)",
+    "LSTM": "(output, (h_n, c_n))",
+    "LSTMCell": "(h_1, c_1)",
+    "MultiheadAttention": "(attn_output, attn_weights)",
+    "AdaptiveLogSoftmaxWithLoss": "(output, loss)",
+}
+MULTI_INPUT = {
+    "Bilinear": "input1, input2",
+    "CosineSimilarity": "x1, x2",
+    "PairwiseDistance": "x1, x2",
+    "Transformer": "src, tgt",
+    "TransformerDecoder": "tgt, memory",
+    "TransformerDecoderLayer": "tgt, memory",
+}
+# containers and wrappers of other modules
+WRAPPERS = frozenset({"DataParallel"})
+
+
+def _public_classes() -> dict[str, type]:
     out = {}
     for name in dir(nn):
-        if name.startswith("_") or name in EXCLUDED:
+        if name.startswith("_"):
             continue
         obj = getattr(nn, name)
         if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__.startswith("torch.nn"):
             out[name] = obj
     return out
+
+
+def _is_loss(name: str, cls: type) -> bool:
+    return name.endswith("Loss") or issubclass(cls, nn.modules.loss._Loss)
+
+
+def _listable(cls: type) -> bool:
+    """Can the constructor's arguments be read from its signature?
+
+    A class that keeps nn.Module's own ``__init__`` takes no arguments (Tanh, Sigmoid);
+    ``Identity`` documents that it ignores any. Otherwise a constructor of only
+    ``*args, **kwargs`` (RNN, LSTM, GRU) hides its arguments: nnctl could not check them.
+    """
+    if cls.__init__ is nn.Module.__init__ or cls is nn.Identity:
+        return True
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return False
+    rest = list(sig.parameters.values())[1:]
+    return not rest or any(p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in rest)
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, type[nn.Module]]:
+    """Every torch.nn module class a config may name as a layer, by its exact name.
+
+    Left out: containers, losses (``*Loss``: a config names its loss in ``train.loss``),
+    modules that return a tuple or take several inputs, and classes whose arguments
+    cannot be read from their signature.
+    """
+    out = {}
+    for name, obj in _public_classes().items():
+        if (name in EXCLUDED or name in WRAPPERS or name in TUPLE_OUTPUT or name in MULTI_INPUT
+                or _is_loss(name, obj) or not _listable(obj)):
+            continue
+        out[name] = obj
+    return out
+
+
+def refusal(name: str) -> str | None:
+    """Why a torch.nn class that exists is not a layer nnctl accepts, or None."""
+    if name in TUPLE_OUTPUT:
+        return (f"{name} returns a tuple {TUPLE_OUTPUT[name]}; nnctl's layer lists need one tensor from each "
+                f"layer (each feeds the next, as in nn.Sequential): {name} is not supported")
+    if name in MULTI_INPUT:
+        return (f"{name} takes several inputs ({MULTI_INPUT[name]}); in nnctl's layer lists each layer takes "
+                f"the previous layer's one output: {name} is not supported")
+    cls = _public_classes().get(name)
+    if cls is None:
+        return None
+    if _is_loss(name, cls):
+        return (f"{name} is a loss, not a layer: name the loss in train.loss (cross_entropy, nll, mse, l1 or l2), "
+                "not in the model's layers")
+    if name in EXCLUDED or name in WRAPPERS:
+        return (f"unknown layer type {name!r}: {name} is not a layer but holds other modules; write nested "
+                "layers with Sequential: [...] or Residual: [...] instead")
+    if not _listable(cls):
+        return (f"{name}'s arguments cannot be read from its signature (it takes *args, **kwargs), so nnctl "
+                f"cannot check them: {name} is not supported")
+    return None
 
 
 @lru_cache(maxsize=None)

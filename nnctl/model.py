@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from . import layers as L
-from .config import CLASSIFICATION_LOSSES, Config, suggest
+from .config import CLASSIFICATION_LOSSES, Config, ModelSection, suggest
 from .errors import ConfigError, Problem
 from .yamlio import Document, format_path
 
@@ -34,26 +34,115 @@ SMALL_INPUT = 1 << 18  # values a sample
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class Residual(nn.Sequential):
-    """``x + body(x)``: the residual block of ResNet / the CycleGAN generator.
+class Residual(nn.Module):
+    """``after(body(x) + shortcut(x))``: the residual block of ResNet and of the CycleGAN generator.
 
-    A Sequential subclass, so its parameters are ``<name>.0.weight``, ... as in
-    a hand-written ``nn.Sequential`` body.
+    The body's layers, the shortcut (a projection, default identity) and the ``after``
+    layers (default none) are all the block's own children, under their names, so a
+    block written ``{layers: [conv1, bn1, relu, conv2, bn2], shortcut: downsample}``
+    has torchvision's BasicBlock keys (``conv1.weight``, ``downsample.0.weight``).
+    ``Residual(OrderedDict(...))`` or ``Residual(m0, m1, ...)`` alone is ``x + body(x)``
+    with the children ``0``, ``1``, ... as a hand-written ``nn.Sequential`` body.
     """
 
+    def __init__(self, *body: Any, shortcut: tuple[str, nn.Module] | None = None,
+                 after: "dict[str, nn.Module] | None" = None):
+        super().__init__()
+        if len(body) == 1 and isinstance(body[0], dict):
+            items = list(body[0].items())
+        else:
+            items = [(str(i), m) for i, m in enumerate(body)]
+        self._nnctl_body = [name for name, _ in items]
+        for name, module in items:
+            self.add_module(name, module)
+        self._nnctl_shortcut = None
+        if shortcut is not None:
+            self._nnctl_shortcut = shortcut[0]
+            self.add_module(shortcut[0], shortcut[1])
+        self._nnctl_after = []
+        for name, module in (after or {}).items():
+            self._nnctl_after.append(name)
+            self.add_module(name, module)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        return x + super().forward(x)
+        # the shortcut first: a body that begins with an in-place layer cannot change its input
+        s = x if self._nnctl_shortcut is None else self._modules[self._nnctl_shortcut](x)
+        y = x
+        for name in self._nnctl_body:
+            y = self._modules[name](y)
+        y = y + s
+        for name in self._nnctl_after:
+            y = self._modules[name](y)
+        return y
+
+    def __getitem__(self, index: int | str) -> nn.Module:
+        if isinstance(index, str):
+            return self._modules[index]
+        return list(self._modules.values())[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def parts(self) -> dict[str, Any]:
+        """The child names of the body, the shortcut (None: identity) and the after layers."""
+        return {"body": list(self._nnctl_body), "shortcut": self._nnctl_shortcut, "after": list(self._nnctl_after)}
+
+
+class Concat(nn.Module):
+    """``torch.cat([branch(x) for branch in branches], dim)``: Inception, DenseNet, U-Net skips.
+
+    Each branch is an ``nn.Sequential`` child named by its index (``0``, ``1``, ...); an
+    empty one is the identity (an empty ``nn.Sequential`` returns its input).
+    ``dim`` counts the batch dimension, as ``torch.cat`` does (1 = channels).
+    """
+
+    def __init__(self, branches: "dict[str, nn.Module] | list[nn.Module]", dim: int = 1):
+        super().__init__()
+        items = branches.items() if isinstance(branches, dict) else ((str(i), b) for i, b in enumerate(branches))
+        for name, module in items:
+            self.add_module(name, module)
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return torch.cat([branch(x) for branch in self._modules.values()], dim=self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+CONTAINERS = ("Sequential", "Residual", "Concat")
+_PROBES: dict[str, nn.Module] = {}
+
+
+def child_name_problem(name: Any, container: str = "Sequential") -> str | None:
+    """Why torch.nn.Module.add_module would refuse this child name in this container, or None."""
+    if isinstance(name, bool) or not isinstance(name, (str, int)):
+        return f"a child name is a string (or an integer such as 0), got {name!r}"
+    name = str(name)
+    if not name:
+        return "a child name cannot be empty (torch.nn.Module.add_module refuses it)"
+    if "." in name:
+        return (f"a child name cannot contain '.' (torch.nn.Module.add_module refuses it: dotted names are "
+                f"paths to grandchildren), got {name!r}")
+    if container not in _PROBES:
+        _PROBES[container] = {"Sequential": nn.Sequential, "Residual": Residual,
+                              "Concat": lambda: Concat([])}[container]()
+    probe = _PROBES[container]
+    if hasattr(probe, name):
+        return (f"child name {name!r} clashes with the attribute {container}.{name} "
+                "(torch.nn.Module.add_module refuses it); choose another name")
+    return None
 
 
 @dataclass
 class Node:
     """One child in the plan: a torch.nn layer, a Sequential or a Residual."""
 
-    kind: str  # "layer" | "sequential" | "residual"
-    type_name: str  # the torch.nn class name, "Sequential" or "Residual"
+    kind: str  # "layer" | "sequential" | "residual" | "concat" | "module" (a torchvision container)
+    type_name: str  # the torch.nn class name, "Sequential", "Residual" or "Concat"
     path: tuple  # the YAML path of the entry
     cls: type | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # residual: body/shortcut/after names; concat: dim
     children: list[tuple[str, "Node"]] = field(default_factory=list)
     block: str | None = None  # the named block this came from
     in_shape: tuple[int, ...] | None = None
@@ -104,10 +193,9 @@ class Plan:
 
 
 class _Planner:
-    def __init__(self, cfg: Config, doc: Document):
-        self.cfg = cfg
+    def __init__(self, model: ModelSection, doc: Document):
         self.doc = doc
-        self.blocks = cfg.model.blocks
+        self.blocks = model.blocks
         self.problems: list[Problem] = []
         self.warnings: list[Problem] = []
         self.total_params = 0
@@ -214,6 +302,9 @@ class _Planner:
             node.path = path
             return node, out
         cls = self.registry.get(type_name)
+        if cls is None and L.refusal(type_name):
+            self.fail(tpath if args is not None else path, L.refusal(type_name))
+            return None, None
         if cls is None:
             choices = list(self.registry) + list(self.blocks) + ["Sequential", "Residual"]
             hint = suggest(type_name, choices)
@@ -312,16 +403,20 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def plan(cfg: Config, doc: Document) -> Plan:
-    """Check the model section on the meta device. Raises ConfigError with every problem."""
-    planner = _Planner(cfg, doc)
-    for bname in cfg.model.blocks:
+def plan(cfg: Config | ModelSection, doc: Document) -> Plan:
+    """Check the model section on the meta device. Raises ConfigError with every problem.
+
+    ``cfg`` is a whole config or its model section alone (which is all planning needs).
+    """
+    model = cfg if isinstance(cfg, ModelSection) else cfg.model
+    planner = _Planner(model, doc)
+    for bname in model.blocks:
         if bname in planner.registry or bname in ("Sequential", "Residual"):
             planner.fail(("model", "blocks", bname), f"block name {bname!r} hides torch.nn.{bname}; choose another name")
         elif not _NAME.match(str(bname)):
             planner.fail(("model", "blocks", bname), f"a block name must be an identifier, got {bname!r}")
-    shape = tuple(cfg.model.input_shape)
-    children, out = planner.sequence(cfg.model.layers, ("model", "layers"), shape, ())
+    shape = tuple(model.input_shape)
+    children, out = planner.sequence(model.layers, ("model", "layers"), shape, ())
     root = Node("sequential", "Sequential", ("model", "layers"), children=children, in_shape=shape, out_shape=out)
     root.params = sum(c.params for _, c in children)
     if planner.problems:
@@ -374,11 +469,68 @@ def lint(cfg: Config, p: Plan) -> list[Problem]:
     if last.type_name.startswith("Dropout") or last.type_name.startswith("AlphaDropout"):
         warn(last, f"{last.type_name} is the last layer: it drops outputs, not features; move it before the last "
                    "Linear/Conv layer")
+    target = cfg.data.target if cfg.data is not None else "label"
     if loss in CLASSIFICATION_LOSSES and p.output_shape is not None and len(p.output_shape) != 1 \
-            and cfg.data.target == "label":
+            and target == "label":
         warn(last, f"a classification loss usually takes outputs of shape [classes]; this model outputs "
                    f"{list(p.output_shape)} (a Flatten may be missing)")
-    if cfg.data.target == "input" and p.output_shape is not None and tuple(p.output_shape) != p.input_shape:
+    if target == "input" and p.output_shape is not None and tuple(p.output_shape) != p.input_shape:
         out.append(p.doc.problem(("data", "target"), f"target: input needs the output shape to equal the input "
                                  f"shape {list(p.input_shape)}, but the model outputs {list(p.output_shape)}"))
     return out
+
+
+@dataclass
+class Checked:
+    """Everything ``nnctl check`` finds in one pass: problems of every kind, and what was valid."""
+
+    cfg: Config | None  # the whole config, when its structure is valid
+    plan: Plan | None  # the model's plan, when the model section plans without problems
+    problems: list[Problem]  # structural, layer, shape, optimizer and scheduler problems, in file order
+    warnings: list[Problem]  # lint (only when there are no problems)
+
+
+def _in_file_order(problems: list[Problem], file: str) -> list[Problem]:
+    """One problem per place and message: the file's in line order, then those of --set options."""
+    unique = {(p.file, p.line, p.column, p.path, p.message): p for p in problems}
+    return sorted(unique.values(), key=lambda p: (p.file != file, p.line or 0, p.column or 0))
+
+
+def check(doc: Document) -> Checked:
+    """Validate a loaded document completely, reporting every mistake at once.
+
+    The structure (pydantic) is validated first; the model section is then planned
+    even when another section (a missing or broken ``data:``) fails, and the train
+    section's optimizer and scheduler are checked when that section is valid on its
+    own, so that structural and layer / shape problems come in one report.
+    """
+    from . import config as C
+    from .train import validate as validate_train  # the module (nnctl.train is also an API function)
+
+    checked = C.validate_all(doc)
+    problems = list(checked.problems)
+    plan_ = None
+    if checked.model is not None:
+        try:
+            plan_ = plan(checked.model, doc)
+        except ConfigError as exc:
+            problems += exc.problems
+    if checked.train is not None:
+        problems += validate_train(checked.train, doc)
+    warnings_ = lint(checked.cfg, plan_) if checked.cfg is not None and plan_ is not None and not problems else []
+    return Checked(checked.cfg, plan_, _in_file_order(problems, doc.file), warnings_)
+
+
+def load_checked(source: str, overrides: list[str] | None = None) -> tuple[Config, Document, Plan]:
+    """Load a config file and check all of it (structure, layers, shapes, optimizer) at once.
+
+    Raises ConfigError with every problem; returns the config, its document and the plan.
+    For ``train``: follow with ``config.require_data(cfg, doc)``.
+    """
+    from . import config as C
+
+    doc = C.load_document(source, overrides)
+    result = check(doc)
+    if result.problems:
+        raise ConfigError(result.problems)
+    return result.cfg, doc, result.plan

@@ -367,7 +367,9 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
         overrides.append(f"train.device={device}")
     cfg = doc = None
     if config is not None:
-        cfg, doc = C.load(config, overrides)  # config mistakes surface before torch is imported
+        from . import model as M
+
+        cfg, doc, _ = M.load_checked(config, overrides)  # every config mistake at once, before anything else
     # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
     if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
             and (Path(out) / "last.pt").exists()):
@@ -414,10 +416,8 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
                              "(use --force to resume anyway, or start a new run)")
         if state.get("epoch", 0) >= cfg.train.epochs and not state.get("step_in_epoch"):
             raise UsageError(f"{source.checkpoint}: the run already finished {state['epoch']} of "
-                             f"{cfg.train.epochs} epochs; pass --epochs N with a larger N to train further")
-    require = getattr(C, "require_data", None)
-    if require is not None:
-        require(cfg, doc)
+                             f"{cfg.train.epochs} epoch{'' if cfg.train.epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
+    C.require_data(cfg, doc, what="training")
     problems = T.validate(cfg, doc)
     model, plan = M.build(cfg, doc)
     if problems:

@@ -226,6 +226,9 @@ class _Abort(Exception):
         self.node, self.path, self.message = node, path, message
 
 
+_EMPTY = "the file is empty: expected a mapping with at least 'model' (and 'data' and 'train' to train)"
+
+
 def _reader_problem(exc: "yaml.reader.ReaderError", text: str, file: str) -> Problem:
     """A located problem for a character YAML does not allow (control characters and the like)."""
     pos = exc.position if isinstance(exc.position, int) and 0 <= exc.position <= len(text) else None
@@ -239,6 +242,79 @@ def _reader_problem(exc: "yaml.reader.ReaderError", text: str, file: str) -> Pro
                    "", file, line, col)
 
 
+def _open_flow_mark(exc: "yaml.MarkedYAMLError", text: str):
+    """The mark of the innermost '[' or '{' still open where the parser gave up, or None."""
+    if (exc.context or "").startswith("while parsing a flow") and exc.context_mark is not None:
+        return exc.context_mark
+    # a scanner error: replay the tokens up to it, keeping the open flow collections
+    stack = []
+    try:
+        scanner = _Loader(text)
+    except yaml.YAMLError:
+        return None
+    try:
+        while True:
+            token = scanner.get_token()
+            if token is None or isinstance(token, yaml.StreamEndToken):
+                break
+            if isinstance(token, yaml.FlowSequenceStartToken | yaml.FlowMappingStartToken):
+                stack.append(token.start_mark)
+            elif isinstance(token, yaml.FlowSequenceEndToken | yaml.FlowMappingEndToken) and stack:
+                stack.pop()
+    except (yaml.YAMLError, RecursionError):
+        pass
+    finally:
+        scanner.dispose()
+    return stack[-1] if stack else None
+
+
+_BARE_ITEM = re.compile(r"^(\s*)-\s+([A-Za-z_][A-Za-z0-9_]*)\s*(#.*)?$")
+_KEY_LINE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*:")
+
+
+def _bare_item_before(text: str, line: int) -> tuple[int, int, str] | None:
+    """(line, column, name) of a `- Name` list item just before 0-based `line`, if there is one."""
+    lines = text.splitlines()
+    for i in range(min(line, len(lines)) - 1, -1, -1):
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        m = _BARE_ITEM.match(lines[i])
+        return (i + 1, m.start(2) + 1, m.group(2)) if m else None
+    return None
+
+
+def _syntax_problem(exc: "yaml.MarkedYAMLError", text: str, file: str) -> Problem:
+    """A located YAML syntax error, blamed where the mistake is rather than where the parser gave up."""
+    mark = exc.problem_mark or exc.context_mark
+    message = exc.problem or exc.context or str(exc)
+    if "expected a single document" in str(exc):
+        message = "more than one YAML document ('---') in the file: a config is one document"
+    line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
+    where = f"line {line}, column {col}" if line else "the end"
+    opened = _open_flow_mark(exc, text) if "expected a single document" not in str(exc) else None
+    if opened is not None:
+        index = opened.index if 0 <= opened.index < len(text) else None
+        char = text[index] if index is not None and text[index] in "[{" else "["
+        close, what = ("]", "list") if char == "[" else ("}", "mapping")
+        return Problem(f"YAML syntax error: unclosed {char!r}: the flow {what} opened here has no matching "
+                       f"{close!r} before the parser stopped at {where} ({message})", "", file,
+                       opened.line + 1, opened.column + 1)
+    # `- ResBlock` then an indented `repeat: 9`: the item is a bare name, so it cannot take keys
+    if mark is not None and ("mapping values are not allowed" in message or "expected <block end>" in message):
+        item = _bare_item_before(text, mark.line)
+        lines = text.splitlines()
+        key = _KEY_LINE.match(lines[mark.line]) if mark.line < len(lines) else None
+        if item is not None and key is not None:
+            iline, icol, name = item
+            k = key.group(1)
+            return Problem(f"YAML syntax error: `- {name}` is a bare name, so the `{k}:` under it cannot belong to "
+                           f"it; to give a layer keys such as {k}, make it a mapping: write `- {name}:` (a colon, "
+                           f"nothing after it) and put `{k}: ...` on the next line, lined up under `{name}` "
+                           f"(the parser stopped at {where}: {message})", "", file, iline, icol)
+    return Problem(f"YAML syntax error: {message}", "", file, line, col)
+
+
 def load_text(text: str, file: str = "<config>") -> Document:
     """Parse one YAML document. Raises ConfigError with every problem found."""
     doc = Document(None, file)
@@ -247,7 +323,7 @@ def load_text(text: str, file: str = "<config>") -> Document:
     if not text.strip() or all(
         not line.strip() or line.lstrip().startswith("#") for line in text.splitlines()
     ):
-        raise ConfigError([Problem("the file is empty: expected a mapping with 'model', 'data' and 'train'", "", file, 1, 1)])
+        raise ConfigError([Problem(_EMPTY, "", file, 1, 1)])
     try:
         # the Reader checks for control characters as it is built: inside the try, so that
         # a stray byte such as \x08 is a located ConfigError, never a traceback
@@ -257,12 +333,7 @@ def load_text(text: str, file: str = "<config>") -> Document:
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        message = exc.problem or exc.context or str(exc)
-        if "expected a single document" in str(exc):
-            message = "more than one YAML document ('---') in the file: a config is one document"
-        line, col = (mark.line + 1, mark.column + 1) if mark else (None, None)
-        raise ConfigError([Problem(f"YAML syntax error: {message}", "", file, line, col)]) from None
+        raise ConfigError([_syntax_problem(exc, text, file)]) from None
     except yaml.reader.ReaderError as exc:  # control characters met while reading on
         raise ConfigError([_reader_problem(exc, text, file)]) from None
     except yaml.YAMLError as exc:
@@ -272,7 +343,7 @@ def load_text(text: str, file: str = "<config>") -> Document:
     finally:
         loader.dispose()
     if node is None:
-        raise ConfigError([Problem("the file is empty: expected a mapping with 'model', 'data' and 'train'", "", file, 1, 1)])
+        raise ConfigError([Problem(_EMPTY, "", file, 1, 1)])
     walker = _Walker(doc)
     try:
         doc.data = walker.walk(node, ())
@@ -287,21 +358,23 @@ def load_text(text: str, file: str = "<config>") -> Document:
 
 
 def load_file(path: str) -> Document:
-    """Read and parse a config file; every failure is a located ConfigError."""
-    import os
+    """Read and parse a config file; every failure is a located ConfigError.
+
+    The file is read with ``files.read_input``, which refuses a FIFO, a device or a socket
+    without blocking on it.
+    """
+    from .errors import UsageError
+    from .files import read_input
 
     try:
-        size = os.path.getsize(path)
-        if size > MAX_BYTES:
-            raise ConfigError([Problem(f"the file is {size:,} bytes, larger than {MAX_BYTES // 1024} KiB; refused", "", path, 1)])
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError([Problem("no such file", "", path)]) from None
-    except IsADirectoryError:
-        raise ConfigError([Problem("is a folder, not a config file", "", path)]) from None
-    except OSError as exc:
-        raise ConfigError([Problem(f"cannot read: {exc.strerror or exc}", "", path)]) from None
+        raw = read_input(path, "file", limit=MAX_BYTES)
+    except UsageError as exc:
+        message = str(exc)
+        prefix = f"{path}: "
+        raise ConfigError([Problem(message[len(prefix):] if message.startswith(prefix) else message,
+                                   "", path)]) from None
+    if len(raw) > MAX_BYTES:
+        raise ConfigError([Problem(f"the file is larger than {MAX_BYTES // 1024} KiB; refused", "", path, 1)])
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -48,22 +48,29 @@ def test_help_version_schema_do_not_import_torch():
         assert "NO-TORCH" in r.stdout, (args, r.stdout, r.stderr)
 
 
-def test_check_config_error_before_torch(tmp_path):
-    """A structural config mistake is reported without paying for import torch."""
+def test_check_structural_mistake_is_printed_before_torch_is_imported(tmp_path):
+    """A structural mistake is on stderr before `import torch` starts (shape checks then follow, in one pass)."""
     p = write(tmp_path, make(train={"epochs": "many"}))
     code = (
-        "import sys\n"
+        "import sys, builtins\n"
+        "real = builtins.__import__\n"
+        "def spy(name, *a, **k):\n"
+        "    if name == 'torch' and 'torch' not in sys.modules:\n"
+        "        sys.stdout.write('TORCH-IMPORT AFTER: ' + repr(sys.stderr.getvalue()) + '\\n')\n"
+        "    return real(name, *a, **k)\n"
+        "import io\n"
+        "sys.stderr = io.StringIO()\n"
+        "builtins.__import__ = spy\n"
         "sys.argv = ['nnctl', 'check', sys.argv[1]]\n"
         "try:\n"
         "    from nnctl.cli import main; main()\n"
         "except SystemExit as e:\n"
         "    assert e.code == 2, e.code\n"
-        "assert 'torch' not in sys.modules\n"
-        "print('NO-TORCH')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=60)
-    assert "NO-TORCH" in r.stdout, r.stderr
-    assert "train.epochs: expected an integer" in r.stderr
+    r = subprocess.run([sys.executable, "-c", code, str(p)], capture_output=True, text=True, timeout=120)
+    first = [line for line in r.stdout.splitlines() if line.startswith("TORCH-IMPORT AFTER")]
+    assert first, (r.stdout, r.stderr)
+    assert "train.epochs: expected an integer" in first[0]
 
 
 def test_version(cli):

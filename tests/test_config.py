@@ -149,3 +149,183 @@ def test_corpus_is_large_enough():
 def test_base_config_valid():
     cfg, _ = C.from_dict(BASE)
     assert cfg.name == "t"
+
+
+# --- configs as a user writes them (issue points 11-14) -------------------------------
+
+MODEL_ONLY = "model:\n  input_shape: [1, 8, 8]\n  layers:\n    - Flatten\n    - Linear: {out_features: 16}\n" \
+             "    - ReLU\n    - Linear: {out_features: 10}\n"
+
+
+def test_model_only_config_works_for_check_summary_freeze_export(tmp_path):
+    from .conftest import run_cli
+
+    p = tmp_path / "only-model.yaml"
+    p.write_text(MODEL_ONLY)
+    r = run_cli("check", str(p))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok: ") and "1,210 parameters" in r.stdout
+    r = run_cli("summary", str(p), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json_total(r.stdout) == 1210
+    r = run_cli("freeze", str(p), "--first", "2", "-o", str(tmp_path / "frozen.pt"))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export-weights", str(tmp_path / "frozen.pt"), "-o", str(tmp_path / "w.safetensors"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "w.safetensors").stat().st_size > 0
+
+
+def json_total(text: str) -> int:
+    import json
+
+    return json.loads(text)["total_params"]
+
+
+def test_model_only_defaults():
+    doc = yamlio.load_text(MODEL_ONLY, "configs/my model.yaml")
+    cfg = C.validate(doc)
+    assert cfg.data is None
+    assert cfg.name == "my-model"  # the file's name, made a valid run name
+    t = cfg.train
+    assert (t.loss, t.epochs, t.batch_size, t.optimizer, t.device) == (
+        "cross_entropy", 10, 64, {"Adam": {"lr": 0.001}}, "auto")
+    assert C.from_dict(C.resolved(cfg))[0] == cfg  # the resolved form (data: null) validates to itself
+
+
+def test_require_data_names_the_fix():
+    doc = yamlio.load_text(MODEL_ONLY, "m.yaml")
+    cfg = C.validate(doc)
+    with pytest.raises(ConfigError) as info:
+        C.require_data(cfg, doc)
+    (p,) = info.value.problems
+    assert p.file == "m.yaml" and p.path == "data"
+    assert "no data: section: training needs one" in p.message and "data: {source: digits}" in p.message
+    assert "evaluation needs one" in str(pytest.raises(ConfigError, C.require_data, cfg, doc, "evaluation").value)
+    full = C.validate(yamlio.load_text(MODEL_ONLY + "data: {source: digits}\n", "m.yaml"))
+    assert C.require_data(full, doc).source == "digits"
+
+
+def test_lint_and_monitor_without_data():
+    import importlib
+
+    from nnctl import model as M
+
+    T = importlib.import_module("nnctl.train")  # the module: nnctl.train is also the API function
+    doc = yamlio.load_text(MODEL_ONLY, "m.yaml")
+    cfg = C.validate(doc)
+    p = M.plan(cfg, doc)
+    assert M.lint(cfg, p) == []
+    assert T.monitor_for(cfg, True) == ("val_accuracy", "max")
+    assert T.validate(cfg, doc) == []
+
+
+def test_check_reports_structural_and_shape_problems_in_one_pass(tmp_path):
+    from .conftest import run_cli
+
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\nmodel:\n  input_shape: [1, 8, 8]\n  layers:\n    - Flatten\n    - Linear: [100, 10]\n"
+                 "    - Conv2D: 3\ndata: {sorce: digits}\ntrain: {epochs: 0, optimizer: {Adamm: {}}}\n")
+    r = run_cli("check", str(p))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    err = r.stderr
+    assert f"{p}:8:" in err and "data.sorce" in err  # structural: a broken data section
+    assert f"{p}:9:" in err and "train.epochs" in err
+    assert f"{p}:6:" in err and "in_features=100" in err and "64" in err  # the shape error it used to hide
+    assert f"{p}:7:" in err and "did you mean 'Conv2d'" in err
+    assert "Adamm" in err and "did you mean 'Adam'" in err
+    for line in err.strip().splitlines():
+        assert re.match(rf"^{re.escape(str(p))}:\d+:\d+: \S", line), line
+
+
+def test_check_function_collects_everything():
+    from nnctl import model as M
+
+    doc = yamlio.load_text("model: {input_shape: [4], layers: [{Linear: [5, 2]}]}\ndata: 3\n", "c.yaml")
+    result = M.check(doc)
+    assert result.cfg is None and result.plan is None
+    assert [p.path for p in result.problems] == ["model.layers[0].Linear", "data"]
+    with pytest.raises(ConfigError) as info:
+        C.validate(doc)
+    assert [p.path for p in info.value.problems] == ["data"]  # validate alone stops at the structure
+
+
+@pytest.mark.parametrize("text,line,col", [
+    ("name: x\nmodel:\n  input_shape: [1, 8, 8\n  layers: [Flatten]\n", 3, 16),
+    ("a: {x: 1\n\n\n", 1, 4),
+    ("a: [1, {b: 2]\n", 1, 8),
+    ("a: [\n  1,\n  2\nb: 3\n", 1, 4),
+])
+def test_unclosed_bracket_blamed_on_its_opening_line(text, line, col):
+    with pytest.raises(ConfigError) as info:
+        yamlio.load_text(text, "c.yaml")
+    (p,) = info.value.problems
+    assert (p.line, p.column) == (line, col), p.format()
+    assert "unclosed" in p.message and "parser stopped at" in p.message
+
+
+def test_unclosed_bracket_through_the_cli(tmp_path):
+    from .conftest import run_cli
+
+    path = Path(__file__).parent / "malformed" / "68_unclosed_flow_mapping.yaml"
+    r = run_cli("check", str(path))
+    assert r.returncode == 2
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"{path}:7:15: YAML syntax error: unclosed '{{'"), line
+    assert "line 9" in line
+
+
+@pytest.mark.parametrize("indent", ["      ", "    "])
+def test_bare_block_name_with_repeat_gets_the_fix(indent):
+    text = f"model:\n  layers:\n    - ResBlock\n{indent}repeat: 9\n"
+    with pytest.raises(ConfigError) as info:
+        yamlio.load_text(text, "c.yaml")
+    (p,) = info.value.problems
+    assert (p.line, p.column) == (3, 7)
+    assert "`- ResBlock:`" in p.message and "repeat" in p.message
+
+
+def test_config_file_read_refuses_fifo_and_devices(tmp_path):
+    import os
+
+    from .conftest import run_cli
+
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    r = run_cli("check", str(fifo), timeout=60)  # a plain open() would wait for a writer forever
+    assert r.returncode == 2 and "FIFO" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"{fifo}: ")
+    with pytest.raises(ConfigError) as info:
+        yamlio.load_file("/dev/zero")
+    (p,) = info.value.problems
+    assert p.file == "/dev/zero" and "character device" in p.message
+    with pytest.raises(ConfigError, match="no such"):
+        yamlio.load_file(str(tmp_path / "missing.yaml"))
+
+
+def test_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
+    import os
+
+    folder = tmp_path / "proj" / "configs"
+    folder.mkdir(parents=True)
+    p = folder / "c.yaml"
+    p.write_text(MODEL_ONLY + "data: {source: image_folder, root: ../images}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg, doc = C.load(os.path.relpath(p))
+    assert cfg.data.root == str(tmp_path / "proj" / "images")
+    # --set values are relative to the current directory
+    cfg, _ = C.load(os.path.relpath(p), ["data.root=imgs"])
+    assert cfg.data.root == str(elsewhere / "imgs")
+    cfg, _ = C.load(str(p), ["data={source: tensors, path: d.npz}"])
+    assert cfg.data.path == str(elsewhere / "d.npz")
+    # ~ expands; absolute paths stay
+    p.write_text(MODEL_ONLY + "data: {source: tensors, path: ~/d.npz, root: /abs/x}\n")
+    cfg, _ = C.load(str(p))
+    assert cfg.data.path == os.path.join(os.path.expanduser("~"), "d.npz") and cfg.data.root == "/abs/x"
+    # a config from a checkpoint (already resolved) is kept as it is
+    cfg2, _ = C.from_dict(C.resolved(cfg))
+    assert cfg2.data.path == cfg.data.path
+    rel, _ = C.from_dict({"model": {"input_shape": [4], "layers": ["ReLU"]}, "data": {"source": "tensors",
+                                                                                     "path": "rel.npz"}})
+    assert rel.data.path == "rel.npz"

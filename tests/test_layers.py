@@ -160,3 +160,58 @@ def test_where_names_the_config_layer():
     cfg, doc = C.from_dict(make())
     _, plan = M.build(cfg, doc)
     assert plan.where("1.weight").startswith("model.layers[1] (Linear")
+
+
+# --- layers nnctl refuses: losses, tuple outputs, unlistable signatures ----------------
+
+def test_registry_has_only_listable_single_tensor_layers():
+    reg = L.registry()
+    assert not [n for n in reg if n.endswith("Loss")]
+    for name in ("LSTM", "GRU", "RNN", "LSTMCell", "MultiheadAttention", "AdaptiveLogSoftmaxWithLoss",
+                 "Bilinear", "Transformer", "DataParallel"):
+        assert name not in reg, name
+    for name, cls in reg.items():  # every class either lists its arguments or takes none
+        assert L._listable(cls), name
+    assert set(LAYER_NAMES) == set(reg)  # the editor list is the registry
+
+
+@pytest.mark.parametrize("entry,needle", [
+    ({"LSTM": {"input_size": 8, "hidden_size": 4}}, "LSTM returns a tuple (output, (h_n, c_n))"),
+    ({"GRU": [8, 4]}, "GRU returns a tuple"),
+    ({"RNN": [8, 4]}, "RNN returns a tuple"),
+    ({"MultiheadAttention": [8, 2]}, "MultiheadAttention returns a tuple"),
+    ("CrossEntropyLoss", "CrossEntropyLoss is a loss, not a layer"),
+    ({"MSELoss": None}, "MSELoss is a loss"),
+    ({"Bilinear": [8, 8, 4]}, "takes several inputs"),
+])
+def test_refused_layers_get_a_located_reason(entry, needle):
+    from nnctl import yamlio
+    from nnctl.errors import ConfigError
+
+    d = make(model={"input_shape": [8, 8], "layers": ["ReLU", entry]})
+    cfg, doc = C.from_dict(d)
+    with pytest.raises(ConfigError) as info:
+        M.plan(cfg, doc)
+    (p,) = info.value.problems
+    assert needle in p.message and p.path.startswith("model.layers[1]")
+    if "loss" in needle:
+        assert "train.loss" in p.message
+    # located in a real file
+    text = "model:\n  input_shape: [8, 8]\n  layers:\n    - ReLU\n    - " + (
+        entry if isinstance(entry, str) else f"{next(iter(entry))}: {list(entry.values())[0]}".replace("None", "")) + "\n"
+    doc = yamlio.load_text(text, "c.yaml")
+    with pytest.raises(ConfigError) as info:
+        M.plan(C.validate(doc), doc)
+    assert info.value.problems[0].line == 5
+
+
+def test_layers_command_lists_no_losses_or_tuple_modules(cli):
+    import json
+
+    code, out, _ = cli("layers", "--json")
+    assert code == 0
+    names = {d["name"] for d in json.loads(out)}
+    assert "Conv2d" in names and "Tanh" in names and "Identity" in names
+    assert not {"CrossEntropyLoss", "MSELoss", "LSTM", "GRU", "RNN", "MultiheadAttention"} & names
+    assert all(d["arguments"] or d["name"] in {"Identity", "Tanh", "Sigmoid", "LogSigmoid", "Softsign",
+                                                  "Tanhshrink", "Softmax2d"} for d in json.loads(out))
