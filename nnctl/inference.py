@@ -196,9 +196,9 @@ def gather(inputs: Iterable[Any], pre: Preprocessing, glob: str | None = None) -
     items: list[_Item] = []
     notes: list[str] = []
     shape = list(pre.input_shape)
-    for inp in inputs:
+    for k, inp in enumerate(inputs):
         if isinstance(inp, torch.Tensor):
-            items += _samples(f"tensor[{len(items)}]", inp.detach().cpu(), shape)
+            items += _samples(f"tensor#{k}", inp.detach().cpu(), shape)
             continue
         p = Path(inp)
         if p.is_dir():

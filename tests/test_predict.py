@@ -234,3 +234,17 @@ def test_import_nnctl_does_not_import_torch():
     code = "import sys, nnctl; assert 'torch' not in sys.modules; print(callable(nnctl.train))"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr
+
+
+def test_readme_api_snippet_runs_after_the_quick_start(tmp_path):
+    """The README's Python API block, run as written, after `nnctl train configs/digits_cnn.yaml`."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("### The Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    r = run_cli("train", "configs/digits_cnn.yaml", "--epochs", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "snippet.py").write_text(block)
+    r = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Sequential ['0', '1', '2', '3', '4', '5', '6', '7', '8', '9']" in r.stdout
+    assert "'accuracy'" in r.stdout and "[]" in r.stdout
