@@ -36,7 +36,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nnctl import checkpoint, config, export, model as nmodel
+    from nnctl import api, checkpoint, config, export
 
     runs = 1 if args.quick else args.runs
     hidden = [64, 32] if args.quick else [2048, 1024]
@@ -44,19 +44,16 @@ def main() -> None:
               {"Linear": [hidden[1], 10]}]
     d = common.config_dict("mlp", common.synthetic(64))
     d["model"]["layers"] = layers
-    cfg, doc = config.from_dict(d, "<bench>")
-    model, _ = nmodel.build(cfg, doc)
+    cfg, doc = api.load_config(d)
+    model = api.build(d)
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(8, 1, 28, 28)).sum().backward()
     opt.step()
-    payload = {
-        "kind": "last", "config": config.resolved(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-        "scheduler": None, "scaler": None, "epoch": 1, "step_in_epoch": 0, "global_step": 1,
-        "rng": checkpoint.rng_state(), "best": {"metric": "train_loss", "mode": "min", "value": 1.0, "epoch": 1},
-        "history": [{"epoch": 1, "train_loss": 1.0}], "freeze": None, "partial": None,
-        "input_shape": [1, 28, 28],
-    }
+    payload = checkpoint.make_payload(
+        "last", config.resolved(cfg), model.state_dict(), optimizer=opt.state_dict(), epoch=1, global_step=1,
+        rng=checkpoint.rng_state(), best={"metric": "train_loss", "mode": "min", "value": 1.0, "epoch": 1},
+        history=[{"epoch": 1, "train_loss": 1.0}], input_shape=[1, 28, 28])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -14,8 +14,8 @@ with torch.cuda.synchronize().
 
 - hand loop: the model (a deep copy of nnctl's freshly built one) over GPU-resident
   tensors, indexed by the epoch's permutation, losses kept on the device.
-- nnctl: nnctl.train.fit(write_checkpoints=False) on data preloaded on the device by
-  nnctl.data.load_data; fp32, then train.precision: bf16, channels_last, compile: true.
+- nnctl: nnctl.api.fit (the loop; nothing written) on data preloaded on the device by
+  nnctl.api.prepare; fp32, then train.precision: bf16, channels_last, compile: true.
 - TensorDataset + DataLoader: CPU tensors, batch 64, shuffle, .to(device) each batch.
 - tutorial: the PIL / ToTensor / Normalize Dataset of bench/tutorial.py, DataLoader
   with num_workers 0 and 4, .to(device) each batch.
@@ -63,7 +63,9 @@ def main() -> None:
         print(f"skipped: no CUDA device (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'none'}); "
               "run this on a machine with an NVIDIA GPU")
         return
-    from nnctl import config, data as ndata, model as nmodel, train
+    import dataclasses
+
+    from nnctl import api
 
     dev = torch.device(args.device)
     if dry:
@@ -82,37 +84,36 @@ def main() -> None:
     def cfg_for(batch, **train_opts):
         key = (batch, tuple(sorted(train_opts.items())))
         if key not in cfgs:
-            d = common.config_dict("cnn", common.synthetic(n), batch, device=str(dev), **train_opts)
-            cfgs[key] = config.from_dict(d, "<bench>")
+            cfgs[key] = common.config_dict("cnn", common.synthetic(n), batch, device=str(dev), **train_opts)
         return cfgs[key]
 
     def bundle_for(batch):
         if batch not in bundles:
-            cfg, _ = cfg_for(batch)
-            bundles[batch] = ndata.load_data(cfg, dev)
-            assert bundles[batch].preloaded, "the data was not preloaded on the GPU"
+            bundles[batch] = api.prepare(cfg_for(batch), device=str(dev))
+            assert bundles[batch].data.preloaded, "the data was not preloaded on the GPU"
         return bundles[batch]
 
     fresh = {}  # batch -> a freshly built model (nnctl's init), copied by every variant of that batch
 
     def initial(batch):
         if batch not in fresh:
-            cfg, doc = cfg_for(batch)
-            fresh[batch] = nmodel.build(cfg, doc)[0]
+            fresh[batch] = api.build(cfg_for(batch))
         return copy.deepcopy(fresh[batch])
 
     losses: dict[str, float] = {}
 
     def nnctl_variant(batch, tag, **opts):
-        cfg, doc = cfg_for(batch, **opts)
-        bundle = bundle_for(batch)
+        d = cfg_for(batch, **opts)
+        base = bundle_for(batch)
         model = initial(batch)
+        cfg, doc = api.load_config(d)
+        prepared = dataclasses.replace(base, cfg=cfg, doc=doc, model=model)
 
         def run():
             sync()
             torch.manual_seed(1234)
             t0 = time.perf_counter()
-            res = train.fit(cfg, doc, model, bundle, dev, "/tmp", write_checkpoints=False)
+            res = api.fit(prepared)
             sync()
             took = time.perf_counter() - t0
             losses[tag] = res.history[-1]["train_loss"]
@@ -120,7 +121,7 @@ def main() -> None:
         return run
 
     def hand_variant(batch, tag):
-        bundle = bundle_for(batch)
+        bundle = bundle_for(batch).data
         X, Y = bundle.train.store.x.to(dev), bundle.train.store.y.to(dev)
         model = initial(batch).to(dev)
         loss_fn = torch.nn.NLLLoss()
@@ -179,7 +180,7 @@ def main() -> None:
     variants["nnctl b64 compile"] = nnctl_variant(64, "compile", compile=True)
     variants["nnctl b512 bf16+channels_last+compile"] = nnctl_variant(512, "all512", precision="bf16",
                                                                        channels_last=True, compile=True)
-    store = bundle_for(64).train.store
+    store = bundle_for(64).data.train.store
     tds = torch.utils.data.TensorDataset(store.x, store.y)
     variants["TensorDataset+DataLoader b64"] = loader_variant(
         64, lambda: torch.utils.data.DataLoader(tds, batch_size=64, shuffle=True))

@@ -6,7 +6,7 @@
 Both sides train the same freshly built model (the hand side gets a deep copy of the
 model nnctl.model.build made), over the same preloaded tensors, in the same batch order
 (nnctl's Batches.order for the epoch), with the same optimizer, loss, precision (fp32)
-and torch threads, in one process. Only the epoch is timed: nnctl.train.fit with
+and torch threads, in one process. Only the epoch is timed: nnctl.api.fit with
 write_checkpoints=False (no validation split) against the loop below. The global RNG is
 reseeded before each side, so Dropout draws the same masks and the losses must agree.
 Goal: nnctl throughput >= 0.97x the hand loop's, with equal losses (to 5 decimals).
@@ -39,16 +39,18 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list
     import time
 
     import torch
-    from nnctl import config, data as ndata, model as nmodel, train
+    import dataclasses
 
-    cpu = torch.device("cpu")
-    cfg, doc = config.from_dict(common.config_dict(model_name, common.synthetic(size), batch), "<bench>")
-    bundle = ndata.load_data(cfg, cpu)
+    from nnctl import api
+
+    d = common.config_dict(model_name, common.synthetic(size), batch)
+    prepared = api.prepare(d, device="cpu")       # the public API: config -> model + data on the device
+    bundle = prepared.data
     X, Y = bundle.train.store.x, bundle.train.store.y   # the very tensors nnctl batches from
     state: dict = {"diff_loss": 0.0, "diff_weight": 0.0, "diff_mean": 0.0}
 
     def before_round():
-        model, _ = nmodel.build(cfg, doc)          # seeded: the same init every round
+        model = api.build(d)                       # seeded: the same init every round
         state["nnctl_model"], state["hand_model"] = model, copy.deepcopy(model)
 
     def run_nnctl():
@@ -61,7 +63,7 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list
 
         torch.manual_seed(1234)
         t0 = time.perf_counter()
-        res = train.fit(cfg, doc, model, bundle, cpu, tmp, on_event=on_event, write_checkpoints=False)
+        res = api.fit(dataclasses.replace(prepared, model=model), on_event=on_event)  # nothing written
         took = time.perf_counter() - t0
         state["nnctl_losses"] = torch.stack(seen["sums"].losses)
         state["nnctl_mean"] = res.history[-1]["train_loss"]
@@ -103,7 +105,7 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: str) -> list
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0], runs=7).parse_args()
     threads = common.setup_threads(args.threads)
-    common.header("parity: nnctl.train.fit vs a hand-written loop (CPU, fp32)", args.quick)
+    common.header("parity: nnctl.api.fit vs a hand-written loop (CPU, fp32)", args.quick)
     runs = 1 if args.quick else args.runs
     cases = [("mlp", 256, 64), ("cnn", 64, 32)] if args.quick else [("mlp", 20_000, 64), ("cnn", 2_000, 64)]
     rows = []

@@ -12,7 +12,7 @@ timed; the ratio is against the faster), and the pytorch/examples training loop
 
 nnctl gets the same images as a `tensors` .pt file whose float x is already scaled and
 normalised as ToTensor + Normalize would (data.normalize: false), preloaded; its
-epoch is nnctl.train.fit with write_checkpoints=False. Reading the file (load_data)
+epoch is nnctl.api.fit (the loop, nothing written). Reading the file (load_data)
 is set-up, timed separately and shown under the table. Only the epoch is compared.
 
 Goal on the CPU: nnctl epoch time <= 0.5x the tutorial loop's for the MLP, <= 1.0x for the CNN.
@@ -73,16 +73,18 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: Path, worker
     import torch
     from torchvision import transforms
 
-    from nnctl import config, data as ndata, model as nmodel, train
+    import dataclasses
 
-    cpu = torch.device("cpu")
+    from nnctl import api
+
     x_u8, y = common.mnist_like(size)
     path = common.write_tensors_file(tmp / f"{model_name}-{size}.pt", x_u8, y)
     data = {"source": "tensors", "path": str(path), "normalize": False, "val_fraction": 0.0}
-    cfg, doc = config.from_dict(common.config_dict(model_name, data, batch), "<bench>")
+    d = common.config_dict(model_name, data, batch)
     t0 = time.perf_counter()
-    bundle = ndata.load_data(cfg, cpu)
+    prepared = api.prepare(d, device="cpu")
     load_s = time.perf_counter() - t0
+    bundle = prepared.data
     assert bundle.preloaded
 
     transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((common.MNIST_MEAN,),
@@ -97,14 +99,14 @@ def compare(model_name: str, size: int, batch: int, runs: int, tmp: Path, worker
     loss_fn = torch.nn.CrossEntropyLoss() if loss == "cross_entropy" else torch.nn.NLLLoss()
 
     def run_nnctl():
-        model, _ = nmodel.build(cfg, doc)
+        model = api.build(d)
         t0 = time.perf_counter()
-        train.fit(cfg, doc, model, bundle, cpu, tmp, write_checkpoints=False)
+        api.fit(dataclasses.replace(prepared, model=model))
         return time.perf_counter() - t0
 
     def tutorial(nw):
         def run():
-            model, _ = nmodel.build(cfg, doc)   # the same architecture and init
+            model = api.build(d)                # the same architecture and init
             model = copy.deepcopy(model)
             optimizer = getattr(torch.optim, opt_name)(model.parameters(), **opt_args)
             loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=nw)
