@@ -599,7 +599,8 @@ def freeze(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if output:
         payload = K.make_payload("freeze", C.resolved(cfg), model.state_dict(), freeze=fplan,
-                                 input_shape=list(cfg.model.input_shape), source=os.path.basename(source))
+                                 input_shape=list(cfg.model.input_shape), source=os.path.basename(source),
+                                 preprocessing=(state or {}).get("preprocessing"))
         inputs = [source] + ([str(K.resolve(source, which))] if state is not None else [])
         from .files import check_output
 
