@@ -20,16 +20,21 @@ class Problem:
     column: int | None = None  # 1-based
 
     def format(self) -> str:
-        where = "".join(c if c.isprintable() else repr(c)[1:-1] for c in (self.file or "<config>"))
+        where = _printable(self.file or "<config>")
         if self.line is not None:
             where += f":{self.line}"
             if self.column is not None:
                 where += f":{self.column}"
         head = f"{where}: "
         if self.path:
-            head += f"{self.path}: "
+            head += f"{_printable(self.path)}: "
         # one line a problem, whatever the underlying message carried
         return head + " ".join(self.message.split())
+
+
+def _printable(text: str) -> str:
+    """Control characters (a newline in a --set key, an escape sequence in a file name) shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class NnctlError(Exception):
