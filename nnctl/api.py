@@ -138,7 +138,7 @@ def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best")
         path = K.resolve(source, which)
         state = K.load(path)
         cfg, doc = C.from_dict(state["config"], str(path))
-        model, plan = M.build(cfg, doc)
+        model, plan = M.build(cfg, doc, pretrained=False)  # the checkpoint's weights are loaded next
         F.load_weights(model, plan, state["model"], str(path))
         if state.get("freeze"):
             F.apply(model, state["freeze"])

@@ -192,13 +192,22 @@ def summary(
     depth: int = typer.Option(1, "--depth", "-d", min=0, help="Levels of nested blocks to open (0: all)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts instead of a table."),
     which: str = typer.Option("best", "--which", help="For a run folder: best (default) or last."),
+    graph: Optional[str] = typer.Option(None, "--graph", help="Also draw the model (branches, shortcuts, "
+                                                              "output shapes) to this .png, .svg or .pdf file."),
     set_: Optional[list[str]] = SetOpt,
 ):
     """Per-layer table: output shapes, parameters, trainable/frozen, MACs; totals."""
     from . import summary as S
+    from .errors import UsageError
 
+    if graph is not None and not graph.lower().endswith((".png", ".svg", ".pdf")):
+        raise UsageError(f"--graph {graph}: the picture's file name must end in .png, .svg or .pdf")
     cfg, doc, model, plan, _ = _load_source(source, set_ or [], which)
     result = S.summarize(model, plan, cfg.model.input_shape, depth=depth)
+    if graph is not None:
+        S.draw_graph(model, cfg.model.input_shape, graph, title=f"{cfg.name}: input {list(cfg.model.input_shape)}",
+                     plan=plan)
+        _err(f"graph: {graph}")
     if as_json:
         print(json.dumps(result.to_dict(), indent=2))
         return
@@ -268,7 +277,10 @@ def layers(
         args = ", ".join(("*" if a["required"] else "") + a["name"] for a in d["arguments"])
         table.add_row(d["name"], args)
     table.add_row("Sequential", "a list of layer entries")
-    table.add_row("Residual", "a list of layer entries: x + body(x)")
+    table.add_row("Residual", "a list of layer entries: x + body(x); or {layers, shortcut, after}: "
+                              "after(body(x) + shortcut(x))")
+    table.add_row("Concat", "{dim (default 1), branches: [[layers], [], ...]}: torch.cat of the branches "
+                            "([] is the identity)")
     con.print(table)
 
 

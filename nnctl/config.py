@@ -578,7 +578,7 @@ def json_schema() -> dict:
     schema = Config.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "nnctl config"
-    names = sorted(set(LAYER_NAMES) | {"Sequential", "Residual"})
+    names = sorted(set(LAYER_NAMES) | {"Sequential", "Residual", "Concat"})
     layer_args = {"anyOf": [{"type": "null"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"},
                             {"type": "array"}, {"type": "object"}]}
     entry = {
@@ -588,13 +588,14 @@ def json_schema() -> dict:
             {
                 "type": "object",
                 "properties": {
-                    "name": {"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"},
+                    "name": {"anyOf": [{"type": "string", "pattern": "^[^.]+$"}, {"type": "integer", "minimum": 0}]},
                     "repeat": {"type": "integer", "minimum": 1},
                     **{n: layer_args for n in names},
                 },
                 "patternProperties": {"^[A-Z][A-Za-z0-9_]*$": layer_args},
                 "additionalProperties": False,
                 "minProperties": 1,
+                "description": "Residual: a list, or {layers, shortcut, after}; Concat: {dim, branches}",
             },
         ],
     }

@@ -419,7 +419,8 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
                              f"{cfg.train.epochs} epoch{'' if cfg.train.epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
     C.require_data(cfg, doc, what="training")
     problems = T.validate(cfg, doc)
-    model, plan = M.build(cfg, doc)
+    # resuming: the checkpoint's weights replace any pretrained ones, so the hub cache is not needed
+    model, plan = M.build(cfg, doc, pretrained=False if state is not None else None)
     if problems:
         raise ConfigError(problems)
     notes: list[str] = []
