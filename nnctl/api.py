@@ -121,6 +121,9 @@ def is_checkpoint_source(source: Any) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return False
     p = Path(source)
+    if p.suffix in (".safetensors", ".npz", ".onnx"):
+        raise UsageError(f"{p} holds exported weights only, without the config: use a run folder or an nnctl "
+                         f"checkpoint (.pt), or give a config with --init {p}")
     return p.is_dir() or p.suffix in CHECKPOINT_SUFFIXES
 
 
@@ -295,8 +298,15 @@ def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, whi
     if fmt not in E.FORMATS:
         raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(E.FORMATS)}")
     src = open_source(source, which=which)
-    if src.state is None:
-        raise UsageError(f"{source}: export needs a checkpoint or a run folder, not a config")
+    if src.state is None:  # a config: its freshly initialised (seeded) weights, as nnctl train would start
+        from . import config as C
+
+        if out is None:
+            raise UsageError(f"{source}: exporting a config's initial weights needs -o OUT")
+        state = K.make_payload("init", C.resolved(src.cfg), src.model.state_dict(),
+                               input_shape=list(src.cfg.model.input_shape), source=os.path.basename(str(source)))
+        return E.export(state, src.model, fmt, out, "init", str(source), inputs=[str(source)],
+                        with_preprocess=with_preprocess)
     ckpt_path = K.resolve(source, which)
     target = out or str(E.default_path(ckpt_path, fmt))
     return E.export(src.state, src.model, fmt, target, which, str(ckpt_path), inputs=[str(ckpt_path), str(source)],

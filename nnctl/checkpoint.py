@@ -137,7 +137,7 @@ def make_payload(kind: str, config: dict, model: dict[str, torch.Tensor], **fiel
     return payload
 
 
-def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list = ()) -> None:
+def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list = (), run_file: bool = True) -> None:
     """Write a checkpoint atomically. I/O failures (disk full, read-only) raise NnctlError."""
     payload = dict(payload)
     payload.setdefault("format", FORMAT)
@@ -147,7 +147,7 @@ def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list 
     payload.pop("state_digest", None)
     payload["state_digest"] = state_digest({k: v for k, v in payload.items() if k not in DIGEST_KEYS})
     try:
-        atomic_write(path, lambda fh: torch.save(payload, fh), inputs)
+        atomic_write(path, lambda fh: torch.save(payload, fh), inputs, run_file=run_file)
     except OSError as exc:
         previous = "; the previous checkpoint is intact" if os.path.exists(path) else ""
         reason = getattr(exc, "reason", None) or exc.strerror or exc
@@ -162,6 +162,8 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
     data = read_input(path, "checkpoint file", CheckpointError)  # never blocks on a FIFO
     if not data:
         raise CheckpointError(f"{path}: the file is empty (a checkpoint cut off while being written?)")
+    if data[:2] != b"PK" and data[:1] != b"\x80":  # neither torch's zip format nor its legacy pickle format
+        raise CheckpointError(f"{path}: not a torch checkpoint file ({_what_file(data)})")
     if data[:2] == b"PK":
         try:  # CRC-check every record: catches truncation and flipped bytes anywhere
             with zipfile.ZipFile(io.BytesIO(data)) as zf:
@@ -185,6 +187,19 @@ def read_state(path: str | os.PathLike) -> dict[str, Any]:
                                   "code; only plain tensors and containers are loaded "
                                   f"(torch.load weights_only=True: {text[:200]})") from None
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupt or not a torch file): {text[:200]}") from None
+
+
+def _what_file(data: bytes) -> str:
+    """A short guess at what a file that is not a checkpoint is, for the message."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "a PNG image"
+    if data[:3] == b"\xff\xd8\xff":
+        return "a JPEG image"
+    if len(data) > 8 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data):
+        return "a .safetensors file: weights without nnctl's config; use it with nnctl train CONFIG --init"
+    if data[:1] in (b"{", b"[") or data.lstrip()[:1] in (b"{", b"#") or b": " in data[:200]:
+        return "it looks like text (JSON or YAML)"
+    return f"it starts with bytes {data[:8]!r}"
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

@@ -91,6 +91,12 @@ def handle_errors(fn):
         except MemoryError:
             _err("error: out of memory")
             raise typer.Exit(1) from None
+        except OSError as exc:  # the environment, not nnctl: stdout on a full disk, a vanished folder, ...
+            if os.environ.get("NNCTL_DEBUG"):
+                raise
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else " (writing the output)"
+            _err(f"error: {exc.strerror or exc}{where}")
+            raise typer.Exit(1) from None
         except Exception as exc:  # a bug in nnctl, not a user mistake: say so, keep it short
             if os.environ.get("NNCTL_DEBUG"):
                 raise
@@ -617,7 +623,7 @@ def freeze(
         from .files import check_output
 
         check_output(output, inputs, what="-o")
-        K.save(output, payload, inputs)
+        K.save(output, payload, inputs, run_file=False)
     if as_json:
         print(json.dumps({"children": rows, "total": total, "trainable": trainable, "frozen": total - trainable,
                           "plan": fplan, "output": output}, indent=2))
@@ -695,7 +701,8 @@ def eval_(
     if as_json:  # strict JSON: a non-finite number is null, never NaN
         print(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
         return
-    head = {"split": result.split, "samples": result.samples, "epoch": result.epoch, **result.metrics}
+    head = {"split": result.split, "samples": result.samples,
+            **({"epoch": result.epoch} if result.epoch is not None else {}), **result.metrics}
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.items()))
     if result.per_class:
         from rich.table import Table

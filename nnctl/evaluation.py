@@ -101,6 +101,12 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     if data is not None:
         resolved["data"] = _data_section(data)
     if split == "test":
+        from .data import has_test_split
+
+        source_name = (resolved.get("data") or {}).get("source")
+        if source_name and not has_test_split(source_name):
+            raise UsageError(f"--split test: {source_name} has no test split of its own; use --split val "
+                             "(the run's validation split), or --data with the data to score")
         resolved.setdefault("data", {})["split"] = "test"
     if split == "all":
         resolved.setdefault("data", {})["val_fraction"] = 0.0
@@ -138,7 +144,8 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         result.confusion = matrix.tolist()
         result.per_class = per_class(matrix, names)
         target = Path(confusion_path) if confusion_path else base_dir / "eval" / f"confusion-{split}.png"
-        result.confusion_png = plot_confusion(matrix, names, target,
+        inputs = [str(source)] + [str(p) for p in (getattr(src, "checkpoint", None), data, init) if p is not None]
+        result.confusion_png = plot_confusion(matrix, names, target, inputs,
                                               f"{cfg.name}: {split}, {batches.num_samples:,} samples, "
                                               f"accuracy {metrics.get('accuracy', 0):.4f}")
     elif confusion:
@@ -157,7 +164,7 @@ def per_class(matrix: torch.Tensor, names: list[str]) -> list[dict]:
     return rows
 
 
-def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, title: str) -> str:
+def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: list[str], title: str) -> str:
     """A confusion-matrix PNG: counts in each cell, rows normalised for the colour, class names on the axes."""
     import matplotlib
 
@@ -166,7 +173,7 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, title: st
 
     from .files import atomic_write, check_output
 
-    check_output(path, what="confusion plot")
+    check_output(path, inputs, what="--confusion-out")
     path.parent.mkdir(parents=True, exist_ok=True)
     m = matrix.numpy()
     n = len(names)
@@ -188,6 +195,6 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, title: st
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), inputs)
     plt.close(fig)
     return str(path)

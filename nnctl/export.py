@@ -98,15 +98,16 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
     if fmt not in FORMATS:
         raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     inputs = [i for i in (*inputs, source) if i]
-    check_output(out, inputs, what="-o")
     out_path = Path(out)
-    if out_path.parent.name == "export" and not out_path.parent.exists():
+    if out_path.parent.name == "export" and not out_path.parent.is_dir():
+        if out_path.parent.exists() or out_path.parent.is_symlink():
+            raise UsageError(f"cannot create the export folder {out_path.parent}: it exists and is not a folder; "
+                             "give -o OUT")
         try:
-            out_path.parent.mkdir(parents=False)
-        except FileExistsError:
-            pass
+            out_path.parent.mkdir(parents=False, exist_ok=True)
         except OSError as exc:
             raise NnctlError(f"could not create {out_path.parent}: {exc.strerror or exc}") from None
+    check_output(out, inputs, what="output")
     weights, shared = plain_state(state["model"])
     meta = metadata(state, which, source)
     notes = [f"{a} shared storage with {b}: written as an independent copy" for a, b in shared]

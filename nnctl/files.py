@@ -169,7 +169,7 @@ def _remove_stale_temporaries(path: Path) -> None:
         if not name.startswith(prefix):
             continue
         try:
-            pid = int(name[len(prefix):])
+            pid = int(name[len(prefix):].split("-", 1)[0])
         except ValueError:
             continue
         if pid != os.getpid() and not _pid_alive(pid):
@@ -210,23 +210,28 @@ class deferred_signals:
         return False
 
 
-def atomic_write(path: str | os.PathLike, write, inputs: tuple | list = ()) -> None:
+def atomic_write(path: str | os.PathLike, write, inputs: tuple | list = (), run_file: bool = False) -> None:
     """Call write(fileobj) on a temporary file beside path, then rename it into place.
 
     A target that exists and is not a regular file (a device, a FIFO, a folder, a link) or
-    that is one of ``inputs`` is refused (UsageError) before anything is written. An I/O
+    that is one of ``inputs``, or that is one of the files nnctl keeps in a run folder
+    (unless ``run_file``: the run itself writing them) is refused (UsageError) before
+    anything is written. An I/O
     failure removes the temporary file, leaves any previous file at path intact and raises
     WriteError naming the file. SIGINT / SIGTERM are held until the file is in place.
     Temporary files left by a writer killed mid-write are removed.
     """
-    path = check_output(path, inputs, what="target", allow_run_files=True)
+    path = check_output(path, inputs, what="target", allow_run_files=run_file)
     _remove_stale_temporaries(path)
     with deferred_signals():
         _atomic_write(path, write)
 
 
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    import secrets
+
+    # unique per writer: two threads of one process (the API) never share a temporary file
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     sink = None
     try:
         with open(tmp, "wb") as fh:

@@ -525,7 +525,7 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_
             say(init_report)
         if not continuing:
             text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
-            K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text))
+            K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
     try:
         result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=on_event,
                        freeze_plan=freeze_plan, dist=dist)

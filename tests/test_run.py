@@ -23,7 +23,7 @@ from nnctl import checkpoint as K
 from nnctl import run as R
 from nnctl.errors import CheckpointError, UsageError
 
-from .conftest import make, run_cli, write
+from .conftest import ROOT, make, run_cli, write
 
 
 def digest_of(folder: Path) -> dict[str, str]:
@@ -390,3 +390,121 @@ def test_device_line_shows_the_configured_threads(tmp_path):
     r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"), env={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr
     assert "device: cpu, 1 CPU threads" in r.stdout
+
+
+# --- found by trying it as an attacker (second round) -----------------------------------------------
+
+def test_schema_o_never_replaces_a_run_file(trained, tmp_path):
+    run = copy_run(trained[1], tmp_path / "run")
+    before = digest_of(run)
+    r = run_cli("schema", "-o", str(run / "last.pt"))
+    assert r.returncode == 2 and "a file nnctl keeps in the run folder" in r.stderr
+    assert digest_of(run) == before
+
+
+def test_confusion_out_never_over_an_input(trained, tmp_path, cli):
+    run = copy_run(trained[1], tmp_path / "run")
+    saved = tmp_path / "saved.pt"
+    saved.write_bytes((run / "best.pt").read_bytes())
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {source: digits}\n")
+    cases = [(str(saved), "--confusion-out", str(saved)),
+             (str(run), "--data", str(other), "--confusion-out", str(other)),
+             (str(trained[0]), "--init", str(saved), "--confusion-out", str(saved)),
+             (str(trained[0]), "--init", str(saved), "--confusion-out", str(trained[0]))]
+    for source, *rest in cases:
+        before = {p: Path(p).read_bytes() for p in (saved, other, trained[0])}
+        code, _, err = cli("eval", source, "--confusion", *rest)
+        assert code == 2 and "input" in err, (rest, err)
+        assert {p: Path(p).read_bytes() for p in before} == before
+
+
+def test_eval_on_other_data_matches_classes_by_name(trained, tmp_path):
+    """A folder of only 3s and 7s is scored against the model's classes '3' and '7', not 0 and 1."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    table = np.loadtxt(gzip.open(ROOT / "nnctl" / "data" / "digits.csv.gz", "rt"), delimiter=",", dtype=np.int64)
+    for i in range(300):
+        label = int(table[i, 64])
+        if label in (3, 7):
+            (tmp_path / "f37" / str(label)).mkdir(parents=True, exist_ok=True)
+            pixels = (table[i, :64] * 255 // 16).astype(np.uint8).reshape(8, 8)
+            Image.fromarray(pixels).save(tmp_path / "f37" / str(label) / f"{i}.png")
+    other = tmp_path / "f37.yaml"
+    other.write_text("data: {source: image_folder, root: f37, grayscale: true, image_size: [8, 8]}\n")
+    from nnctl import api
+
+    result = api.evaluate(trained[1], data=str(other), confusion=True, confusion_path=str(tmp_path / "cm.png"))
+    assert result.metrics["accuracy"] > 0.6  # by position it scored 0.0
+    assert result.classes == [str(i) for i in range(10)]
+    assert sum(result.confusion[3]) + sum(result.confusion[7]) == result.samples
+    with pytest.raises(UsageError, match="are not the model's"):
+        api.evaluate(trained[1], overrides=["data.label_map=[0,0,0,0,0,1,1,1,1,1]"])
+
+
+def test_a_full_stdout_is_a_one_line_error(trained):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "nnctl", "eval", str(trained[1]), "--json"], stdout=full,
+                           stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().startswith("error: No space left on device") and "internal" not in r.stderr
+
+
+def test_files_that_are_not_checkpoints_are_named_for_what_they_are(trained, tmp_path):
+    from nnctl import export as E
+
+    (tmp_path / "a.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (tmp_path / "b.pt").write_text('{"x": 1}')
+    st = K.load(trained[1] / "best.pt")
+    E.export(st, None, "safetensors", str(tmp_path / "w.safetensors"))
+    (tmp_path / "c.pt").write_bytes((tmp_path / "w.safetensors").read_bytes())
+    for name, what in (("a.pt", "a PNG image"), ("b.pt", "looks like text"), ("c.pt", ".safetensors")):
+        with pytest.raises(CheckpointError, match="not a torch checkpoint file") as err:
+            K.load(tmp_path / name)
+        assert what in str(err.value) and "pickled" not in str(err.value)
+    r = run_cli("summary", str(tmp_path / "w.safetensors"))
+    assert r.returncode == 2 and "exported weights only" in r.stderr
+
+
+def test_export_of_a_model_only_config_and_an_export_path_that_is_a_file(trained, tmp_path):
+    only = tmp_path / "only.yaml"
+    only.write_text("model: {input_shape: [4], layers: [{Linear: {out_features: 2}}]}\n")
+    r = run_cli("export-weights", str(only), "-o", str(tmp_path / "init.safetensors"))
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    assert set(load_file(tmp_path / "init.safetensors")) == {"0.weight", "0.bias"}
+    run = copy_run(trained[1], tmp_path / "run")
+    (run / "export").write_text("not a folder")
+    r = run_cli("export-weights", str(run))
+    assert r.returncode == 2 and "export folder" in r.stderr
+
+
+def test_threads_exporting_to_one_target_never_collide(trained, tmp_path):
+    import threading
+
+    from nnctl import api
+
+    errors = []
+
+    def export():
+        try:
+            api.export(trained[1], "pt", str(tmp_path / "thr.pt"))
+        except Exception as exc:  # noqa: BLE001 - the test collects every failure
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert set(torch.load(tmp_path / "thr.pt", weights_only=True)) == set(K.load(trained[1] / "best.pt")["model"])
+
+
+def test_split_test_without_a_test_split_says_what_to_use(trained, cli):
+    code, _, err = cli("eval", str(trained[1]), "--split", "test")
+    assert code == 2 and "--split val" in err
