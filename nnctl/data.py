@@ -29,10 +29,15 @@ Default dataset folder (mnist, fashion_mnist, cifar10, cifar100):
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import pickle
-from dataclasses import dataclass
+import signal
+import stat
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
@@ -44,6 +49,8 @@ from torch import Tensor
 from . import preprocess as P
 from .config import CLASSIFICATION_LOSSES, Config
 from .errors import NnctlError, UsageError
+from .files import _kind as _file_kind
+from .files import open_input, read_input
 
 IMAGE_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder")
 PRELOAD_LIMIT_BYTES = 2 << 30
@@ -80,6 +87,7 @@ class _Store:
     image_mode: str = "RGB"
     image_size: tuple[int, int] | None = None  # (H, W) to resize to
     class_names: list[str] | None = None  # index = class id (the preprocessing record's `classes`)
+    notes: list[str] = field(default_factory=list)  # what reading skipped, for the run to print
 
     def __len__(self) -> int:
         return len(self.y)
@@ -100,8 +108,80 @@ class _StoreDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.store)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.store.sample(i)
+    def __getitem__(self, i: int) -> "tuple[Tensor, Tensor] | _Failed":
+        try:
+            return self.store.sample(i)
+        except UsageError as exc:  # a bad file: a value, so that no worker traceback crosses processes
+            return _Failed(" ".join(str(exc).split()))
+
+
+class _Failed:
+    """A sample that could not be read; the DataLoader hands it back in place of a batch."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _collate(items: list) -> Any:
+    for item in items:
+        if isinstance(item, _Failed):
+            return item
+    return torch.utils.data.default_collate(items)
+
+
+WORKER_TERM_GRACE_S = 60
+
+
+def _worker_term(signum, frame) -> None:
+    """SIGTERM in a worker: die WORKER_TERM_GRACE_S seconds later, unless the main process shuts the
+    worker down first (a group SIGTERM reaches the main process too, which stops at the next step
+    boundary, saves and closes its workers)."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(WORKER_TERM_GRACE_S)
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave stops to the main process: Ctrl-C (sent to the whole process group) is
+    ignored, and SIGTERM ends a worker only after a grace period (see _worker_term). A worker that
+    died at once would fail the main process's next batch, or its SIGCHLD handler in the middle of
+    a step, where no consistent state can be saved."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_term)
+
+
+def _loader(dataset, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader that draws no global random numbers (its own generator) and returns bad samples
+    as values (see _Failed)."""
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    workers = kwargs.get("num_workers", 0)
+    return torch.utils.data.DataLoader(dataset, collate_fn=_collate,
+                                       worker_init_fn=_worker_init if workers else None, **kwargs)
+
+
+class LoaderStopped(NnctlError):
+    """A DataLoader worker process died (a signal, the out-of-memory killer): exit 1, not the data's fault."""
+
+
+def _iterate(loader) -> Iterator[Any]:
+    """A DataLoader's batches; a sample that could not be read is a one-line UsageError naming the file,
+    and a worker process that died (a signal, out of memory) a one-line NnctlError, never a traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except NnctlError:  # a stop signal (Interrupted) while waiting for a batch
+            raise
+        except RuntimeError as exc:
+            text = " ".join(str(exc).split())
+            if "DataLoader worker" in text:
+                raise LoaderStopped(f"a DataLoader worker process stopped ({text[:200]}); this is not a fault "
+                                 "of the data: a signal or the out-of-memory killer ended it") from None
+            raise
+        if isinstance(batch, _Failed):
+            raise UsageError(batch.message)
+        yield batch
 
 
 def _digits() -> _Store:
@@ -139,6 +219,8 @@ def _mnist(cfg: Config, root: Path) -> _Store:
                     f"(data.download: true also unpacks .gz archives found there); set data.download: true (or --set data.download=true) to fetch "
                     f"them, or data.root to the folder that holds {_MNIST_FOLDERS[source]}/raw") from None
             raise NnctlError(f"cannot download {source} into {raw}: {exc}") from exc
+        except NnctlError:  # a stop signal while reading: not the files' fault
+            raise
         except Exception as exc:  # a damaged IDX file
             raise UsageError(f"cannot read {source} from {raw}: {exc}; delete the folder and download again "
                              f"(data.download: true)") from exc
@@ -186,9 +268,9 @@ class _CifarUnpickler(pickle.Unpickler):
 def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR python batch file -> (N x 3072 uint8 data, N int64 labels)."""
     try:
-        with open(path, "rb") as f:
+        with open_input(path, "CIFAR batch file") as f:
             batch = _CifarUnpickler(f, str(path)).load()
-    except UsageError:
+    except NnctlError:  # a refused file, or a stop signal while reading (not the file's fault)
         raise
     except OSError as exc:
         raise NnctlError(f"cannot read {path}: {exc}") from exc
@@ -249,87 +331,235 @@ def _cifar(cfg: Config, root: Path) -> _Store:
 def _cifar100_names(base: Path) -> list[str] | None:
     """CIFAR-100's fine label names from its meta file (read with the same restricted unpickler)."""
     try:
-        with open(base / "meta", "rb") as fh:
+        with open_input(base / "meta", "CIFAR meta file") as fh:
             meta = _CifarUnpickler(fh, str(base / "meta")).load()
         names = meta.get("fine_label_names") if isinstance(meta, dict) else None
         return [str(n) for n in names] if isinstance(names, list) and len(names) == 100 else None
+    except UsageError:  # not a regular file, or a refused pickle: names by index
+        return None
+    except NnctlError:  # a stop signal while reading: not the file's fault
+        raise
     except Exception:  # no meta file, or a damaged one: names by index
         return None
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+
+
+@contextmanager
+def _open_image(path: str):
+    """PIL's image of a regular file (never a FIFO or device), or a one-line UsageError naming the file.
+
+    A decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS, whether PIL warns or raises) is
+    refused. A stop signal raised while reading (an NnctlError that is not a UsageError) passes
+    through: it is not the file's fault.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with open_input(path, "image file") as fh, Image.open(fh) as img:
+                yield img
+        except NnctlError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise UsageError(f"image {path}: refused as a possible decompression bomb: "
+                             f"{' '.join(str(exc).split())[:200]}") from None
+        except Exception as exc:  # OSError, SyntaxError (broken PNG), ValueError, zlib.error, struct.error, ...
+            text = " ".join(str(exc).split())[:200]
+            raise UsageError(f"cannot read image {path}: {type(exc).__name__}: {text} "
+                             "(a corrupt or truncated image file)") from None
 
 
 def _decode_image(path: str, mode: str, size: tuple[int, int] | None) -> Tensor:
     """One image file -> uint8 (C, H, W)."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            if size is not None and (img.height, img.width) != tuple(size):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except OSError as exc:
-        raise UsageError(f"cannot read image {path}: {exc}") from exc
+    with _open_image(path) as img:
+        img = img.convert(mode)
+        if size is not None and (img.height, img.width) != tuple(size):
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        arr = np.asarray(img, dtype=np.uint8)
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
 
 
+_NOTES_SHOWN = 8
+
+
+def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+    """ImageFolder's classes and (file, class) samples, in ImageFolder's order, read safely.
+
+    Every real folder is read once: folders are identified by (st_dev, st_ino), so a symbolic link
+    to a folder already read (its own ancestor, the root, another class, a second link to one
+    folder) is skipped, never followed into a loop or a second copy of the same images. Real
+    folders are walked before links, so a link never shadows the folder it points to. Files are
+    read once too (a link or hard link to a file already listed is skipped). Only regular files
+    are images: a FIFO, device or socket with an image name is skipped (opening a FIFO would wait
+    forever). Each skip is reported in the returned notes.
+    """
+    notes: list[str] = []
+    seen: dict[tuple[int, int], str] = {}
+
+    def ident(st: os.stat_result) -> tuple[int, int]:
+        return st.st_dev, st.st_ino
+
+    def note(text: str) -> None:
+        notes.append(text)
+
+    try:
+        seen[ident(os.stat(root))] = str(root)
+        top = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise UsageError(f"data.root {root}: cannot read: {exc.strerror or exc}") from None
+    classes: list[tuple[str, str]] = []
+    for entry in top:
+        try:
+            st = os.stat(entry.path)
+        except OSError:
+            if entry.is_symlink():
+                note(f"{entry.path}: skipped: a broken symbolic link")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            continue
+        if ident(st) in seen:
+            note(f"{entry.path}: skipped as a class: a link to {seen[ident(st)]}, a folder already read")
+            continue
+        seen[ident(st)] = entry.path
+        classes.append((entry.name, entry.path))
+    if not classes:
+        raise UsageError(f"data.root {root} has no sub-folders: image_folder needs one sub-folder of images "
+                         "per class")
+
+    found: list[list[tuple[str, list[str]]]] = [[] for _ in classes]  # per class: (folder, its image files)
+    links: list[tuple[int, str]] = []  # folder links, followed after every real folder has been read
+
+    def walk(index: int, start: str) -> None:
+        stack = [start]
+        while stack:
+            folder = stack.pop()
+            try:
+                entries = sorted(os.scandir(folder), key=lambda e: e.name)
+            except OSError as exc:
+                note(f"{folder}: skipped: cannot read the folder ({exc.strerror or exc})")
+                continue
+            files = []
+            for e in entries:
+                is_link = e.is_symlink()
+                try:
+                    st = os.stat(e.path)
+                except OSError:
+                    if is_link:
+                        note(f"{e.path}: skipped: a broken symbolic link")
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    if is_link:
+                        links.append((index, e.path))
+                    elif ident(st) in seen:  # a bind mount can repeat a real folder
+                        note(f"{e.path}: skipped: the same folder as {seen[ident(st)]}, already read")
+                    else:
+                        seen[ident(st)] = e.path
+                        stack.append(e.path)
+                    continue
+                if not e.name.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                if not stat.S_ISREG(st.st_mode):
+                    note(f"{e.path}: skipped: {_file_kind(st.st_mode)}, not a regular file")
+                    continue
+                files.append(e.path)
+            found[index].append((folder, files))
+
+    for index, (_, class_dir) in enumerate(classes):
+        walk(index, class_dir)
+    while links:
+        index, link = links.pop(0)
+        try:
+            st = os.stat(link)
+        except OSError:
+            continue
+        if ident(st) in seen:
+            note(f"{link}: skipped: a link to {seen[ident(st)]}, a folder already read (following it would "
+                 "repeat those images, or loop forever)")
+            continue
+        seen[ident(st)] = link
+        walk(index, link)
+
+    ordered = [[p for _, files in sorted(found[i]) for p in sorted(files)] for i in range(len(classes))]
+    owner: dict[tuple[int, int], str] = {}  # each file once: the real file wins over links to it
+    for paths in ordered:
+        for path in paths:
+            if not os.path.islink(path):
+                owner.setdefault(ident(os.stat(path)), path)
+    samples: list[tuple[str, int]] = []
+    for index, (_, class_dir) in enumerate(classes):
+        count = 0
+        for path in ordered[index]:
+            key = ident(os.stat(path))
+            if owner.setdefault(key, path) != path:
+                note(f"{path}: skipped: the same file as {owner[key]}, listed once")
+                continue
+            samples.append((path, index))
+            count += 1
+        if count == 0:
+            raise UsageError(f"class folder {class_dir} holds no images (regular files ending in "
+                             f"{', '.join(IMAGE_EXTENSIONS)}); remove it or add images")
+    if len(notes) > _NOTES_SHOWN:
+        notes = notes[:_NOTES_SHOWN] + [f"... and {len(notes) - _NOTES_SHOWN} more skipped entries under {root}"]
+    return [n for n, _ in classes], samples, [f"image_folder: {n}" for n in notes]
+
+
 def _image_folder(cfg: Config) -> _Store:
     """ImageFolder's files and classes; sizes checked from the headers, decoding left for later."""
-    from PIL import Image
-    from torchvision import datasets
-
     root = Path(os.path.expanduser(cfg.data.root))
     if not root.is_dir():
         raise UsageError(f"data.root {root} is not a folder; image_folder needs one sub-folder of images per class")
-    try:
-        folder = datasets.ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as exc:
-        raise UsageError(f"data.root {root}: {exc} (image_folder needs one sub-folder of images per class)") from exc
-    files = [p for p, _ in folder.samples]
-    y = torch.tensor([c for _, c in folder.samples], dtype=torch.int64)
+    class_names, samples, notes = _scan_image_folder(root)
+    files = [p for p, _ in samples]
+    y = torch.tensor([c for _, c in samples], dtype=torch.int64)
     mode = "L" if cfg.data.grayscale else "RGB"
     if cfg.data.image_size is not None:
         size = (int(cfg.data.image_size[0]), int(cfg.data.image_size[1]))
     else:
         sizes: dict[tuple[int, int], str] = {}
         for p in files:
-            try:
-                with Image.open(p) as img:
-                    sizes.setdefault((img.height, img.width), p)
-            except OSError as exc:
-                raise UsageError(f"cannot read image {p}: {exc}") from exc
+            with _open_image(p) as img:
+                sizes.setdefault((img.height, img.width), p)
             if len(sizes) > 1:
                 (s1, f1), (s2, f2) = list(sizes.items())[:2]
                 raise UsageError(f"images in {root} have different sizes ({f1} is {s1[0]}x{s1[1]}, {f2} is "
                                  f"{s2[0]}x{s2[1]}); set data.image_size: [H, W] to resize them all")
         size = next(iter(sizes))
     channels = 1 if mode == "L" else 3
-    return _Store(y=y, sample_shape=(channels, *size), scale=255.0, num_classes=len(folder.classes),
-                  files=files, image_mode=mode, image_size=size, class_names=list(folder.classes))
+    return _Store(y=y, sample_shape=(channels, *size), scale=255.0, num_classes=len(class_names),
+                  files=files, image_mode=mode, image_size=size, class_names=class_names, notes=notes)
 
 
 def _decode_all(store: _Store, workers: int) -> None:
     """Decode every image of a streamed store once into one uint8 tensor."""
-    loader = torch.utils.data.DataLoader(_StoreDataset(store), batch_size=256, num_workers=workers)
-    store.x = torch.cat([x for x, _ in loader]) if len(store) else torch.empty((0, *store.sample_shape),
-                                                                                dtype=torch.uint8)
+    loader = _loader(_StoreDataset(store), batch_size=256, num_workers=workers)
+    store.x = torch.cat([x for x, _ in _iterate(loader)]) if len(store) else \
+        torch.empty((0, *store.sample_shape), dtype=torch.uint8)
     store.files = None
 
 
 def _read_tensors(path: Path) -> dict[str, Any]:
+    """The file's tensors; read through files.read_input (a regular file only, never a FIFO)."""
     ext = path.suffix.lower()
+    if ext in (".pt", ".pth", ".npz", ".safetensors"):
+        data = read_input(path, "data file")
     if ext in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         if not isinstance(obj, dict):
             raise UsageError(f"{path} holds a {type(obj).__name__}, not a dict with 'x' and 'y' tensors")
         return obj
     if ext == ".npz":
-        with np.load(path, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
     if ext == ".safetensors":
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
-        return load_file(str(path))
+        return load(data)
     raise UsageError(f"data.path {path}: unsupported file type {ext or '(none)'!r}; "
                      f"use .pt, .pth, .npz or .safetensors with x and y")
 
@@ -337,11 +567,11 @@ def _read_tensors(path: Path) -> dict[str, Any]:
 def _tensors(cfg: Config) -> _Store:
     """A file with x and y: integer y is class labels, float y regression targets (N -> N x 1)."""
     path = Path(os.path.expanduser(cfg.data.path))
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"data.path {path} does not exist (expected a .pt, .npz or .safetensors file with x and y)")
     try:
         obj = _read_tensors(path)
-    except UsageError:
+    except NnctlError:  # a refused file, or a stop signal while reading (not corrupt data)
         raise
     except Exception as exc:
         raise UsageError(f"cannot read {path}: {type(exc).__name__}: {exc}") from exc
@@ -359,9 +589,11 @@ def _tensors(cfg: Config) -> _Store:
     if x.dtype == torch.bool or x.is_complex() or y.dtype == torch.bool or y.is_complex():
         raise UsageError(f"{path}: x and y must be real numbers (x: {x.dtype}, y: {y.dtype})")
     x = x.to(torch.float32).contiguous()
+    _refuse_non_finite(path, "x", x)
     num_classes = None
     if y.is_floating_point():
         y = y.to(torch.float32)
+        _refuse_non_finite(path, "y", y)
         if y.ndim == 1:
             y = y.unsqueeze(1)
     else:
@@ -372,6 +604,15 @@ def _tensors(cfg: Config) -> _Store:
             raise UsageError(f"{path}: class labels in y must be >= 0, found {int(y.min())}")
         num_classes = int(y.max()) + 1 if len(y) else 0
     return _Store(y=y.contiguous(), sample_shape=tuple(x.shape[1:]), x=x, num_classes=num_classes)
+
+
+def _refuse_non_finite(path: Path, key: str, t: Tensor) -> None:
+    """NaN or infinite values (after the conversion to float32) would train on garbage: refused at load."""
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        first = int((~torch.isfinite(t.reshape(len(t), -1))).any(1).nonzero()[0])
+        raise UsageError(f"{path}: {key} holds {bad:,} non-finite values (NaN or infinite, or beyond float32's "
+                         f"range) of {t.numel():,}, the first in sample {first}; clean the data")
 
 
 def _synthetic(cfg: Config) -> _Store:
@@ -512,9 +753,13 @@ class Batches:
             # the sampler must not refer back to this object: a reference cycle would leave the
             # persistent workers to be shut down by the garbage collector, slowly
             self._sampler = _EpochBatchSampler(self._plan)
-            self._loader = torch.utils.data.DataLoader(
+            # A DataLoader iterator draws its workers' base seed when it is made: from this generator,
+            # never from the global RNG, whose stream belongs to dropout (exact resume). The workers
+            # draw no random numbers (decoding is deterministic; noise is added in _finish).
+            self._generator = torch.Generator()
+            self._loader = _loader(
                 _StoreDataset(store), batch_sampler=self._sampler, num_workers=num_workers,
-                pin_memory=device.type == "cuda", persistent_workers=num_workers > 0)
+                pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, generator=self._generator)
         self._len = len(self._plan)
         self.num_samples = sum(map(len, self._plan.batches(0, 0))) if self.world_size > 1 else len(indices)
 
@@ -541,7 +786,8 @@ class Batches:
             if start_step >= self._len:
                 return
             nb = self.device.type == "cuda"
-            for step, (x, y) in enumerate(self._loader, start_step):
+            self._generator.manual_seed(_mix(self.seed, epoch, 0x10AD))
+            for step, (x, y) in enumerate(_iterate(self._loader), start_step):
                 yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
                                    epoch, step)
 
@@ -577,9 +823,43 @@ class DataBundle:
     description: str
     preloaded: bool
     preprocessing: P.Preprocessing | None = None  # the record every checkpoint of this data carries
+    # what reading skipped or decided, one line each, for the run to print (as "note: ...")
+    notes: list[str] = field(default_factory=list)
+    target_shape: tuple[int, ...] | None = None  # one sample's regression target; None for class labels
+    label_range: tuple[int, int] | None = None  # (min, max) class label over both splits
+    where: str = ""  # the data, for messages: "tensors file d.pt", "image_folder data/pets", "digits"
 
 
 # --- load_data -------------------------------------------------------------------------
+
+def has_test_split(source: str) -> bool:
+    """Sources that come with a test split of their own (data.split: test)."""
+    return source in ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
+def _align_classes(store: _Store, record: P.Preprocessing, source: str) -> None:
+    """Other data scored by a trained model: its classes mapped onto the model's by name, never by position.
+
+    An image folder of new images may hold a subset of the classes, in folders sorted
+    differently; a class the model does not know, or unnamed classes that do not match,
+    are an error instead of a silently wrong score.
+    """
+    if store.y.dtype != torch.int64 or not record.classes:
+        return
+    model_names = [str(c) for c in record.classes]
+    names = store.class_names or [str(i) for i in range(store.num_classes or int(store.y.max()) + 1)]
+    if list(names) == model_names:
+        return
+    unknown = [n for n in names if n not in model_names]
+    if unknown:
+        raise UsageError(f"the data's classes {names[:12]}{' ...' if len(names) > 12 else ''} are not the "
+                         f"model's {model_names[:12]}{' ...' if len(model_names) > 12 else ''} ({source}: "
+                         f"{unknown[0]!r} is unknown to the model); score it on data with the model's classes")
+    index = torch.tensor([model_names.index(n) for n in names], dtype=torch.int64)
+    store.y = index[store.y]
+    store.num_classes = len(model_names)
+    store.class_names = model_names
+
 
 def _split(cfg: Config, store: _Store) -> tuple[Tensor, Tensor]:
     """Training and validation indices into the store.
@@ -616,7 +896,7 @@ def _stats(store: _Store, indices: Tensor, workers: int) -> tuple[list[float], l
         chunks = (store.x[indices[i:i + 8192]] for i in range(0, len(indices), 8192))
     else:
         subset = torch.utils.data.Subset(_StoreDataset(store), indices.tolist())
-        chunks = (x for x, _ in torch.utils.data.DataLoader(subset, batch_size=256, num_workers=workers))
+        chunks = (x for x, _ in _iterate(_loader(subset, batch_size=256, num_workers=workers)))
     for x in chunks:
         x = x.to(torch.float64)
         if store.scale:  # set for uint8 images only
@@ -737,6 +1017,7 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
 
     train_idx, val_idx = _split(cfg, store)
     if preprocessing is not None:  # scoring other data as the model was trained: the recorded statistics
+        _align_classes(store, preprocessing, d.source)
         mean, std = preprocessing.mean, preprocessing.std
     else:
         mean, std = _normalization(cfg, store, train_idx)
@@ -767,5 +1048,74 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     if world_size > 1:
         desc += f" (rank {rank} of {world_size})"
     record = preprocessing_record(cfg, store, task, mean, std)
+    if task == "classification":
+        target_shape, label_range = None, (int(store.y.min()), int(store.y.max()))
+    else:
+        target_shape = tuple(shape) if d.target == "input" else tuple(store.y.shape[1:])
+        label_range = None
+    where = d.source
+    if d.source == "tensors":
+        where = f"tensors file {d.path}"
+    elif d.source == "image_folder":
+        where = f"image_folder {d.root}"
     return DataBundle(train=train, val=val, input_shape=tuple(shape), num_classes=num_classes, task=task,
-                      mean=mean, std=std, description=desc, preloaded=preload, preprocessing=record)
+                      mean=mean, std=std, description=desc, preloaded=preload, preprocessing=record,
+                      notes=list(store.notes), target_shape=target_shape, label_range=label_range, where=where)
+
+
+# --- targets against the model -----------------------------------------------------------
+
+def _output_layer(plan) -> Any:
+    """The layer that sets the model's output shape: the last one that changes its input's shape
+    (the Linear before a LogSoftmax, say), else the last layer."""
+    leaves = [node for _, node in plan.root.walk() if not node.children]
+    for node in reversed(leaves):
+        if node.in_shape is not None and node.out_shape is not None and tuple(node.in_shape) != tuple(node.out_shape):
+            return node
+    return leaves[-1] if leaves else None
+
+
+def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
+    """Problems (nnctl.errors.Problem, located at the model's output layer) where the data's targets
+    do not fit the model's output: class labels at or above the output width, an output that is not
+    one score per class, or a regression target whose shape differs from the output's (which the
+    loss would broadcast with only a warning). An empty list when they fit.
+
+    Call it after load_data and before anything is written; raise ConfigError(problems) (exit 2).
+    """
+    from .yamlio import format_path
+
+    out = plan.output_shape
+    if out is None:
+        return []
+    out = tuple(int(v) for v in out)
+    node = _output_layer(plan)
+    path = tuple(node.path) if node is not None else ("model", "layers")
+    line, _ = doc.locate(path)
+    layer = (f"the model's output layer {format_path(path)} ({node.label()}{f', line {line}' if line else ''})"
+             if node is not None else "the model")
+    what = data.where or cfg.data.source
+    problems = []
+    if data.task == "classification":
+        classes = data.num_classes or 0
+        lo, hi = data.label_range if data.label_range else (0, classes - 1)
+        needed = max(classes, hi + 1)
+        if len(out) != 1:
+            problems.append(doc.problem(path, (
+                f"{layer} gives outputs of shape {list(out)} per sample, but the data ({what}) has class labels "
+                f"({needed} classes) and train.loss {cfg.train.loss} needs one score per class, shape [{needed}]; "
+                "end the model with a Flatten and a Linear of that width")))
+        elif out[0] < needed:
+            hint = f"; set out_features: {needed}" if node is not None and node.type_name == "Linear" else ""
+            problems.append(doc.problem(path, (
+                f"{layer} gives {out[0]} class scores per sample, but the data ({what}) has class labels "
+                f"{lo}..{hi} ({needed} classes): a label at or above {out[0]} has no score{hint}")))
+    else:
+        target = tuple(data.target_shape) if data.target_shape is not None else None
+        if target is not None and target != out:
+            source = "the input (data.target: input)" if cfg.data.target == "input" else f"y in {what}"
+            problems.append(doc.problem(path, (
+                f"{layer} gives outputs of shape {list(out)} per sample, but the targets ({source}) have shape "
+                f"{list(target)} per sample; the {cfg.train.loss} loss would broadcast them and train on the "
+                f"wrong differences: make the output {list(target)}")))
+    return problems

@@ -128,17 +128,21 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str]:
 
     if os.path.isdir(path):
         path = str(K.resolve(path, "best" if os.path.exists(os.path.join(path, "best.pt")) else "last"))
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{path}: no such weights file")
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from safetensors.torch import load
 
+        from .files import read_input
+
+        data = read_input(path, "weights file", CheckpointError)  # a regular file only: never blocks on a FIFO
         try:
-            return load_file(path), None, "safetensors"
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: not a readable .safetensors file: {exc}") from None
-    state = K.read_state(path)
+            return load(data), None, "safetensors"
+        except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise CheckpointError(f"{path}: not a readable .safetensors file: {' '.join(str(exc).split())[:200]}"
+                                  ) from None
+    state = K.read_state(path)  # read through files.read_input as well
     if isinstance(state, dict) and state.get("format") == K.FORMAT:
         state = K.load(path)
         return state["model"], state.get("freeze"), "nnctl checkpoint"

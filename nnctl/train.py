@@ -33,8 +33,123 @@ from .yamlio import Document
 L2_NOTE = "PyTorch has no L2Loss: loss l2 is MSELoss (mean squared error)"
 
 
-class NonFiniteLoss(NnctlError):
+class Diverged(NnctlError):
+    """Training diverged: a non-finite loss or weights, or an exploding loss (exit 1). Nothing is saved."""
+
+
+class NonFiniteLoss(Diverged):
     """The loss became NaN or infinite (exit 1)."""
+
+
+class NonFiniteValidation(NnctlError):
+    """A validation metric is NaN or infinite: the validation data holds such values, or the model diverged."""
+
+
+# The divergence rule (README, Training): after each epoch the run stops with exit 1, saving nothing, when
+# any step's loss is non-finite, when a weight or floating buffer is non-finite, or when the epoch's mean
+# training loss exceeds EXPLODE_FACTOR x max(loss of the run's first step, 1).
+EXPLODE_FACTOR = 1e6
+
+
+def _state_finite(model: nn.Module) -> bool:
+    """True when every floating parameter and buffer is finite (one host sync)."""
+    flags = [torch.isfinite(v).all() for v in model.state_dict().values()
+             if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _non_finite_inputs(batches) -> int:
+    """How many non-finite values the split's finished batches (x, and float targets) hold."""
+    bad = 0
+    for x, y in batches.epoch(0):
+        bad += int((~torch.isfinite(x)).sum())
+        if y.is_floating_point():
+            bad += int((~torch.isfinite(y)).sum())
+    return bad
+
+
+# The scheduler owns these param_group entries during a run: a resume keeps the restored values.
+_SCHEDULER_KEYS = ("lr", "initial_lr")
+_CYCLE_KEYS = ("momentum", "betas", "max_lr", "min_lr", "max_momentum", "base_momentum")
+
+
+def _resume_optimizer(cfg: Config, saved: dict, resume: dict, optimizer, scheduler, steps: int) -> None:
+    """Load the optimizer and scheduler state of a resumed run, with the config's hyperparameters.
+
+    The rule (README, Training, Config changes): the optimizer class and the scheduler (class,
+    arguments, interval) must be those of the checkpoint's run; a change is refused (UsageError),
+    because the restored state would silently override it. Every other optimizer hyperparameter
+    of the config (lr, weight_decay, momentum, betas, eps, ...) is applied to every param group
+    after the state is loaded, so the value recorded in the checkpoint's config is the value used.
+    With a scheduler, the learning rate (and for OneCycleLR / CyclicLR with cycle_momentum the
+    momentum or betas) belongs to the scheduler: changing train.optimizer's lr is refused then.
+    A schedule whose length was fixed from train.epochs (OneCycleLR's total_steps) cannot be
+    stretched: a resume with other epochs is refused.
+    """
+    t = cfg.train
+    saved_train = (saved or {}).get("train") or {}
+    (name, args), = t.optimizer.items()
+    old_opt = saved_train.get("optimizer") or {}
+    old_name = next(iter(old_opt), None)
+    old_args = dict(old_opt.get(old_name) or {})
+    fix = ("resume with the checkpoint's setting, or start a new run from these weights with "
+           "`nnctl train CONFIG --init RUN_FOLDER`")
+    if old_name is not None and old_name != name:
+        raise UsageError(f"train.optimizer is {name} but the checkpoint's run used {old_name}: {old_name}'s "
+                         f"state (its step counts and moment estimates) cannot continue as {name}; {fix}")
+    new_sched = dict(t.scheduler or {})
+    old_sched = dict(saved_train.get("scheduler") or {})
+    if saved_train and (next(iter(new_sched), None) != next(iter(old_sched), None)):
+        raise UsageError(f"train.scheduler is {next(iter(new_sched), 'none')} but the checkpoint's run used "
+                         f"{next(iter(old_sched), 'none')}; a schedule cannot change in the middle of a run; {fix}")
+    if saved_train and new_sched and new_sched != old_sched:
+        (sname, sargs), = new_sched.items()
+        changed = sorted(k for k in set(sargs) | set(old_sched[sname]) if sargs.get(k) != old_sched[sname].get(k))
+        raise UsageError(f"train.scheduler.{sname} changed ({', '.join(changed)}): the restored scheduler state "
+                         f"would override the new values; {fix}")
+    if saved_train and new_sched and saved_train.get("scheduler_interval", t.scheduler_interval) != \
+            t.scheduler_interval:
+        raise UsageError(f"train.scheduler_interval changed from {saved_train.get('scheduler_interval')} to "
+                         f"{t.scheduler_interval}; a schedule cannot change in the middle of a run; {fix}")
+    owned: tuple[str, ...] = ()
+    if scheduler is not None:
+        owned = _SCHEDULER_KEYS
+        if getattr(scheduler, "cycle_momentum", False):
+            owned += _CYCLE_KEYS
+        for key in owned:
+            if key in args or key in old_args:
+                if old_name is not None and args.get(key) != old_args.get(key):
+                    sname = next(iter(new_sched))
+                    raise UsageError(f"train.optimizer.{name}.{key} changed from {old_args.get(key)} to "
+                                     f"{args.get(key)}, but train.scheduler {sname} sets the {key} during a run "
+                                     f"and its restored state continues from the old value; {fix}")
+    state = resume.get("scheduler")
+    if scheduler is not None and isinstance(state, dict) and "total_steps" in state \
+            and getattr(scheduler, "total_steps", None) != state["total_steps"]:
+        sname = next(iter(new_sched))
+        old_epochs = saved_train.get("epochs", "?")
+        raise UsageError(f"train.scheduler {sname}: its schedule spans the whole run, {state['total_steps']} steps "
+                         f"({old_epochs} epochs), fixed when the run began; {t.epochs} epochs would need "
+                         f"{scheduler.total_steps}, and stretching the schedule midway would change learning rates "
+                         f"already used. Resume with --epochs {old_epochs}, or start a new run from these weights "
+                         "with `nnctl train CONFIG --init RUN_FOLDER` and its own schedule")
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if resume.get("optimizer"):
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UsageError(f"the checkpoint's optimizer state does not fit this run's trainable parameters "
+                             f"(were other parameters frozen?): {' '.join(str(exc).split())[:160]}; {fix}") from None
+    if scheduler is not None and resume.get("scheduler"):
+        try:
+            scheduler.load_state_dict(resume["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise UsageError(f"the checkpoint's scheduler state does not fit this run's scheduler: "
+                             f"{' '.join(str(exc).split())[:160]}; {fix}") from None
+    for group, values in zip(optimizer.param_groups, fresh):
+        for key, value in values.items():
+            if key not in owned:
+                group[key] = value
 
 
 class Interrupted(NnctlError):
@@ -551,12 +666,10 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
     start_epoch, start_step, global_step = 0, 0, 0
     partial = None
     bad_epochs = 0
+    loss_reference: float | None = None  # the run's first step loss (the divergence rule)
     if resume is not None:
         model.load_state_dict(resume["model"])
-        if resume.get("optimizer"):
-            optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None and resume.get("scheduler"):
-            scheduler.load_state_dict(resume["scheduler"])
+        _resume_optimizer(cfg, resume.get("config") or {}, resume, optimizer, scheduler, steps)
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
         start_epoch = int(resume.get("epoch", 0))
@@ -566,6 +679,9 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
         best = dict(resume.get("best") or best)
         bad_epochs = int(resume.get("bad_epochs", 0))
         partial = resume.get("partial")
+        loss_reference = resume.get("loss_reference")
+        if not isinstance(loss_reference, float) and history and isinstance(history[0].get("train_loss"), float):
+            loss_reference = history[0]["train_loss"]  # a checkpoint of an older nnctl: the first epoch's loss
         ranks = resume.get("rng_ranks")
         if dist.enabled and ranks and len(ranks) == dist.world_size:
             ckpt.set_rng_state(ranks[dist.rank])
@@ -600,6 +716,7 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             "partial": None if sums is None else sums.state(),
             "input_shape": list(cfg.model.input_shape),
             "preprocessing": data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,
+            "loss_reference": loss_reference,
         }
 
     emit(Event("start", epochs=t.epochs, steps=steps, message=str(device)))
@@ -612,17 +729,42 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             partial = None
             emit(Event("epoch_start", epoch=epoch, epochs=t.epochs, step=start_step, steps=steps))
 
+            done = start_step  # steps of this epoch completed (a consistent state to save)
+
             def on_step(step: int, s: EpochSums) -> bool:
-                nonlocal global_step
+                nonlocal global_step, done
                 global_step += 1
+                done = step
                 emit(Event("step", epoch=epoch, epochs=t.epochs, step=step, steps=steps, sums=s))
                 if dist.enabled:  # every rank must stop at the same step: agree every 8 steps
                     return step % 8 == 0 and dist.any(stop.signum is not None, device)
                 return stop.signum is not None
 
-            step = train_one_epoch(ctx, data.train, epoch, start_step, sums, on_step)
+            try:
+                step = train_one_epoch(ctx, data.train, epoch, start_step, sums, on_step)
+            except NnctlError as exc:
+                # a DataLoader worker killed by the same stop signal (SIGTERM to the process group): the
+                # batch was being fetched, between two steps, so the state after step `done` is saved
+                from .data import LoaderStopped
+
+                if not (isinstance(exc, LoaderStopped) and stop.signum is not None):
+                    raise
+                step = done
+            except RuntimeError as exc:
+                # torch's SIGCHLD handler saw a worker die at some point inside a step: the state is not
+                # consistent, so nothing is saved; the previous checkpoint stays
+                if stop.signum is None or "DataLoader worker" not in str(exc):
+                    raise
+                raise Interrupted(stop.signum, last_path if write_checkpoints and Path(last_path).exists()
+                                  else None) from None
             start_step = 0
             if step < steps:  # stopped by a signal at a step boundary
+                _, first_bad = sums.reduce(dist.all_reduce if dist.enabled else None)
+                if first_bad != -1 or not _state_finite(model):  # never save a diverged state
+                    raise NonFiniteLoss(f"stopped by a signal in epoch {epoch + 1}, step {step}, but the training "
+                                        "had diverged (a non-finite loss or weights): nothing saved. "
+                                        + (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
+                                           else "No checkpoint was written before this."))
                 rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
                 path = None
                 if write_checkpoints:
@@ -637,11 +779,41 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                                     f"lower the learning rate, clip gradients (train.grad_clip) or check the data. "
                                     + (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
                                        else "No checkpoint was written before this."))
+            kept = (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
+                    else "No checkpoint was written before this.")
+            if loss_reference is None and sums.losses:  # the first step of the run: the scale of its loss
+                first = sums.losses[0].detach().float().reshape(1).to(acc_dtype(device))
+                if dist.enabled:
+                    dist.all_reduce(first)
+                    first /= dist.world_size
+                loss_reference = float(first)
+            limit = EXPLODE_FACTOR * max(loss_reference or 0.0, 1.0)
+            if train_loss > limit:
+                raise Diverged(f"the training loss exploded at epoch {epoch + 1}: {train_loss:.4g}, over "
+                               f"{EXPLODE_FACTOR:.0e} x max(first step's loss {loss_reference:.4g}, 1); lower the "
+                               f"learning rate or clip gradients (train.grad_clip). Nothing saved. {kept}")
+            if not _state_finite(model):
+                raise Diverged(f"the weights became non-finite (NaN or infinite) during epoch {epoch + 1}, although "
+                               "every step's loss was finite (the last update overflowed); lower the learning rate "
+                               f"or clip gradients (train.grad_clip). Nothing saved. {kept}")
             row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss}
             if data.val is not None:
                 ev = evaluate(runner, ctx.loss_fn, data.val, classification, autocast, t.channels_last, device,
                               dist.all_reduce if dist.enabled else None)
                 row.update({f"val_{k}": v for k, v in ev.items()})
+                bad = [f"val_{k} {v}" for k, v in ev.items() if not math.isfinite(v)]
+                if bad:
+                    split = "test" if cfg.data.split == "test" else "validation"
+                    where = getattr(data, "where", "") or cfg.data.source
+                    n_bad = _non_finite_inputs(data.val)
+                    if dist.enabled:
+                        n_bad = int(dist.any(n_bad > 0, device))
+                    cause = (f"the {split} data holds non-finite values (NaN or infinite; {n_bad:,} in this "
+                             "process's share); clean the data" if n_bad else
+                             f"the {split} data is finite, so the model diverged (its outputs overflow although "
+                             "its weights are finite); lower the learning rate or clip gradients")
+                    raise NonFiniteValidation(f"{', '.join(bad)} at epoch {epoch + 1} on the {split} split of "
+                                              f"{where}: {cause}. Nothing saved. {kept}")
             row["lr"] = optimizer.param_groups[0]["lr"]
             if scheduler is not None and t.scheduler_interval == "epoch":
                 if plateau:
@@ -698,7 +870,7 @@ def write_metrics(run_dir, history: list[dict]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    ckpt.atomic_write(Path(run_dir) / "metrics.csv", lambda fh: fh.write(buf.getvalue().encode()))
+    ckpt.atomic_write(Path(run_dir) / "metrics.csv", lambda fh: fh.write(buf.getvalue().encode()), run_file=True)
 
 
 def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
@@ -733,6 +905,6 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(run_dir) / "curves.png"
-    ckpt.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110))
+    ckpt.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), run_file=True)
     plt.close(fig)
     return str(path)
