@@ -159,13 +159,18 @@ def load(run_or_checkpoint: str | os.PathLike, *, which: str = "best", device: s
     ``model.nnctl_meta``: ``{"preprocessing": Preprocessing or None, "config": dict,
     "checkpoint": path, "epoch": int, "best": dict}``.
     """
-    from . import train as T
+    from .inference import untrained_source_problem
+    from .train import select_device
 
+    problem = untrained_source_problem(run_or_checkpoint, "nnctl.load")
+    if problem is not None:
+        raise UsageError(problem + ("; for an untrained model of a config use nnctl.build"
+                                    if "a config" in problem else ""))
     src = open_source(run_or_checkpoint, which=which)
     if src.state is None:
-        raise UsageError(f"{run_or_checkpoint}: nnctl.load needs a checkpoint or a run folder; "
-                         "for a config use nnctl.build")
-    dev = T.select_device(device)
+        raise UsageError(f"{run_or_checkpoint}: nnctl.load needs a trained model: a run folder or a checkpoint "
+                         "(a config has no trained weights; for an untrained model use nnctl.build)")
+    dev = select_device(device)
     model = src.model.to(dev).eval()
     model.nnctl_meta = {"preprocessing": src.preprocessing, "config": src.state["config"],
                         "checkpoint": str(src.checkpoint), "epoch": src.state.get("epoch"),
@@ -259,7 +264,11 @@ def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_even
 
 def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", device: str = "cpu",
             batch_size: int = 256, top_k: int = 5, glob: str | None = None, on_progress=None):
-    """Predictions for image files, folders of them, tensors files, or tensors: a Predictions object."""
+    """Predictions for image files, folders of them, tensors files, or tensors: a Predictions object.
+
+    ``inputs``: one input (a str or os.PathLike path, a tensor) or an iterable of them; a str is
+    never iterated. ``.rows`` (made on demand), ``.failed``, ``.files`` (every file read).
+    """
     from . import inference as P
 
     return P.predict(model_or_run, inputs, which=which, device=device, batch_size=batch_size, top_k=top_k,

@@ -769,8 +769,10 @@ def predict(
         _err(f"note: {note}")
     text = _render_predictions(preds, fmt)
     if output:
-        from .files import atomic_write
+        from .files import atomic_write, check_output
 
+        # never over an input: the arguments, and every file read inside a folder given as input
+        check_output(output, [source, *inputs, *preds.files], what="-o")
         atomic_write(output, lambda fh: fh.write(text.encode()), [source, *inputs])
         print(f"wrote {output} ({len(preds) - len(preds.failed)} predicted, {len(preds.failed)} failed)")
     elif fmt == "table":

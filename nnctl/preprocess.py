@@ -13,9 +13,19 @@ Fields (all plain JSON values):
 - ``color_mode``: ``L`` (one channel) or ``RGB`` for image data, else null
 - ``resize``: ``[H, W]`` every image file is resized to (bilinear), or null
 - ``scale``: a uint8 value of the source's own raw data is divided by this (16 for the
-  built-in digits, 255 for images); null for float data
+  built-in digits, 255 for images); null for float data and for ``tensors`` (training used
+  its values as they are, uint8 included)
 - ``image_scale``: an image file's 0..255 pixels are divided by this (always 255: the
-  model sees values in [0, 1], as in training)
+  model sees values in [0, 1], as in training) when the record is an image source
+  (``color_mode`` set, ``is_image``)
+
+Raw inputs (``from_raw``): an image file's pixels are divided by ``image_scale`` only when
+the record is an image source; for any other record (``tensors``, ``synthetic``, no record)
+an image's uint8 pixels are raw values like a uint8 tensor's, divided by ``scale`` (or 1:
+as is). uint8 tensors are divided by ``scale`` (or 1); float tensors are taken as already
+on the model's scale. Other integer types and bool are refused (``RawInputError``): their
+scale is ambiguous (is int64 ``16`` a raw digit pixel or a value?), so give uint8 raw values
+or float32 model-scale values.
 - ``mean``, ``std``: per-channel normalisation after scaling (computed on the training
   split), or null
 - ``classes``: the class names, index = class id (image_folder's folder names, MNIST's
@@ -86,20 +96,42 @@ class Preprocessing:
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape)
         return (x - mean) / std
 
+    def divisor(self, image: bool = False) -> float:
+        """What a uint8 raw value is divided by: ``image_scale`` for an image file given to a model
+        of an image source, else the source's own ``scale`` (or 1: used as is)."""
+        return float(self.image_scale) if image and self.is_image else float(self.scale or 1.0)
+
     def from_raw(self, x, image: bool = False):
         """A batch of raw inputs -> the model's input, exactly as training computed it.
 
-        uint8 inputs are divided by ``image_scale`` for image files, else by the source's
-        own ``scale``; float inputs are taken as already scaled. Then mean/std.
+        uint8 inputs are divided by ``divisor(image)``: ``image_scale`` for image files when the
+        record is an image source, else the source's own ``scale`` (or 1). Float inputs are taken
+        as already scaled. Other integer types and bool raise ``RawInputError``. Then mean/std.
         """
         import torch
 
         if x.dtype == torch.uint8:
-            divisor = self.image_scale if image else (self.scale or 1.0)
-            x = x.to(torch.float32).div_(divisor)
-        elif x.dtype != torch.float32:
-            x = x.to(torch.float32)
+            x = x.to(torch.float32).div_(self.divisor(image))
+        elif x.dtype.is_floating_point:
+            if x.dtype != torch.float32:
+                x = x.to(torch.float32)
+        else:
+            raise RawInputError(raw_dtype_problem(x.dtype))
         return self.normalize(x)
+
+
+class RawInputError(TypeError):
+    """A raw input of a type whose scale is ambiguous (int64, bool, complex)."""
+
+
+def raw_dtype_problem(dtype) -> str | None:
+    """Why a tensor of this dtype cannot be a raw input (one line), or None for uint8 and real floats."""
+    name = str(dtype).replace("torch.", "")
+    if dtype.is_complex:
+        return f"{name} values: the model takes real ones"
+    if dtype.is_floating_point or name == "uint8":
+        return None
+    return f"{name} values: give uint8 raw values or float32 model-scale values"
 
 
 def label_map_names(names: list[str] | None, label_map: list[int]) -> list[str]:
