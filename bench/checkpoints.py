@@ -11,7 +11,7 @@ in a payload with the fields fit() writes. Pairs, interleaved:
           vs torch.save of the same dict to the file;
 - load:   nnctl.checkpoint.load (zip CRC check, weights_only load, digest check)
           vs torch.load(weights_only=True);
-- export: nnctl.export.export(..., "safetensors") (CPU copies + metadata + atomic write)
+- export: nnctl.exporting.export(..., "safetensors") (CPU copies + metadata + atomic write)
           vs safetensors.torch.save_file of the state_dict;
 - weights load: safetensors.torch.load_file of nnctl's export vs torch.load(weights_only=True)
           of a plain state_dict .pt.
@@ -36,7 +36,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nnctl import api, checkpoint, config, export
+    from nnctl import api, checkpoint, config, exporting as export
 
     runs = 1 if args.quick else args.runs
     hidden = [64, 32] if args.quick else [2048, 1024]
@@ -85,7 +85,7 @@ def main() -> None:
                 "torch.load(weights_only=True)": t(lambda: torch.load(pt_ckpt, weights_only=True)),
             }),
             ("export weights", {
-                "nnctl.export.export safetensors": t(lambda: export.export(payload, None, "safetensors", str(st_nnctl))),
+                "nnctl.exporting.export safetensors": t(lambda: export.export(payload, None, "safetensors", str(st_nnctl))),
                 "safetensors save_file": t(lambda: save_file(model.state_dict(), str(st_plain))),
             }),
             ("load weights", {
@@ -98,7 +98,7 @@ def main() -> None:
         export.export(payload, None, "safetensors", str(st_nnctl))
         torch.save(model.state_dict(), pt_weights)
         sizes = {"nnctl.checkpoint.save": nn_ckpt, "torch.save": pt_ckpt, "torch.save + fsync": pt_ckpt,
-                 "nnctl.export.export safetensors": st_nnctl, "safetensors save_file": st_plain}
+                 "nnctl.exporting.export safetensors": st_nnctl, "safetensors save_file": st_plain}
         for what, variants in pairs:
             print(what, flush=True)
             times = common.interleaved(variants, runs, warmup=0 if runs == 1 else 1)

@@ -3,6 +3,8 @@
 The public API (``nnctl.build``, ``load``, ``train``, ``predict``, ``evaluate``,
 ``summarize``, ``export``, ``check``, ``load_record``) lives in ``nnctl.api`` and is
 imported lazily: ``import nnctl`` does not import torch, so the CLI stays fast to start.
+No submodule shares a name with a public function (the loop is ``nnctl.loop``, weights
+out ``nnctl.exporting``), so ``nnctl.train`` and ``nnctl.export`` are always the functions.
 """
 
 __version__ = "0.2.0"
@@ -11,11 +13,8 @@ __all__ = ["build", "load", "load_record", "train", "predict", "evaluate", "summ
            "load_config", "__version__"]
 
 
-_PENDING_RENAME = {"train", "export"}  # submodules of these names are being renamed
-
-
 def __getattr__(name: str):
-    if name in __all__ and name not in _PENDING_RENAME:
+    if name in __all__:
         from . import api
 
         return getattr(api, name)

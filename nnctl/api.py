@@ -160,7 +160,7 @@ def load(run_or_checkpoint: str | os.PathLike, *, which: str = "best", device: s
     "checkpoint": path, "epoch": int, "best": dict}``.
     """
     from .inference import untrained_source_problem
-    from .train import select_device
+    from .loop import select_device
 
     problem = untrained_source_problem(run_or_checkpoint, "nnctl.load")
     if problem is not None:
@@ -234,7 +234,7 @@ def prepare(config: Any, *, overrides: Sequence[str] = (), device: str | None = 
     """Config -> model + data on the device, as ``nnctl.train`` would make them, without a run folder."""
     from . import data as D
     from . import model as M
-    from . import train as T
+    from . import loop as T
 
     cfg, doc = load_config(config, overrides)
     from . import config as C
@@ -252,7 +252,7 @@ def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_even
     """The training loop on prepared model and data. Without run_dir nothing is written (a FitResult)."""
     import tempfile
 
-    from . import train as T
+    from . import loop as T
 
     if run_dir is not None:
         return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, run_dir,
@@ -302,7 +302,7 @@ def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, whi
            with_preprocess: bool = False):
     """Write a checkpoint's weights (safetensors, pt, npz or onnx); returns an ExportResult."""
     from . import checkpoint as K
-    from . import export as E
+    from . import exporting as E
 
     if fmt not in E.FORMATS:
         raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(E.FORMATS)}")

@@ -419,7 +419,7 @@ def train(
         forwarded = _forwarded_train_args(config, device, epochs, seed, set_ or [], out, resume, init, partial, force)
         return _launch(config, forwarded, out, resume, set_ or [], nproc_per_node, nnodes, node_rank,
                        rdzv_endpoint, rdzv_id, max_restarts)
-    from . import train as T
+    from . import loop as T
 
     dist = T.dist_from_env()
     _stop_on_sigterm()
@@ -464,7 +464,7 @@ def _stop_on_sigterm() -> None:
         return
 
     def handler(signum, frame):
-        from .train import Interrupted
+        from .loop import Interrupted
 
         raise Interrupted(signum, None)
 

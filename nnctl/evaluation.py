@@ -69,7 +69,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     from . import config as C
     from . import data as D
     from . import freeze as F
-    from . import train as T
+    from . import loop as T
     from .preprocess import Preprocessing
 
     overrides = list(overrides or [])

@@ -450,7 +450,7 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
     if isinstance(model_or_run, torch.nn.Module):
-        from .train import select_device
+        from .loop import select_device
 
         model = model_or_run.to(select_device(device)).eval()
     else:

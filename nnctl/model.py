@@ -1024,7 +1024,7 @@ def check(doc: Document) -> Checked:
     own, so that structural and layer / shape problems come in one report.
     """
     from . import config as C
-    from .train import validate as validate_train  # the module (nnctl.train is also an API function)
+    from .loop import validate as validate_train  # the module (nnctl.train is also an API function)
 
     checked = C.validate_all(doc)
     problems = list(checked.problems)

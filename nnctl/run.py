@@ -375,7 +375,7 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
             and (Path(out) / "last.pt").exists()):
         resume, init = out, None
 
-    from . import train as T
+    from . import loop as T
 
     dist = dist or T.dist_from_env()
     source = resume_source(resume, out) if resume else None
@@ -398,7 +398,7 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
     from . import data as D
     from . import freeze as F
     from . import model as M
-    from . import train as T
+    from . import loop as T
     from .errors import ConfigError
 
     state = None
@@ -493,7 +493,7 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_
     from . import checkpoint as K
     from . import config as C
     from . import data as D
-    from . import train as T
+    from . import loop as T
     from .errors import ConfigError
 
     data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size)
@@ -543,7 +543,7 @@ def plot_quietly(run_dir: Path, name: str) -> str | None:
     """curves.png from metrics.csv; a failure (disk full, a signal) never hides a finished run."""
     import csv
 
-    from . import train as T
+    from . import loop as T
 
     path = Path(run_dir) / "metrics.csv"
     if not path.exists():

@@ -82,7 +82,7 @@ def config_outcome(doc) -> tuple[str, list[str]]:
     CLI prints them). Any other exception escapes. The caller asserts on the problems."""
     from nnctl import config as C
     from nnctl import model as M
-    from nnctl import train as T
+    from nnctl import loop as T
     from nnctl.errors import ConfigError, UsageError
 
     try:

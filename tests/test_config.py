@@ -210,7 +210,7 @@ def test_lint_and_monitor_without_data():
 
     from nnctl import model as M
 
-    T = importlib.import_module("nnctl.train")  # the module: nnctl.train is also the API function
+    T = importlib.import_module("nnctl.loop")  # the module: nnctl.train is also the API function
     doc = yamlio.load_text(MODEL_ONLY, "m.yaml")
     cfg = C.validate(doc)
     p = M.plan(cfg, doc)

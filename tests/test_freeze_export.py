@@ -12,10 +12,10 @@ from torch import nn
 from nnctl import checkpoint as K
 from nnctl import config as C
 from nnctl import data as D
-from nnctl import export as E
+from nnctl import exporting as E
 from nnctl import freeze as F
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl.errors import CheckpointError, UsageError
 
 from .conftest import ROOT, make, run_cli, write

@@ -25,7 +25,7 @@ from nnctl import config as C
 from nnctl import data as D
 from nnctl import freeze as F
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl.errors import CheckpointError
 
 from .conftest import SENTINEL, add_to_reliability_report, make, write

@@ -26,7 +26,7 @@ from nnctl import checkpoint as K
 from nnctl import config as C
 from nnctl import data as D
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl.errors import CheckpointError, NnctlError
 
 from .conftest import add_to_reliability_report, helper_command, make, run_cli, write

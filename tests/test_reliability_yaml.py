@@ -18,7 +18,7 @@ import pytest
 
 from nnctl import config as C
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl import yamlio
 from nnctl.errors import ConfigError
 

@@ -237,7 +237,7 @@ def test_out_onto_a_foreign_folder_is_refused(trained, tmp_path):
 def test_a_run_killed_before_its_first_checkpoint_leads_somewhere(tmp_path):
     cfg = write(tmp_path, make(train={"epochs": 1}))
     # a real process killed by SIGKILL once it has written config.yaml, before any checkpoint
-    script = ("import sys, os, signal\nfrom nnctl import run as R, train as T\n"
+    script = ("import sys, os, signal\nfrom nnctl import run as R, loop as T\n"
               "def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)\n"
               "T.fit = die\nR.train(sys.argv[1], out=sys.argv[2])\n")
     p = subprocess.run([sys.executable, "-c", script, str(cfg), str(tmp_path / "run")], capture_output=True)
@@ -320,7 +320,7 @@ def test_checkpoint_without_its_digests_is_refused(trained, tmp_path, key):
 
 
 def test_a_signal_while_reading_a_checkpoint_is_not_called_corruption(trained, monkeypatch):
-    from nnctl.train import Interrupted
+    from nnctl.loop import Interrupted
 
     def interrupted(*a, **k):
         raise Interrupted(signal.SIGTERM, None)
@@ -331,7 +331,7 @@ def test_a_signal_while_reading_a_checkpoint_is_not_called_corruption(trained, m
 
 
 def test_a_signal_during_the_final_plot_keeps_the_finished_run(trained, tmp_path, monkeypatch):
-    from nnctl import train as T
+    from nnctl import loop as T
 
     run = copy_run(trained[1], tmp_path / "run")
 
@@ -454,7 +454,7 @@ def test_a_full_stdout_is_a_one_line_error(trained):
 
 
 def test_files_that_are_not_checkpoints_are_named_for_what_they_are(trained, tmp_path):
-    from nnctl import export as E
+    from nnctl import exporting as E
 
     (tmp_path / "a.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     (tmp_path / "b.pt").write_text('{"x": 1}')

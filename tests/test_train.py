@@ -17,7 +17,7 @@ from nnctl import checkpoint as K
 from nnctl import config as C
 from nnctl import data as D
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl.errors import UsageError
 
 from .conftest import make, run_cli, write
@@ -158,7 +158,7 @@ def test_non_finite_loss_stops_with_exit_1(tmp_path):
     import numpy as np
 
     x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
-    x[37, 2] = np.nan  # sample 37 poisons one batch
+    x[37, 2] = 1e30  # finite, but its squared error overflows: sample 37 poisons one batch's loss
     y = np.zeros((64, 1), dtype="float32")
     np.savez(tmp_path / "t.npz", x=x, y=y)
     d = make(model={"input_shape": [4], "layers": [{"Linear": {"out_features": 1}}]},
@@ -168,6 +168,11 @@ def test_non_finite_loss_stops_with_exit_1(tmp_path):
     r = run_cli("train", str(p), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 1, r.stderr
     assert "non-finite at epoch 1, step" in r.stderr and "Traceback" not in r.stderr
+    # NaN in the file itself is refused at load, before training (exit 2), naming the file and the count
+    x[37, 2] = np.nan
+    np.savez(tmp_path / "t.npz", x=x, y=y)
+    r = run_cli("train", str(p), "--out", str(tmp_path / "run2"), cwd=tmp_path)
+    assert r.returncode == 2 and "t.npz: x holds 1 non-finite values" in r.stderr, r.stderr
 
 
 def test_same_seed_same_weights_and_run_folders_not_reused(tmp_path):

@@ -19,7 +19,7 @@ from nnctl import checkpoint as K
 from nnctl import config as C
 from nnctl import data as D
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl.errors import UsageError
 
 from .conftest import make, run_cli, write

@@ -15,7 +15,7 @@ import sys
 
 from nnctl import config as C
 from nnctl import model as M
-from nnctl import train as T
+from nnctl import loop as T
 from nnctl.errors import ConfigError
 
 

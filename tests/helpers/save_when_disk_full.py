@@ -17,7 +17,7 @@ import sys
 import torch
 
 from nnctl import checkpoint as K
-from nnctl import export as E
+from nnctl import exporting as E
 from nnctl.errors import NnctlError
 
 
