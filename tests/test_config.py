@@ -329,3 +329,12 @@ def test_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     rel, _ = C.from_dict({"model": {"input_shape": [4], "layers": ["ReLU"]}, "data": {"source": "tensors",
                                                                                      "path": "rel.npz"}})
     assert rel.data.path == "rel.npz"
+
+
+def test_optimizer_argument_beyond_float32_is_a_located_error(tmp_path):
+    """SGD lr 1e300 is finite for Python but overflows the optimizer's float32 state: exit 2, located."""
+    from .conftest import run_cli, write
+
+    p = write(tmp_path, make(train={"optimizer": {"SGD": {"lr": 1e300}}}))
+    r = run_cli("check", str(p))
+    assert r.returncode == 2 and "beyond float32's range" in r.stderr and "internal error" not in r.stderr
