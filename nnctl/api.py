@@ -76,7 +76,7 @@ def build(config: Any, *, overrides: Sequence[str] = (), init: str | None = None
     """The model a config declares (an ``nn.Module`` in train mode, seeded as training seeds it).
 
     ``init``: weights to load (an nnctl checkpoint, ``.safetensors`` or a ``.pt`` state_dict),
-    with the config's freeze plan applied.
+    with the config's freeze selection applied.
     """
     from . import freeze as F
     from . import model as M
@@ -84,11 +84,11 @@ def build(config: Any, *, overrides: Sequence[str] = (), init: str | None = None
     cfg, doc = load_config(config, overrides)
     model, plan = M.build(cfg, doc)
     if init is not None:
-        _, freeze_plan = F.init_from(model, plan, init, partial=partial)
-        if freeze_plan and cfg.freeze is None:
-            F.apply(model, freeze_plan)
+        _, freezing = F.init_from(model, plan, init, partial=partial)
+        if freezing and cfg.freeze is None:
+            F.apply(model, freezing)
     if cfg.freeze is not None:
-        F.apply(model, F.plan_from_config(model, cfg.freeze))
+        F.apply(model, F.freeze_from_config(model, cfg.freeze))
     model.nnctl_meta = {"config": _resolved(cfg), "preprocessing": None, "checkpoint": None}
     return model
 
@@ -149,7 +149,7 @@ def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best")
     cfg, doc = load_config(source, overrides)
     model, plan = M.build(cfg, doc)
     if cfg.freeze is not None:
-        F.apply(model, F.plan_from_config(model, cfg.freeze))
+        F.apply(model, F.freeze_from_config(model, cfg.freeze))
     return Source(cfg, doc, model, plan)
 
 

@@ -13,7 +13,7 @@ the resolved config. Fields (``FORMAT_VERSION`` 1):
   ``global_step``
 - ``rng``: ``torch`` CPU generator state and ``cuda`` states (one a device)
 - ``best``: ``{"metric", "mode", "value", "epoch"}``; ``history``: one dict an epoch
-- ``freeze``: the freeze plan (names of frozen parameters and the options), or None
+- ``freeze``: the freeze selection (names of frozen parameters and the options), or None
 - ``partial``: the running sums of an interrupted epoch, or None
 - ``digest``: SHA-256 over the model tensors' bytes, checked on load, so flipped
   bits in the weights are reported instead of silently loaded

@@ -596,27 +596,27 @@ def freeze(
     train_frozen_norm: bool = typer.Option(False, "--train-frozen-norm",
                                            help="Let frozen normalisation layers update their running statistics."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Write a checkpoint with the weights and "
-                                                                      "the plan, for nnctl train --init."),
+                                                                      "the freeze selection, for nnctl train --init."),
     which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
-    """Freeze children for fine-tuning; print the children table; -o writes a checkpoint with the plan."""
+    """Freeze children for fine-tuning; print the children table; -o writes a checkpoint with the selection."""
     from . import checkpoint as K
     from . import config as C
     from . import freeze as F
 
     cfg, doc, model, plan, state = _load_source(source, [], which)
     if any(v is not None for v in (first, children, names, unfreeze)):
-        fplan = F.make_plan(model, first, _int_list(children, "--children"), _names(names), _names(unfreeze),
+        freezing = F.make_freeze(model, first, _int_list(children, "--children"), _names(names), _names(unfreeze),
                             train_frozen_norm)
-        F.apply(model, fplan)
+        F.apply(model, freezing)
     else:
-        fplan = (state or {}).get("freeze")
+        freezing = (state or {}).get("freeze")
     rows = F.children_rows(model)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if output:
-        payload = K.make_payload("freeze", C.resolved(cfg), model.state_dict(), freeze=fplan,
+        payload = K.make_payload("freeze", C.resolved(cfg), model.state_dict(), freeze=freezing,
                                  input_shape=list(cfg.model.input_shape), source=os.path.basename(source),
                                  preprocessing=(state or {}).get("preprocessing"))
         inputs = [source] + ([str(K.resolve(source, which))] if state is not None else [])
@@ -626,7 +626,7 @@ def freeze(
         K.save(output, payload, inputs, run_file=False)
     if as_json:
         print(json.dumps({"children": rows, "total": total, "trainable": trainable, "frozen": total - trainable,
-                          "plan": fplan, "output": output}, indent=2))
+                          "plan": freezing, "output": output}, indent=2))
         return
     from rich.table import Table
 

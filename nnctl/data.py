@@ -688,16 +688,16 @@ class _EpochBatchSampler:
     """Hands a DataLoader the index lists of one epoch, from a start step on."""
 
     def __init__(self, order: _Order):
-        self.plan = order
+        self.order = order
         self.epoch = 0
         self.start_step = 0
 
     def __iter__(self) -> Iterator[list[int]]:
-        for idx in self.plan.batches(self.epoch, self.start_step):
+        for idx in self.order.batches(self.epoch, self.start_step):
             yield idx.tolist()
 
     def __len__(self) -> int:
-        return max(0, len(self.plan) - self.start_step)
+        return max(0, len(self.order) - self.start_step)
 
 
 class Batches:
@@ -738,12 +738,12 @@ class Batches:
         self.shuffle = shuffle
         self.seed = seed
         # validation is sharded through `indices` already
-        self._plan = _Order(indices, batch_size, shuffle, seed, rank, world_size if shuffle else 1)
+        self._order = _Order(indices, batch_size, shuffle, seed, rank, world_size if shuffle else 1)
         self.target_input = target_input
         self.noise = float(noise)
         self.preloaded = preloaded
         self.rank = rank
-        self.world_size = self._plan.world_size
+        self.world_size = self._order.world_size
         view = (1, -1) + (1,) * (len(store.sample_shape) - 1)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(view) if mean else None
         self._std = torch.tensor(std, dtype=torch.float32, device=device).view(view) if std else None
@@ -752,7 +752,7 @@ class Batches:
         if not preloaded:
             # the sampler must not refer back to this object: a reference cycle would leave the
             # persistent workers to be shut down by the garbage collector, slowly
-            self._sampler = _EpochBatchSampler(self._plan)
+            self._sampler = _EpochBatchSampler(self._order)
             # A DataLoader iterator draws its workers' base seed when it is made: from this generator,
             # never from the global RNG, whose stream belongs to dropout (exact resume). The workers
             # draw no random numbers (decoding is deterministic; noise is added in _finish).
@@ -760,8 +760,8 @@ class Batches:
             self._loader = _loader(
                 _StoreDataset(store), batch_sampler=self._sampler, num_workers=num_workers,
                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, generator=self._generator)
-        self._len = len(self._plan)
-        self.num_samples = sum(map(len, self._plan.batches(0, 0))) if self.world_size > 1 else len(indices)
+        self._len = len(self._order)
+        self.num_samples = sum(map(len, self._order.batches(0, 0))) if self.world_size > 1 else len(indices)
 
     def __len__(self) -> int:
         return self._len
@@ -772,14 +772,14 @@ class Batches:
 
     def order(self, epoch: int) -> Tensor:
         """This split's sample indices in the order of ``epoch`` (all ranks)."""
-        return self._plan.order(epoch)
+        return self._order.order(epoch)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield ``(x, y)`` on the device for batches ``start_step``, ... of ``epoch``."""
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         if self.preloaded:
-            for step, idx in enumerate(self._plan.batches(epoch, start_step, self.device), start_step):
+            for step, idx in enumerate(self._order.batches(epoch, start_step, self.device), start_step):
                 yield self._finish(self._x[idx], self._y[idx], epoch, step)
         else:
             self._sampler.epoch, self._sampler.start_step = epoch, start_step

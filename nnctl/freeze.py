@@ -1,6 +1,6 @@
-"""Children, freeze plans, and loading weights into a config's model.
+"""Children, freeze selections, and loading weights into a config's model.
 
-A freeze plan is plain data (it travels in checkpoints)::
+A freeze selection (``freezing``) is plain data (it travels in checkpoints)::
 
     {"frozen": ["0.weight", "0.bias", ...],          # parameter names with requires_grad False
      "train_frozen_norm": False,                      # keep frozen norm layers in eval mode (default)
@@ -64,7 +64,7 @@ def _match(model: nn.Module, patterns: list[str], what: str) -> set[str]:
     return out
 
 
-def make_plan(model: nn.Module, first: int | None = None, children: list[int] | None = None,
+def make_freeze(model: nn.Module, first: int | None = None, children: list[int] | None = None,
               names: list[str] | None = None, unfreeze: list[str] | None = None,
               train_frozen_norm: bool = False) -> dict:
     """Resolve selectors into the frozen parameter names. Errors when nothing or everything is frozen."""
@@ -87,16 +87,16 @@ def make_plan(model: nn.Module, first: int | None = None, children: list[int] | 
         frozen -= _match(model, unfreeze, "unfreeze name")
     all_params = [n for n, _ in model.named_parameters()]
     if not frozen and (first or children or names):
-        raise UsageError("the freeze plan matches no parameters (the selected children have none)")
+        raise UsageError("the freeze selection matches no parameters (the selected children have none)")
     if all_params and frozen >= set(all_params):
-        raise UsageError("the freeze plan freezes every parameter: nothing would train "
+        raise UsageError("the freeze selection freezes every parameter: nothing would train "
                          "(freeze fewer children, or --unfreeze the head)")
     return {"frozen": [n for n in all_params if n in frozen], "train_frozen_norm": bool(train_frozen_norm),
             "spec": {"first": first, "children": children, "names": names, "unfreeze": unfreeze}}
 
 
-def plan_from_config(model: nn.Module, section) -> dict:
-    return make_plan(model, section.first, section.children, section.names, section.unfreeze,
+def freeze_from_config(model: nn.Module, section) -> dict:
+    return make_freeze(model, section.first, section.children, section.names, section.unfreeze,
                      section.train_frozen_norm)
 
 
@@ -106,7 +106,7 @@ def apply(model: nn.Module, plan: dict) -> None:
     params = dict(model.named_parameters())
     unknown = frozen - set(params)
     if unknown:
-        raise CheckpointError(f"the freeze plan names parameters this model does not have: "
+        raise CheckpointError(f"the freeze selection names parameters this model does not have: "
                               f"{', '.join(sorted(unknown)[:5])}")
     for name, p in params.items():
         p.requires_grad_(name not in frozen)
@@ -123,7 +123,7 @@ def strip_prefixes(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str]:
-    """An nnctl checkpoint, a .safetensors file or a .pt/.pth state_dict -> (state_dict, freeze plan, kind)."""
+    """An nnctl checkpoint, a .safetensors file or a .pt/.pth state_dict -> (state_dict, freeze selection, kind)."""
     from . import checkpoint as K
 
     if os.path.isdir(path):
@@ -201,11 +201,11 @@ def load_weights(model: nn.Module, plan, state: dict[str, torch.Tensor], source:
 
 
 def init_from(model: nn.Module, plan, path: str, partial: bool = False) -> tuple[str, dict | None]:
-    """--init: load weights (and an nnctl checkpoint's freeze plan). Returns (report, freeze plan)."""
-    state, freeze_plan, kind = read_weights(path)
+    """--init: load weights (and an nnctl checkpoint's freeze selection). Returns (report, freeze selection)."""
+    state, freezing, kind = read_weights(path)
     report = load_weights(model, plan, state, f"{path} ({kind})", partial)
-    if freeze_plan:
+    if freezing:
         params = {n for n, _ in model.named_parameters()}
-        if not set(freeze_plan.get("frozen") or []) <= params:
-            freeze_plan = None
-    return "init: " + report, freeze_plan
+        if not set(freezing.get("frozen") or []) <= params:
+            freezing = None
+    return "init: " + report, freezing

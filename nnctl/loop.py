@@ -612,7 +612,7 @@ def _frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device, run_dir,
         resume: dict | None = None, on_event: Callable[[Event], None] | None = None,
-        freeze_plan: dict | None = None, write_checkpoints: bool = True, dist: Dist | None = None) -> FitResult:
+        freezing: dict | None = None, write_checkpoints: bool = True, dist: Dist | None = None) -> FitResult:
     """Train the model as the config says, writing checkpoints into run_dir. Returns the history.
 
     Under torch.distributed (dist.enabled) the model is wrapped in DistributedDataParallel,
@@ -635,7 +635,7 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise UsageError("every parameter is frozen: nothing to train")
-    frozen_modules = [] if (freeze_plan or {}).get("train_frozen_norm") else _frozen_modules(model)
+    frozen_modules = [] if (freezing or {}).get("train_frozen_norm") else _frozen_modules(model)
 
     def set_train_mode():
         model.train()
@@ -716,7 +716,7 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             "best": dict(best),
             "bad_epochs": bad_epochs,
             "history": list(history),
-            "freeze": freeze_plan,
+            "freeze": freezing,
             "partial": None if sums is None else sums.state(),
             "input_shape": list(cfg.model.input_shape),
             "preprocessing": data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,

@@ -447,19 +447,19 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
 
         torch.set_num_threads(cfg.train.threads)
     T.init_distributed(dist, dev)
-    freeze_plan = None
+    freezing = None
     init_report = None
     if state is not None:
-        freeze_plan = state.get("freeze")
-        if freeze_plan:
-            F.apply(model, freeze_plan)
+        freezing = state.get("freeze")
+        if freezing:
+            F.apply(model, freezing)
     else:
         if init:
-            init_report, freeze_plan = F.init_from(model, plan, init, partial=partial)
+            init_report, freezing = F.init_from(model, plan, init, partial=partial)
         if cfg.freeze is not None:
-            freeze_plan = F.plan_from_config(model, cfg.freeze)
-        if freeze_plan:
-            F.apply(model, freeze_plan)
+            freezing = F.freeze_from_config(model, cfg.freeze)
+        if freezing:
+            F.apply(model, freezing)
     if dist.enabled and not dist.main:  # dropout and noise: a stream of its own per rank
         if state is None:
             import torch
@@ -477,7 +477,7 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
         if dist.enabled:
             run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
     try:
-        return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freeze_plan, init_report, notes,
+        return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes,
                     dev, dist, on_event, say, str(source.checkpoint) if source is not None else "")
     except BaseException:
         if claim is not None and not continuing:
@@ -485,7 +485,7 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
         raise
 
 
-def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_plan, init_report, notes, dev,
+def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezing, init_report, notes, dev,
          dist, on_event, say, source_name: str = "") -> RunResult:
     import torch
     import yaml
@@ -528,7 +528,7 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freeze_
             K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
     try:
         result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=on_event,
-                       freeze_plan=freeze_plan, dist=dist)
+                       freezing=freezing, dist=dist)
     except T.Interrupted:
         if dist.main:
             plot_quietly(run_dir, cfg.name)

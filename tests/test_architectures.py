@@ -320,8 +320,8 @@ def test_freeze_first5_equals_seed_loop_and_training_keeps_them(hub, tmp_path, c
 
     expected = seed_loop_frozen(torchvision.models.resnet18())
     model, _ = build_of(tv_model())
-    fplan = F.make_plan(model, first=5)
-    assert set(fplan["frozen"]) == expected
+    freezing = F.make_freeze(model, first=5)
+    assert set(freezing["frozen"]) == expected
     assert {n.split(".")[0] for n in expected} == {"conv1", "bn1", "layer1"}  # relu, maxpool: no parameters
 
     images = image_folder(tmp_path / "images", n=8)  # 12 train (3 full batches of 4), 4 val

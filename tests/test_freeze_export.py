@@ -1,4 +1,4 @@
-"""Fine-tuning: freeze plans, --init from outside weights, exports that round-trip into plain PyTorch."""
+"""Fine-tuning: freeze selections, --init from outside weights, exports that round-trip into plain PyTorch."""
 
 from __future__ import annotations
 
@@ -37,12 +37,12 @@ def hand_model() -> nn.Sequential:
 def test_freeze_first_children_then_train(tmp_path):
     cfg, doc = C.from_dict(make(model=BN_MODEL, train={"epochs": 2, "optimizer": {"SGD": {"lr": 0.1}}}))
     model, plan = M.build(cfg, doc)
-    fplan = F.make_plan(model, first=3)
-    F.apply(model, fplan)
-    assert fplan["frozen"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    freezing = F.make_freeze(model, first=3)
+    F.apply(model, freezing)
+    assert freezing["frozen"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = D.load_data(cfg, CPU)
-    T.fit(cfg, doc, model, data, CPU, tmp_path, freeze_plan=fplan)
+    T.fit(cfg, doc, model, data, CPU, tmp_path, freezing=freezing)
     after = model.state_dict()
     for k in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
         assert torch.equal(before[k], after[k]), k  # frozen weights and norm statistics bit-identical
@@ -51,16 +51,16 @@ def test_freeze_first_children_then_train(tmp_path):
     state = K.load(tmp_path / "last.pt")
     # the optimizer holds only the trainable parameters: 3.w 3.b 4.w 4.b 7.w 7.b
     assert len(state["optimizer"]["param_groups"][0]["params"]) == 6
-    assert state["freeze"]["frozen"] == fplan["frozen"]
+    assert state["freeze"]["frozen"] == freezing["frozen"]
 
 
 def test_train_frozen_norm_option_lets_statistics_move(tmp_path):
     cfg, doc = C.from_dict(make(model=BN_MODEL, train={"epochs": 1}))
     model, _ = M.build(cfg, doc)
-    fplan = F.make_plan(model, first=3, train_frozen_norm=True)
-    F.apply(model, fplan)
+    freezing = F.make_freeze(model, first=3, train_frozen_norm=True)
+    F.apply(model, freezing)
     before = model[1].running_mean.clone()
-    T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, tmp_path, freeze_plan=fplan)
+    T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, tmp_path, freezing=freezing)
     assert torch.equal(model[1].weight, model[1].weight) and not torch.equal(before, model[1].running_mean)
 
 
@@ -70,17 +70,17 @@ def test_freeze_selectors_and_errors():
         {"Sequential": ["ReLU", {"Linear": {"out_features": 2}}], "name": "classifier"}]})
     cfg, doc = C.from_dict(d)
     model, _ = M.build(cfg, doc)
-    assert F.make_plan(model, names=["features"])["frozen"] == ["features.0.weight", "features.0.bias",
+    assert F.make_freeze(model, names=["features"])["frozen"] == ["features.0.weight", "features.0.bias",
                                                                "features.2.weight", "features.2.bias"]
-    assert F.make_plan(model, names=["features.*.weight"])["frozen"] == ["features.0.weight", "features.2.weight"]
-    assert F.make_plan(model, children=[0], unfreeze=["features.2"])["frozen"] == ["features.0.weight",
+    assert F.make_freeze(model, names=["features.*.weight"])["frozen"] == ["features.0.weight", "features.2.weight"]
+    assert F.make_freeze(model, children=[0], unfreeze=["features.2"])["frozen"] == ["features.0.weight",
                                                                                   "features.0.bias"]
     with pytest.raises(UsageError, match="matches no module"):
-        F.make_plan(model, names=["featurez"])
+        F.make_freeze(model, names=["featurez"])
     with pytest.raises(UsageError, match="freezes every parameter"):
-        F.make_plan(model, first=2)
+        F.make_freeze(model, first=2)
     with pytest.raises(UsageError, match="has 2 children"):
-        F.make_plan(model, children=[5])
+        F.make_freeze(model, children=[5])
 
 
 def test_freeze_command_writes_checkpoint_for_init(tmp_path, cli):
