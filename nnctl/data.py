@@ -518,8 +518,11 @@ def _image_folder(cfg: Config) -> _Store:
     files = [p for p, _ in samples]
     y = torch.tensor([c for _, c in samples], dtype=torch.int64)
     mode = "L" if cfg.data.grayscale else "RGB"
+    weights = weights_preprocessing(cfg)
     if cfg.data.image_size is not None:
         size = (int(cfg.data.image_size[0]), int(cfg.data.image_size[1]))
+    elif weights and len(cfg.model.input_shape) == 3:  # pretrained weights: every image at the model's input size
+        size = (int(cfg.model.input_shape[1]), int(cfg.model.input_shape[2]))
     else:
         sizes: dict[tuple[int, int], str] = {}
         for p in files:
@@ -861,6 +864,18 @@ def _align_classes(store: _Store, record: P.Preprocessing, source: str) -> None:
     store.class_names = model_names
 
 
+def weights_preprocessing(cfg: Config) -> dict | None:
+    """A torchvision source's pretrained weights' own preprocessing (mean, std, crop size, categories), or None."""
+    model = cfg.model
+    if getattr(model, "torchvision", None) is None or getattr(model, "weights", None) is None:
+        return None
+    from .model import resolve_weights
+    from .model import weights_preprocessing as of_weights
+
+    member, _ = resolve_weights(model.torchvision, model.weights)
+    return of_weights(member) if member is not None else None
+
+
 def _split(cfg: Config, store: _Store) -> tuple[Tensor, Tensor]:
     """Training and validation indices into the store.
 
@@ -1016,9 +1031,12 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
                              f"train.loss is {t.loss}; use mse or l1, or integer labels in y")
 
     train_idx, val_idx = _split(cfg, store)
+    weights = weights_preprocessing(cfg) if preprocessing is None else None
     if preprocessing is not None:  # scoring other data as the model was trained: the recorded statistics
         _align_classes(store, preprocessing, d.source)
         mean, std = preprocessing.mean, preprocessing.std
+    elif weights and d.normalize is None and weights.get("mean") and len(weights["mean"]) == shape[0]:
+        mean, std = list(weights["mean"]), list(weights["std"])  # pretrained weights: their own statistics
     else:
         mean, std = _normalization(cfg, store, train_idx)
     preload = _should_preload(cfg, store, device)

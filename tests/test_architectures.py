@@ -397,3 +397,20 @@ def test_summary_graph_png_and_svg(tmp_path):
     assert "downsample" in svg and "[8, 4, 4]" in svg and "Concat" in svg
     r = run_cli("summary", str(cfg_path), "--graph", str(tmp_path / "g.txt"))
     assert r.returncode == 2
+
+
+def test_pretrained_weights_preprocessing_becomes_the_runs(hub, tmp_path):
+    """With torchvision weights and no data.normalize, the run normalises with the weights' own mean/std,
+    resizes images to the model's input size, and records both; the data's folder names stay the classes."""
+    from nnctl import api
+
+    image_folder(tmp_path / "imgs", n=4, size=40)  # 40x40 files, the model takes 32x32
+    d = make(model=tv_model(), data={"source": "image_folder", "root": str(tmp_path / "imgs"), "val_fraction": 0.25},
+             train={"epochs": 1, "batch_size": 4})
+    prepared = api.prepare(d)
+    record = prepared.data.preprocessing
+    assert record.mean == [0.485, 0.456, 0.406] and record.std == [0.229, 0.224, 0.225]
+    assert record.resize == [32, 32] and record.classes == ["cat", "dog"]
+    own = make(model=tv_model(), data={"source": "image_folder", "root": str(tmp_path / "imgs"),
+                                        "image_size": [32, 32], "normalize": True}, train={"epochs": 1})
+    assert api.prepare(own).data.preprocessing.mean != record.mean  # an explicit normalize wins
