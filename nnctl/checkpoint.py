@@ -18,7 +18,14 @@ the resolved config. Fields (``FORMAT_VERSION`` 1):
 - ``digest``: SHA-256 over the model tensors' bytes, checked on load, so flipped
   bits in the weights are reported instead of silently loaded
 - ``state_digest``: SHA-256 over everything else as loaded (optimizer, scheduler, RNG,
-  history, ...), checked on load when present (older checkpoints lack it)
+  history, ...); both digests are required on load
+- ``rng_ranks``, ``world_size``, ``bad_epochs``, ``input_shape``, ``source``
+- ``preprocessing``: the preprocessing record (``nnctl.preprocess``): what turns raw inputs
+  into the model's inputs and outputs into answers (None in checkpoints written before it)
+- ``loss_reference``: the first step's loss, the scale of the divergence rule
+
+``FIELDS`` below lists the optional fields with their types; ``make_payload`` is the one
+place a payload is assembled, and ``load`` checks every field's type.
 
 Writing is atomic: a temporary file in the same folder, flushed and fsynced,
 then renamed over the target, then the folder fsynced. A crash at any instant
@@ -115,6 +122,7 @@ FIELDS: dict[str, tuple[Any, tuple]] = {
     "input_shape": (None, (list, type(None))),
     "source": (None, (str, type(None))),
     "preprocessing": (None, (dict, type(None))),  # nnctl.preprocess.Preprocessing.to_dict()
+    "loss_reference": (None, (float, int, type(None))),  # the first step's loss: the divergence rule's scale
 }
 
 

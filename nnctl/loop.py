@@ -700,28 +700,19 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
 
     def payload(kind: str, epoch: int, step_in_epoch: int, sums: EpochSums | None, state=None,
                 rng_ranks=None) -> dict:
-        return {
-            "kind": kind,
-            "config": resolved_cfg,
-            "model": state if state is not None else model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "rng": ckpt.rng_state(),
-            "rng_ranks": rng_ranks,
-            "world_size": dist.world_size,
-            "best": dict(best),
-            "bad_epochs": bad_epochs,
-            "history": list(history),
-            "freeze": freezing,
-            "partial": None if sums is None else sums.state(),
-            "input_shape": list(cfg.model.input_shape),
-            "preprocessing": data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,
-            "loss_reference": loss_reference,
-        }
+        return ckpt.make_payload(  # the one place the checkpoint's fields are assembled
+            kind, resolved_cfg, state if state is not None else model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict() if scaler is not None else None,
+            epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
+            rng=ckpt.rng_state(), rng_ranks=rng_ranks, world_size=dist.world_size,
+            best=dict(best), bad_epochs=bad_epochs, history=list(history), freeze=freezing,
+            partial=None if sums is None else sums.state(),
+            input_shape=list(cfg.model.input_shape),
+            preprocessing=data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,
+            loss_reference=loss_reference,
+        )
 
     emit(Event("start", epochs=t.epochs, steps=steps, message=str(device)))
     stopped_early = False
