@@ -34,8 +34,7 @@ def load_config(config: Any, overrides: Sequence[str] = ()):
         import copy
 
         doc = Document(copy.deepcopy(config), "<dict>")
-    elif isinstance(config, os.PathLike) or (isinstance(config, str) and "\n" not in config
-                                             and not config.lstrip().startswith("{")):
+    elif isinstance(config, os.PathLike) or (isinstance(config, str) and not _is_yaml_text(config)):
         return C.load(os.fspath(config), overrides)
     elif isinstance(config, str):
         doc = load_text(config, "<string>")
@@ -44,6 +43,14 @@ def load_config(config: Any, overrides: Sequence[str] = ()):
     if overrides:
         C.apply_overrides(doc, overrides)
     return C.validate(doc), doc
+
+
+def _is_yaml_text(text: str) -> bool:
+    """A config given as YAML text rather than a path: several lines, a flow mapping, or `key: value`
+    that names no existing file."""
+    if "\n" in text.strip() or text.lstrip().startswith("{"):
+        return True
+    return ": " in text and not os.path.exists(text)
 
 
 def check(config: Any, overrides: Sequence[str] = ()) -> list:
@@ -59,7 +66,7 @@ def check(config: Any, overrides: Sequence[str] = ()) -> list:
             doc = Document(copy.deepcopy(config), "<dict>")
             if overrides:
                 C.apply_overrides(doc, list(overrides))
-        elif isinstance(config, str) and ("\n" in config or config.lstrip().startswith("{")):
+        elif isinstance(config, str) and _is_yaml_text(config):
             doc = load_text(config, "<string>")
             if overrides:
                 C.apply_overrides(doc, list(overrides))
@@ -201,7 +208,7 @@ def train(config: Any = None, *, overrides: Sequence[str] = (), out: str | None 
     from . import run as R
 
     if config is not None and not isinstance(config, (str, os.PathLike)) or \
-            (isinstance(config, str) and ("\n" in config or config.lstrip().startswith("{"))):
+            (isinstance(config, str) and _is_yaml_text(config)):
         import tempfile
 
         import yaml
