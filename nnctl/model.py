@@ -611,16 +611,17 @@ def instantiate(node: Node) -> nn.Module:
 
 
 def build(cfg: Config, doc: Document, seed: int | None = None,
-          pretrained: bool | None = None) -> tuple[nn.Module, Plan]:
+          pretrained: bool | None = None, checked: Plan | None = None) -> tuple[nn.Module, Plan]:
     """Plan and build the model on the CPU; seeded with cfg.seed unless told otherwise.
 
     A torchvision model (``model.torchvision``) is built by torchvision's own builder and
     its ``weights`` are read from the local torch hub cache (never downloaded).
     ``pretrained=False`` skips reading them (the caller loads a checkpoint's weights over
     them anyway); the default (None) reads them unless the document is a checkpoint's
-    recorded config (its file ends in .pt / .pth / .ckpt).
+    recorded config (its file ends in .pt / .pth / .ckpt). ``checked``: the plan that
+    ``load_checked`` already made for this very config (planning is not repeated).
     """
-    p = plan(cfg, doc)
+    p = checked if checked is not None else plan(cfg, doc)
     torch.manual_seed(cfg.seed if seed is None else seed)
     if cfg.model.torchvision is not None:
         if pretrained is None:

@@ -365,11 +365,11 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
         overrides.append(f"seed={seed}")
     if device is not None:
         overrides.append(f"train.device={device}")
-    cfg = doc = None
+    cfg = doc = checked = None
     if config is not None:
         from . import model as M
 
-        cfg, doc, _ = M.load_checked(config, overrides)  # every config mistake at once, before anything else
+        cfg, doc, checked = M.load_checked(config, overrides)  # every config mistake at once, before anything
     # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
     if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
             and (Path(out) / "last.pt").exists()):
@@ -383,7 +383,7 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
     if source is not None and source.continue_in is not None and dist.main:
         claim = claim_existing(source.continue_in)  # locked before the checkpoint is read
     try:
-        return _train_locked(cfg, doc, config, overrides, out, source, init, partial, force, on_event, say,
+        return _train_locked(cfg, doc, checked, overrides, out, source, init, partial, force, on_event, say,
                              dist, claim)
     except BaseException:
         if claim is not None:
@@ -391,8 +391,9 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
         raise
 
 
-def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force, on_event, say, dist,
+def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, force, on_event, say, dist,
                   claim: Claim | None) -> RunResult:
+    """``checked``: the plan of a config file that model.load_checked has validated (None: not yet)."""
     from . import checkpoint as K
     from . import config as C
     from . import data as D
@@ -418,9 +419,10 @@ def _train_locked(cfg, doc, config, overrides, out, source, init, partial, force
             raise UsageError(f"{source.checkpoint}: the run already finished {state['epoch']} of "
                              f"{cfg.train.epochs} epoch{'' if cfg.train.epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
     C.require_data(cfg, doc, what="training")
-    problems = T.validate(cfg, doc)
+    # load_checked validated the optimizer and planned the model already; a checkpoint's config has not been
+    problems = T.validate(cfg, doc) if checked is None else []
     # resuming: the checkpoint's weights replace any pretrained ones, so the hub cache is not needed
-    model, plan = M.build(cfg, doc, pretrained=False if state is not None else None)
+    model, plan = M.build(cfg, doc, pretrained=False if state is not None else None, checked=checked)
     if problems:
         raise ConfigError(problems)
     notes: list[str] = []
