@@ -261,12 +261,14 @@ def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_even
 
     from . import loop as T
 
+    shape = prepared.plan.output_shape
+    outputs = int(shape[-1]) if shape else None
     if run_dir is not None:
         return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, run_dir,
-                     on_event=on_event)
+                     on_event=on_event, outputs=outputs)
     with tempfile.TemporaryDirectory() as tmp:
         return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, tmp,
-                     on_event=on_event, write_checkpoints=False)
+                     on_event=on_event, write_checkpoints=False, outputs=outputs)
 
 
 def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", device: str = "cpu",
@@ -327,3 +329,44 @@ def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, whi
     target = out or str(E.default_path(ckpt_path, fmt))
     return E.export(src.state, src.model, fmt, target, which, str(ckpt_path), inputs=[str(ckpt_path), str(source)],
                     with_preprocess=with_preprocess)
+
+
+# --- the decoded-image cache (data.cache: true) ---------------------------------------------
+
+def cache_info(*, verify: bool = False):
+    """The decoded-image cache's folder and entries (``nnctl.cache.Entry``), newest use first.
+    ``verify``: hash every data file in full (reads them all)."""
+    from . import cache as K
+
+    return K.cache_dir(), K.entries(verify=verify)
+
+
+def cache_clear(*, root: str | os.PathLike | None = None, all: bool = False):
+    """Remove every entry of the decoded-image cache (``all``) or one image folder's (``root``);
+    entries being built by a live process are left alone (``.busy``). A ``nnctl.cache.Cleared``."""
+    from . import cache as K
+
+    return K.clear(root=root, all=all)
+
+
+# --- runs ------------------------------------------------------------------------------------
+# (list_runs, not runs: nnctl.runs is the module, and no public function shares a submodule's name)
+
+def list_runs(folder: str | os.PathLike = "runs") -> list:
+    """The runs in a folder (or one run folder), by start time: a list of nnctl.runs.RunInfo
+    (state, epochs, best, parameters, wall time, and ``differs``: the config keys in which a run
+    differs from the other runs of its config). ``RunInfo.to_dict()`` is the ``--json`` form."""
+    from . import runs as RS
+
+    return RS.list_runs(folder)
+
+
+def compare(runs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None):
+    """Run folders side by side: a nnctl.runs.Comparison (config differences, final and best metrics,
+    the curves); with ``out``, also the picture of their curves overlaid (.png, .svg or .pdf)."""
+    from . import runs as RS
+
+    comparison = RS.compare(runs)
+    if out is not None:
+        RS.plot_comparison(comparison, out)
+    return comparison

@@ -5,7 +5,7 @@ A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts
 nnctl or in a plain script. Like nanoGPT's, it carries what rebuilds the model:
 the resolved config. Fields (``FORMAT_VERSION`` 1):
 
-- ``format`` ("nnctl.checkpoint"), ``format_version``, ``nnctl_version``, ``kind`` (last | best | freeze)
+- ``format`` ("nnctl.checkpoint"), ``format_version``, ``nnctl_version``, ``kind`` (last | best | epoch | freeze)
 - ``config``: the resolved config (every default filled in)
 - ``model``: the model's ``state_dict``
 - ``optimizer``, ``scheduler``, ``scaler``: their ``state_dict`` (None when absent)
@@ -23,6 +23,8 @@ the resolved config. Fields (``FORMAT_VERSION`` 1):
 - ``preprocessing``: the preprocessing record (``nnctl.preprocess``): what turns raw inputs
   into the model's inputs and outputs into answers (None in checkpoints written before it)
 - ``loss_reference``: the first step's loss, the scale of the divergence rule
+- ``stopping``: early stopping's reference ``{"metric", "mode", "value", "epoch"}`` (its own
+  metric and min_delta; ``bad_epochs`` counts the epochs since it last improved), or None
 
 ``FIELDS`` below lists the optional fields with their types; ``make_payload`` is the one
 place a payload is assembled, and ``load`` checks every field's type.
@@ -123,6 +125,7 @@ FIELDS: dict[str, tuple[Any, tuple]] = {
     "source": (None, (str, type(None))),
     "preprocessing": (None, (dict, type(None))),  # nnctl.preprocess.Preprocessing.to_dict()
     "loss_reference": (None, (float, int, type(None))),  # the first step's loss: the divergence rule's scale
+    "stopping": (None, (dict, type(None))),  # early stopping's reference: {"metric", "mode", "value", "epoch"}
 }
 
 
@@ -270,6 +273,16 @@ def resolve(source: str | os.PathLike, which: str = "last") -> Path:
             raise CheckpointError(f"{p}: no {NAMES[which]} in this run folder (it has {other.name}: "
                                   f"use --which {other.stem})")
         if (p / "config.yaml").exists():
+            from .runs import read_status
+
+            status = read_status(p) or {}
+            error = status.get("error") if isinstance(status.get("error"), dict) else {}
+            message = " ".join(str(error.get("message") or "").split())
+            message = message if len(message) <= 300 else message[:299] + "…"
+            if status.get("state") in ("failed", "interrupted") and message:
+                what = "failed" if status["state"] == "failed" else "was interrupted"
+                raise CheckpointError(f"{p}: this run {what} before its first checkpoint: {message}; start it "
+                                      f"again with: nnctl train {p / 'config.yaml'} --out {p}")
             raise CheckpointError(f"{p}: this run stopped before its first checkpoint was written, so there is "
                                   f"nothing to load or resume; start it again with: nnctl train "
                                   f"{p / 'config.yaml'} --out {p}")

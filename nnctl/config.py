@@ -20,8 +20,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError, Problem
 from .yamlio import Document, format_path, load_file, load_text, scalar_value
 
-LOSSES = ("cross_entropy", "nll", "mse", "l1", "l2")
+LOSSES = ("cross_entropy", "nll", "mse", "l1", "l2", "bce_with_logits", "huber", "smooth_l1")
 CLASSIFICATION_LOSSES = ("cross_entropy", "nll")
+# the arguments each loss takes (torch.nn's, without `reduction`: nnctl averages over the batch)
+LOSS_ARGS = {
+    "cross_entropy": ("weight", "ignore_index", "label_smoothing"),
+    "nll": ("weight", "ignore_index"),
+    "mse": (), "l1": (), "l2": (),
+    "bce_with_logits": ("weight", "pos_weight"),
+    "huber": ("delta",),
+    "smooth_l1": ("beta",),
+}
+# what a run can monitor (best checkpoint, early stopping): the columns of metrics.csv
+MONITORS = ("val_loss", "val_accuracy", "val_top5_accuracy", "val_mse", "val_mae", "train_loss")
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tensors", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -113,6 +124,11 @@ class DataSection(_Section):
                                              "or {mean: [...], std: [...]}; default true for images")
     target: Literal["label", "input"] = Field("label", description="label: class labels or y; input: reconstruct the input")
     noise: float = Field(0.0, ge=0.0, le=1000.0, description="std of Gaussian noise added to inputs when target is input")
+    augment: list[Any] = Field(default_factory=list,
+                               description="image augmentation of training batches, per sample: torchvision "
+                                           "transforms.v2 classes by name with their arguments, applied in order, "
+                                           "e.g. [{RandomCrop: {size: 32, padding: 4}}, RandomHorizontalFlip]; "
+                                           "see nnctl.augment.SUPPORTED")
     shape: list[_Int] | None = Field(None, description="synthetic: one sample's shape (default: model.input_shape)")
     classes: int | None = Field(None, ge=1, le=1_000_000, description="synthetic: number of classes")
     size: int | None = Field(None, ge=1, le=100_000_000, description="synthetic: number of samples")
@@ -124,6 +140,9 @@ class DataSection(_Section):
                                                      "e.g. [0, 1, 0, 1, 0, 1, 0, 1, 0, 1] for even / odd")
     preload: bool | None = Field(None, description="hold the dataset as tensors on the device; default: when it fits")
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers when not preloaded")
+    cache: bool = Field(False, description="image_folder: keep the decoded, resized images in one memory-mapped "
+                                           "file under $NNCTL_CACHE_DIR (default ~/.cache/nnctl/decoded), "
+                                           "shared by later runs; `nnctl cache info|clear` shows and frees it")
 
     @field_validator("normalize")
     @classmethod
@@ -145,6 +164,22 @@ class DataSection(_Section):
             return v
         raise ValueError("expected true, false or {mean: [...], std: [...]}")
 
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: list[Any]) -> list[Any]:
+        problems = []
+        for i, entry in enumerate(v):
+            try:
+                name, _ = _one_key(entry, "augmentation")
+            except ValueError:
+                name = None
+            if name is None or not name:
+                problems.append((("data", "augment", i), "expected an augmentation name, alone or with a mapping of "
+                                                         "its arguments, such as {RandomCrop: {size: 32, padding: 4}}"))
+        if problems:
+            raise _CrossProblems(problems)
+        return v
+
     @field_validator("label_map")
     @classmethod
     def _label_map(cls, v: list[int] | None) -> list[int] | None:
@@ -160,17 +195,86 @@ class DataSection(_Section):
         return v
 
 
+def mode_of(metric: str) -> str:
+    """min for losses and errors, max for accuracies."""
+    return "max" if metric.endswith("accuracy") else "min"
+
+
 class EarlyStopping(_Section):
     patience: int = Field(ge=1, le=1_000_000, description="epochs without improvement before stopping")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+    monitor: Literal[MONITORS] | None = Field(None, description="the metric to watch (default: the best "
+                                                                "checkpoint's, train.checkpoint.monitor)")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max (default: max for accuracies, "
+                                                                 "min for losses and errors)")
+
+
+class CheckpointSection(_Section):
+    monitor: Literal[MONITORS] | None = Field(None, description="the metric best.pt tracks (default: "
+                                                                "val_accuracy for classification, else val_loss; "
+                                                                "train_loss without validation data)")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max (default: from the metric)")
+    every: int | None = Field(None, ge=1, le=1_000_000, description="also keep epoch-N.pt every N epochs")
+    keep: int | None = Field(None, ge=1, le=1_000_000, description="keep only the K newest epoch-N.pt "
+                                                                   "(default: all)")
+
+
+def _check_loss(value: Any) -> list[tuple[tuple, str]]:
+    """Problems of a loss spec (name alone or {name: {args}}), located under train.loss."""
+    name, args = _one_key(value, "loss")
+    if name not in LOSSES:
+        return [(("train", "loss") + ((name,) if isinstance(value, dict) else ()),
+                 f"unknown loss {name!r}{suggest(name, LOSSES)} (one of: {', '.join(LOSSES)})")]
+    problems = []
+    allowed = LOSS_ARGS[name]
+
+    def numbers(v: Any) -> list | None:
+        vals = v if isinstance(v, list) else [v]
+        ok = vals and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in vals)
+        return vals if ok else None
+
+    for key, v in args.items():
+        where = ("train", "loss", name, key)
+        if key not in allowed:
+            problems.append((where, f"unknown argument {key!r} for loss {name}"
+                                    + (suggest(str(key), allowed) or f" (takes: {', '.join(allowed) or 'none'})")))
+        elif key == "weight":
+            if v == "balanced" and name in CLASSIFICATION_LOSSES:
+                continue
+            vals = numbers(v) if isinstance(v, list) else None
+            if vals is None or any(x < 0 for x in vals):
+                problems.append((where, "weight must be a list of non-negative numbers, one a class"
+                                        + (", or balanced (from the training split's class counts)"
+                                           if name in CLASSIFICATION_LOSSES else "")))
+        elif key == "pos_weight":
+            vals = numbers(v)
+            if vals is None or any(x < 0 for x in vals):
+                problems.append((where, "pos_weight must be a non-negative number or a list of them, one an output"))
+        elif key == "label_smoothing":
+            if numbers(v) is None or isinstance(v, list) or not 0.0 <= v <= 1.0:
+                problems.append((where, f"label_smoothing must be a number from 0 to 1, got {_describe(v)}"))
+        elif key == "ignore_index":
+            if not isinstance(v, int) or isinstance(v, bool):
+                problems.append((where, f"ignore_index must be an integer (a class label), got {_describe(v)}"))
+        elif key in ("delta", "beta"):
+            if numbers(v) is None or isinstance(v, list) or v < 0 or (key == "delta" and v == 0):
+                problems.append((where, f"{key} must be a {'positive' if key == 'delta' else 'non-negative'} "
+                                        f"number, got {_describe(v)}"))
+    return problems
 
 
 class TrainSection(_Section):
     epochs: int = Field(10, ge=1, le=1_000_000)
     batch_size: int = Field(64, ge=1, le=1 << 20)
     eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="default: 4 x batch_size")
-    loss: Literal[LOSSES] = Field("cross_entropy",
-                                  description="cross_entropy (the default) | nll | mse | l1 | l2 (= mse: PyTorch has no L2Loss)")
+    loss: Any = Field("cross_entropy",
+                      description="cross_entropy (the default) | nll | mse | l1 | l2 (= mse: PyTorch has no L2Loss) "
+                                  "| bce_with_logits (multi-label) | huber | smooth_l1; with arguments: "
+                                  "{cross_entropy: {label_smoothing: 0.1, weight: balanced}}")
+    accumulate: int = Field(1, ge=1, le=65536, description="gradient accumulation: one optimizer step every N "
+                                                           "batches, equal to an N times larger batch")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection,
+                                          description="best.pt's monitor, and epoch-N.pt every N epochs")
     optimizer: Any = Field(default_factory=lambda: {"Adam": {"lr": 0.001}},
                            description="a torch.optim class with its arguments, e.g. {SGD: {lr: 0.1, momentum: 0.9}}")
     scheduler: Any = Field(None, description="a torch.optim.lr_scheduler class with its arguments")
@@ -183,6 +287,28 @@ class TrainSection(_Section):
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the model")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (torch.set_num_threads)")
+    log: list[Literal["csv", "tensorboard"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="what the run logs: csv (metrics.csv, always written: nnctl runs and compare read it) and "
+                    "tensorboard (RUN/tensorboard/: scalars, model graph, hparams; pip install 'nnctl[tensorboard]')")
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: Any) -> Any:
+        problems = _check_loss(v)
+        if problems:
+            raise _CrossProblems(problems)
+        name, args = _one_key(v, "loss")
+        return {name: args} if args else name
+
+    @property
+    def loss_name(self) -> str:
+        """The loss's name (cross_entropy, mse, ...), with or without arguments."""
+        return self.loss if isinstance(self.loss, str) else next(iter(self.loss))
+
+    @property
+    def loss_args(self) -> dict:
+        return {} if isinstance(self.loss, str) else dict(next(iter(self.loss.values())))
 
     @field_validator("optimizer")
     @classmethod
@@ -225,18 +351,47 @@ class Config(_Section):
         d, t = self.data, self.train
         if d is None:
             return self
-        if d.target == "input" and t.loss in CLASSIFICATION_LOSSES:
-            problems.append((("train", "loss"), f"target: input reconstructs the input; use mse or l1, not {t.loss}"))
+        loss = t.loss_name
+        if d.target == "input" and loss in CLASSIFICATION_LOSSES + ("bce_with_logits",):
+            problems.append((("train", "loss"), f"target: input reconstructs the (normalised) input; use mse, l1, "
+                                                f"huber or smooth_l1, not {loss}"))
         if d.source == "tensors" and not d.path:
             problems.append((("data",), "source: tensors needs path: a .pt, .npz or .safetensors file with x and y"))
         if d.source == "image_folder" and not d.root:
             problems.append((("data",), "source: image_folder needs root: a folder with one sub-folder per class"))
-        if d.source == "synthetic" and d.target == "label" and t.loss in CLASSIFICATION_LOSSES and not d.classes:
+        if d.cache and d.source != "image_folder":
+            problems.append((("data", "cache"), f"cache: true applies to source: image_folder only (it keeps "
+                                                f"decoded image files); {d.source} is read as whole tensors "
+                                                "already: remove cache"))
+        if d.augment and len(self.model.input_shape) != 3:
+            problems.append((("data", "augment"), f"augmentation applies to images, samples of shape [channels, "
+                                                  f"height, width]; model.input_shape is {self.model.input_shape}"))
+        if d.source == "synthetic" and d.target == "label" and loss in CLASSIFICATION_LOSSES and not d.classes:
             problems.append((("data",), "source: synthetic with a classification loss needs classes: N"))
         if d.split == "test" and d.source in ("tensors", "synthetic", "image_folder", "digits"):
             problems.append((("data", "split"), f"source {d.source} has no test split of its own; use split: fraction"))
-        if d.split == "fraction" and d.val_fraction == 0.0 and t.early_stopping is not None:
-            problems.append((("train", "early_stopping"), "early stopping needs validation data: val_fraction > 0"))
+        no_val = d.split == "fraction" and d.val_fraction == 0.0
+        watched = [(("train", "checkpoint", "monitor"), t.checkpoint.monitor)]
+        if t.early_stopping is not None:
+            watched.append((("train", "early_stopping", "monitor"), t.early_stopping.monitor))
+        for where, metric in watched:
+            if metric is None:
+                continue
+            if no_val and metric.startswith("val_"):
+                problems.append((where, f"{metric} needs validation data: val_fraction > 0 (or monitor train_loss)"))
+            elif metric in ("val_accuracy", "val_top5_accuracy") and not (
+                    (loss in CLASSIFICATION_LOSSES and d.target == "label")
+                    or (metric == "val_accuracy" and loss == "bce_with_logits")):
+                problems.append((where, f"{metric} needs class labels and a classification loss (cross_entropy "
+                                        f"or nll{', or bce_with_logits' if metric == 'val_accuracy' else ''}); "
+                                        f"this run trains with {loss}"))
+            elif metric in ("val_mse", "val_mae") and (loss in CLASSIFICATION_LOSSES and d.target == "label"):
+                problems.append((where, f"{metric} is a regression metric; a classification run has val_loss, "
+                                        "val_accuracy and val_top5_accuracy"))
+        if (t.early_stopping is not None and no_val and t.early_stopping.monitor is None
+                and t.checkpoint.monitor is None):
+            problems.append((("train", "early_stopping"), "early stopping needs validation data: val_fraction > 0 "
+                                                          "(or early_stopping.monitor: train_loss)"))
         if problems:
             raise _CrossProblems(problems)
         return self

@@ -118,12 +118,18 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     C.require_data(cfg, doc, what="evaluation")
     dev = T.select_device(device or cfg.train.device)
     model = src.model.to(dev).eval()
-    bundle = D.load_data(cfg, dev, preprocessing=pre) if pre is not None else D.load_data(cfg, dev)
+    bundle = D.load_data(cfg, dev, preprocessing=pre, augment=False)  # scoring never augments
     batches = bundle.train if split in ("train", "all") else bundle.val
     if batches is None:
         raise UsageError("this data has no validation split (val_fraction 0); use --split train or all")
-    classification = cfg.train.loss in ("cross_entropy", "nll") and cfg.data.target == "label"
-    metrics = T.evaluate(model, T.make_loss(cfg.train.loss), batches, classification)
+    task = T.task_of(cfg)
+    classification = task == "classification"
+    labels = None
+    if any(v == "balanced" for v in cfg.train.loss_args.values()):  # the weights of the training split
+        labels = bundle.train.store.y[bundle.train.indices]
+    outputs = _output_width(model, cfg)
+    loss_fn = T.make_loss(cfg.train, labels=labels, classes=outputs or bundle.num_classes).to(dev)
+    metrics = T.evaluate(model, loss_fn, batches, task)
     result = EvalResult(split, batches.num_samples, metrics, epoch, notes=notes)
     if classification and confusion:
         names = (pre.classes if pre is not None and pre.classes else None)
@@ -198,3 +204,18 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: l
     atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), inputs)
     plt.close(fig)
     return str(path)
+
+
+def _output_width(model, cfg) -> int | None:
+    """The model's number of output scores (one sample through it on the meta device), or None."""
+    import copy
+
+    import torch
+
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        with torch.no_grad():
+            out = meta(torch.empty((1, *cfg.model.input_shape), device="meta"))
+        return int(out.shape[1]) if out.dim() == 2 else None
+    except Exception:  # noqa: BLE001 - only a default for weight: balanced
+        return None

@@ -18,7 +18,16 @@ from typing import BinaryIO
 from .errors import NnctlError, UsageError
 
 # the files nnctl itself keeps in a run folder; no export or -o may replace them
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", ".lock", "status.json")
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", ".lock", "status.json",
+             "tensorboard")  # tensorboard: a folder of TensorBoard event files (train.log)
+EPOCH_CHECKPOINT = r"epoch-[0-9]+\.pt"  # train.checkpoint.every: epoch-N.pt
+
+
+def is_run_file(name: str) -> bool:
+    """A file name nnctl keeps in a run folder (RUN_FILES, or an epoch-N.pt checkpoint)."""
+    import re
+
+    return name in RUN_FILES or re.fullmatch(EPOCH_CHECKPOINT, name) is not None
 
 
 def _kind(mode: int) -> str:
@@ -108,7 +117,7 @@ def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str =
     for src in inputs:
         if src is not None and (st is not None and _same(p, src) or os.path.abspath(p) == os.path.abspath(src)):
             raise UsageError(f"{what} {p}: is an input of this command; refused (choose another -o)")
-    if not allow_run_files and p.name in RUN_FILES and is_run_folder(p.parent):
+    if not allow_run_files and is_run_file(p.name) and is_run_folder(p.parent):
         raise UsageError(f"{what} {p}: is a file nnctl keeps in the run folder {p.parent}; refused "
                          "(choose another -o)")
     return p

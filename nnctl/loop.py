@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
-from .config import CLASSIFICATION_LOSSES, Config, resolved, suggest
+from .config import CLASSIFICATION_LOSSES, Config, mode_of, resolved, suggest
 from .errors import NnctlError, Problem, UsageError
 from .yamlio import Document
 
@@ -198,14 +198,76 @@ def select_device(spec: str) -> torch.device:
 
 # --- losses, optimizers, schedulers --------------------------------------------------
 
-def make_loss(name: str) -> nn.Module:
-    return {
-        "cross_entropy": nn.CrossEntropyLoss,
-        "nll": nn.NLLLoss,
-        "mse": nn.MSELoss,
-        "l2": nn.MSELoss,
-        "l1": nn.L1Loss,
-    }[name]()
+LOSS_CLASSES = {
+    "cross_entropy": nn.CrossEntropyLoss,
+    "nll": nn.NLLLoss,
+    "mse": nn.MSELoss,
+    "l2": nn.MSELoss,
+    "l1": nn.L1Loss,
+    "bce_with_logits": nn.BCEWithLogitsLoss,
+    "huber": nn.HuberLoss,
+    "smooth_l1": nn.SmoothL1Loss,
+}
+
+
+def balanced_weights(labels: torch.Tensor, classes: int) -> list[float]:
+    """scikit-learn's "balanced" class weights: n / (classes x count of the class), from the training
+    labels. A class with no training sample gets 1.0 (it never appears as a training target)."""
+    counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=classes)[:classes].double()
+    n = float(counts.sum())
+    return [n / (classes * float(c)) if c > 0 else 1.0 for c in counts]
+
+
+def make_loss(spec: Any, *, labels: torch.Tensor | None = None, classes: int | None = None) -> nn.Module:
+    """The loss module of ``train.loss``: a name, ``{name: {args}}`` or a TrainSection.
+
+    ``weight: balanced`` needs the training split's ``labels`` and the number of ``classes``
+    (the model's output width). List arguments become float32 tensors (buffers: ``.to(device)``).
+    """
+    if hasattr(spec, "loss_name"):
+        name, args = spec.loss_name, spec.loss_args
+    elif isinstance(spec, dict):
+        (name, args), = spec.items()
+    else:
+        name, args = spec, {}
+    kwargs: dict[str, Any] = {}
+    for key, value in (args or {}).items():
+        if key in ("weight", "pos_weight"):
+            if value == "balanced":
+                if labels is None or not classes:
+                    raise UsageError("train.loss weight: balanced needs the training labels")
+                value = balanced_weights(labels, classes)
+            value = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float32)
+        kwargs[key] = value
+    return LOSS_CLASSES[name](**kwargs)
+
+
+def check_loss(cfg: Config, doc: Document, outputs: int | None) -> list[Problem]:
+    """Loss arguments that do not fit the model's output width (class weights, pos_weight), located."""
+    if not outputs:
+        return []
+    t = cfg.train
+    problems = []
+    for key in ("weight", "pos_weight"):
+        value = t.loss_args.get(key)
+        if not isinstance(value, list):
+            continue
+        fits = len(value) == outputs if (key == "weight" or t.loss_name != "bce_with_logits") \
+            else len(value) in (1, outputs)
+        if not fits:
+            per = "class" if t.loss_name in CLASSIFICATION_LOSSES else "output"
+            problems.append(doc.problem(("train", "loss", t.loss_name, key),
+                                        f"{key} has {len(value)} values but the model gives {outputs} outputs: "
+                                        f"give one a {per}"))
+    return problems
+
+
+def task_of(cfg: Config) -> str:
+    """classification (class labels), multilabel (bce_with_logits on 0/1 targets) or regression."""
+    name = cfg.train.loss_name
+    if name in CLASSIFICATION_LOSSES and (cfg.data is None or cfg.data.target == "label"):
+        return "classification"
+    return "multilabel" if name == "bce_with_logits" else "regression"
 
 
 def _optim_registry() -> dict[str, type]:
@@ -306,6 +368,7 @@ class Context:
     classification: bool
     trainable: list[nn.Parameter]
     set_train_mode: Callable[[], None]
+    accumulate: int = 1  # batches per optimizer step (gradient accumulation)
 
 
 def _prepare(ctx: Context, x: torch.Tensor) -> torch.Tensor:
@@ -370,59 +433,84 @@ def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: Ep
                     on_step: Callable[[int, EpochSums], bool] | None = None) -> int:
     """Train over one epoch's batches from start_step. Returns the next step index.
 
-    on_step(step, sums) is called after each step; returning True stops at that step boundary.
+    on_step(step, sums) is called after each step; returning True stops at that step boundary
+    (with gradient accumulation, at the end of the accumulation group: gradients in flight are
+    never dropped, so a stopped epoch resumes exactly).
+
+    Gradient accumulation (``ctx.accumulate = N``): batches ``k*N .. k*N+N-1`` of an epoch form
+    one group and one optimizer step. Each batch's mean loss is weighted by its share of the
+    group's samples, so the summed gradients equal those of one batch of the whole group (the
+    same samples: the epoch order does not depend on the batch size).
     """
     ctx.set_train_mode()
     step = start_step
     world = batches.world_size
+    n = len(batches)
+    acc = max(1, ctx.accumulate)
+    group_total = 0
     for x, y in batches.epoch(epoch, start_step):
+        first = step % acc == 0 or step == start_step
+        last = (step + 1) % acc == 0 or step + 1 == n
+        if first:
+            group_start = step - step % acc
+            group_total = sum(batches.global_size(s) for s in range(group_start, min(group_start + acc, n)))
+            ctx.optimizer.zero_grad(set_to_none=True)
         x = _prepare(ctx, x)
-        with ctx.autocast():
-            out = ctx.model(x)
-            loss = ctx.loss_fn(out.float() if out.dtype != torch.float32 else out, y)
-        objective = loss
-        if world > 1:  # DDP averages the ranks' gradients: weight each rank's mean by its share of the batch
-            scale = x.shape[0] * world / batches.global_size(step)
+        sync = nullcontext() if last or not hasattr(ctx.model, "no_sync") else ctx.model.no_sync()
+        with sync:
+            with ctx.autocast():
+                out = ctx.model(x)
+                loss = ctx.loss_fn(out.float() if out.dtype != torch.float32 else out, y)
+            objective = loss
+            # the mean over this batch, weighted by its share of the group's samples over every rank
+            # (DDP averages the ranks' gradients, hence x world)
+            scale = x.shape[0] * world / group_total
             if scale != 1.0:
                 objective = loss * scale
-        ctx.optimizer.zero_grad(set_to_none=True)
-        if ctx.scaler is not None:
-            ctx.scaler.scale(objective).backward()
-            if ctx.grad_clip:
-                ctx.scaler.unscale_(ctx.optimizer)
-                torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
-            ctx.scaler.step(ctx.optimizer)
-            ctx.scaler.update()
-        else:
-            objective.backward()
-            if ctx.grad_clip:
-                torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
-            ctx.optimizer.step()
-        if ctx.step_scheduler:
-            ctx.scheduler.step()
+            if ctx.scaler is not None:
+                ctx.scaler.scale(objective).backward()
+            else:
+                objective.backward()
+        if last:
+            if ctx.scaler is not None:
+                if ctx.grad_clip:
+                    ctx.scaler.unscale_(ctx.optimizer)
+                    torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+                ctx.scaler.step(ctx.optimizer)
+                ctx.scaler.update()
+            else:
+                if ctx.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+                ctx.optimizer.step()
+            if ctx.step_scheduler:
+                ctx.scheduler.step()
         sums.losses.append(loss.detach())
         sums.sizes.append(x.shape[0])
         step += 1
-        if on_step is not None and on_step(step, sums):
+        if on_step is not None and on_step(step, sums) and last:
             break
     return step
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool,
+def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool | str,
              autocast: Callable[[], Any] = nullcontext, channels_last: bool = False,
              device: torch.device | None = None, all_reduce: Callable[[torch.Tensor], None] | None = None,
              ) -> dict[str, float]:
-    """Loss and metric over a split, in eval mode. One host sync at the end.
+    """Loss and metrics over a split, in eval mode. One host sync at the end.
 
+    ``classification``: True or "classification" (accuracy, and top5_accuracy when the output
+    has more than 5 classes), "multilabel" (accuracy: the share of labels whose logit's sign
+    matches the 0/1 target), False or "regression" (mse, mae).
     all_reduce (distributed runs) sums the totals of every rank's shard in place.
     """
+    task = {True: "classification", False: "regression"}.get(classification, classification)
     was_training = model.training
     model.eval()
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    # loss sum, correct (or squared error sum), absolute error sum, samples
-    sums = torch.zeros(4, device=device, dtype=acc_dtype(device))
+    # loss sum, correct (or squared error sum), absolute error sum, samples, top-5 correct, top-5 seen
+    sums = torch.zeros(6, device=device, dtype=acc_dtype(device))
     try:
         for x, y in batches.epoch(0):
             if channels_last and x.dim() == 4:
@@ -431,8 +519,13 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
                 out = model(x)
             out = out.float()
             sums[0] += loss_fn(out, y).to(sums.dtype) * x.shape[0]
-            if classification:
+            if task == "classification":
                 sums[1] += (out.argmax(dim=1) == y).sum()
+                if out.dim() == 2 and out.shape[1] > 5:
+                    sums[4] += (out.topk(5, dim=1).indices == y.unsqueeze(1)).any(dim=1).sum()
+                    sums[5] += x.shape[0]
+            elif task == "multilabel":
+                sums[1] += ((out > 0) == (y > 0.5)).to(sums.dtype).reshape(x.shape[0], -1).mean(dim=1).sum()
             else:
                 diff = (out - y.to(out.dtype)).to(sums.dtype).reshape(x.shape[0], -1)
                 sums[1] += diff.pow(2).mean(dim=1).sum()
@@ -442,12 +535,14 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
         model.train(was_training)
     if all_reduce is not None:
         all_reduce(sums)
-    loss, second, third, n = sums.tolist()
+    loss, second, third, n, top5, n5 = sums.tolist()
     if n == 0:
         return {}
     result = {"loss": loss / n}
-    if classification:
+    if task in ("classification", "multilabel"):
         result["accuracy"] = second / n
+        if n5:
+            result["top5_accuracy"] = top5 / n5
     else:
         result["mse"] = second / n
         result["mae"] = third / n
@@ -567,13 +662,36 @@ class FitResult:
 
 
 def monitor_for(cfg: Config, has_val: bool) -> tuple[str, str]:
-    """(metric, mode): val accuracy for classification, else val loss; train loss without validation."""
+    """(metric, mode) that best.pt tracks: train.checkpoint.monitor, else val accuracy for
+    classification, else val loss; train loss without validation data."""
+    c = cfg.train.checkpoint
+    if c.monitor is not None and (has_val or not c.monitor.startswith("val_")):
+        return c.monitor, c.mode or mode_of(c.monitor)
     if not has_val:
-        return "train_loss", "min"
-    target = cfg.data.target if cfg.data is not None else "label"
-    if cfg.train.loss in CLASSIFICATION_LOSSES and target == "label":
-        return "val_accuracy", "max"
-    return "val_loss", "min"
+        return "train_loss", c.mode or "min"
+    metric = "val_accuracy" if task_of(cfg) == "classification" else "val_loss"
+    return metric, c.mode or mode_of(metric)
+
+
+def stopping_for(cfg: Config, has_val: bool) -> tuple[str, str] | None:
+    """(metric, mode) that early stopping watches (default: best.pt's), or None without early stopping."""
+    e = cfg.train.early_stopping
+    if e is None:
+        return None
+    if e.monitor is None:
+        metric, mode = monitor_for(cfg, has_val)
+        return metric, e.mode or mode
+    return e.monitor, e.mode or mode_of(e.monitor)
+
+
+def improves(value: float | None, reference: float | None, mode: str, min_delta: float = 0.0) -> bool:
+    """The rule of best.pt (min_delta 0) and of early stopping: better than the reference by more than
+    min_delta (Keras's EarlyStopping rule); the first finite value always improves."""
+    if value is None or not math.isfinite(value):
+        return False
+    if reference is None:
+        return True
+    return value < reference - min_delta if mode == "min" else value > reference + min_delta
 
 
 class _StopFlag:
@@ -612,8 +730,12 @@ def _frozen_modules(model: nn.Module) -> list[nn.Module]:
 
 def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device, run_dir,
         resume: dict | None = None, on_event: Callable[[Event], None] | None = None,
-        freezing: dict | None = None, write_checkpoints: bool = True, dist: Dist | None = None) -> FitResult:
+        freezing: dict | None = None, write_checkpoints: bool = True, dist: Dist | None = None,
+        outputs: int | None = None) -> FitResult:
     """Train the model as the config says, writing checkpoints into run_dir. Returns the history.
+
+    ``outputs``: the model's output width (class scores), for ``weight: balanced``; default:
+    the data's number of classes.
 
     Under torch.distributed (dist.enabled) the model is wrapped in DistributedDataParallel,
     losses and validation metrics are reduced across ranks, every rank takes the same
@@ -644,7 +766,8 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
 
     optimizer = make_optimizer(t.optimizer, trainable)
     steps = len(data.train)
-    scheduler = make_scheduler(t.scheduler, optimizer, t.epochs, steps, t.scheduler_interval)
+    updates = -(-steps // t.accumulate)  # optimizer steps an epoch
+    scheduler = make_scheduler(t.scheduler, optimizer, t.epochs, updates, t.scheduler_interval)
     plateau = scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
@@ -659,14 +782,28 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
         runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         runner = torch.compile(runner)
-    classification = cfg.train.loss in CLASSIFICATION_LOSSES and cfg.data.target == "label"
-    ctx = Context(runner, make_loss(t.loss), optimizer, scheduler, scaler, device, autocast, t.grad_clip,
+    task = task_of(cfg)
+    classification = task == "classification"
+    labels = classes = None
+    if any(v == "balanced" for v in t.loss_args.values()):
+        labels = data.train.store.y[data.train.indices]
+        classes = outputs or data.num_classes
+    loss_fn = make_loss(t, labels=labels, classes=classes).to(device)
+    ctx = Context(runner, loss_fn, optimizer, scheduler, scaler, device, autocast, t.grad_clip,
                   scheduler is not None and t.scheduler_interval == "step" and not plateau,
-                  t.channels_last, classification, trainable, set_train_mode)
+                  t.channels_last, classification, trainable, set_train_mode, t.accumulate)
 
     metric, mode = monitor_for(cfg, data.val is not None)
+    watch = stopping_for(cfg, data.val is not None)
+    min_delta = t.early_stopping.min_delta if t.early_stopping is not None else 0.0
+    for name in {metric, *(watch[:1] if watch else ())}:
+        if name == "val_top5_accuracy" and (outputs or data.num_classes or 0) <= 5:
+            raise UsageError(f"{name}: top-5 accuracy needs more than 5 classes; this model has "
+                             f"{outputs or data.num_classes}")
     history: list[dict] = []
     best = {"metric": metric, "mode": mode, "value": None, "epoch": None}
+    # early stopping's own reference (its metric and min_delta may differ from best.pt's)
+    stopping = {"metric": watch[0], "mode": watch[1], "value": None, "epoch": None} if watch else None
     start_epoch, start_step, global_step = 0, 0, 0
     partial = None
     bad_epochs = 0
@@ -682,6 +819,12 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
         history = list(resume.get("history") or [])
         best = dict(resume.get("best") or best)
         bad_epochs = int(resume.get("bad_epochs", 0))
+        if watch is not None:
+            saved_stop = resume.get("stopping")
+            if saved_stop and saved_stop.get("metric") == watch[0]:
+                stopping = dict(saved_stop)
+            elif best.get("metric") == watch[0]:  # an older checkpoint: early stopping watched best.pt's metric
+                stopping = {**best, "mode": watch[1]}
         partial = resume.get("partial")
         loss_reference = resume.get("loss_reference")
         if not isinstance(loss_reference, float) and history and isinstance(history[0].get("train_loss"), float):
@@ -711,7 +854,7 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             partial=None if sums is None else sums.state(),
             input_shape=list(cfg.model.input_shape),
             preprocessing=data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,
-            loss_reference=loss_reference,
+            loss_reference=loss_reference, stopping=dict(stopping) if stopping else None,
         )
 
     emit(Event("start", epochs=t.epochs, steps=steps, message=str(device)))
@@ -793,7 +936,7 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                                f"or clip gradients (train.grad_clip). Nothing saved. {kept}")
             row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss}
             if data.val is not None:
-                ev = evaluate(runner, ctx.loss_fn, data.val, classification, autocast, t.channels_last, device,
+                ev = evaluate(runner, ctx.loss_fn, data.val, task, autocast, t.channels_last, device,
                               dist.all_reduce if dist.enabled else None)
                 row.update({f"val_{k}": v for k, v in ev.items()})
                 bad = [f"val_{k} {v}" for k, v in ev.items() if not math.isfinite(v)]
@@ -817,34 +960,65 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                     scheduler.step()
             row["seconds"] = time.perf_counter() - tick
             history.append(row)
-            value = row.get(metric)
-            improved = value is not None and math.isfinite(value) and (
-                best["value"] is None
-                or (mode == "max" and value > best["value"] + (t.early_stopping.min_delta if t.early_stopping else 0))
-                or (mode == "min" and value < best["value"] - (t.early_stopping.min_delta if t.early_stopping else 0)))
+            improved = improves(row.get(metric), best["value"], mode)
             if improved:
-                best.update(value=value, epoch=epoch + 1)
+                best.update(value=row[metric], epoch=epoch + 1)
                 best_state = copy.deepcopy(model.state_dict())
-                bad_epochs = 0
+            if stopping is not None:
+                if improves(row.get(stopping["metric"]), stopping["value"], stopping["mode"], min_delta):
+                    stopping.update(value=row[stopping["metric"]], epoch=epoch + 1)
+                    bad_epochs = 0
+                else:
+                    bad_epochs += 1
             else:
-                bad_epochs += 1
+                bad_epochs = 0 if improved else bad_epochs + 1
             rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
             if write_checkpoints:
                 if improved:
                     best_path = str(run_dir / ckpt.NAMES["best"])
                     ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state, rng_ranks))
                 ckpt.save(last_path, payload("last", epoch + 1, 0, None, rng_ranks=rng_ranks))
+                if t.checkpoint.every and (epoch + 1) % t.checkpoint.every == 0:
+                    ckpt.save(run_dir / epoch_name(epoch + 1), payload("epoch", epoch + 1, 0, None,
+                                                                       rng_ranks=rng_ranks))
+                    prune_epoch_checkpoints(run_dir, t.checkpoint.keep)
                 write_metrics(run_dir, history)
             emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row, message="best" if improved else ""))
             if dist.any(stop.signum is not None, device):  # a signal during validation: the epoch is saved
                 raise Interrupted(stop.signum or signal.SIGTERM, last_path if write_checkpoints else None)
             if t.early_stopping and bad_epochs >= t.early_stopping.patience and epoch + 1 < t.epochs:
                 stopped_early = True
-                emit(Event("stop", epoch=epoch, message=f"early stopping: {metric} did not improve for "
-                                                        f"{bad_epochs} epochs"))
+                watched = stopping["metric"] if stopping else metric
+                emit(Event("stop", epoch=epoch, message=f"early stopping: {watched} did not improve by more than "
+                                                        f"{min_delta:g} for {bad_epochs} epochs"))
                 break
     return FitResult(history, best, best_state, last_path, best_path, stopped_early,
                      len(history), time.perf_counter() - began, history[-1] if history else {})
+
+
+def epoch_name(epoch: int) -> str:
+    """The file name of the checkpoint kept after ``epoch`` (train.checkpoint.every)."""
+    return f"epoch-{epoch}.pt"
+
+
+def prune_epoch_checkpoints(run_dir, keep: int | None) -> list[str]:
+    """Remove all but the ``keep`` newest epoch-N.pt of a run folder (None: keep all). Returns the removed."""
+    import os
+    import re
+    from pathlib import Path
+
+    if not keep:
+        return []
+    found = sorted((int(m.group(1)), name) for name in os.listdir(run_dir)
+                   if (m := re.fullmatch(r"epoch-(\d+)\.pt", name)))
+    removed = []
+    for _, name in found[:-keep]:
+        try:
+            os.unlink(Path(run_dir) / name)
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def write_metrics(run_dir, history: list[dict]) -> None:

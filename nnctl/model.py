@@ -969,7 +969,7 @@ def lint(cfg: Config, p: Plan) -> list[Problem]:
     if not leaves:
         return out
     last_name, last = leaves[-1]
-    loss = cfg.train.loss
+    loss = cfg.train.loss_name
 
     def warn(node: Node, message: str) -> None:
         out.append(p.doc.problem(node.path, message))
@@ -1025,6 +1025,7 @@ def check(doc: Document) -> Checked:
     own, so that structural and layer / shape problems come in one report.
     """
     from . import config as C
+    from .augment import check as augment_problems  # data.augment's names and arguments (torchvision's)
     from .loop import validate as validate_train  # the module (nnctl.train is also an API function)
 
     checked = C.validate_all(doc)
@@ -1037,6 +1038,7 @@ def check(doc: Document) -> Checked:
             problems += exc.problems
     if checked.train is not None:
         problems += validate_train(checked.train, doc)
+    problems += augment_problems(doc)
     warnings_ = lint(checked.cfg, plan_) if checked.cfg is not None and plan_ is not None and not problems else []
     return Checked(checked.cfg, plan_, _in_file_order(problems, doc.file), warnings_)
 

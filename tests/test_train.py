@@ -188,7 +188,7 @@ def test_same_seed_same_weights_and_run_folders_not_reused(tmp_path):
     for f in ("config.yaml", "last.pt", "best.pt", "metrics.csv", "curves.png"):
         assert (run / f).exists(), f
     rows = (run / "metrics.csv").read_text().splitlines()
-    assert rows[0].startswith("epoch,step,train_loss,val_loss,val_accuracy,lr,seconds") and len(rows) == 3
+    assert rows[0].startswith("epoch,step,train_loss,val_loss,val_accuracy,val_top5_accuracy,lr,seconds") and len(rows) == 3
     r3 = run_cli("train", str(p), "--out", str(run), cwd=tmp_path)
     assert r3.returncode == 2 and "already holds a run" in r3.stderr
 
