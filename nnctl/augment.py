@@ -1,0 +1,714 @@
+"""Image augmentation of training batches (``data.augment``), vectorised over the batch.
+
+``data.augment`` is a list of torchvision ``transforms.v2`` class names, each alone or
+with a mapping of its arguments, applied in order (as ``transforms.v2.Compose`` would)::
+
+    data:
+      augment:
+        - RandomCrop: {size: 32, padding: 4}
+        - RandomHorizontalFlip
+        - ColorJitter: {brightness: 0.4, contrast: 0.4, saturation: 0.4}
+
+Decisions (the lead's design, and what was decided while building it):
+
+* **A closed list.** Only the classes in ``SUPPORTED`` can be named, by their exact
+  torchvision name; everything else is refused by ``nnctl check`` at its line, with a
+  did-you-mean. Argument names and defaults come from
+  ``inspect.signature(torchvision.transforms.v2.<Name>)``; the arguments are then
+  handed to torchvision's own constructor, so its range checks apply, and nnctl reads
+  the normalised values back from the transform object (``ColorJitter(brightness=0.4)``
+  -> ``brightness = (0.6, 1.4)``). A few arguments that would change the sample's
+  shape or that the batch implementation does not do are refused with the reason
+  (``RandomRotation.expand``, ``RandomResizedCrop.antialias``, ``RandomErasing.inplace``,
+  ``padding_mode: symmetric``, interpolation other than nearest / bilinear).
+* **The pipeline keeps the sample shape.** Validation batches are not augmented, so a
+  crop must give the model's ``input_shape`` (``RandomCrop: {size: 32, padding: 4}``
+  on 32x32 images, ``RandomResizedCrop`` to the image's own size).
+* **Per sample, no Python loop over samples.** ``Augment.__call__(x, generator)`` takes a
+  float batch (N, C, H, W) and draws every parameter for all N samples at once as
+  tensors of shape [N] (or [N, 10] for the 10 tries of RandomResizedCrop and
+  RandomErasing); they are applied with tensor ops: a flat ``gather`` for crops (exact,
+  integer offsets), a separable bilinear ``gather`` for resized crops (what
+  ``F.interpolate`` computes), ``affine_grid`` + ``grid_sample`` for rotations and affine
+  maps (torchvision's own grid and fill formulas, batched), ``torch.where`` masks for
+  flips, erasing and grayscale, and per-sample factors for colour.
+* **Same distributions as torchvision.** Each parameter is drawn from torchvision's
+  distribution for that transform (``make_params`` of v2): integer crop offsets uniform
+  over the valid range, RandomResizedCrop's 10 tries with its centre-crop fallback,
+  RandomAffine's translation rounded to whole pixels, ColorJitter's random order of its
+  four operations (per sample), RandomErasing's 10 tries. Known differences:
+  RandomResizedCrop does not antialias when the crop is larger than the output (a
+  downscale; torchvision's default antialias=True does); RandomErasing ``value:
+  random`` draws its normal noise for the whole image and keeps the erased box.
+* **Where it runs.** On ``[0, 1]`` images (uint8 scaled, digits /16), before
+  normalisation, as torchvision pipelines run (augment, then Normalize): fills, erasing
+  values and ColorJitter's clamping are in pixel units. Preloaded data: on the training
+  device, in ``data.Batches._finish``. Streamed data: in the DataLoader workers (the
+  batch sampler tags each index list with (epoch, step); ``data._collate`` scales and
+  augments there). Training batches only: validation, ``nnctl eval`` and ``predict``
+  never augment, and the checkpoint's preprocessing record does not mention it (the
+  resolved config does).
+* **Randomness from (seed, epoch, step, rank).** A CPU ``torch.Generator`` seeded by
+  ``data._mix(seed, epoch, step, rank, 0xA06)`` draws the parameters, which then move to
+  the batch's device: a resumed run (mid-epoch too) draws the same numbers, the global
+  RNG (dropout) is untouched, and the preloaded and streamed paths, on any device, get
+  the same parameters (so, on the CPU, identical batches).
+* **ColorJitter's hue** converts to HSV and back, once a sample, with torchvision's own
+  private ``_rgb_to_hsv`` / ``_hsv_to_rgb`` (tests compare with ``adjust_hue``, so a
+  torchvision that moves them fails there): about 3x the cost of brightness, contrast and
+  saturation together (25 against 6 ms a batch of 128 3x32x32 images on one CPU thread);
+  leave it out when speed matters. Saturation and hue leave one-channel images unchanged,
+  as torchvision does.
+* **target: input** (autoencoders, denoisers): the target is the augmented image, and
+  ``noise`` is added after augmentation.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SEED_SALT = 0xA06
+
+# name -> the arguments nnctl's batch version implements (a subset of torchvision's signature)
+SUPPORTED: dict[str, tuple[str, ...]] = {
+    "RandomCrop": ("size", "padding", "pad_if_needed", "fill", "padding_mode"),
+    "RandomHorizontalFlip": ("p",),
+    "RandomVerticalFlip": ("p",),
+    "RandomResizedCrop": ("size", "scale", "ratio", "interpolation"),
+    "RandomRotation": ("degrees", "interpolation", "center", "fill"),
+    "RandomAffine": ("degrees", "translate", "scale", "shear", "interpolation", "fill", "center"),
+    "ColorJitter": ("brightness", "contrast", "saturation", "hue"),
+    "RandomErasing": ("p", "scale", "ratio", "value"),
+    "RandomGrayscale": ("p",),
+}
+# why an argument torchvision has is not taken
+_REFUSED = {
+    "antialias": "nnctl's batch RandomResizedCrop interpolates without antialiasing (see nnctl.augment)",
+    "expand": "expand changes the image's size; augmentation must keep the sample shape (model.input_shape)",
+    "inplace": "nnctl's batch RandomErasing never works in place; remove inplace",
+}
+_INTERPOLATIONS = ("nearest", "bilinear")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _tv(name: str) -> type:
+    import torchvision.transforms.v2 as T
+
+    return getattr(T, name)
+
+
+def _signature(name: str) -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(_tv(name)).parameters)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, tuple | list):
+        return "(" + ", ".join(_fmt(x) for x in v) + ")"
+    return repr(v)
+
+
+# --- checking the spec --------------------------------------------------------------------
+
+def _entry(value: Any) -> tuple[str, dict] | None:
+    """``Name`` or ``{Name: {args}}`` / ``{Name: null}``; None when malformed (the config reports it)."""
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict) and len(value) == 1:
+        (name, args), = value.items()
+        if isinstance(name, str) and (args is None or isinstance(args, dict)):
+            return name, dict(args or {})
+    return None
+
+
+def _suggest(name: str) -> str:
+    """'; did you mean X?': a supported name that holds the word's letters in order (RandomFlip ->
+    RandomHorizontalFlip), else the closest by spelling."""
+    from .config import suggest
+
+    def within(word: str, full: str) -> bool:
+        letters = iter(full.lower())
+        return all(ch in letters for ch in word.lower())
+
+    hits = [n for n in SUPPORTED if len(name) >= 4 and within(name, n)]
+    return f"; did you mean {hits[0]!r}?" if hits else suggest(name, list(SUPPORTED))
+
+
+def _own_checks(name: str, kwargs: dict) -> list[tuple[tuple, str]]:
+    """Ranges torchvision's constructors leave to the first call (or never check)."""
+    out = []
+    for key in ("size", "padding"):
+        if key not in kwargs:
+            continue
+        v = kwargs[key]
+        flat = v if isinstance(v, tuple) else (v,)
+        least = 1 if key == "size" else 0
+        if not all(isinstance(x, int) and not isinstance(x, bool) and least <= x <= (1 << 16) for x in flat):
+            out.append(((key,), f"{name}.{key} must be {'a positive' if key == 'size' else 'a non-negative'} "
+                                f"integer or a list of them, got {_fmt(v)}"))
+    return out
+
+
+def _parse_one(name: str, args: dict, shape: tuple[int, ...] | None) -> tuple[Any, list[tuple[tuple, str]]]:
+    """One entry -> (the torchvision transform built from its args, or None; [(sub-path, message)])."""
+    from .config import suggest
+
+    if name not in SUPPORTED:
+        import torchvision.transforms.v2 as T
+
+        known = ", ".join(SUPPORTED)
+        if isinstance(getattr(T, name, None), type):
+            return None, [((), f"torchvision's {name} is not one of the augmentations nnctl applies to batches "
+                               f"(supported: {known})")]
+        return None, [((), f"unknown augmentation {name!r}{_suggest(name)} (supported: {known})")]
+    params = _signature(name)
+    allowed = SUPPORTED[name]
+    problems: list[tuple[tuple, str]] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if key not in params:
+            hint = suggest(str(key), list(allowed)) or f" ({name} takes: {', '.join(allowed)})"
+            problems.append(((key,), f"unknown argument {key!r} for {name}{hint}"))
+            continue
+        if key not in allowed:
+            problems.append(((key,), f"{name}.{key} is not supported: "
+                                     f"{_REFUSED.get(key, 'not implemented by nnctl')}"))
+            continue
+        if value is None and params[key].default is None:  # null: torchvision's own default (no translate, ...)
+            kwargs[key] = None
+            continue
+        flat = value if isinstance(value, list) else [value]
+        if isinstance(value, dict) or any(isinstance(v, list | dict) for v in flat):
+            problems.append(((key,), f"{name}.{key}: {value!r} is not a valid value (a number, a list of numbers"
+                                     f"{' or a string' if key in ('padding_mode', 'interpolation', 'value') else ''})"))
+            continue
+        if any(isinstance(v, float) and not math.isfinite(v) for v in flat):
+            problems.append(((key,), f"{name}.{key} must be finite, got {value!r}"))
+            continue
+        if key == "interpolation":
+            if not isinstance(value, str) or value.lower() not in _INTERPOLATIONS:
+                problems.append(((key,), f"{name}.interpolation must be nearest or bilinear, got {value!r}"))
+                continue
+            value = value.lower()
+        elif key == "padding_mode":
+            if value not in ("constant", "reflect", "edge"):
+                problems.append(((key,), f"RandomCrop.padding_mode must be constant, reflect or edge, got {value!r}"
+                                         + ("; symmetric is not supported" if value == "symmetric" else "")))
+                continue
+        elif key == "value" and isinstance(value, str):
+            if value != "random":
+                problems.append(((key,), f"RandomErasing.value must be a number, a list (one a channel) or "
+                                         f"random, got {value!r}"))
+                continue
+        elif key in ("pad_if_needed",):
+            if not isinstance(value, bool):
+                problems.append(((key,), f"{name}.{key} must be true or false, got {value!r}"))
+                continue
+        elif not all(_number(v) for v in flat):
+            problems.append(((key,), f"{name}.{key} must be a number or a list of numbers, got {value!r}"))
+            continue
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    for pname, p in params.items():
+        if p.default is inspect.Parameter.empty and pname not in args:
+            problems.append(((), f"{name} needs {pname}"))
+    problems += _own_checks(name, kwargs)
+    if problems:
+        return None, problems
+    try:
+        tv = _tv(name)(**kwargs)
+    except (TypeError, ValueError) as exc:
+        text = " ".join(str(exc).split())
+        named = [k for k in kwargs if re.search(rf"\b{re.escape(k)}\b", text)]
+        return None, [((named[0],) if len(named) == 1 else (), f"{name}: {text}")]
+    problems += _shape_problems(name, tv, kwargs, shape)
+    return (tv if not problems else None), problems
+
+
+def _shape_problems(name: str, tv: Any, kwargs: dict, shape: tuple[int, ...] | None) -> list[tuple[tuple, str]]:
+    if shape is None or len(shape) != 3:
+        return []
+    c, h, w = shape
+    out = []
+    if name in ("RandomCrop", "RandomResizedCrop") and tuple(tv.size) != (h, w):
+        out.append((("size",), f"{name} gives {tv.size[0]}x{tv.size[1]} images but the samples are {h}x{w} "
+                               f"(model.input_shape {list(shape)}): augmentation must keep the sample shape, since "
+                               f"validation is not augmented; set size: {h if h == w else [h, w]}"
+                               + (" and padding to crop at shifted positions" if name == "RandomCrop" else "")))
+    if name == "RandomCrop" and tv.padding_mode == "reflect" and tv.padding is not None:
+        left, right, top, bottom = tv.padding
+        if max(left, right) >= w or max(top, bottom) >= h:
+            out.append((("padding",), f"reflect padding must be smaller than the image ({h}x{w})"))
+    for key in ("fill", "value"):
+        v = kwargs.get(key)
+        if isinstance(v, tuple) and len(v) not in (1, c):
+            out.append(((key,), f"{name}.{key} has {len(v)} values; the images have {c} channels: give 1 or {c}"))
+    return out
+
+
+def problems(spec: list, input_shape: tuple[int, ...] | list[int] | None) -> list[tuple[tuple, str]]:
+    """Every problem of a ``data.augment`` list, as (path under data.augment, message) pairs.
+
+    Malformed entries (neither a name nor a one-key mapping) are left to the config's structural check.
+    """
+    shape = tuple(int(v) for v in input_shape) if input_shape else None
+    out: list[tuple[tuple, str]] = []
+    for i, value in enumerate(spec or []):
+        parsed = _entry(value)
+        if parsed is None:
+            continue
+        name, args = parsed
+        _, found = _parse_one(name, args, shape)
+        base = (i, name) if isinstance(value, dict) else (i,)
+        out += [(base + sub, msg) for sub, msg in found]
+    return out
+
+
+def check(doc) -> list:
+    """Problems (nnctl.errors.Problem, located at their YAML lines) of the document's ``data.augment``."""
+    data = doc.data if isinstance(doc.data, dict) else {}
+    section = data.get("data")
+    if not isinstance(section, dict) or not isinstance(section.get("augment"), list):
+        return []
+    model = data.get("model")
+    shape = model.get("input_shape") if isinstance(model, dict) else None
+    if not (isinstance(shape, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        shape = None
+    return [doc.problem(("data", "augment") + sub, msg) for sub, msg in problems(section["augment"], shape)]
+
+
+# --- the batch implementation -----------------------------------------------------------------
+
+def _uniform(g: torch.Generator, shape, lo: float, hi: float) -> Tensor:
+    """Uniform in [lo, hi) in float64 (as torch.empty(1).uniform_(lo, hi), per sample)."""
+    return torch.rand(shape, generator=g, dtype=torch.float64) * (hi - lo) + lo
+
+
+def _randint(g: torch.Generator, high: Tensor) -> Tensor:
+    """Uniform integers in [0, high) (high >= 1, a tensor), per element."""
+    return (torch.rand(high.shape, generator=g, dtype=torch.float64) * high).floor().long().clamp_max(high - 1)
+
+
+def _gray(x: Tensor) -> Tensor:
+    """torchvision's rgb_to_grayscale of float images: (N, 1, H, W)."""
+    if x.shape[1] == 1:
+        return x
+    r, g, b = x.unbind(dim=1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1)
+
+
+def _fill_tensor(fill: Any, c: int, x: Tensor) -> Tensor:
+    vals = list(fill) if isinstance(fill, list | tuple) else [0.0 if fill is None else float(fill)]
+    if len(vals) == 1:
+        vals = vals * c
+    return torch.tensor(vals, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+
+
+def _crop(x: Tensor, top: Tensor, left: Tensor, h: int, w: int) -> Tensor:
+    """Per-sample integer crops (N,) of size h x w, as one gather."""
+    n, c, hp, wp = x.shape
+    rows = top.view(n, 1, 1) + torch.arange(h, device=x.device).view(1, h, 1)
+    cols = left.view(n, 1, 1) + torch.arange(w, device=x.device).view(1, 1, w)
+    index = (rows * wp + cols).view(n, 1, h * w).expand(n, c, h * w)
+    return x.reshape(n, c, hp * wp).gather(2, index).view(n, c, h, w)
+
+
+@dataclass
+class _Op:
+    name: str
+    args: dict          # as the user wrote them (for the description)
+    tv: Any             # torchvision's transform, built from them (its normalised attributes)
+
+    def apply(self, x: Tensor, g: torch.Generator) -> Tensor:
+        return _APPLY[self.name](self.tv, x, g)
+
+    def describe(self) -> str:
+        return f"{self.name}({', '.join(f'{k}={_fmt(v)}' for k, v in self.args.items())})"
+
+
+def _random_crop(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    n, c, h, w = x.shape
+    ch, cw = tv.size
+    left, right, top, bottom = tv.padding if tv.padding is not None else (0, 0, 0, 0)
+    ph, pw = h + top + bottom, w + left + right
+    if tv.pad_if_needed:
+        if ph < ch:
+            diff = ch - ph
+            top, bottom, ph = top + diff, bottom + diff, ph + 2 * diff
+        if pw < cw:
+            diff = cw - pw
+            left, right, pw = left + diff, right + diff, pw + 2 * diff
+    if ph < ch or pw < cw:
+        raise ValueError(f"RandomCrop: the padded image ({ph}x{pw}) is smaller than the crop ({ch}x{cw})")
+    if any((left, right, top, bottom)):
+        mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[tv.padding_mode]
+        fill = tv.fill
+        if mode == "constant" and isinstance(fill, tuple | list) and len(set(fill)) > 1:
+            padded = F.pad(x, (left, right, top, bottom))
+            inside = torch.zeros((1, 1, ph, pw), dtype=torch.bool, device=x.device)
+            inside[..., top:top + h, left:left + w] = True
+            x = torch.where(inside, padded, _fill_tensor(fill, c, x))
+        elif mode == "constant":
+            value = float(fill[0] if isinstance(fill, tuple | list) else (fill or 0))
+            x = F.pad(x, (left, right, top, bottom), value=value)
+        else:
+            x = F.pad(x, (left, right, top, bottom), mode=mode)
+    tops = _randint(g, torch.full((n,), ph - ch + 1)).to(x.device)
+    lefts = _randint(g, torch.full((n,), pw - cw + 1)).to(x.device)
+    return _crop(x, tops, lefts, ch, cw)
+
+
+def _flip(tv, x: Tensor, g: torch.Generator, dim: int) -> Tensor:
+    flip = (torch.rand(len(x), generator=g) < tv.p).to(x.device)
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(dim), x)
+
+
+def _first(ok: Tensor) -> tuple[Tensor, Tensor]:
+    """The first True of each row of ok (N, tries), and whether there is one."""
+    found = ok.any(1)
+    return ok.to(torch.int8).argmax(1), found
+
+
+def _resize_axis(start: Tensor, length: Tensor, out: int, bilinear: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Source indices (i0, i1) and the weight of i1 for resizing [start, start + length) to `out` pixels,
+    as F.interpolate computes them (align_corners=False); (N, out) each."""
+    scale = (length.to(torch.float32) / out).view(-1, 1)
+    dst = torch.arange(out, dtype=torch.float32).view(1, -1)
+    if not bilinear:
+        i0 = torch.minimum((dst * scale).floor().long(), (length - 1).view(-1, 1))
+        return start.view(-1, 1) + i0, start.view(-1, 1) + i0, torch.zeros_like(dst * scale)
+    src = (scale * (dst + 0.5) - 0.5).clamp_min(0)
+    i0 = src.floor().long()
+    i1 = torch.minimum(i0 + 1, (length - 1).view(-1, 1))
+    lam = src - i0.to(torch.float32)
+    return start.view(-1, 1) + i0, start.view(-1, 1) + i1, lam
+
+
+def _resized_crop(x: Tensor, top: Tensor, left: Tensor, hs: Tensor, ws: Tensor, oh: int, ow: int,
+                  bilinear: bool) -> Tensor:
+    """Per-sample crops (top, left, height, width: (N,) CPU int64) resized to oh x ow: separable gathers."""
+    n, c, h, w = x.shape
+    dev = x.device
+    r0, r1, ly = (t.to(dev) for t in _resize_axis(top, hs, oh, bilinear))
+    c0, c1, lx = (t.to(dev) for t in _resize_axis(left, ws, ow, bilinear))
+
+    def rows(r: Tensor) -> Tensor:  # (N, C, oh, W)
+        return x.gather(2, r.view(n, 1, oh, 1).expand(n, c, oh, w))
+
+    def cols(t: Tensor, col: Tensor) -> Tensor:  # (N, C, oh, ow)
+        return t.gather(3, col.view(n, 1, 1, ow).expand(n, c, oh, ow))
+
+    if not bilinear:
+        return cols(rows(r0), c0)
+    top_rows, bottom_rows = rows(r0), rows(r1)
+    wx1 = lx.view(n, 1, 1, ow).to(x.dtype)
+    wx0 = 1 - wx1
+    wy1 = ly.view(n, 1, oh, 1).to(x.dtype)
+    wy0 = 1 - wy1
+    return wy0 * (wx0 * cols(top_rows, c0) + wx1 * cols(top_rows, c1)) + \
+        wy1 * (wx0 * cols(bottom_rows, c0) + wx1 * cols(bottom_rows, c1))
+
+
+def _random_resized_crop(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    n, _, height, width = x.shape
+    area = height * width
+    log_ratio = (math.log(tv.ratio[0]), math.log(tv.ratio[1]))
+    target = area * _uniform(g, (n, 10), tv.scale[0], tv.scale[1])
+    aspect = torch.exp(_uniform(g, (n, 10), log_ratio[0], log_ratio[1]))
+    ws = torch.sqrt(target * aspect).round().long()
+    hs = torch.sqrt(target / aspect).round().long()
+    ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    k, found = _first(ok)
+    h = hs.gather(1, k.view(-1, 1)).squeeze(1)
+    w = ws.gather(1, k.view(-1, 1)).squeeze(1)
+    u = torch.rand((n, 2), generator=g, dtype=torch.float64)
+    # the fallback: the central crop of torchvision
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(tv.ratio):
+        fw, fh = width, int(round(width / min(tv.ratio)))
+    elif in_ratio > max(tv.ratio):
+        fw, fh = int(round(height * max(tv.ratio))), height
+    else:
+        fw, fh = width, height
+    h = torch.where(found, h, torch.full_like(h, fh)).clamp(1, height)
+    w = torch.where(found, w, torch.full_like(w, fw)).clamp(1, width)
+    i = torch.where(found, (u[:, 0] * (height - h + 1)).floor().long().clamp_max(height - h), (height - h) // 2)
+    j = torch.where(found, (u[:, 1] * (width - w + 1)).floor().long().clamp_max(width - w), (width - w) // 2)
+    return _resized_crop(x, i, j, h, w, tv.size[0], tv.size[1], _mode(tv) != "nearest")
+
+
+def _inverse_affine(center: Tensor | None, angle: Tensor, tx: Tensor, ty: Tensor, scale: Tensor,
+                    shear_x: Tensor, shear_y: Tensor, width: int, height: int) -> Tensor:
+    """torchvision's _get_inverse_affine_matrix, for N samples at once (float64): (N, 2, 3)."""
+    if center is None:
+        cx = cy = torch.zeros_like(angle)
+    else:
+        cx = torch.full_like(angle, float(center[0]) - width * 0.5)
+        cy = torch.full_like(angle, float(center[1]) - height * 0.5)
+    rot = torch.deg2rad(angle)
+    sx, sy = torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    cos_sy, tan_sx = torch.cos(sy), torch.tan(sx)
+    a = torch.cos(rot - sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot - sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    m0, m1, m3, m4 = d / scale, -b / scale, -c / scale, a / scale
+    m2 = cx - m0 * (cx + tx) - m1 * (cy + ty)
+    m5 = cy - m3 * (cx + tx) - m4 * (cy + ty)
+    return torch.stack([m0, m1, m2, m3, m4, m5], 1).view(-1, 2, 3)
+
+
+def _grid_transform(x: Tensor, matrix: Tensor, mode: str, fill: Any) -> Tensor:
+    """torchvision's _affine_grid + _apply_grid_transform, with one matrix a sample."""
+    n, c, h, w = x.shape
+    dev, dtype = x.device, x.dtype
+    theta = matrix.to(dtype=dtype).to(dev)
+    base = torch.empty(1, h, w, 3, dtype=dtype, device=dev)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=dev))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=dev).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=dtype, device=dev))
+    grid = base.view(1, h * w, 3).expand(n, h * w, 3).bmm(rescaled).view(n, h, w, 2)
+    fills = list(fill) if isinstance(fill, list | tuple) else [fill]
+    if fill is None or all(float(v) == 0 for v in fills):
+        return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+    both = F.grid_sample(torch.cat((x, torch.ones((n, 1, h, w), dtype=dtype, device=dev)), 1), grid, mode=mode,
+                         padding_mode="zeros", align_corners=False)
+    out, mask = both[:, :c], both[:, c:].expand(n, c, h, w)
+    fill_img = _fill_tensor(fill, c, x)
+    if mode == "nearest":
+        return torch.where(mask < 0.5, fill_img.expand_as(out), out)
+    return out.sub_(fill_img).mul_(mask).add_(fill_img)
+
+
+def _mode(tv) -> str:
+    """nearest or bilinear (torchvision keeps a string, or an InterpolationMode in some versions)."""
+    return str(getattr(tv.interpolation, "value", tv.interpolation)).lower()
+
+
+def _fill_of(tv) -> Any:
+    fill = tv._fill.get("others", 0) if isinstance(getattr(tv, "_fill", None), dict) else tv.fill
+    return fill
+
+
+def _random_rotation(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    n, _, h, w = x.shape
+    angle = _uniform(g, n, tv.degrees[0], tv.degrees[1])
+    zero = torch.zeros_like(angle)
+    # rotate() turns by -angle in affine's convention (torchvision's own remark)
+    m = _inverse_affine(tv.center, -angle, zero, zero, torch.ones_like(angle), zero, zero, w, h)
+    return _grid_transform(x, m, _mode(tv), _fill_of(tv))
+
+
+def _random_affine(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    n, _, h, w = x.shape
+    angle = _uniform(g, n, tv.degrees[0], tv.degrees[1])
+    zero = torch.zeros_like(angle)
+    tx = ty = zero
+    if tv.translate is not None:
+        max_dx, max_dy = float(tv.translate[0] * w), float(tv.translate[1] * h)
+        tx = _uniform(g, n, -max_dx, max_dx).round()
+        ty = _uniform(g, n, -max_dy, max_dy).round()
+    scale = _uniform(g, n, tv.scale[0], tv.scale[1]) if tv.scale is not None else torch.ones_like(angle)
+    shear_x = shear_y = zero
+    if tv.shear is not None:
+        shear_x = _uniform(g, n, tv.shear[0], tv.shear[1])
+        if len(tv.shear) == 4:
+            shear_y = _uniform(g, n, tv.shear[2], tv.shear[3])
+    m = _inverse_affine(tv.center, angle, tx, ty, scale, shear_x, shear_y, w, h)
+    return _grid_transform(x, m, _mode(tv), _fill_of(tv))
+
+
+def _hue(x: Tensor, factor: Tensor) -> Tensor:
+    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+
+    hsv = _rgb_to_hsv(x)
+    h, s, v = hsv.unbind(dim=1)
+    h = (h + factor.view(-1, 1, 1)).remainder_(1.0)
+    return _hsv_to_rgb(torch.stack((h, s, v), dim=1))
+
+
+def _color_jitter(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    """ColorJitter per sample: each sample's own random order of its four operations and its own factors.
+
+    Brightness, contrast and saturation are each a blend ``x * f + base * (1 - f)`` clamped to [0, 1] (base:
+    0, the grey image's mean, the grey image), so at each of the four positions one blend serves every
+    sample, with the base and factor of the operation that sample does there; hue (HSV and back) runs at
+    each position on the samples that do it there only, so once a sample.
+    """
+    n, c = x.shape[:2]
+    order = torch.rand((n, 4), generator=g).argsort(1)  # a uniform random permutation a sample
+    ranges = (tv.brightness, tv.contrast, tv.saturation, tv.hue)
+    drawn = [None if r is None else _uniform(g, n, r[0], r[1]).to(torch.float32) for r in ranges]
+    enabled = [r is not None and not (op >= 2 and c == 1) for op, r in enumerate(ranges)]  # 1 channel: no S, H
+    if not any(enabled):
+        return x
+    factors = torch.stack([f if f is not None else torch.ones(n) for f in drawn], 1)  # (N, 4)
+    dev = x.device
+    cpu_order, order, factors = order, order.to(dev), factors.to(dev, x.dtype)
+    blend_ops = torch.tensor(enabled[:3] + [False], device=dev)
+    for pos in range(4):
+        op = order[:, pos]
+        if any(enabled[:3]):
+            active = blend_ops[op].view(n, 1, 1, 1)
+            f = factors.gather(1, op.view(n, 1)).view(n, 1, 1, 1)
+            base = torch.zeros((), dtype=x.dtype, device=dev)
+            if enabled[1] or enabled[2]:
+                gray = _gray(x)
+                if enabled[1]:
+                    base = torch.where((op == 1).view(n, 1, 1, 1), gray.mean(dim=(-3, -2, -1), keepdim=True), base)
+                if enabled[2]:
+                    base = torch.where((op == 2).view(n, 1, 1, 1), gray, base)
+            x = torch.where(active, torch.lerp(base.expand(x.shape), x, f).clamp_(0, 1), x)
+        if enabled[3]:  # HSV is costly: only the samples whose operation here is hue (chosen on the CPU)
+            chosen = (cpu_order[:, pos] == 3).nonzero().flatten()
+            if len(chosen):
+                chosen = chosen.to(dev)
+                x = x.index_copy(0, chosen, _hue(x.index_select(0, chosen), factors[chosen, 3]))
+    return x
+
+
+def _random_erasing(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    n, c, height, width = x.shape
+    if tv.value is not None and len(tv.value) not in (1, c):
+        raise ValueError(f"RandomErasing.value has {len(tv.value)} values; the images have {c} channels")
+    erase = torch.rand(n, generator=g) < tv.p
+    area = height * width
+    log_ratio = (math.log(tv.ratio[0]), math.log(tv.ratio[1]))
+    target = area * _uniform(g, (n, 10), tv.scale[0], tv.scale[1])
+    aspect = torch.exp(_uniform(g, (n, 10), log_ratio[0], log_ratio[1]))
+    hs = torch.sqrt(target * aspect).round().long()
+    ws = torch.sqrt(target / aspect).round().long()
+    ok = (hs < height) & (ws < width)
+    k, found = _first(ok)
+    h = hs.gather(1, k.view(-1, 1)).squeeze(1).clamp_max(height)
+    w = ws.gather(1, k.view(-1, 1)).squeeze(1).clamp_max(width)
+    u = torch.rand((n, 2), generator=g, dtype=torch.float64)
+    i = (u[:, 0] * (height - h + 1)).floor().long().clamp_max(height - h)
+    j = (u[:, 1] * (width - w + 1)).floor().long().clamp_max(width - w)
+    erase &= found  # no try fitted: torchvision leaves the image alone
+    if tv.value is None:
+        value = torch.randn(x.shape, generator=g, dtype=torch.float32).to(x.device, x.dtype)
+    else:
+        value = _fill_tensor(tv.value, c, x)
+    dev = x.device
+    i, j, h, w, erase = i.to(dev), j.to(dev), h.to(dev), w.to(dev), erase.to(dev)
+    rows = torch.arange(height, device=dev).view(1, height)
+    cols = torch.arange(width, device=dev).view(1, width)
+    in_rows = (rows >= i.view(-1, 1)) & (rows < (i + h).view(-1, 1))
+    in_cols = (cols >= j.view(-1, 1)) & (cols < (j + w).view(-1, 1))
+    mask = (in_rows.view(n, 1, height, 1) & in_cols.view(n, 1, 1, width)) & erase.view(n, 1, 1, 1)
+    return torch.where(mask, value, x)
+
+
+def _random_grayscale(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    chosen = (torch.rand(len(x), generator=g) < tv.p).to(x.device)
+    if x.shape[1] == 1:
+        return x
+    return torch.where(chosen.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+
+
+def _horizontal_flip(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    return _flip(tv, x, g, -1)
+
+
+def _vertical_flip(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    return _flip(tv, x, g, -2)
+
+
+# name -> f(torchvision's transform, x, generator): module functions, so that a pipeline pickles (DataLoader
+# workers started by spawn or forkserver)
+_APPLY: dict[str, Callable[[Any, Tensor, torch.Generator], Tensor]] = {
+    "RandomCrop": _random_crop,
+    "RandomHorizontalFlip": _horizontal_flip,
+    "RandomVerticalFlip": _vertical_flip,
+    "RandomResizedCrop": _random_resized_crop,
+    "RandomRotation": _random_rotation,
+    "RandomAffine": _random_affine,
+    "ColorJitter": _color_jitter,
+    "RandomErasing": _random_erasing,
+    "RandomGrayscale": _random_grayscale,
+}
+
+
+class Augment:
+    """A checked ``data.augment`` pipeline: call it on a float batch (N, C, H, W) with a CPU generator."""
+
+    def __init__(self, ops: list[_Op]):
+        self.ops = ops
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def __bool__(self) -> bool:
+        return bool(self.ops)
+
+    def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        if x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"augmentation takes a float batch of images (N, C, H, W), got {x.dtype} "
+                             f"{list(x.shape)}")
+        if generator.device.type != "cpu":
+            raise ValueError("augmentation draws its parameters from a CPU generator (see nnctl.augment)")
+        if len(x) == 0:
+            return x
+        for op in self.ops:
+            x = op.apply(x, generator)
+        return x.contiguous()
+
+    def describe(self) -> str:
+        """``RandomCrop(size=32, padding=4), RandomHorizontalFlip()``."""
+        return ", ".join(op.describe() for op in self.ops)
+
+    @staticmethod
+    def generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
+        """The generator of training batch ``step`` of ``epoch`` on ``rank``: (seed, epoch, step) decide it all."""
+        from .data import _mix
+
+        return torch.Generator().manual_seed(_mix(seed, epoch, step, rank, SEED_SALT))
+
+
+def build(spec: list, input_shape: tuple[int, ...] | list[int] | None = None) -> Augment:
+    """A ``data.augment`` list -> an ``Augment``; a UsageError listing every problem when it is wrong."""
+    from .errors import UsageError
+    from .yamlio import format_path
+
+    shape = tuple(int(v) for v in input_shape) if input_shape else None
+    if shape is not None and len(shape) != 3:
+        raise UsageError(f"data.augment needs image samples (channels, height, width); these have shape "
+                         f"{list(shape)}")
+    ops, found = [], []
+    for i, value in enumerate(spec or []):
+        parsed = _entry(value)
+        if parsed is None:
+            found.append(((i,), "expected an augmentation name, alone or with a mapping of its arguments, such as "
+                                "{RandomCrop: {size: 32, padding: 4}}"))
+            continue
+        name, args = parsed
+        tv, problems_ = _parse_one(name, args, shape)
+        found += [((i, name) + sub if isinstance(value, dict) else (i,) + sub, msg) for sub, msg in problems_]
+        if tv is not None:
+            ops.append(_Op(name, args, tv))
+    if found:
+        raise UsageError("; ".join(f"{format_path(('data', 'augment') + p)}: {m}" for p, m in found))
+    return Augment(ops)
+
+
+def describe(spec: list) -> str:
+    """The pipeline in one line, without torchvision (for summaries): ``RandomCrop(size=32, padding=4), ...``."""
+    parts = []
+    for value in spec or []:
+        parsed = _entry(value)
+        if parsed is None:
+            continue
+        name, args = parsed
+        parts.append(f"{name}({', '.join(f'{k}={_fmt(v)}' for k, v in args.items())})")
+    return ", ".join(parts)
