@@ -1,7 +1,7 @@
 """nnctl: train, fine-tune, inspect and export PyTorch models declared in YAML.
 
 The public API (``nnctl.build``, ``load``, ``train``, ``predict``, ``evaluate``,
-``summarize``, ``export``, ``check``, ``load_record``) lives in ``nnctl.api`` and is
+``summarize``, ``export``, ``check``, ``load_record``, ``list_runs``, ``compare``) lives in ``nnctl.api`` and is
 imported lazily: ``import nnctl`` does not import torch, so the CLI stays fast to start.
 No submodule shares a name with a public function (the loop is ``nnctl.loop``, weights
 out ``nnctl.exporting``), so ``nnctl.train`` and ``nnctl.export`` are always the functions.
@@ -10,7 +10,7 @@ out ``nnctl.exporting``), so ``nnctl.train`` and ``nnctl.export`` are always the
 __version__ = "0.2.0"
 
 __all__ = ["build", "load", "load_record", "train", "predict", "evaluate", "summarize", "export", "check",
-           "load_config", "__version__"]
+           "load_config", "list_runs", "compare", "__version__"]
 
 
 def __getattr__(name: str):

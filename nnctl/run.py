@@ -15,6 +15,12 @@ Resume semantics (README, "Resuming"):
 
 nnctl never writes into a folder it did not make: ``--out`` must be new, empty, or a run
 folder that holds no checkpoint (a run that stopped before its first one).
+
+The run's record, ``RUN/status.json`` (``nnctl.runs``), is written by rank 0: running at the
+start, after each epoch, and finished / interrupted / failed (with the error) at the end,
+before the lock is released. A run that fails before its first checkpoint keeps its folder
+with config.yaml and status.json; the next run of the same name reuses that folder (it holds
+no checkpoint and only nnctl's files), so a failure never pushes it to a ``-2`` suffix.
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointError, NnctlError, UsageError
-from .files import RUN_FILES, is_run_folder
+from .files import RUN_FILES, is_run_file, is_run_folder
 
 # config keys a resume may change without --force
-RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download"}
+RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download",
+                     "train.log"}
 LOCKED_ENV = "NNCTL_RUN_LOCKED"  # set by the distributed launcher, which holds the lock for its workers
 CHECKPOINTS = ("last.pt", "best.pt")
 
@@ -150,9 +157,15 @@ def _reusable(folder: Path) -> str | None:
         return None
     if not (folder / "config.yaml").is_file():
         return f"is not empty and is not an nnctl run folder (it holds {sorted(names)[0]!r})"
-    foreign = [n for n in names if n not in RUN_FILES]
+    foreign = [n for n in names if not is_run_file(n)]
     if foreign:
         return f"holds files nnctl did not write ({sorted(foreign)[0]!r})"
+    if "tensorboard" in names:
+        from .tensorboard import only_event_files
+
+        other = only_event_files(folder / "tensorboard")
+        if other:
+            return f"holds files nnctl did not write ({other!r})"
     return None
 
 
@@ -163,6 +176,9 @@ def _clear_stale(folder: Path) -> None:
             (folder / name).unlink()
         except FileNotFoundError:
             pass
+    from .tensorboard import clear
+
+    clear(folder)  # RUN/tensorboard: its event files only
 
 
 def _probe_writable(folder: Path) -> None:
@@ -186,8 +202,20 @@ class Claim:
         if self.lock is not None:
             self.lock.release()
 
-    def abandon(self) -> None:
-        """A run that failed before its first checkpoint: leave nothing that blocks the next one."""
+    def abandon(self, error: BaseException | None = None) -> None:
+        """A run that failed before its first checkpoint: leave nothing that blocks the next one.
+
+        With the error, once config.yaml is written: the folder stays as the run's record
+        (status.json: failed or interrupted, the error), and the next run of the same name
+        reuses it (it holds no checkpoint and only nnctl's files). Otherwise its files go, and
+        the folder too if this process made it.
+        """
+        if error is not None and not has_checkpoint(self.folder) and (self.folder / "config.yaml").is_file():
+            from .runs import record_failure
+
+            if record_failure(self.folder, error):
+                self.release()
+                return
         if not has_checkpoint(self.folder):
             _clear_stale(self.folder)
             if self.created:
@@ -419,6 +447,9 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
             raise UsageError(f"{source.checkpoint}: the run already finished {state['epoch']} of "
                              f"{cfg.train.epochs} epoch{'' if cfg.train.epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
     C.require_data(cfg, doc, what="training")
+    from . import tensorboard as TB
+
+    TB.require(cfg, doc)  # train.log: tensorboard without the package: say so before anything is written
     # load_checked validated the optimizer and planned the model already; a checkpoint's config has not been
     problems = T.validate(cfg, doc) if checked is None else []
     # resuming: the checkpoint's weights replace any pretrained ones, so the hub cache is not needed
@@ -428,7 +459,7 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
     notes: list[str] = []
     if dist.main:
         notes += [p.format().replace(": ", ": warning: ", 1) for p in M.lint(cfg, plan)]
-        if cfg.train.loss == "l2":
+        if cfg.train.loss_name == "l2":
             notes.append(f"note: {T.L2_NOTE}")
     if state is not None:
         missing, unexpected, wrong = F.compare(model, F.strip_prefixes(dict(state["model"])))
@@ -479,11 +510,12 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
         if dist.enabled:
             run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
     try:
-        return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes,
-                    dev, dist, on_event, say, str(source.checkpoint) if source is not None else "")
-    except BaseException:
+        return _fit_recorded(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report,
+                             notes, dev, dist, on_event, say, str(source.checkpoint) if source is not None else "",
+                             overrides)
+    except BaseException as exc:
         if claim is not None and not continuing:
-            claim.abandon()  # nothing was saved: the folder must not block or confuse the next run
+            claim.abandon(exc)  # nothing was saved: the folder is the failed run's record, reused by the next run
         raise
 
 
@@ -499,11 +531,10 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezin
     from .errors import ConfigError
 
     data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size)
-    check = getattr(D, "check_targets", None)
-    if check is not None:
-        problems = check(cfg, doc, plan, data)
-        if problems:
-            raise ConfigError(problems)
+    outputs = plan.output_shape[-1] if plan.output_shape else None
+    problems = D.check_targets(cfg, doc, plan, data) + T.check_loss(cfg, doc, outputs)
+    if problems:
+        raise ConfigError(problems)
     if dist.main:
         threads = f", {torch.get_num_threads()} CPU threads" if dev.type == "cpu" else ""
         say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
@@ -525,12 +556,9 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezin
             say(note)
         if init_report:
             say(init_report)
-        if not continuing:
-            text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
-            K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
     try:
         result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=on_event,
-                       freezing=freezing, dist=dist)
+                       freezing=freezing, dist=dist, outputs=int(outputs) if outputs else None)
     except T.Interrupted:
         if dist.main:
             plot_quietly(run_dir, cfg.name)
@@ -539,6 +567,65 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezin
     if claim is not None:
         claim.release()
     return RunResult(run_dir, result, plot, name=cfg.name)
+
+
+def _fit_recorded(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezing, init_report, notes,
+                  dev, dist, on_event, say, source_name: str = "", overrides=()) -> RunResult:
+    """_fit, with the run's record (rank 0): config.yaml first, then RUN/status.json and, with train.log:
+    tensorboard, RUN/tensorboard/ follow its events; the end state (finished, interrupted, failed with the
+    error) is recorded before the run lock is released."""
+    if not dist.main:
+        return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes, dev,
+                    dist, on_event, say, source_name)
+    import yaml
+
+    from . import checkpoint as K
+    from . import config as C
+    from . import loop as T
+    from . import tensorboard as TB
+    from .runs import StatusRecorder, state_of_exception
+
+    if not continuing:  # before the data is loaded: a run failing there still leaves its record
+        text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
+        K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
+    resume_epoch = int(state.get("epoch", 0)) if state is not None else 0
+    params = list(model.parameters())
+    record = StatusRecorder(run_dir, config_name=cfg.name, epochs_total=cfg.train.epochs,
+                            parameters=(sum(p.numel() for p in params),
+                                        sum(p.numel() for p in params if p.requires_grad)),
+                            overrides=overrides, continuing=continuing, resume_epoch=resume_epoch,
+                            best=state.get("best") if state is not None else None,
+                            source="" if continuing else source_name)
+    record.begin()
+    board = None
+
+    def events(event) -> None:
+        if event.kind == "epoch_end" and record.monitor is None and event.row is not None:
+            record.set_monitor(*T.monitor_for(cfg, any(k.startswith("val_") for k in event.row)))
+        record.on_event(event)
+        if board is not None:
+            board.on_event(event)
+        if on_event is not None:
+            on_event(event)
+
+    try:
+        if TB.wanted(cfg):
+            board = TB.TensorBoardLogger(run_dir, cfg, model, dev, continuing=continuing, resume_epoch=resume_epoch,
+                                         history=(state or {}).get("history"), say=say)
+        result = _fit(cfg, doc, model, plan, state, run_dir, None, continuing, freezing, init_report, notes, dev,
+                      dist, events, say, source_name)
+    except BaseException as exc:
+        end = state_of_exception(exc)
+        record.end(end, error=exc)
+        if board is not None:
+            board.end(end)
+        raise
+    record.end("finished", result=result.fit)
+    if board is not None:
+        board.end("finished", result=result.fit)
+    if claim is not None:
+        claim.release()
+    return result
 
 
 def plot_quietly(run_dir: Path, name: str) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -41,7 +42,9 @@ def test_two_processes_match_one_and_only_rank0_writes(tmp_path):
     runs = sorted(os.listdir(tmp_path / "runs"))
     assert runs == ["t"]  # one run folder
     files = sorted(f for f in os.listdir(tmp_path / "runs" / "t") if not f.startswith("."))
-    assert files == ["best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv"]
+    assert files == ["best.pt", "config.yaml", "curves.png", "last.pt", "metrics.csv", "status.json"]
+    status = json.loads((tmp_path / "runs" / "t" / "status.json").read_text())  # rank 0's record
+    assert status["state"] == "finished" and status["epochs_done"] == 3
     a = K.load(tmp_path / "one" / "last.pt")
     b = K.load(tmp_path / "runs" / "t" / "last.pt")
     assert b["world_size"] == 2 and len(b["rng_ranks"]) == 2

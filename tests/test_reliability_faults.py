@@ -8,6 +8,7 @@ Set NNCTL_RELIABILITY_REPORT=path.json to add this module's counts to that file.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -69,9 +70,11 @@ def test_disk_full_during_training_is_a_clear_error(tmp_path):
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert "Traceback" not in r.stderr and "internal error" not in r.stderr, r.stderr
     assert "could not write checkpoint" in r.stderr and "File too large" in r.stderr, r.stderr
-    # a run that failed before its first checkpoint removes the folder it made; nothing half-written stays
-    assert not (tmp_path / "run").exists() or not [f for f in os.listdir(tmp_path / "run") if ".tmp-" in f]
-    assert not (tmp_path / "run").exists()
+    # a run that failed before its first checkpoint keeps only its record (config.yaml, status.json: failed,
+    # reused by the next run); nothing half-written stays
+    assert sorted(os.listdir(tmp_path / "run")) == ["config.yaml", "status.json"]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "File too large" in status["error"]["message"], status
     STATS["faults_disk_full"] += 1
 
 

@@ -252,11 +252,20 @@ def test_a_run_killed_before_its_first_checkpoint_leads_somewhere(tmp_path):
     assert K.load(tmp_path / "run" / "last.pt")["epoch"] == 1
 
 
-def test_a_run_failing_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+def test_a_run_failing_before_its_first_checkpoint_is_recorded_and_blocks_nothing(tmp_path):
     cfg = write(tmp_path, make(data={"source": "tensors", "path": str(tmp_path / "missing.pt")}))
     r = run_cli("train", str(cfg), cwd=tmp_path)
     assert r.returncode != 0
-    assert not (tmp_path / "runs" / "t").exists()
+    run = tmp_path / "runs" / "t"  # kept as the failed run's record: config.yaml and status.json only
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "status.json"]
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and "missing.pt" in status["error"]["message"]
+    # the next run of the same name reuses the folder (no runs/t-2) and starts clean
+    fixed = write(tmp_path, make())
+    r = run_cli("train", str(fixed), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
 # --- clear errors ------------------------------------------------------------------------------------
