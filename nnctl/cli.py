@@ -234,6 +234,10 @@ def summary(
     con.print(f"parameter size: {_fmt_bytes(result.param_bytes)}   buffers: {_fmt_bytes(result.buffer_bytes)}   "
               f"activations (one sample, estimate): {_fmt_bytes(result.activation_bytes)}   "
               f"MACs (one sample): {_fmt_int(result.total_macs)}")
+    if cfg.data is not None and cfg.data.augment:  # one line: the training batches' augmentation
+        from .augment import describe
+
+        con.print(f"augment (training batches): {describe(cfg.data.augment)}", markup=False)
 
 
 # --- layers, schema -------------------------------------------------------------------
@@ -433,9 +437,10 @@ def train(
     else:
         say = lambda text: print(text, flush=True)  # noqa: E731
     try:
-        result = R.train(config, overrides=set_ or [], out=out, resume=resume, init=init, partial=partial,
-                         force=force, epochs=epochs, seed=seed, device=device, on_event=progress,
-                         on_message=lambda text: say(_clean(text)), dist=dist)
+        with _cache_progress(con if fancy else None):
+            result = R.train(config, overrides=set_ or [], out=out, resume=resume, init=init, partial=partial,
+                             force=force, epochs=epochs, seed=seed, device=device, on_event=progress,
+                             on_message=lambda text: say(_clean(text)), dist=dist)
     except RuntimeError as exc:
         import torch.distributed as tdist
 
@@ -453,6 +458,46 @@ def train(
             T.close_distributed()
     if dist.main:
         _final_table(con, result)
+
+
+class _cache_progress:
+    """On a terminal: a bar with files/s while data.cache: true decodes an image folder into the cache."""
+
+    def __init__(self, console):
+        self.con, self.bar, self.scope = console, None, None
+
+    def __enter__(self):
+        if self.con is None:
+            return self
+        from .cache import progress_to
+
+        def update(done: int, total: int) -> None:
+            if self.bar is None:
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                           TimeRemainingColumn)
+
+                self.bar = Progress(TextColumn("decoding into the cache"), BarColumn(), MofNCompleteColumn(),
+                                    TaskProgressColumn(), TextColumn("{task.fields[rate]} files/s"),
+                                    TimeRemainingColumn(), console=self.con, transient=True)
+                self.bar.start()
+                self.task = self.bar.add_task("decode", total=total, rate="-")
+                self.t0 = time.perf_counter()
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            self.bar.update(self.task, completed=done, rate=f"{rate:,.0f}")
+            if done >= total:
+                self.bar.stop()
+                self.bar = None
+
+        self.scope = progress_to(update)
+        self.scope.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        if self.scope is not None:
+            self.scope.__exit__(*exc)
+        return False
 
 
 def _stop_on_sigterm() -> None:
@@ -512,9 +557,9 @@ def _launch(config, forwarded, out, resume, overrides, nproc, nnodes, node_rank,
     os.environ[R.LOCKED_ENV] = os.path.abspath(out)
     try:
         _run_torchrun(forwarded, out, nproc, nnodes, node_rank, endpoint, rdzv_id, max_restarts)
-    except BaseException:
+    except BaseException as exc:
         if not (source is not None and source.continue_in is not None):
-            claim.abandon()
+            claim.abandon(exc)  # keeps the record a worker wrote (status.json), else records this error
         raise
     finally:
         claim.release()
@@ -785,6 +830,130 @@ def predict(
         raise typer.Exit(1)
 
 
+# --- runs, compare --------------------------------------------------------------------------
+
+def _fmt_seconds(s) -> str:
+    if not isinstance(s, int | float):
+        return "-"
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f}s"
+    if s < 3600:
+        return f"{int(s // 60)}m{int(s % 60):02d}s"
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m"
+
+
+def _fmt_best(best) -> str:
+    if not best or best.get("value") is None:
+        return "-"
+    return f"{best['metric']} {best['value']:.4f} (epoch {best['epoch']})"
+
+
+def _fmt_started(iso) -> str:
+    return iso[:19].replace("T", " ") if iso else "-"
+
+
+_STATE_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "red"}
+
+
+@app.command("runs")
+@handle_errors
+def runs_(
+    folder: str = typer.Argument("runs", help="A folder of run folders (default: runs), or one run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs as JSON."),
+):
+    """A table of the runs in a folder, by start time: state, epochs, best metric, what differs."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from . import runs as RS
+
+    infos = RS.list_runs(folder)
+    if as_json:
+        print(json.dumps([i.to_dict() for i in infos], indent=2, allow_nan=False))
+        return
+    con = _console()
+    if not infos:
+        con.print(f"no runs in {_clean(folder)}", markup=False, highlight=False)
+        return
+    table = Table(title=f"{len(infos)} run{'' if len(infos) == 1 else 's'} in {_clean(folder)}",
+                  title_justify="left")
+    for col, justify in (("run", "left"), ("state", "left"), ("epochs", "right"), ("best", "left"),
+                         ("parameters", "right"), ("time", "right"), ("started (UTC)", "left"),
+                         ("differs", "left")):
+        # what differs is the point of the table: folded onto more lines, never cut with an ellipsis
+        table.add_column(col, justify=justify, overflow="fold" if col in ("differs", "run") else "ellipsis",
+                         no_wrap=col not in ("differs", "run", "best"))
+    for i in infos:
+        state = i.state + (" (early stop)" if i.stopped_early and i.state == "finished" else "")
+        table.add_row(_clean(i.name), Text(_clean(state), style=_STATE_STYLE.get(i.state, "")),
+                      f"{i.epochs_done}/{i.epochs_total if i.epochs_total is not None else '?'}",
+                      _fmt_best(i.best).replace(" (epoch ", " @").rstrip(")") if i.best else "-",
+                      _fmt_int(i.parameters["total"]) if i.parameters else "-",
+                      _fmt_seconds(i.wall_seconds), _fmt_started(i.started_at)[:16],
+                      _clean(", ".join(f"{k}={RS.format_value(v)}" for k, v in i.differs.items()) or "-"))
+    con.print(table)
+    for i in infos:  # why a run stopped, in full, under the table
+        if i.state in ("failed", "interrupted") and i.error and i.error.get("message"):
+            text = " ".join(str(i.error["message"]).split())
+            con.print(Text(_clean(f"{i.name}: {i.state}: {text[:400]}"), style=_STATE_STYLE[i.state]))
+
+
+@app.command()
+@handle_errors
+def compare(
+    runs: list[str] = typer.Argument(..., help="Two or more run folders."),
+    out: str = typer.Option("compare.png", "--out", "-o", help="The picture of the curves (.png, .svg or .pdf)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as JSON."),
+):
+    """Runs side by side: config differences, final and best metrics, one picture of their curves."""
+    from rich.table import Table
+
+    from . import runs as RS
+
+    comparison = RS.compare(runs)
+    RS.plot_comparison(comparison, out)
+    if as_json:
+        print(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
+        return
+    con = _console()
+    names = [_clean(n) for n in RS._unique_names([r.path for r in comparison.runs])]
+    table = Table(title="config differences" if comparison.differences else "config: no differences",
+                  title_justify="left")
+    table.add_column("key")
+    for n in names:
+        table.add_column(n)
+    for key, values in comparison.differences.items():
+        table.add_row(_clean(key), *[_clean(RS.format_value(v)) for v in values])
+    if comparison.differences:
+        con.print(table)
+    else:
+        con.print("config: no differences", markup=False, highlight=False)
+    table = Table(title="metrics", title_justify="left")
+    table.add_column("")
+    for n in names:
+        table.add_column(n, justify="right")
+    finals = comparison.finals()
+    keys = [k for k in ("train_loss", "val_loss", "val_accuracy", "val_mae", "val_mse")
+            if any(k in f for f in finals)]
+    for k in keys:
+        table.add_row(f"final {k.replace('_', ' ')}",
+                      *[f"{f[k]:.4f}" if isinstance(f.get(k), float) else "-" for f in finals])
+    metrics = {(r.best or {}).get("metric") for r in comparison.runs if (r.best or {}).get("value") is not None}
+    if len(metrics) == 1:  # one monitored metric: named once, in the row's label
+        table.add_row(f"best {metrics.pop().replace('_', ' ')}",
+                      *[f"{r.best['value']:.4f} (epoch {r.best['epoch']})" if (r.best or {}).get("value") is not None
+                        else "-" for r in comparison.runs])
+    else:
+        table.add_row("best", *[_fmt_best(r.best) for r in comparison.runs])
+    table.add_row("state", *[r.state for r in comparison.runs])
+    table.add_row("epochs", *[f"{r.epochs_done}/{r.epochs_total if r.epochs_total is not None else '?'}"
+                              for r in comparison.runs])
+    table.add_row("time", *[_fmt_seconds(r.wall_seconds) for r in comparison.runs])
+    con.print(table)
+    con.print(f"curves: {_clean(comparison.plot)}", markup=False, highlight=False)
+
+
 def _console_err():
     from rich.console import Console
 
@@ -856,6 +1025,61 @@ def _finite(obj):
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+# --- the decoded-image cache -----------------------------------------------------------
+
+cache_app = typer.Typer(help="Show or free the decoded-image cache (data.cache: true): $NNCTL_CACHE_DIR, "
+                             "default ~/.cache/nnctl/decoded.", no_args_is_help=True, add_completion=False,
+                        rich_markup_mode=None)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+@handle_errors
+def cache_info(
+    verify: bool = typer.Option(False, "--verify", help="Hash every data file in full (reads them all)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+):
+    """List the cache's entries: image folder, images, shape, size on disk, last used, status."""
+    from . import api
+
+    directory, found = api.cache_info(verify=verify)
+    total = sum(e.bytes for e in found)
+    if as_json:
+        print(json.dumps({"directory": str(directory), "bytes": total, "entries": [e.to_dict() for e in found]},
+                         indent=1))
+        return
+    if not found:
+        print(f"decoded-image cache {directory}: empty")
+        return
+    from rich.table import Table
+
+    table = Table(title=f"decoded-image cache {directory}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, "
+                        f"{_fmt_bytes(total)}")
+    for col in ("key", "image folder", "images", "shape", "size", "last used", "status"):
+        table.add_column(col, justify="right" if col in ("images", "size") else "left")
+    for e in found:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else ""
+        table.add_row(e.key[:12], _clean(e.root or ""), _fmt_int(e.images) if e.images is not None else "",
+                      "x".join(map(str, e.shape[1:])) if e.shape else "", _fmt_bytes(e.bytes), used, _clean(e.status))
+    _console().print(table)
+
+
+@cache_app.command("clear")
+@handle_errors
+def cache_clear(
+    root: Optional[str] = typer.Option(None, "--root", help="Only the entries of this image folder."),
+    all_: bool = typer.Option(False, "--all", help="Every entry."),
+):
+    """Remove entries (--all, or --root DIR); an entry being built by a running process is left alone."""
+    from . import api
+
+    done = api.cache_clear(root=root, all=all_)
+    print(f"removed {done.removed} entr{'y' if done.removed == 1 else 'ies'} ({_fmt_bytes(done.freed)}) "
+          f"from {done.directory}")
+    for key in done.busy:
+        _err(f"note: {key[:12]} is being built by a running process: left alone")
 
 
 def main() -> None:
