@@ -262,9 +262,15 @@ def read_metrics(folder: str | os.PathLike) -> list[dict]:
     path = Path(folder) / "metrics.csv"
     if not path.exists():
         return []
+    import io
+
+    from .errors import NnctlError
+    from .files import read_input
+
     rows: list[dict] = []
-    try:
-        with open(path, newline="") as fh:
+    try:  # read_input: a regular file only (a FIFO named metrics.csv never blocks the listing)
+        text = read_input(path, "metrics file", limit=64 << 20).decode()
+        with io.StringIO(text, newline="") as fh:
             for r in csv.DictReader(fh):
                 row: dict[str, Any] = {}
                 for k, v in r.items():
@@ -275,7 +281,7 @@ def read_metrics(folder: str | os.PathLike) -> list[dict]:
                     except ValueError:
                         row[k] = v
                 rows.append(row)
-    except (OSError, csv.Error, UnicodeDecodeError):
+    except (OSError, NnctlError, csv.Error, UnicodeDecodeError):
         return []
     return rows
 

@@ -173,6 +173,24 @@ def test_a_folder_without_status_is_described_from_its_files(variants, tmp_path)
     assert info.state == "failed"
 
 
+def test_a_fifo_or_a_folder_in_place_of_a_run_file_never_blocks_the_listing(variants, tmp_path):
+    """runs reads every file through files.read_input: a FIFO named metrics.csv or status.json is skipped
+    (in a child process under a timeout, so that a regression fails instead of hanging the suite)."""
+    run = shutil.copytree(variants[2][1].run_dir, tmp_path / "runs" / "odd")
+    (run / "metrics.csv").unlink()
+    os.mkfifo(run / "metrics.csv")
+    (run / "status.json").unlink()
+    os.mkfifo(run / "status.json")
+    other = shutil.copytree(variants[2][0].run_dir, tmp_path / "runs" / "odd-2")
+    (other / "status.json").unlink()
+    (other / "status.json").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "nnctl", "runs", str(tmp_path / "runs"), "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    names = {r["name"] for r in json.loads(proc.stdout)}
+    assert names == {"odd", "odd-2"}
+
+
 # --- 4: nnctl compare -----------------------------------------------------------------------------
 
 def test_compare_writes_a_png_and_shows_the_differences_side_by_side(variants, tmp_path, cli):
