@@ -755,6 +755,18 @@ def json_schema() -> dict:
         ],
     }
     schema.setdefault("$defs", {})["LayerEntry"] = entry
+    train = schema["$defs"].get("TrainSection", {}).get("properties", {})
+    if "loss" in train:
+        train["loss"] = {
+            "description": train["loss"].get("description", ""),
+            "default": "cross_entropy",
+            "anyOf": [{"enum": list(LOSSES)},
+                      {"type": "object", "minProperties": 1, "maxProperties": 1,
+                       "properties": {name: {"anyOf": [{"type": "null"}, {
+                           "type": "object", "additionalProperties": False,
+                           "properties": {arg: {} for arg in LOSS_ARGS[name]}}]} for name in LOSSES},
+                       "additionalProperties": False}],
+        }
     model = schema["$defs"]["ModelSection"]["properties"]
     model["layers"]["items"] = {"$ref": "#/$defs/LayerEntry"}
     model["blocks"]["additionalProperties"] = {"$ref": "#/$defs/LayerEntry"}

@@ -21,6 +21,10 @@ How the data is held:
   scaled to [0, 1] (digits: /16, other images: /255), normalised per channel,
   and for ``target: input`` copied to ``y`` with optional noise added to ``x``.
   So both paths give identical batches.
+* ``data.augment`` (training batches only; see ``nnctl.augment``): each batch is
+  augmented per sample after the scaling and before the normalisation, with a generator
+  seeded by (seed, epoch, step, rank): on the device when preloaded, in the DataLoader's
+  workers when streamed (which then hand over float32 batches).
 
 Default dataset folder (mnist, fashion_mnist, cifar10, cifar100):
 ``$XDG_CACHE_HOME/nnctl/datasets``, i.e. ``~/.cache/nnctl/datasets``.
@@ -126,7 +130,50 @@ def _collate(items: list) -> Any:
     for item in items:
         if isinstance(item, _Failed):
             return item
-    return torch.utils.data.default_collate(items)
+    batch = torch.utils.data.default_collate(items)
+    if isinstance(items, _ToAugment):  # a training batch of augmented streamed data: scaled and augmented here
+        x, y = batch
+        return items.finish(x), y
+    return batch
+
+
+class _StepIndices(list):
+    """One training batch's sample indices, tagged with its (epoch, step) for the worker's augmentation."""
+
+    def __init__(self, indices: list[int], epoch: int, step: int):
+        super().__init__(indices)
+        self.epoch, self.step = epoch, step
+
+
+class _ToAugment(list):
+    """A training batch's samples, with what the worker needs to scale and augment them after collation."""
+
+    def __init__(self, items: list, augment, scale: float | None, seed: int, epoch: int, step: int, rank: int):
+        super().__init__(items)
+        self.augment, self.scale, self.key = augment, scale, (seed, epoch, step, rank)
+
+    def finish(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div_(self.scale)
+        elif x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        return self.augment(x, self.augment.generator(*self.key))
+
+
+class _AugmentedDataset(_StoreDataset):
+    """A streamed training split with data.augment: batches tagged by the sampler are augmented in the
+    DataLoader's workers (see _collate), with the generator of their (seed, epoch, step, rank)."""
+
+    def __init__(self, store: _Store, augment, seed: int, rank: int):
+        super().__init__(store)
+        self.augment, self.seed, self.rank = augment, seed, rank
+
+    def __getitems__(self, indices: list[int]) -> list:
+        items = [self[i] for i in indices]
+        if isinstance(indices, _StepIndices):
+            return _ToAugment(items, self.augment, self.store.scale, self.seed, indices.epoch, indices.step,
+                              self.rank)
+        return items
 
 
 WORKER_TERM_GRACE_S = 60
@@ -510,7 +557,10 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], li
 
 
 def _image_folder(cfg: Config) -> _Store:
-    """ImageFolder's files and classes; sizes checked from the headers, decoding left for later."""
+    """ImageFolder's files and classes; sizes checked from the headers, decoding left for later.
+
+    ``data.cache: true``: ``x`` is the memory-mapped decoded cache instead (nnctl/cache.py),
+    built first when missing; the size check is then needed only to build it."""
     root = Path(os.path.expanduser(cfg.data.root))
     if not root.is_dir():
         raise UsageError(f"data.root {root} is not a folder; image_folder needs one sub-folder of images per class")
@@ -519,23 +569,36 @@ def _image_folder(cfg: Config) -> _Store:
     y = torch.tensor([c for _, c in samples], dtype=torch.int64)
     mode = "L" if cfg.data.grayscale else "RGB"
     weights = weights_preprocessing(cfg)
+    size = None
     if cfg.data.image_size is not None:
         size = (int(cfg.data.image_size[0]), int(cfg.data.image_size[1]))
     elif weights and len(cfg.model.input_shape) == 3:  # pretrained weights: every image at the model's input size
         size = (int(cfg.model.input_shape[1]), int(cfg.model.input_shape[2]))
-    else:
-        sizes: dict[tuple[int, int], str] = {}
-        for p in files:
-            with _open_image(p) as img:
-                sizes.setdefault((img.height, img.width), p)
-            if len(sizes) > 1:
-                (s1, f1), (s2, f2) = list(sizes.items())[:2]
-                raise UsageError(f"images in {root} have different sizes ({f1} is {s1[0]}x{s1[1]}, {f2} is "
-                                 f"{s2[0]}x{s2[1]}); set data.image_size: [H, W] to resize them all")
-        size = next(iter(sizes))
     channels = 1 if mode == "L" else 3
-    return _Store(y=y, sample_shape=(channels, *size), scale=255.0, num_classes=len(class_names),
-                  files=files, image_mode=mode, image_size=size, class_names=class_names, notes=notes)
+    store = _Store(y=y, sample_shape=(channels, *(size or ())), scale=255.0, num_classes=len(class_names),
+                   files=files, image_mode=mode, image_size=size, class_names=class_names, notes=notes)
+    if cfg.data.cache:
+        from . import cache
+
+        if cache.attach(store, root, measure_size=lambda: _common_size(root, files)):
+            return store
+    if store.image_size is None:
+        store.image_size = _common_size(root, files)
+        store.sample_shape = (channels, *store.image_size)
+    return store
+
+
+def _common_size(root: Path, files: list[str]) -> tuple[int, int]:
+    """The one (H, W) of every image, read from the headers; different sizes are an error."""
+    sizes: dict[tuple[int, int], str] = {}
+    for p in files:
+        with _open_image(p) as img:
+            sizes.setdefault((img.height, img.width), p)
+        if len(sizes) > 1:
+            (s1, f1), (s2, f2) = list(sizes.items())[:2]
+            raise UsageError(f"images in {root} have different sizes ({f1} is {s1[0]}x{s1[1]}, {f2} is "
+                             f"{s2[0]}x{s2[1]}); set data.image_size: [H, W] to resize them all")
+    return next(iter(sizes))
 
 
 def _decode_all(store: _Store, workers: int) -> None:
@@ -626,7 +689,7 @@ def _synthetic(cfg: Config) -> _Store:
     n = d.size or 1024
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn((n, *shape), generator=g)
-    if cfg.train.loss in CLASSIFICATION_LOSSES:
+    if cfg.train.loss_name in CLASSIFICATION_LOSSES:
         classes = d.classes or 1
         return _Store(y=torch.randint(0, classes, (n,), generator=g), sample_shape=shape, x=x, num_classes=classes)
     features = math.prod(shape)
@@ -694,10 +757,11 @@ class _EpochBatchSampler:
         self.order = order
         self.epoch = 0
         self.start_step = 0
+        self.tag = False  # data.augment: tag each index list with its (epoch, step)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for idx in self.order.batches(self.epoch, self.start_step):
-            yield idx.tolist()
+        for step, idx in enumerate(self.order.batches(self.epoch, self.start_step), self.start_step):
+            yield _StepIndices(idx.tolist(), self.epoch, step) if self.tag else idx.tolist()
 
     def __len__(self) -> int:
         return max(0, len(self.order) - self.start_step)
@@ -727,14 +791,20 @@ class Batches:
     ``target: input`` with noise: ``x`` gets ``noise * N(0, 1)`` from a generator
     seeded by (seed, epoch, step, rank) for training, by (seed, step, rank) for
     validation; ``y`` is the clean ``x``.
+
+    ``augment`` (data.augment, training splits only; see nnctl.augment): each batch is
+    augmented per sample on [0, 1] images, before normalisation, with the generator of
+    (seed, epoch, step, rank): on the device for preloaded data, in the DataLoader's
+    workers for streamed data. ``epoch(..., augment=False)`` gives the plain batches.
     """
 
     def __init__(self, store: _Store, indices: Tensor, batch_size: int, device: torch.device, *,
                  shuffle: bool, seed: int, mean: list[float] | None, std: list[float] | None,
                  target_input: bool, noise: float, preloaded: bool, num_workers: int = 0,
                  rank: int = 0, world_size: int = 1, device_x: Tensor | None = None,
-                 device_y: Tensor | None = None):
+                 device_y: Tensor | None = None, augment=None):
         self.store = store
+        self.augment = augment if augment else None
         self.indices = indices
         self.batch_size = batch_size
         self.device = device
@@ -760,8 +830,10 @@ class Batches:
             # never from the global RNG, whose stream belongs to dropout (exact resume). The workers
             # draw no random numbers (decoding is deterministic; noise is added in _finish).
             self._generator = torch.Generator()
+            dataset = _StoreDataset(store) if self.augment is None else \
+                _AugmentedDataset(store, self.augment, seed, rank)
             self._loader = _loader(
-                _StoreDataset(store), batch_sampler=self._sampler, num_workers=num_workers,
+                dataset, batch_sampler=self._sampler, num_workers=num_workers,
                 pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, generator=self._generator)
         self._len = len(self._order)
         self.num_samples = sum(map(len, self._order.batches(0, 0))) if self.world_size > 1 else len(indices)
@@ -777,15 +849,18 @@ class Batches:
         """This split's sample indices in the order of ``epoch`` (all ranks)."""
         return self._order.order(epoch)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield ``(x, y)`` on the device for batches ``start_step``, ... of ``epoch``."""
+    def epoch(self, epoch: int, start_step: int = 0, *, augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` on the device for batches ``start_step``, ... of ``epoch``
+        (augmented when this split has a data.augment pipeline, unless ``augment=False``)."""
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
+        augment = augment and self.augment is not None
         if self.preloaded:
             for step, idx in enumerate(self._order.batches(epoch, start_step, self.device), start_step):
-                yield self._finish(self._x[idx], self._y[idx], epoch, step)
+                yield self._finish(self._x[idx], self._y[idx], epoch, step, augment)
         else:
             self._sampler.epoch, self._sampler.start_step = epoch, start_step
+            self._sampler.tag = augment  # the workers augment (see _collate)
             if start_step >= self._len:
                 return
             nb = self.device.type == "cuda"
@@ -794,12 +869,16 @@ class Batches:
                 yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
                                    epoch, step)
 
-    def _finish(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[Tensor, Tensor]:
-        """Scale, normalise and (target: input) copy and noise one batch, on the device."""
+    def _finish(self, x: Tensor, y: Tensor, epoch: int, step: int,
+                augment: bool = False) -> tuple[Tensor, Tensor]:
+        """Scale, (preloaded, augment) augment, normalise and (target: input) copy and noise one batch,
+        on the device."""
         if x.dtype == torch.uint8:
             x = x.to(torch.float32).div_(self.store.scale)
         elif x.dtype != torch.float32:
             x = x.to(torch.float32)
+        if augment:  # streamed batches come augmented from the workers, as float32
+            x = self.augment(x, self.augment.generator(self.seed, epoch, step, self.rank))
         if self._mean is not None:
             x = (x - self._mean) / self._std
         if not self.target_input:
@@ -994,11 +1073,12 @@ def preprocessing_record(cfg: Config, store: _Store, task: str, mean, std) -> P.
 
 
 def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1,
-              preprocessing: P.Preprocessing | None = None) -> DataBundle:
+              preprocessing: P.Preprocessing | None = None, augment: bool = True) -> DataBundle:
     """Read cfg.data and return the training (and validation) batches on ``device``.
 
     With ``world_size > 1`` each rank gets its own shard of every batch (see ``Batches``);
     train.batch_size is the global batch and must divide by world_size.
+    ``augment=False`` leaves data.augment out (scoring a model, as nnctl eval does).
     """
     device = torch.device(device)
     d, t = cfg.data, cfg.train
@@ -1021,14 +1101,14 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
         task, num_classes = "regression", None
     elif store.y.dtype == torch.int64:
         task, num_classes = "classification", store.num_classes
-        if t.loss not in CLASSIFICATION_LOSSES:
-            raise UsageError(f"{d.source} gives class labels but train.loss is {t.loss}; use cross_entropy or nll, "
+        if t.loss_name not in CLASSIFICATION_LOSSES:
+            raise UsageError(f"{d.source} gives class labels but train.loss is {t.loss_name}; use cross_entropy or nll, "
                              f"or data.target: input to reconstruct the input")
     else:
         task, num_classes = "regression", None
-        if t.loss in CLASSIFICATION_LOSSES:
+        if t.loss_name in CLASSIFICATION_LOSSES:
             raise UsageError(f"{d.source} gives float targets (y is {store.y.dtype}), not class labels, but "
-                             f"train.loss is {t.loss}; use mse or l1, or integer labels in y")
+                             f"train.loss is {t.loss_name}; use mse or l1, or integer labels in y")
 
     train_idx, val_idx = _split(cfg, store)
     weights = weights_preprocessing(cfg) if preprocessing is None else None
@@ -1052,8 +1132,13 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
 
     common = dict(seed=cfg.seed, mean=mean, std=std, target_input=d.target == "input", noise=d.noise,
                   preloaded=preload, num_workers=d.num_workers, device_x=dx, device_y=dy)
+    pipeline = None
+    if d.augment and augment:  # training batches only (augment=False: scoring, as nnctl eval does)
+        from .augment import build as build_augment
+
+        pipeline = build_augment(d.augment, shape)
     train = Batches(store, train_idx, t.batch_size, device, shuffle=True, rank=rank, world_size=world_size,
-                    **common)
+                    augment=pipeline, **common)
     val = None
     if len(val_idx):
         if world_size > 1:
@@ -1065,6 +1150,8 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
            f"samples, {how}"
     if world_size > 1:
         desc += f" (rank {rank} of {world_size})"
+    if pipeline is not None:
+        desc += f"; augment: {pipeline.describe()}"
     record = preprocessing_record(cfg, store, task, mean, std)
     if task == "classification":
         target_shape, label_range = None, (int(store.y.min()), int(store.y.max()))
@@ -1121,7 +1208,7 @@ def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
         if len(out) != 1:
             problems.append(doc.problem(path, (
                 f"{layer} gives outputs of shape {list(out)} per sample, but the data ({what}) has class labels "
-                f"({needed} classes) and train.loss {cfg.train.loss} needs one score per class, shape [{needed}]; "
+                f"({needed} classes) and train.loss {cfg.train.loss_name} needs one score per class, shape [{needed}]; "
                 "end the model with a Flatten and a Linear of that width")))
         elif out[0] < needed:
             hint = f"; set out_features: {needed}" if node is not None and node.type_name == "Linear" else ""
@@ -1134,6 +1221,6 @@ def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
             source = "the input (data.target: input)" if cfg.data.target == "input" else f"y in {what}"
             problems.append(doc.problem(path, (
                 f"{layer} gives outputs of shape {list(out)} per sample, but the targets ({source}) have shape "
-                f"{list(target)} per sample; the {cfg.train.loss} loss would broadcast them and train on the "
+                f"{list(target)} per sample; the {cfg.train.loss_name} loss would broadcast them and train on the "
                 f"wrong differences: make the output {list(target)}")))
     return problems

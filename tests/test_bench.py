@@ -34,7 +34,7 @@ def assert_table(out: str) -> None:
     assert any(line.startswith("|--") or line.startswith("|-") for line in lines), out
 
 
-@pytest.mark.parametrize("name", ["parity.py", "tutorial.py", "startup.py", "checkpoints.py"])
+@pytest.mark.parametrize("name", ["parity.py", "tutorial.py", "startup.py", "checkpoints.py", "first_step.py"])
 def test_cpu_benchmark_runs(name):
     out = run_bench(name)
     assert_table(out)
@@ -58,3 +58,22 @@ def test_gpu_benchmark_runs_or_skips():
         assert "skipped: no CUDA device" in out
     else:
         assert "parity on" in out
+
+
+def test_image_folder_benchmark_runs():
+    """bench/image_folder.py --tiny: a generated folder, torchvision's DataLoader and nnctl with and without
+    the decoded cache (its own cache folder, removed afterwards)."""
+    out = run_bench("image_folder.py")
+    assert_table(out)
+    for variant in ("torchvision, 0 workers", "| nnctl ", "nnctl, cold cache", "nnctl, warm cache"):
+        assert variant in out, out
+
+
+def test_augment_benchmark_runs():
+    """bench/augment.py --tiny: nnctl's batch augmentation (preloaded and streamed) against torchvision's
+    per-sample transforms in a DataLoader, and the floor without augmentation, for both pipelines."""
+    out = run_bench("augment.py")
+    assert_table(out)
+    for variant in ("floor (no augmentation)", "nnctl preloaded (batch)", "nnctl streamed, 2 workers (batch)",
+                    "torchvision per sample, 0 workers", "torchvision per sample, 2 workers", "crop+flip+jitter"):
+        assert variant in out, out

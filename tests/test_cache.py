@@ -1,0 +1,319 @@
+"""The decoded-image cache (data.cache: true, nnctl/cache.py): exact, invalidated, shared, self-checking.
+
+Real image files (PNG and JPEG, 8x8 to 16x16, 3 classes) written by each test; the cache
+folder is set through NNCTL_CACHE_DIR so that nothing touches ~/.cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nnctl import cache as K
+from nnctl import checkpoint as CK
+from nnctl import config as C
+from nnctl import data as D
+from nnctl.errors import UsageError
+
+from .conftest import ROOT, make, run_cli
+from .test_train_safety import _assert_equal_states, _fit
+
+CPU = torch.device("cpu")
+
+
+def _image(path: Path, size: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """3 classes x 12 images, PNG and JPEG, 8/12/16 pixels square; the cache under tmp_path."""
+    monkeypatch.setenv("NNCTL_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "images"
+    for c in range(3):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(12):
+            _image(root / f"class{c}" / f"{i:02d}.{'png' if i % 2 else 'jpg'}", (8, 12, 16)[i % 3], 100 * c + i)
+    return root
+
+
+def _cfg(root: Path, cache: bool, preload: bool = True, workers: int = 0, **data):
+    d = make(model={"input_shape": [3, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 3}}]},
+             data={"source": "image_folder", "root": str(root), "image_size": [8, 8], "cache": cache,
+                   "preload": preload, "num_workers": workers, **data},
+             train={"batch_size": 8, "epochs": 1})
+    return C.from_dict(d)[0]
+
+
+def _batches(bundle) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = [b for e in (0, 1) for b in bundle.train.epoch(e)]
+    return out + list(bundle.val.epoch(0))
+
+
+def _assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def _no_decoding(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was decoded or opened although the cache holds it")
+
+    monkeypatch.setattr(D, "_decode_image", refuse)
+    monkeypatch.setattr(D, "_open_image", refuse)
+
+
+# --- 1: a hit gives the batches of a fresh decode ------------------------------------------------
+
+@pytest.mark.parametrize("preload,workers", [(True, 0), (False, 0), (False, 2)])
+def test_cache_hit_gives_the_batches_of_a_fresh_decode(folder, monkeypatch, preload, workers):
+    fresh = _batches(D.load_data(_cfg(folder, False, preload, workers), CPU))
+    built = D.load_data(_cfg(folder, True, preload, workers), CPU)
+    assert any(n.startswith("decoded 36 images into decoded cache") for n in built.notes), built.notes
+    _assert_same(fresh, _batches(built))
+    with monkeypatch.context() as m:
+        _no_decoding(m)  # a hit reads the memory-mapped file: no image is opened
+        hit = D.load_data(_cfg(folder, True, preload, workers), CPU)
+        assert any(n.startswith("using decoded cache") for n in hit.notes), hit.notes
+        assert hit.train.store.files is None and hit.train.store.x.dtype == torch.uint8
+        _assert_same(fresh, _batches(hit))
+    entries = K.entries(verify=True)
+    assert [e.status for e in entries] == ["valid"] and entries[0].images == 36
+    assert entries[0].root == str(folder) and entries[0].shape == [36, 3, 8, 8]
+
+
+def test_native_size_hit_skips_the_size_scan(tmp_path, monkeypatch):
+    """Without image_size every header is read to check the sizes; a hit skips that too."""
+    monkeypatch.setenv("NNCTL_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "same"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            _image(root / f"c{c}" / f"{i}.png", 8, 10 * c + i)
+    fresh = _batches(D.load_data(_cfg(root, False, image_size=None), CPU))
+    D.load_data(_cfg(root, True, image_size=None), CPU)
+    _no_decoding(monkeypatch)
+    hit = D.load_data(_cfg(root, True, image_size=None), CPU)
+    assert hit.input_shape == (3, 8, 8)
+    _assert_same(fresh, _batches(hit))
+
+
+# --- 2: a changed file invalidates -----------------------------------------------------------------
+
+def test_a_changed_added_or_touched_file_invalidates_the_cache(folder):
+    first = D.load_data(_cfg(folder, True), CPU)
+    target = folder / "class1" / "03.png"
+    old = D._decode_image(str(target), "RGB", (8, 8))
+    _image(target, 12, 9999)  # other pixels (the same size as before)
+    new = D._decode_image(str(target), "RGB", (8, 8))
+    assert not torch.equal(old, new)
+    again = D.load_data(_cfg(folder, True), CPU)
+    assert any(n.startswith("decoded 36 images") for n in again.notes), again.notes
+    files = [p for p, _ in D._scan_image_folder(folder)[1]]  # the store's order is the scan's
+    i = files.index(str(target))
+    assert torch.equal(again.train.store.x[i], new) and torch.equal(first.train.store.x[i], old)
+    _assert_same(_batches(D.load_data(_cfg(folder, False), CPU)), _batches(again))
+
+    st = os.stat(target)  # only the modification time changes: decoded again
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    touched = D.load_data(_cfg(folder, True), CPU)
+    assert any(n.startswith("decoded 36 images") for n in touched.notes), touched.notes
+    _image(folder / "class2" / "99.png", 8, 4242)  # a new file
+    added = D.load_data(_cfg(folder, True), CPU)
+    assert any(n.startswith("decoded 37 images") for n in added.notes), added.notes
+    assert len(K.entries()) == 4  # stale entries are never found again; `nnctl cache clear` frees them
+
+
+# --- 3: two processes fill one cache at once ---------------------------------------------------------
+
+_FILLER = r"""
+import hashlib, json, sys, time
+sys.path.insert(0, {root!r})
+from nnctl import config as C, data as D
+import torch
+slow = D._decode_image
+def decode(*a, **k):
+    time.sleep(0.02)  # a fill long enough for the other process to arrive in the middle of it
+    return slow(*a, **k)
+D._decode_image = decode
+cfg = C.from_dict({cfg!r})[0]
+while time.time() < {start!r}:
+    time.sleep(0.005)
+bundle = D.load_data(cfg, torch.device("cpu"))
+x = bundle.train.store.x
+print(json.dumps({{"sha": hashlib.sha256(x.numpy().tobytes()).hexdigest(), "notes": bundle.notes}}))
+"""
+
+
+def test_two_processes_filling_one_cache_end_with_one_valid_entry(folder, tmp_path):
+    d = make(model={"input_shape": [3, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 3}}]},
+             data={"source": "image_folder", "root": str(folder), "image_size": [8, 8], "cache": True,
+                   "num_workers": 0}, train={"batch_size": 8})
+    script = _FILLER.format(root=str(ROOT), cfg=d, start=time.time() + 4.0)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert outs[0]["sha"] == outs[1]["sha"]
+    notes = [n for o in outs for n in o["notes"]]
+    assert sum(n.startswith("decoded 36 images") for n in notes) == 1, notes  # one built, the other waited
+    assert sum(n.startswith("using decoded cache") for n in notes) == 1, notes
+    entries = K.entries(verify=True)
+    assert [e.status for e in entries] == ["valid"]
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"{entries[0].key}.{s}" for s in ("json", "lock", "u8"))
+    fresh = D.load_data(_cfg(folder, False), CPU).train.store
+    D._decode_all(fresh, 0)
+    import hashlib
+
+    assert hashlib.sha256(fresh.x.numpy().tobytes()).hexdigest() == outs[0]["sha"]
+
+
+# --- 4: a corrupt cache is detected, reported, rebuilt, never used -----------------------------------
+
+def _flip(data: Path, head: Path) -> None:
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+def _truncate(data: Path, head: Path) -> None:
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size - 5)
+
+
+def _garbage_header(data: Path, head: Path) -> None:
+    head.write_bytes(b"\x00{not json")
+
+
+def _forged_header(data: Path, head: Path) -> None:
+    h = json.loads(head.read_text())
+    h["shape"][0] = 35  # a header that no longer describes the data
+    head.write_text(json.dumps(h))
+
+
+def _missing_data(data: Path, head: Path) -> None:
+    data.unlink()
+
+
+@pytest.mark.parametrize("damage", [_flip, _truncate, _garbage_header, _forged_header, _missing_data])
+def test_a_corrupt_cache_is_detected_reported_and_rebuilt(folder, damage):
+    fresh = _batches(D.load_data(_cfg(folder, False), CPU))
+    D.load_data(_cfg(folder, True), CPU)
+    (entry,) = K.entries()
+    damage(entry.path, entry.path.with_suffix(".json"))
+    again = D.load_data(_cfg(folder, True), CPU)
+    corrupt = [n for n in again.notes if "was corrupt" in n]
+    assert len(corrupt) == 1 and entry.key in corrupt[0] and corrupt[0].endswith(": rebuilt"), again.notes
+    assert any(n.startswith("decoded 36 images") for n in again.notes)
+    _assert_same(fresh, _batches(again))  # the damaged bytes were never used
+    assert [e.status for e in K.entries(verify=True)] == ["valid"]
+
+
+def test_a_large_entry_is_sampled_but_a_changed_data_file_is_hashed_in_full(folder, monkeypatch):
+    """Past FULL_VERIFY_BYTES only 8 chunks are hashed, unless the data file changed since it was written
+    (size, mtime, inode): then all of them, so a flipped byte in an unsampled chunk is still found."""
+    monkeypatch.setattr(K, "FULL_VERIFY_BYTES", 0)
+    monkeypatch.setattr(K, "CHUNK_BYTES", 64)  # 6,912 bytes of data: 108 chunks
+    D.load_data(_cfg(folder, True), CPU)
+    (entry,) = K.entries()
+    head = json.loads(entry.path.with_suffix(".json").read_text())
+    assert len(head["chunks"]) == 108
+    raw = bytearray(entry.path.read_bytes())
+    raw[64 * 5 + 3] ^= 1  # chunk 5: not one of the 8 sampled
+    entry.path.write_bytes(bytes(raw))
+    again = D.load_data(_cfg(folder, True), CPU)
+    assert any("was corrupt (checksum mismatch" in n for n in again.notes), again.notes
+
+
+def test_a_corrupt_image_keeps_its_error_and_leaves_no_entry(folder, tmp_path):
+    (folder / "class0" / "05.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(UsageError, match=r"cannot read image .*05\.png"):
+        D.load_data(_cfg(folder, True), CPU)
+    assert [n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock")] == []
+
+
+# --- 5: resume stays bit-identical with the cache -----------------------------------------------------
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_sigint_then_resume_with_the_cache_is_bit_identical(folder, tmp_path, preload):
+    d = make(model={"input_shape": [3, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 16}}, "ReLU",
+                                                         {"Dropout": 0.5}, {"Linear": {"out_features": 3}}]},
+             data={"source": "image_folder", "root": str(folder), "image_size": [8, 8], "cache": True,
+                   "preload": preload, "num_workers": 0},
+             train={"epochs": 2, "batch_size": 8})
+    straight, _ = _fit(d, tmp_path / "straight")
+    _fit(d, tmp_path / "cut", stop_at=(1, 1))
+    state = CK.load(tmp_path / "cut" / "last.pt")
+    assert state["epoch"] == 1 and state["step_in_epoch"] == 1
+    resumed, result = _fit(d, tmp_path / "cut", resume=state)
+    assert result is not None and len(result.history) == 2
+    _assert_equal_states(straight.state_dict(), resumed.state_dict())
+    plain = dict(d, data=dict(d["data"], cache=False))
+    uncached, _ = _fit(plain, tmp_path / "plain")
+    _assert_equal_states(straight.state_dict(), uncached.state_dict())  # the cache changes nothing
+
+
+# --- 6: nnctl cache info / clear; the config field ----------------------------------------------------
+
+def test_cache_info_and_clear_through_the_cli(folder, tmp_path):
+    D.load_data(_cfg(folder, True), CPU)
+    (entry,) = K.entries()
+    stray = tmp_path / "cache" / (f"{'a' * 64}.u8.tmp-999999-0000")  # what a killed writer leaves
+    stray.write_bytes(b"x" * 10)
+    env = {"NNCTL_CACHE_DIR": str(tmp_path / "cache")}
+    r = run_cli("cache", "info", env=env)
+    assert r.returncode == 0, r.stderr
+    assert entry.key[:12] in r.stdout and str(folder) in r.stdout and "valid" in r.stdout and "3x8x8" in r.stdout
+    assert "partial" in r.stdout
+    r = run_cli("cache", "info", "--json", "--verify", env=env)
+    info = json.loads(r.stdout)
+    assert {e["status"] for e in info["entries"]} == {"valid", "partial (an interrupted fill)"}
+    r = run_cli("cache", "clear", env=env)
+    assert r.returncode == 2 and "--all" in r.stderr
+    r = run_cli("cache", "clear", "--root", str(tmp_path / "elsewhere"), env=env)
+    assert r.returncode == 0 and "removed 0 entries" in r.stdout and entry.path.exists()
+    r = run_cli("cache", "clear", "--root", str(folder), env=env)
+    assert r.returncode == 0 and "removed 1 entry" in r.stdout and not entry.path.exists()
+    r = run_cli("cache", "clear", "--all", env=env)
+    assert r.returncode == 0 and "removed 1 entry" in r.stdout and not stray.exists()
+    r = run_cli("cache", "info", env=env)
+    assert r.returncode == 0 and "empty" in r.stdout
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_cache_applies_to_image_folder_only():
+    """Other sources are whole tensors already: data.cache is refused there, at its YAML line."""
+    from nnctl import api
+
+    text = ("model:\n  input_shape: [1, 8, 8]\n  layers: [Flatten, {Linear: {out_features: 10}}]\n"
+            "data:\n  source: digits\n  cache: true\n")
+    (problem,) = api.check(text)
+    assert problem.path == "data.cache" and problem.line == 6 and "image_folder" in problem.message
+    assert api.check(text.replace("digits", "image_folder\n  root: x")) == []
+
+
+def test_a_fill_reports_its_progress(folder):
+    """progress_to(callback): (0, N) first, then after each decoded batch, ending at (N, N); a hit reports nothing."""
+    seen = []
+    with K.progress_to(lambda done, total: seen.append((done, total))):
+        D.load_data(_cfg(folder, True), CPU)
+        assert seen[0] == (0, 36) and seen[-1] == (36, 36)
+        assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+        seen.clear()
+        D.load_data(_cfg(folder, True), CPU)
+    assert seen == []
