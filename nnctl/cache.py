@@ -438,6 +438,7 @@ def attach(store, root: str | os.PathLike, measure_size: Callable[[], tuple[int,
                                f"{head.get('created_at', '?')}{' by another process' if waited else ''})")
         store.x = x
         store.files = None
+        store.mapped = True
         store.image_size = tuple(int(v) for v in head["shape"][2:])
         store.sample_shape = tuple(int(v) for v in head["shape"][1:])
         return True

@@ -92,6 +92,7 @@ class _Store:
     image_size: tuple[int, int] | None = None  # (H, W) to resize to
     class_names: list[str] | None = None  # index = class id (the preprocessing record's `classes`)
     notes: list[str] = field(default_factory=list)  # what reading skipped, for the run to print
+    mapped: bool = False  # x is memory-mapped from the decoded cache (data.cache): indexing it reads pages
 
     def __len__(self) -> int:
         return len(self.y)
@@ -1027,6 +1028,10 @@ def _normalization(cfg: Config, store: _Store, train: Tensor) -> tuple[list[floa
 def _should_preload(cfg: Config, store: _Store, device: torch.device) -> bool:
     if cfg.data.preload is not None:
         return cfg.data.preload
+    if store.mapped and device.type == "cpu":
+        # the decoded cache on the CPU: batches index the map directly (no copy, no workers), also
+        # for a folder larger than memory; the page cache keeps what fits
+        return True
     size = store.nbytes()
     if size > PRELOAD_LIMIT_BYTES:
         return False
@@ -1146,6 +1151,8 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
         val = Batches(store, val_idx, t.eval_batch_size or 4 * t.batch_size, device, shuffle=False, **common)
 
     how = f"preloaded on {device}" if preload else f"streamed by a DataLoader with {d.num_workers} workers"
+    if preload and store.mapped and device.type == "cpu":
+        how = "indexed in the memory-mapped decoded cache"
     desc = f"{d.source}: {len(train_idx):,} train / {len(val_idx):,} {'test' if d.split == 'test' else 'val'} " \
            f"samples, {how}"
     if world_size > 1:

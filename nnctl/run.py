@@ -36,8 +36,10 @@ from .errors import CheckpointError, NnctlError, UsageError
 from .files import RUN_FILES, is_run_file, is_run_folder
 
 # config keys a resume may change without --force
+# (data.cache and data.preload change no batch: a cache hit equals a fresh decode, and both data paths
+# give the same batches; tests/test_cache.py and tests/test_train_safety.py check it)
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download",
-                     "train.log"}
+                     "train.log", "data.cache", "data.preload"}
 LOCKED_ENV = "NNCTL_RUN_LOCKED"  # set by the distributed launcher, which holds the lock for its workers
 CHECKPOINTS = ("last.pt", "best.pt")
 
