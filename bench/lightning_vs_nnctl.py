@@ -70,6 +70,33 @@ trainer.fit(Net(), loader)
 assert trainer.checkpoint_callback.best_model_path or list(__import__("pathlib").Path(args["out"]).rglob("*.ckpt"))
 '''
 
+# the floor: what PyTorch alone costs for the same work (import, model, optimizer, the epochs, a checkpoint)
+HAND_SCRIPT = r'''
+import json, sys
+import torch
+from torch import nn
+
+args = json.loads(sys.argv[1])
+torch.manual_seed(args["seed"])
+if args["model"] == "mlp":
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
+    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.Adam(net.parameters(), lr=1e-3)
+else:
+    net = nn.Sequential(
+        nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
+        nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10), nn.LogSoftmax(dim=1))
+    loss_fn, opt = nn.NLLLoss(), torch.optim.Adadelta(net.parameters(), lr=1.0)
+d = torch.load(args["data"], weights_only=True)
+x, y = d["x"], d["y"]
+for epoch in range(args["epochs"]):
+    for idx in torch.randperm(len(x)).split(args["batch"]):
+        loss = loss_fn(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, args["out"] + ".pt")
+'''
+
 
 def main() -> None:
     args = common.parser(__doc__.splitlines()[0]).parse_args()
@@ -91,6 +118,8 @@ def main() -> None:
         tmp = Path(tmp)
         script = tmp / "lightning_train.py"
         script.write_text(LIGHTNING_SCRIPT)
+        hand_script = tmp / "hand_train.py"
+        hand_script.write_text(HAND_SCRIPT)
         for name, size, epochs in cases:
             x_u8, y = common.mnist_like(size)
             data_path = common.write_tensors_file(tmp / f"{name}.pt", x_u8, y)
@@ -118,19 +147,28 @@ def main() -> None:
                 assert list(out.rglob("*.ckpt")), "Lightning wrote no checkpoint"
                 return took
 
+            def run_hand():
+                out = out_dir("hand")
+                spec = json.dumps({"model": name, "data": str(data_path), "epochs": epochs, "batch": 64,
+                                   "out": str(out), "seed": 1})
+                took = common.wall([sys.executable, str(hand_script), spec], env=env, cwd=tmp)
+                assert Path(str(out) + ".pt").exists(), "the hand-written script wrote no checkpoint"
+                return took
+
             print(f"{name}: {size:,} samples, {epochs} epoch(s), batch 64", flush=True)
-            times = common.interleaved({"nnctl": run_nnctl, "lightning": run_lightning}, runs,
+            times = common.interleaved({"nnctl": run_nnctl, "lightning": run_lightning, "hand": run_hand}, runs,
                                        warmup=0 if runs == 1 else 1)
-            a, b = common.median(times["nnctl"]), common.median(times["lightning"])
+            a, b, h = (common.median(times[k]) for k in ("nnctl", "lightning", "hand"))
             rows.append([name, f"{size:,}", epochs, a, common.spread(times["nnctl"]), b,
-                         common.spread(times["lightning"]), a / b, common.verdict(a / b, 0.8)])
+                         common.spread(times["lightning"]), h, a / b, h / b, common.verdict(a / b, 0.8)])
     import lightning
 
     common.table(f"process start to checkpointed model, median of {runs} interleaved runs "
                  f"(lightning {lightning.__version__})",
                  ["model", "samples", "epochs", "nnctl train s", "nnctl range", "Lightning s", "Lightning range",
-                  "nnctl / Lightning", "goal"], rows,
-                 "Wall time of each subprocess, fork to exit; lower is better.")
+                  "hand-written s", "nnctl / Lightning", "hand-written / Lightning", "goal"], rows,
+                 "Wall time of each subprocess, fork to exit; lower is better. hand-written: the same epochs in a "
+                 "plain PyTorch script (no validation, no progress, one torch.save): the floor.")
 
 
 if __name__ == "__main__":
