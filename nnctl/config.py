@@ -43,21 +43,28 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
+_EXAMPLES = {"loss": ("cross_entropy", "{label_smoothing: 0.1}"),
+             "scheduler": ("StepLR", "{step_size: 10}"),
+             "augmentation": ("RandomCrop", "{size: 32, padding: 4}")}
+
+
 def _one_key(value: Any, what: str) -> tuple[str, dict]:
     """`Adam`, `{Adam: {lr: 0.1}}` or `{Adam: null}` -> ("Adam", {...})."""
+    example, args_example = _EXAMPLES.get(what, ("Adam", "{lr: 0.001}"))
+    kind = "name" if what == "loss" else "class name"
     if isinstance(value, str):
         return value, {}
     if isinstance(value, dict) and len(value) == 1:
         (name, args), = value.items()
         if not isinstance(name, str):
-            raise ValueError(f"{what} name must be a class name such as Adam")
+            raise ValueError(f"{what} name must be a {kind} such as {example}")
         if args is None:
             args = {}
         if not isinstance(args, dict):
-            raise ValueError(f"the arguments of {what} {name} must be a mapping such as {{lr: 0.001}}")
+            raise ValueError(f"the arguments of {what} {name} must be a mapping such as {args_example}")
         return name, args
-    raise ValueError(f"expected one {what} class name, alone or with a mapping of its arguments, "
-                     f"such as {{Adam: {{lr: 0.001}}}}")
+    raise ValueError(f"expected one {what} {kind}, alone or with a mapping of its arguments, "
+                     f"such as {{{example}: {args_example}}}")
 
 
 class ModelSection(_Section):
@@ -242,22 +249,27 @@ def _check_loss(value: Any) -> list[tuple[tuple, str]]:
             if v == "balanced" and name in CLASSIFICATION_LOSSES:
                 continue
             vals = numbers(v) if isinstance(v, list) else None
-            if vals is None or any(x < 0 for x in vals):
-                problems.append((where, "weight must be a list of non-negative numbers, one a class"
+            if vals is None or any(x < 0 or x > 3.4e38 for x in vals):
+                problems.append((where, "weight must be a list of non-negative numbers (within float32's "
+                                        "range), one per class"
                                         + (", or balanced (from the training split's class counts)"
                                            if name in CLASSIFICATION_LOSSES else "")))
+            elif not any(x > 0 for x in vals):
+                problems.append((where, "weight is all zeros: no sample would count (the loss is 0/0)"))
         elif key == "pos_weight":
             vals = numbers(v)
-            if vals is None or any(x < 0 for x in vals):
-                problems.append((where, "pos_weight must be a non-negative number or a list of them, one an output"))
+            if vals is None or any(x < 0 or x > 3.4e38 for x in vals):
+                problems.append((where, "pos_weight must be a non-negative number (within float32's range) or a "
+                                        "list of them, one per output"))
         elif key == "label_smoothing":
             if numbers(v) is None or isinstance(v, list) or not 0.0 <= v <= 1.0:
                 problems.append((where, f"label_smoothing must be a number from 0 to 1, got {_describe(v)}"))
         elif key == "ignore_index":
-            if not isinstance(v, int) or isinstance(v, bool):
-                problems.append((where, f"ignore_index must be an integer (a class label), got {_describe(v)}"))
+            if not isinstance(v, int) or isinstance(v, bool) or not -(2**63) <= v < 2**63:
+                problems.append((where, f"ignore_index must be an integer (a class label, a 64-bit integer), "
+                                        f"got {_describe(v)}"))
         elif key in ("delta", "beta"):
-            if numbers(v) is None or isinstance(v, list) or v < 0 or (key == "delta" and v == 0):
+            if numbers(v) is None or isinstance(v, list) or v < 0 or v > 3.4e38 or (key == "delta" and v == 0):
                 problems.append((where, f"{key} must be a {'positive' if key == 'delta' else 'non-negative'} "
                                         f"number, got {_describe(v)}"))
     return problems
@@ -385,9 +397,11 @@ class Config(_Section):
                 problems.append((where, f"{metric} needs class labels and a classification loss (cross_entropy "
                                         f"or nll{', or bce_with_logits' if metric == 'val_accuracy' else ''}); "
                                         f"this run trains with {loss}"))
-            elif metric in ("val_mse", "val_mae") and (loss in CLASSIFICATION_LOSSES and d.target == "label"):
-                problems.append((where, f"{metric} is a regression metric; a classification run has val_loss, "
-                                        "val_accuracy and val_top5_accuracy"))
+            elif metric in ("val_mse", "val_mae") and (
+                    (loss in CLASSIFICATION_LOSSES and d.target == "label") or loss == "bce_with_logits"):
+                has = ("val_loss and val_accuracy" if loss == "bce_with_logits"
+                       else "val_loss, val_accuracy and val_top5_accuracy")
+                problems.append((where, f"{metric} is a regression metric; a {loss} run has {has}"))
         if (t.early_stopping is not None and no_val and t.early_stopping.monitor is None
                 and t.checkpoint.monitor is None):
             problems.append((("train", "early_stopping"), "early stopping needs validation data: val_fraction > 0 "

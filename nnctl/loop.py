@@ -258,8 +258,24 @@ def check_loss(cfg: Config, doc: Document, outputs: int | None) -> list[Problem]
             per = "class" if t.loss_name in CLASSIFICATION_LOSSES else "output"
             problems.append(doc.problem(("train", "loss", t.loss_name, key),
                                         f"{key} has {len(value)} values but the model gives {outputs} outputs: "
-                                        f"give one a {per}"))
+                                        f"give one value per {per}"))
     return problems
+
+
+def check_loss_targets(cfg: Config, doc: Document, data) -> list[Problem]:
+    """Targets the loss cannot use: bce_with_logits needs float targets from 0 to 1."""
+    if cfg.train.loss_name != "bce_with_logits" or data.task == "classification":
+        return []
+    y = data.train.store.y
+    if not y.is_floating_point() or not len(y):
+        return []
+    lo, hi = float(y.min()), float(y.max())
+    if lo < 0.0 or hi > 1.0:
+        return [doc.problem(("train", "loss"), f"bce_with_logits needs targets from 0 to 1 (one probability or "
+                                               f"0/1 label per output); the targets of {data.where or 'the data'} "
+                                               f"range from {lo:.4g} to {hi:.4g}: use mse, l1, huber or smooth_l1 "
+                                               "for regression")]
+    return []
 
 
 def task_of(cfg: Config) -> str:
@@ -952,6 +968,10 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                              "its weights are finite); lower the learning rate or clip gradients")
                     raise NonFiniteValidation(f"{', '.join(bad)} at epoch {epoch + 1} on the {split} split of "
                                               f"{where}: {cause}. Nothing saved. {kept}")
+            for name in [metric] + ([stopping["metric"]] if stopping else []):
+                if name not in row:  # a safety net behind the config's checks: never watch a missing column
+                    raise UsageError(f"the run monitors {name}, but its metrics are {', '.join(sorted(row))}: "
+                                     "set train.checkpoint.monitor / train.early_stopping.monitor to one of them")
             row["lr"] = optimizer.param_groups[0]["lr"]
             if scheduler is not None and t.scheduler_interval == "epoch":
                 if plateau:
@@ -979,9 +999,14 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
                     ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state, rng_ranks))
                 ckpt.save(last_path, payload("last", epoch + 1, 0, None, rng_ranks=rng_ranks))
                 if t.checkpoint.every and (epoch + 1) % t.checkpoint.every == 0:
-                    ckpt.save(run_dir / epoch_name(epoch + 1), payload("epoch", epoch + 1, 0, None,
-                                                                       rng_ranks=rng_ranks))
-                    prune_epoch_checkpoints(run_dir, t.checkpoint.keep)
+                    target = run_dir / epoch_name(epoch + 1)
+                    if target.is_symlink() or (target.exists() and not target.is_file()):
+                        # never written over, never a reason to fail the epoch (last.pt is saved)
+                        emit(Event("note", epoch=epoch, message=f"note: {target} exists and is not a regular "
+                                                                 "file: this epoch's checkpoint was not kept"))
+                    else:
+                        ckpt.save(target, payload("epoch", epoch + 1, 0, None, rng_ranks=rng_ranks))
+                        prune_epoch_checkpoints(run_dir, t.checkpoint.keep)
                 write_metrics(run_dir, history)
             emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row, message="best" if improved else ""))
             if dist.any(stop.signum is not None, device):  # a signal during validation: the epoch is saved
@@ -1001,22 +1026,46 @@ def epoch_name(epoch: int) -> str:
     return f"epoch-{epoch}.pt"
 
 
+def _is_checkpoint_file(path) -> bool:
+    """A regular file (not a link) in torch's zip format: what nnctl's epoch checkpoints are."""
+    import os
+    import stat
+
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        with open(path, "rb") as fh:
+            return fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def prune_epoch_checkpoints(run_dir, keep: int | None) -> list[str]:
-    """Remove all but the ``keep`` newest epoch-N.pt of a run folder (None: keep all). Returns the removed."""
+    """Remove all but the ``keep`` newest epoch-N.pt checkpoints of a run folder (None: keep all).
+
+    Only regular files in torch's checkpoint format are counted and removed: a folder, a link or a
+    file that is not a checkpoint is never touched. A failure to remove one is not an error (the
+    epoch is saved). Returns the removed names.
+    """
     import os
     import re
     from pathlib import Path
 
     if not keep:
         return []
-    found = sorted((int(m.group(1)), name) for name in os.listdir(run_dir)
-                   if (m := re.fullmatch(r"epoch-(\d+)\.pt", name)))
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return []
+    found = sorted((int(m.group(1)), name) for name in names
+                   if (m := re.fullmatch(r"epoch-(\d+)\.pt", name)) and _is_checkpoint_file(Path(run_dir) / name))
     removed = []
     for _, name in found[:-keep]:
         try:
             os.unlink(Path(run_dir) / name)
             removed.append(name)
-        except FileNotFoundError:
+        except OSError:
             pass
     return removed
 

@@ -1039,6 +1039,10 @@ def check(doc: Document) -> Checked:
     if checked.train is not None:
         problems += validate_train(checked.train, doc)
     problems += augment_problems(doc)
+    if checked.cfg is not None and plan_ is not None and plan_.output_shape:
+        from .loop import check_loss  # loss arguments against the model's output width (class weights)
+
+        problems += check_loss(checked.cfg, doc, int(plan_.output_shape[-1]))
     warnings_ = lint(checked.cfg, plan_) if checked.cfg is not None and plan_ is not None and not problems else []
     return Checked(checked.cfg, plan_, _in_file_order(problems, doc.file), warnings_)
 

@@ -143,6 +143,12 @@ def test_loss_argument_errors_are_located(tmp_path, loss, message):
 
 @pytest.mark.parametrize("train, message", [
     ({"loss": "mse", "checkpoint": {"monitor": "val_accuracy"}}, "val_accuracy needs class labels"),
+    ({"loss": "bce_with_logits", "early_stopping": {"patience": 2, "monitor": "val_mae"}},
+     "val_mae is a regression metric"),
+    ({"loss": {"cross_entropy": {"weight": [0] * 10}}}, "weight is all zeros"),
+    ({"loss": {"cross_entropy": {"weight": [1e39] * 10}}}, "within float32's range"),
+    ({"loss": {"cross_entropy": {"ignore_index": 10**30}}}, "a 64-bit integer"),
+    ({"loss": {"cross_entropy": {"weight": [1, 2, 3]}}}, "weight has 3 values but the model gives 10 outputs"),
     ({"early_stopping": {"patience": 2, "monitor": "val_mae"}}, "val_mae is a regression metric"),
     ({"checkpoint": {"monitor": "val_los"}}, "did you mean 'val_loss'"),
 ])
@@ -243,3 +249,35 @@ def test_best_checkpoint_monitor_and_epoch_checkpoints(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nnctl", "export-weights", str(tmp_path / "run"), "-o",
                            str(tmp_path / "run" / "epoch-4.pt")], capture_output=True, text=True)
     assert proc.returncode == 2 and "is a file nnctl keeps in the run folder" in proc.stderr
+
+
+def test_bce_with_logits_refuses_targets_outside_0_1_before_training(tmp_path):
+    x = torch.randn(100, 6)
+    torch.save({"x": x, "y": x[:, :3] * 4}, tmp_path / "reg.pt")
+    cfg = {"name": "bad", "model": {"input_shape": [6], "layers": [{"Linear": {"out_features": 3}}]},
+           "data": {"source": "tensors", "path": str(tmp_path / "reg.pt")},
+           "train": {"epochs": 1, "device": "cpu", "loss": "bce_with_logits"}}
+    with pytest.raises(ConfigError, match="bce_with_logits needs targets from 0 to 1"):
+        nnctl.train(cfg, out=str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_pruning_touches_only_its_own_checkpoints(tmp_path):
+    """keep: K never removes a file that is not a checkpoint, a folder or a link, and an epoch-N.pt that is
+    a folder costs a note, never the epoch."""
+    run = tmp_path / "run"
+    cfg = config(epochs=3, checkpoint={"every": 1, "keep": 1})
+    nnctl.train(cfg, out=str(run))
+    assert sorted(p.name for p in run.glob("epoch-*")) == ["epoch-3.pt"]
+    (run / "epoch-1.pt").write_text("USERDATA")
+    (run / "epoch-2.pt").mkdir()
+    os.symlink(run / "epoch-3.pt", run / "epoch-0.pt")
+    (run / "epoch-5.pt").mkdir()
+    notes = []
+    nnctl.train(resume=str(run), epochs=6, on_event=lambda e: notes.append(e.message) if e.kind == "note" else None)
+    assert (run / "epoch-1.pt").read_text() == "USERDATA"
+    assert (run / "epoch-2.pt").is_dir() and (run / "epoch-5.pt").is_dir() and (run / "epoch-0.pt").is_symlink()
+    assert sorted(p.name for p in run.glob("epoch-*.pt") if p.is_file() and not p.is_symlink()) == \
+        ["epoch-1.pt", "epoch-6.pt"]
+    assert any("epoch-5.pt exists and is not a regular file" in n for n in notes), notes
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 6
