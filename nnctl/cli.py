@@ -43,6 +43,13 @@ def _clean(text: str) -> str:
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
+def _esc(text) -> str:
+    """_clean, with rich markup escaped: a run folder named lr[bold]0.1 is shown as it is named."""
+    from rich.markup import escape
+
+    return escape(_clean(text))
+
+
 def _err(text: str) -> None:
     try:
         sys.stderr.write("\n".join(_clean(line) for line in text.rstrip("\n").split("\n")) + "\n")
@@ -209,7 +216,7 @@ def summary(
     if graph is not None and not graph.lower().endswith((".png", ".svg", ".pdf")):
         raise UsageError(f"--graph {graph}: the picture's file name must end in .png, .svg or .pdf")
     cfg, doc, model, plan, _ = _load_source(source, set_ or [], which)
-    result = S.summarize(model, plan, cfg.model.input_shape, depth=depth)
+    result = S.summarize(model, plan, cfg.model.input_shape, depth=depth, augment=cfg.data and cfg.data.augment)
     if graph is not None:
         S.draw_graph(model, cfg.model.input_shape, graph, title=f"{cfg.name}: input {list(cfg.model.input_shape)}",
                      plan=plan)
@@ -219,7 +226,7 @@ def summary(
         return
     from rich.table import Table
 
-    table = Table(title=f"{cfg.name}: input {list(cfg.model.input_shape)}", title_justify="left")
+    table = Table(title=f"{_esc(cfg.name)}: input {list(cfg.model.input_shape)}", title_justify="left")
     for col, justify in (("#", "left"), ("layer", "left"), ("output shape", "left"), ("params", "right"),
                          ("status", "left"), ("MACs", "right"), ("line", "right")):
         table.add_column(col, justify=justify)
@@ -354,12 +361,12 @@ class _Progress:
             text = _epoch_line(row, e.epochs, best=e.message == "best")
             if self.progress:
                 self.progress.update(self.t_epochs, completed=e.epoch + 1, info=_short_metrics(row))
-                self.progress.console.print(text)
+                self.progress.console.print(text, markup=False, highlight=False)
             else:
                 print(text, flush=True)
-        elif e.kind == "stop":
+        elif e.kind in ("stop", "note"):
             if self.progress:
-                self.progress.console.print(e.message)
+                self.progress.console.print(e.message, markup=False, highlight=False)
             else:
                 print(e.message, flush=True)
 
@@ -595,7 +602,7 @@ def _final_table(con, run) -> None:
     result, run_dir, plot = run.fit, run.run_dir, run.plot
     name = run.name or run_dir.name
     epochs = f"{result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'}"
-    table = Table(title=f"{name}: {epochs} in {result.seconds:.1f}s"
+    table = Table(title=f"{_esc(name)}: {epochs} in {result.seconds:.1f}s"
                         + (" (stopped early)" if result.stopped_early else ""), title_justify="left")
     table.add_column("")
     table.add_column("value", justify="right")
@@ -604,9 +611,9 @@ def _final_table(con, run) -> None:
         if key in final:
             table.add_row(f"final {key.replace('_', ' ')}", f"{final[key]:.4f}")
     if result.best.get("value") is not None:
-        table.add_row(f"best {result.best['metric'].replace('_', ' ')}",
+        table.add_row(f"best {_esc(result.best['metric'].replace('_', ' '))}",
                       f"{result.best['value']:.4f} (epoch {result.best['epoch']})")
-    table.add_row("run folder", str(run_dir))
+    table.add_row("run folder", _esc(run_dir))
     table.add_row("checkpoints", "last.pt" + (", best.pt" if result.best_path else ""))
     table.add_row("metrics", "metrics.csv" + (", curves.png" if plot else ""))
     con.print(table)
@@ -675,7 +682,7 @@ def freeze(
         return
     from rich.table import Table
 
-    table = Table(title=f"{cfg.name}: children", title_justify="left")
+    table = Table(title=f"{_esc(cfg.name)}: children", title_justify="left")
     for col, j in (("#", "right"), ("name", "left"), ("type", "left"), ("params", "right"), ("status", "left")):
         table.add_column(col, justify=j)
     for r in rows:
@@ -684,7 +691,8 @@ def freeze(
     con.print(table)
     con.print(f"total params: {_fmt_int(total)}   trainable: {_fmt_int(trainable)}   frozen: {_fmt_int(total - trainable)}")
     if output:
-        con.print(f"wrote {output}: train from it with  nnctl train CONFIG --init {output}")
+        con.print(_clean(f"wrote {output}: train from it with  nnctl train CONFIG --init {output}"), markup=False,
+                  highlight=False)
 
 
 @app.command("export-weights")
@@ -757,7 +765,7 @@ def eval_(
                        ("support", "right")):
             table.add_column(col, justify=j)
         for r in result.per_class:
-            table.add_row(str(r["class"]), _clean(r["name"]), "-" if r["precision"] is None else f"{r['precision']:.4f}",
+            table.add_row(str(r["class"]), _esc(r["name"]), "-" if r["precision"] is None else f"{r['precision']:.4f}",
                           "-" if r["recall"] is None else f"{r['recall']:.4f}", f"{r['support']:,}")
         _console().print(table)
     if result.confusion_png:
@@ -844,13 +852,13 @@ def _fmt_seconds(s) -> str:
 
 
 def _fmt_best(best) -> str:
-    if not best or best.get("value") is None:
+    if not isinstance(best, dict) or not isinstance(best.get("value"), int | float):
         return "-"
-    return f"{best['metric']} {best['value']:.4f} (epoch {best['epoch']})"
+    return _esc(f"{best.get('metric')} {best['value']:.4f} (epoch {best.get('epoch')})")
 
 
 def _fmt_started(iso) -> str:
-    return iso[:19].replace("T", " ") if iso else "-"
+    return _esc(iso[:19].replace("T", " ")) if isinstance(iso, str) and iso else "-"
 
 
 _STATE_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "red"}
@@ -876,7 +884,7 @@ def runs_(
     if not infos:
         con.print(f"no runs in {_clean(folder)}", markup=False, highlight=False)
         return
-    table = Table(title=f"{len(infos)} run{'' if len(infos) == 1 else 's'} in {_clean(folder)}",
+    table = Table(title=f"{len(infos)} run{'' if len(infos) == 1 else 's'} in {_esc(folder)}",
                   title_justify="left")
     for col, justify in (("run", "left"), ("state", "left"), ("epochs", "right"), ("best", "left"),
                          ("parameters", "right"), ("time", "right"), ("started (UTC)", "left"),
@@ -886,17 +894,20 @@ def runs_(
                          no_wrap=col not in ("differs", "run", "best"))
     for i in infos:
         state = i.state + (" (early stop)" if i.stopped_early and i.state == "finished" else "")
-        table.add_row(_clean(i.name), Text(_clean(state), style=_STATE_STYLE.get(i.state, "")),
+        table.add_row(_esc(i.name), Text(_clean(state), style=_STATE_STYLE.get(i.state, "")),
                       f"{i.epochs_done}/{i.epochs_total if i.epochs_total is not None else '?'}",
                       _fmt_best(i.best).replace(" (epoch ", " @").rstrip(")") if i.best else "-",
                       _fmt_int(i.parameters["total"]) if i.parameters else "-",
                       _fmt_seconds(i.wall_seconds), _fmt_started(i.started_at)[:16],
-                      _clean(", ".join(f"{k}={RS.format_value(v)}" for k, v in i.differs.items()) or "-"))
+                      _esc(", ".join(f"{k}={RS.format_value(v)}" for k, v in i.differs.items()) or "-"))
     con.print(table)
     for i in infos:  # why a run stopped, in full, under the table
         if i.state in ("failed", "interrupted") and i.error and i.error.get("message"):
             text = " ".join(str(i.error["message"]).split())
             con.print(Text(_clean(f"{i.name}: {i.state}: {text[:400]}"), style=_STATE_STYLE[i.state]))
+    for i in infos:  # a damaged record: what was left out of it
+        for note in i.notes:
+            con.print(Text(_clean(f"{i.name}: {note}"), style="yellow"))
 
 
 @app.command()
@@ -917,14 +928,14 @@ def compare(
         print(json.dumps(comparison.to_dict(), indent=2, allow_nan=False))
         return
     con = _console()
-    names = [_clean(n) for n in RS._unique_names([r.path for r in comparison.runs])]
+    names = [_esc(n) for n in RS._unique_names([r.path for r in comparison.runs])]
     table = Table(title="config differences" if comparison.differences else "config: no differences",
                   title_justify="left")
     table.add_column("key")
     for n in names:
         table.add_column(n)
     for key, values in comparison.differences.items():
-        table.add_row(_clean(key), *[_clean(RS.format_value(v)) for v in values])
+        table.add_row(_esc(key), *[_esc(RS.format_value(v)) for v in values])
     if comparison.differences:
         con.print(table)
     else:
@@ -941,7 +952,7 @@ def compare(
                       *[f"{f[k]:.4f}" if isinstance(f.get(k), float) else "-" for f in finals])
     metrics = {(r.best or {}).get("metric") for r in comparison.runs if (r.best or {}).get("value") is not None}
     if len(metrics) == 1:  # one monitored metric: named once, in the row's label
-        table.add_row(f"best {metrics.pop().replace('_', ' ')}",
+        table.add_row(f"best {_esc(metrics.pop().replace('_', ' '))}",
                       *[f"{r.best['value']:.4f} (epoch {r.best['epoch']})" if (r.best or {}).get("value") is not None
                         else "-" for r in comparison.runs])
     else:
@@ -952,6 +963,9 @@ def compare(
     table.add_row("time", *[_fmt_seconds(r.wall_seconds) for r in comparison.runs])
     con.print(table)
     con.print(f"curves: {_clean(comparison.plot)}", markup=False, highlight=False)
+    for r in comparison.runs:  # a damaged record: what was left out of it
+        for note in r.notes:
+            con.print(_clean(f"{r.name}: {note}"), markup=False, highlight=False)
 
 
 def _console_err():
@@ -999,17 +1013,17 @@ def _render_predictions(preds, fmt: str) -> str:
         table.add_column("probability", justify="right")
         for r in preds.rows:
             if r.error is not None:
-                table.add_row(_clean(r.input), "-", "-", f"error: {_clean(r.error)}")
+                table.add_row(_esc(r.input), "-", "-", f"error: {_esc(r.error)}")
                 continue
-            table.add_row(_clean(r.input), " ".join(map(str, r.classes)), ", ".join(_clean(n) for n in r.names),
+            table.add_row(_esc(r.input), " ".join(map(str, r.classes)), ", ".join(_esc(n) for n in r.names),
                           " ".join(f"{p:.4f}" for p in r.probabilities))
     else:
         table.add_column("values")
         for r in preds.rows:
-            vals = "error: " + _clean(r.error) if r.error is not None else " ".join(f"{v:.4g}" for v in r.values[:12])
+            vals = "error: " + _esc(r.error) if r.error is not None else " ".join(f"{v:.4g}" for v in r.values[:12])
             if r.values is not None and len(r.values) > 12:
                 vals += f" ... ({len(r.values)} values)"
-            table.add_row(_clean(r.input), vals)
+            table.add_row(_esc(r.input), vals)
     buf = Console(file=io.StringIO(), width=int(os.environ.get("COLUMNS", 160)), force_terminal=False)
     buf.print(table)
     return buf.file.getvalue()
@@ -1055,13 +1069,13 @@ def cache_info(
         return
     from rich.table import Table
 
-    table = Table(title=f"decoded-image cache {directory}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, "
+    table = Table(title=f"decoded-image cache {_esc(directory)}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, "
                         f"{_fmt_bytes(total)}")
     for col in ("key", "image folder", "images", "shape", "size", "last used", "status"):
         table.add_column(col, justify="right" if col in ("images", "size") else "left")
     for e in found:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else ""
-        table.add_row(e.key[:12], _clean(e.root or ""), _fmt_int(e.images) if e.images is not None else "",
+        table.add_row(e.key[:12], _esc(e.root or ""), _fmt_int(e.images) if e.images is not None else "",
                       "x".join(map(str, e.shape[1:])) if e.shape else "", _fmt_bytes(e.bytes), used, _clean(e.status))
     _console().print(table)
 

@@ -303,9 +303,44 @@ def _claim_one(p: Path, explicit: bool) -> Claim:
 
 
 def claim_existing(folder: str | os.PathLike) -> Claim:
-    """Lock a run folder to continue its run (before its checkpoint is read)."""
+    """Lock a run folder to continue its run (before its checkpoint is read); its run files checked at once."""
     p = Path(folder)
-    return Claim(p, _lock(p), False)
+    claim = Claim(p, _lock(p), False)
+    try:
+        _check_run_files(p)
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+def _check_run_files(folder: Path) -> None:
+    """A continued run writes status.json, metrics.csv, config.yaml and tensorboard/ in place: each must be
+    a regular file (a folder), never a FIFO, a folder or a symbolic link. UsageError up front, before
+    anything is trained or written."""
+    for name, want_dir in (("status.json", False), ("metrics.csv", False), ("config.yaml", False),
+                           ("tensorboard", True)):
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"--resume {folder}: {path} cannot be read ({exc.strerror or exc})") from None
+        if stat.S_ISLNK(st.st_mode):
+            what = "a symbolic link"
+        elif want_dir:
+            what = None if stat.S_ISDIR(st.st_mode) else ("a regular file" if stat.S_ISREG(st.st_mode)
+                                                         else "not a folder")
+        elif stat.S_ISREG(st.st_mode):
+            what = None
+        else:
+            what = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                    else "not a regular file")
+        if what:
+            need = "a folder" if want_dir else "a regular file"
+            raise UsageError(f"--resume {folder}: {path} is {what}, not {need}; nnctl never makes it so: "
+                             "refused before anything is trained or written (remove or replace it)")
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -534,7 +569,8 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezin
 
     data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size)
     outputs = plan.output_shape[-1] if plan.output_shape else None
-    problems = D.check_targets(cfg, doc, plan, data) + T.check_loss(cfg, doc, outputs)
+    problems = D.check_targets(cfg, doc, plan, data) + T.check_loss(cfg, doc, outputs) + \
+        T.check_loss_targets(cfg, doc, data)
     if problems:
         raise ConfigError(problems)
     if dist.main:
@@ -587,9 +623,10 @@ def _fit_recorded(cfg, doc, model, plan, state, run_dir: Path, claim, continuing
     from . import tensorboard as TB
     from .runs import StatusRecorder, state_of_exception
 
-    if not continuing:  # before the data is loaded: a run failing there still leaves its record
-        text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
-        K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
+    # before the data is loaded: a run failing there still leaves its record; a continued run's config.yaml
+    # is rewritten too, so that it shows what the run now trains with (--epochs N, --set ...)
+    text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
+    K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
     resume_epoch = int(state.get("epoch", 0)) if state is not None else 0
     params = list(model.parameters())
     record = StatusRecorder(run_dir, config_name=cfg.name, epochs_total=cfg.train.epochs,

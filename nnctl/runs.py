@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from .errors import UsageError
 
@@ -80,17 +80,103 @@ def _plain(value: Any) -> Any:
 # --- writing status.json (the run process) ---------------------------------------------------
 
 def read_status(folder: str | os.PathLike) -> dict | None:
-    """The run's status.json, or None (absent, unreadable or not a JSON object)."""
+    """The run's status.json, or None (absent, unreadable or not a JSON object); invalid fields dropped."""
+    return read_status_checked(folder)[0]
+
+
+_BIG = 10**9  # epochs, pids, seconds: anything at or above this is not a real run's value
+_HUGE = 1e15  # metric values and parameter counts
+
+
+def _is_int(v: Any, top: int = _BIG) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < top
+
+
+def _is_num(v: Any, low: float = -_HUGE, top: float = _HUGE) -> bool:
+    return (isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and low <= v < top)
+
+
+def _is_str(v: Any, limit: int = 10_000) -> bool:
+    return isinstance(v, str) and len(v) <= limit
+
+
+def _opt(check):
+    return lambda v: v is None or check(v)
+
+
+def _valid_best(v: Any) -> bool:
+    return (isinstance(v, dict) and _is_str(v.get("metric"), 200) and bool(v.get("metric"))
+            and _opt(_is_num)(v.get("value")) and _opt(_is_int)(v.get("epoch"))
+            and _opt(lambda m: m in ("min", "max"))(v.get("mode"))
+            and (v.get("value") is None) == (v.get("epoch") is None))
+
+
+def _valid_row(v: Any) -> bool:
+    return (isinstance(v, dict) and all(isinstance(k, str) and (_is_num(x) or _is_str(x, 1000) or x is None)
+                                        for k, x in v.items())
+            and _opt(lambda e: _is_int(e) and e > 0)(v.get("epoch")))
+
+
+# each field of status.json nnctl reads -> whether a value is valid (None: the field is absent)
+_STATUS_FIELDS: dict[str, Callable[[Any], bool]] = {}
+
+
+def _status_fields() -> dict:
+    if not _STATUS_FIELDS:
+        str_ = _opt(_is_str)
+        _STATUS_FIELDS.update({
+            "format": _opt(_is_int),
+            "state": _opt(lambda v: v in STATES),
+            "name": str_, "config_name": str_, "started_at": str_, "ended_at": str_, "updated_at": str_,
+            "nnctl_version": str_, "source": str_, "stop_reason": str_,
+            "epochs_done": _opt(_is_int), "epochs_total": _opt(_is_int), "pid": _opt(_is_int),
+            "wall_seconds": _opt(lambda v: _is_num(v, 0, _BIG)),
+            "best": _opt(_valid_best),
+            "last": _opt(_valid_row),
+            "parameters": _opt(lambda v: isinstance(v, dict) and _is_int(v.get("total"), int(_HUGE))
+                               and _is_int(v.get("trainable"), int(_HUGE))),
+            "error": _opt(lambda v: isinstance(v, dict) and _opt(_is_str)(v.get("type"))
+                          and _opt(_is_str)(v.get("message"))),
+            "stopped_early": _opt(lambda v: isinstance(v, bool)),
+            "overrides": _opt(lambda v: isinstance(v, list) and all(_is_str(x) for x in v)),
+            "resume_overrides": _opt(lambda v: isinstance(v, list) and all(_is_str(x) for x in v)),
+            "resumes": _opt(lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v)),
+        })
+    return _STATUS_FIELDS
+
+
+def check_status(data: dict) -> tuple[dict, list[str]]:
+    """status.json's fields of the wrong type or out of range dropped (as if absent): (the rest, their names)."""
+    clean: dict = {}
+    bad: list[str] = []
+    checks = _status_fields()
+    for key, value in data.items():
+        check = checks.get(key)
+        try:
+            ok = check is None or bool(check(value))
+        except Exception:  # noqa: BLE001 - a field nnctl cannot judge is one it cannot use
+            ok = False
+        if ok:
+            clean[key] = value
+        else:
+            bad.append(str(key))
+    return clean, bad
+
+
+def read_status_checked(folder: str | os.PathLike) -> tuple[dict | None, list[str]]:
+    """read_status, plus the names of the fields it dropped as invalid (never raises)."""
     from .files import read_input
 
     path = Path(folder) / STATUS
     if not path.exists():
-        return None
+        return None, []
     try:
         data = json.loads(read_input(path, "status file", limit=1 << 20).decode())
-    except (UsageError, OSError, ValueError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    except (UsageError, OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None, []
+    if not isinstance(data, dict):
+        return None, []
+    return check_status(data)
 
 
 def write_status(folder: str | os.PathLike, status: dict) -> bool:
@@ -280,6 +366,9 @@ def read_metrics(folder: str | os.PathLike) -> list[dict]:
                         row[k] = int(v) if k in ("epoch", "step") else float(v)
                     except ValueError:
                         row[k] = v
+                epoch = row.get("epoch")
+                if not (_is_int(epoch) and epoch > 0):
+                    continue  # a damaged row (epoch 1e300, "x", missing): never a point to plot
                 rows.append(row)
     except (OSError, NnctlError, csv.Error, UnicodeDecodeError):
         return []
@@ -292,9 +381,11 @@ def _legacy_monitor(config: dict | None, columns: Iterable[str]) -> tuple[str, s
     from .config import mode_of
 
     cols = set(columns)
-    chk = ((config or {}).get("train") or {}).get("checkpoint") or {}
-    if isinstance(chk, dict) and chk.get("monitor") in cols:
-        return chk["monitor"], chk.get("mode") or mode_of(chk["monitor"])
+    train = (config or {}).get("train")
+    chk = train.get("checkpoint") if isinstance(train, dict) else None
+    if isinstance(chk, dict) and isinstance(chk.get("monitor"), str) and chk["monitor"] in cols:
+        mode = chk.get("mode")
+        return chk["monitor"], mode if mode in ("min", "max") else mode_of(chk["monitor"])
     for metric in ("val_accuracy", "val_loss", "train_loss"):
         if metric in cols:
             return metric, mode_of(metric)
@@ -310,6 +401,11 @@ def _best_of(rows: list[dict], metric: str, mode: str) -> dict:
         if best["value"] is None or (v > best["value"] if mode == "max" else v < best["value"]):
             best.update(value=v, epoch=r.get("epoch"))
     return best
+
+
+def _seconds_of(rows: list[dict]) -> float | None:
+    total = sum(r["seconds"] for r in rows if _is_num(r.get("seconds"), 0, _BIG))
+    return round(total, 3) if total < _BIG else None
 
 
 def is_run(folder: str | os.PathLike) -> bool:
@@ -341,6 +437,7 @@ class RunInfo:
     checkpoints: list = field(default_factory=list)
     differs: dict = field(default_factory=dict)
     recorded: bool = True  # False: an older nnctl's folder, described from its files
+    notes: list = field(default_factory=list)  # what could not be read, e.g. "status.json unreadable field best"
     config: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -354,13 +451,17 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     from .run import CHECKPOINTS, is_locked
 
     p = Path(folder)
-    status = read_status(p)
+    status, bad = read_status_checked(p)
     config = _read_yaml(p / "config.yaml")
     checkpoints = [c for c in CHECKPOINTS if (p / c).exists()]
     locked = is_locked(p)
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else {}
+    name = (config or {}).get("name")
+    epochs = train.get("epochs")
     info = RunInfo(name=p.name, path=str(p), state="failed", config=config, checkpoints=checkpoints,
-                   config_name=(config or {}).get("name"), epochs_total=train.get("epochs"))
+                   config_name=name if _is_str(name, 1000) else None,
+                   epochs_total=epochs if _is_int(epochs) else None)
+    info.notes = [f"status.json unreadable field {b}" for b in bad]
     rows: list[dict] | None = None
     if status is not None:
         info.state = status.get("state") if status.get("state") in STATES else "failed"
@@ -380,6 +481,23 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
         info.error = status.get("error") or info.error
         info.stopped_early = bool(status.get("stopped_early"))
         info.overrides = list(status.get("overrides") or [])
+        if {"epochs_done", "best", "wall_seconds", "last"} & set(bad):  # fall back on metrics.csv
+            rows = read_metrics(p)
+            if rows:
+                if "epochs_done" in bad:
+                    info.epochs_done = rows[-1]["epoch"]
+                if "last" in bad:
+                    info.last = rows[-1]
+                if "wall_seconds" in bad:
+                    info.wall_seconds = _seconds_of(rows)
+                if "best" in bad:
+                    monitor = _legacy_monitor(config, rows[-1].keys())
+                    if monitor:
+                        info.best = _best_of(rows, *monitor)
+        if "state" in bad:  # what the folder's files say
+            total = info.epochs_total
+            info.state = ("running" if locked else "failed" if not checkpoints else
+                          "finished" if isinstance(total, int) and info.epochs_done >= total else "interrupted")
     else:
         info.recorded = False
         rows = read_metrics(p)
@@ -388,7 +506,7 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
         if rows:
             info.last = rows[-1]
             info.ended_at = _iso_of_mtime(p / "metrics.csv")
-            info.wall_seconds = round(sum(r.get("seconds", 0.0) for r in rows if isinstance(r.get("seconds"), float)), 3)
+            info.wall_seconds = _seconds_of(rows)
             monitor = _legacy_monitor(config, rows[-1].keys())
             if monitor:
                 info.best = _best_of(rows, *monitor)

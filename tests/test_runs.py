@@ -327,3 +327,119 @@ def test_interrupt_then_resume_appends_to_the_record_and_the_events(variants, tm
     for key in ("train_loss", "val_accuracy"):
         assert [e.step for e in ea.Scalars(key)] == epochs, key
     assert ea.Scalars("train_loss")[-1].value == pytest.approx(result.history[-1]["train_loss"], rel=1e-6)
+
+
+# --- regressions: a damaged status.json / metrics.csv, markup in names, --resume onto odd run files ---
+
+BAD_STATUS = [
+    {"epochs_done": "three"},
+    {"best": "val"},
+    {"best": {"metric": {"a": 1}, "value": "x"}},
+    {"wall_seconds": float("inf")},
+    {"epochs_done": 10**400, "epochs_total": 10**400},
+    {"wall_seconds": 1e308, "parameters": {"total": 1e308, "trainable": 1}},
+    {"best": {"metric": "val_accuracy", "mode": "max", "value": 1e308, "epoch": 1}},
+    {"state": ["x"], "started_at": 5, "last": {"epoch": 1e300}, "overrides": 7, "error": "boom"},
+]
+
+
+@pytest.mark.parametrize("bad", BAD_STATUS, ids=range(len(BAD_STATUS)))
+def test_a_malformed_status_field_is_dropped_and_noted_never_fatal(variants, tmp_path, cli, bad):
+    run = shutil.copytree(variants[2][0].run_dir, tmp_path / "runs" / "bad")
+    shutil.copytree(variants[2][1].run_dir, tmp_path / "runs" / "good")
+    status = json.loads((run / "status.json").read_text())
+    status.update(bad)
+    (run / "status.json").write_text(json.dumps(status))  # Infinity, 10**400: as json.dumps writes them
+    info = RS.read_run(run)
+    assert sorted(n.split()[-1] for n in info.notes) == sorted(bad)
+    assert all(n.startswith("status.json unreadable field ") for n in info.notes)
+    assert info.epochs_done == 2 and info.state == "finished"  # from the rest of the record, or the files
+    assert info.best is None or isinstance(info.best["value"], float) and abs(info.best["value"]) <= 1
+    code, out, err = cli("runs", str(tmp_path / "runs"))
+    assert code == 0, err
+    assert f"bad: status.json unreadable field {sorted(bad)[0]}" in out
+    code, out, err = cli("runs", str(tmp_path / "runs"), "--json")
+    assert code == 0, err
+    code, out, err = cli("compare", str(run), str(tmp_path / "runs" / "good"), "-o", str(tmp_path / "c.png"))
+    assert code == 0, err
+    assert max(len(line) for line in out.splitlines()) < 200
+
+
+def test_metrics_rows_with_absurd_epochs_are_skipped(variants, tmp_path, cli):
+    run = shutil.copytree(variants[2][0].run_dir, tmp_path / "a")
+    lines = (run / "metrics.csv").read_text().splitlines()
+    cols = lines[0].split(",")
+    bad = [",".join("1e300" if c == "epoch" else v for c, v in zip(cols, lines[1].split(","))),
+           ",".join("x" if c == "epoch" else v for c, v in zip(cols, lines[1].split(",")))]
+    (run / "metrics.csv").write_text("\n".join(lines + bad) + "\n")
+    assert [r["epoch"] for r in RS.read_metrics(run)] == [1, 2]
+    code, _, err = cli("compare", str(run), str(variants[2][1].run_dir), "-o", str(tmp_path / "c.png"))
+    assert code == 0, err
+
+
+def test_markup_in_run_folder_names_is_shown_as_named(variants, tmp_path, cli):
+    shutil.copytree(variants[2][0].run_dir, tmp_path / "runs" / "lr[bold]0.1")
+    b = shutil.copytree(variants[2][1].run_dir, tmp_path / "runs" / "x[red]y")
+    code, out, err = cli("runs", str(tmp_path / "runs"))
+    assert code == 0, err
+    assert "lr[bold]0.1" in out and "x[red]y" in out
+    code, out, err = cli("compare", str(tmp_path / "runs" / "lr[bold]0.1"), str(b), "-o", str(tmp_path / "c.png"))
+    assert code == 0, err
+    assert "lr[bold]0.1" in out and "x[red]y" in out
+
+
+def test_train_out_with_markup_in_its_name_finishes_cleanly(tmp_path):
+    cfg = write(tmp_path, make(train={"epochs": 1}))
+    proc = subprocess.run([sys.executable, "-m", "nnctl", "train", str(cfg), "--epochs", "1", "--out", "X/new[/]"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, COLUMNS="200"))
+    assert proc.returncode == 0, proc.stderr
+    assert "X/new[/]" in proc.stdout and (tmp_path / "X" / "new[/]" / "last.pt").exists()
+
+
+def _odd(path: Path, kind: str, target: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "symlink":
+        path.symlink_to(target)
+    else:
+        path.write_text("x")
+
+
+@pytest.mark.parametrize("name,kind", [("status.json", "fifo"), ("metrics.csv", "folder"),
+                                       ("config.yaml", "symlink"), ("tensorboard", "symlink"),
+                                       ("tensorboard", "file")])
+def test_resume_onto_run_files_that_are_not_regular_is_refused_up_front(variants, tmp_path, name, kind):
+    from nnctl.errors import UsageError
+
+    run = shutil.copytree(variants[2][0].run_dir, tmp_path / "run")
+    target = tmp_path / "elsewhere"
+    if name == "tensorboard":
+        target.mkdir()
+    else:
+        target.write_text("keep")
+    _odd(run / name, kind, target)
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and not p.is_symlink()}
+    with pytest.raises(UsageError, match=name.replace(".", r"\.")):
+        R.train(resume=str(run), epochs=3)
+    after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and not p.is_symlink()}
+    assert after == before
+    assert not R.is_locked(run)
+    if name != "tensorboard":
+        assert target.read_text() == "keep"
+
+
+def test_resume_with_more_epochs_rewrites_config_yaml(variants, tmp_path):
+    import yaml
+
+    run = shutil.copytree(variants[2][0].run_dir, tmp_path / "run")
+    R.train(resume=str(run), epochs=3)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
+    info = RS.read_run(run)
+    assert info.epochs_done == 3 and info.epochs_total == 3 and info.notes == []
