@@ -304,7 +304,8 @@ def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Se
     from . import summary as S
 
     src = open_source(source, overrides, which)
-    return S.summarize(src.model, src.plan, src.cfg.model.input_shape, depth=depth)
+    augment = src.cfg.data.augment if src.cfg.data is not None else None
+    return S.summarize(src.model, src.plan, src.cfg.model.input_shape, depth=depth, augment=augment)
 
 
 def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, which: str = "best",

@@ -153,10 +153,35 @@ def _own_checks(name: str, kwargs: dict) -> list[tuple[tuple, str]]:
         v = kwargs[key]
         flat = v if isinstance(v, tuple) else (v,)
         least = 1 if key == "size" else 0
-        if not all(isinstance(x, int) and not isinstance(x, bool) and least <= x <= (1 << 16) for x in flat):
+        if not all(isinstance(x, int) and not isinstance(x, bool) and least <= x for x in flat):
             out.append(((key,), f"{name}.{key} must be {'a positive' if key == 'size' else 'a non-negative'} "
                                 f"integer or a list of them, got {_fmt(v)}"))
+        elif max(flat, default=0) > _MAX_PIXELS:  # the sample's own bound is checked with its shape
+            out.append(((key,), f"{name}.{key} {max(flat)} is out of range: at most {_MAX_PIXELS}"))
+    for key in ("scale", "ratio"):
+        if key not in kwargs or kwargs[key] is None or (name, key) not in _RANGES:
+            continue
+        v = kwargs[key]
+        least, what = _RANGES[name, key]
+        if not (isinstance(v, tuple) and len(v) == 2):
+            out.append(((key,), f"{name}.{key} must be [min, max] ({what}), got {_fmt(v)}"))
+        elif not all(math.isfinite(x) and (x > 0 if least == ">0" else x >= 0) for x in v):
+            out.append(((key,), f"{name}.{key} values must be {'positive' if least == '>0' else 'non-negative'} "
+                                f"and finite ({what}), got {_fmt(v)}"))
+        elif v[0] > v[1]:
+            out.append(((key,), f"{name}.{key} must be [min, max] with min <= max, got {_fmt(v)}"))
     return out
+
+
+_MAX_PIXELS = 1 << 16  # a sanity bound on size and padding where the sample's shape is not known
+# (transform, argument) -> (lower bound, what the range means) for the [min, max] ranges checked here
+_RANGES = {
+    ("RandomResizedCrop", "scale"): (">=0", "the crop's share of the image area"),
+    ("RandomResizedCrop", "ratio"): (">0", "the crop's width / height"),
+    ("RandomErasing", "scale"): (">=0", "the box's share of the image area"),
+    ("RandomErasing", "ratio"): (">0", "the box's width / height"),
+    ("RandomAffine", "scale"): (">0", "the scaling factor"),
+}
 
 
 def _parse_one(name: str, args: dict, shape: tuple[int, ...] | None) -> tuple[Any, list[tuple[tuple, str]]]:
@@ -244,7 +269,10 @@ def _shape_problems(name: str, tv: Any, kwargs: dict, shape: tuple[int, ...] | N
                                f"(model.input_shape {list(shape)}): augmentation must keep the sample shape, since "
                                f"validation is not augmented; set size: {h if h == w else [h, w]}"
                                + (" and padding to crop at shifted positions" if name == "RandomCrop" else "")))
-    if name == "RandomCrop" and tv.padding_mode == "reflect" and tv.padding is not None:
+    if name == "RandomCrop" and tv.padding is not None and max(tv.padding) > max(h, w):
+        out.append((("padding",), f"RandomCrop.padding {max(tv.padding)} is larger than the image ({h}x{w}); "
+                                  f"at most {max(h, w)} (each padding value at most the sample's larger side)"))
+    elif name == "RandomCrop" and tv.padding_mode == "reflect" and tv.padding is not None:
         left, right, top, bottom = tv.padding
         if max(left, right) >= w or max(top, bottom) >= h:
             out.append((("padding",), f"reflect padding must be smaller than the image ({h}x{w})"))

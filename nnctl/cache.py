@@ -131,6 +131,27 @@ class _Invalid(Exception):
     """Why an entry cannot be used (said in the note)."""
 
 
+class _Unusable(Exception):
+    """A path of the entry cannot be opened, locked or replaced (a folder, a socket, no permission)."""
+
+
+def _why(path: Path, exc: OSError | None = None) -> str:
+    """``<name> is a folder`` / ``<name>: <strerror>``: what is wrong with one of an entry's paths."""
+    import stat as st_
+
+    from .files import _kind
+
+    for look in (os.stat, os.lstat):  # what a link points to; else the (dangling) link itself
+        try:
+            mode = look(path).st_mode
+        except OSError:
+            continue
+        if not st_.S_ISREG(mode):
+            return f"{path.name} is {_kind(mode)}, not a regular file"
+        break
+    return f"{path.name}: {(exc.strerror or exc) if exc is not None else 'unusable'}"
+
+
 def _read_header(path: Path) -> dict:
     from .files import read_input
 
@@ -251,15 +272,24 @@ def _locked(path: Path) -> Iterator[None]:
     removed it meanwhile); otherwise the lock is taken again on the new file.
     """
     import fcntl
+    import stat
 
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise _Unusable(_why(path, exc)) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise _Unusable(_why(path))
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 same = os.stat(path).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
+        except OSError as exc:
+            os.close(fd)
+            raise _Unusable(_why(path, exc)) from None
         except BaseException:
             os.close(fd)
             raise
@@ -273,18 +303,32 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _try_lock(path: Path) -> int | None:
-    """The fd of a held lock on path, or None when another process holds it."""
+    """The fd of a held lock on path, None when another process holds it, -1 when there is no lock file.
+
+    Raises _Unusable when path is not a lockable regular file (a folder, a socket, no permission).
+    """
     import fcntl
+    import stat
 
     try:
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return -1  # nobody can hold a lock file that does not exist
+    except OSError as exc:
+        raise _Unusable(_why(path, exc)) from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Unusable(_why(path))
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as exc:
+        os.close(fd)
+        raise _Unusable(_why(path, exc)) from None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 
@@ -485,14 +529,19 @@ def attach(store, root: str | os.PathLike, measure_size: Callable[[], tuple[int,
     except _NoRoom as exc:
         store.notes.append(f"not enough room for the decoded cache ({exc}): decoding without the cache")
         return False
+    except _Unusable as exc:
+        store.notes.append(f"cannot use {what} ({exc}): decoding without the cache")
+        return False
     except _Invalid as exc:  # just written and already unreadable: a failing disk
         raise NnctlError(f"{what}: unreadable right after it was written ({exc})") from None
     except OSError as exc:
-        if isinstance(exc, NnctlError) or exc.errno not in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                                                            errno.EPERM):
-            raise
-        store.notes.append(f"cannot write the decoded cache in {_short(directory)} ({exc.strerror or exc}): "
-                           "decoding without the cache")
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EPERM):
+            store.notes.append(f"cannot write the decoded cache in {_short(directory)} ({exc.strerror or exc}): "
+                               "decoding without the cache")
+        else:  # a folder or other odd file where an entry's file belongs, ...
+            culprit = exc.filename2 or exc.filename
+            store.notes.append(f"cannot use {what} ({_why(Path(culprit), exc) if culprit else exc}): "
+                               "decoding without the cache")
         return False
     if problem is not None:
         store.notes.append(f"{what} was corrupt ({problem}): rebuilt")
@@ -525,11 +574,18 @@ class Entry:
                 "created_at": self.created_at}
 
 
-def _size(p: Path) -> int:
+def _regular(p: Path) -> bool:
+    import stat
+
     try:
-        return os.stat(p).st_size
+        return stat.S_ISREG(os.stat(p).st_mode)  # a link to a regular file is one
     except OSError:
-        return 0
+        return False
+
+
+def _size(p: Path) -> int:
+    """Bytes of a regular file; 0 for anything else or nothing."""
+    return os.stat(p).st_size if _regular(p) else 0
 
 
 def entries(directory: str | os.PathLike | None = None, verify: bool = False) -> list[Entry]:
@@ -548,7 +604,10 @@ def entries(directory: str | os.PathLike | None = None, verify: bool = False) ->
         temps = _temporaries(d, key)
         size = _size(data) + _size(header) + sum(_size(t) for t in temps)
         e = Entry(key=key, path=data, status="valid", bytes=size)
-        if header.exists():
+        odd = [_why(p) for p in (data, header, lock) if os.path.lexists(p) and not _regular(p)]
+        if odd:
+            e.status = f"unusable: {'; '.join(odd)}"
+        elif header.exists():
             try:
                 head = _read_header(header)
                 e.root, e.images, e.shape = head.get("root"), head.get("images"), head["shape"]
@@ -566,7 +625,12 @@ def entries(directory: str | os.PathLike | None = None, verify: bool = False) ->
             except (_Invalid, OSError) as exc:
                 e.status = f"corrupt: {' '.join(str(exc).split())}"
         else:
-            fd = _try_lock(lock) if lock.exists() else -1
+            try:
+                fd = _try_lock(lock) if lock.exists() else -1
+            except _Unusable as exc:
+                e.status = f"unusable: {exc}"
+                out.append(e)
+                continue
             if fd is None:
                 e.status = "building"
             else:
@@ -583,6 +647,7 @@ class Cleared:
     removed: int = 0
     freed: int = 0
     busy: list[str] = field(default_factory=list)  # entries being built by a live process: left alone
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (key, why): paths that could not be removed
     directory: Path | None = None
 
 
@@ -598,18 +663,45 @@ def clear(root: str | os.PathLike | None = None, all: bool = False,
         if want is not None and e.root != want:
             continue
         data, header, lock = _paths(d, e.key)
-        fd = _try_lock(lock)
+        odd_lock = False
+        try:
+            fd = _try_lock(lock)
+        except _Unusable:  # a folder (or such) where the lock belongs: no process can lock it, so none is building
+            fd, odd_lock = -1, True
         if fd is None:
             result.busy.append(e.key)
             continue
+        left = []
         try:
             temps = _temporaries(d, e.key)
-            _remove(header, data, *temps)
-            if fd >= 0:
-                _remove(lock)  # we hold it; a waiter re-checks the path after locking (see _locked)
+            left = [w for w in (_discard(p) for p in (header, data, *temps)) if w]
+            if fd >= 0 or odd_lock:  # we hold it; a waiter re-checks the path after locking (see _locked)
+                left += [w for w in [_discard(lock)] if w]
         finally:
             if fd >= 0:
                 os.close(fd)
-        result.removed += 1
-        result.freed += e.bytes
+        if left:
+            result.skipped.append((e.key, "; ".join(left)))
+        else:
+            result.removed += 1
+        result.freed += max(0, e.bytes - sum(_size(p) for p in (header, data)))
     return result
+
+
+def _discard(path: Path) -> str | None:
+    """Remove one of an entry's paths (an empty folder too); None when done, else why it is still there."""
+    try:
+        os.unlink(path)
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a folder: Linux says EISDIR, POSIX allows EPERM
+        if not (os.path.isdir(path) and not os.path.islink(path)):
+            return _why(path, exc)
+    try:
+        os.rmdir(path)
+        return None
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{path.name} is a folder that cannot be removed ({exc.strerror or exc})"

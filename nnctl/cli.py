@@ -1094,6 +1094,8 @@ def cache_clear(
           f"from {done.directory}")
     for key in done.busy:
         _err(f"note: {key[:12]} is being built by a running process: left alone")
+    for key, why in getattr(done, "skipped", ()):
+        _err(f"note: {key[:12]}: {why}: left alone")
 
 
 def main() -> None:

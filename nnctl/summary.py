@@ -87,6 +87,7 @@ class Summary:
     total_macs: int
     depth: int = 1  # the depth the rows were collected with (0 = all levels)
     warnings: list[str] = field(default_factory=list)
+    augment: str | None = None  # the training batches' augmentation in one line (augment.describe), None: none
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``json.dumps`` works): the same content as the table."""
@@ -103,6 +104,7 @@ class Summary:
             "activation_bytes": self.activation_bytes,
             "total_macs": self.total_macs,
             "warnings": list(self.warnings),
+            "augment": self.augment,
         }
 
 
@@ -205,7 +207,7 @@ def _plan_info(plan: Any, name: str, module: nn.Module) -> tuple[str | None, int
 # --- the summary --------------------------------------------------------------------
 
 def summarize(model: nn.Module, plan: "Plan | None", input_shape: Any = None, depth: int = 1,
-              device: str | torch.device | None = None) -> Summary:
+              device: str | torch.device | None = None, augment: list | None = None) -> Summary:
     """Collect the summary of ``model`` for one sample of ``input_shape`` (no batch dim).
 
     ``depth=1`` lists the top-level children, ``depth=2`` also their children,
@@ -306,7 +308,17 @@ def summarize(model: nn.Module, plan: "Plan | None", input_shape: Any = None, de
         total_macs=total_flops // 2,
         depth=depth,
         warnings=warnings,
+        augment=_describe_augment(augment),
     )
+
+
+def _describe_augment(spec: list | None) -> str | None:
+    """``data.augment`` in one line, as the text summary prints it; None without augmentation."""
+    if not spec:
+        return None
+    from .augment import describe
+
+    return describe(spec)
 
 
 # --- the graph picture (nnctl summary --graph OUT.png / .svg) ------------------------

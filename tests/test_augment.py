@@ -8,8 +8,10 @@ to torchvision's functional ops where the parameters are fixed; and checked by n
 
 from __future__ import annotations
 
+import json
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -336,3 +338,28 @@ def test_summary_names_the_pipeline(tmp_path, cli):
     code, out, _ = cli("summary", str(write(tmp_path, _digits(augment=DIGITS_AUG))))
     assert code == 0
     assert "augment (training batches): RandomCrop(size=8, padding=1), RandomHorizontalFlip()" in out
+    code, out, _ = cli("summary", str(write(tmp_path, _digits(augment=DIGITS_AUG))), "--json")
+    assert code == 0 and json.loads(out)["augment"] == "RandomCrop(size=8, padding=1), RandomHorizontalFlip()"
+    code, out, _ = cli("summary", str(write(tmp_path, _digits())), "--json")
+    assert code == 0 and json.loads(out)["augment"] is None
+
+
+@pytest.mark.parametrize("entry,message", [
+    ("RandomResizedCrop: {size: 8, ratio: [0, 0]}", "RandomResizedCrop.ratio values must be positive"),
+    ("RandomErasing: {p: 1, ratio: [0, 0]}", "RandomErasing.ratio values must be positive"),
+    ("RandomErasing: {scale: [0.5, 0.1]}", "RandomErasing.scale must be [min, max] with min <= max"),
+    ("RandomResizedCrop: {size: 8, ratio: [2, 1]}", "RandomResizedCrop.ratio must be [min, max] with min <= max"),
+    ("RandomCrop: {size: 8, padding: 65536}", "RandomCrop.padding 65536 is larger than the image (8x8); at most 8"),
+    ("RandomCrop: {size: 8, padding: [1, 9]}", "RandomCrop.padding 9 is larger than the image (8x8); at most 8"),
+    ("RandomCrop: {size: 8, padding: 70000}", "RandomCrop.padding 70000 is out of range: at most 65536"),
+])
+def test_check_refuses_ranges_that_would_crash_or_explode_training(tmp_path, cli, entry, message):
+    """Ranges that passed check and then failed in training (math domain error, terabytes of padding)."""
+    p = tmp_path / "c.yaml"
+    p.write_text("model:\n  input_shape: [1, 8, 8]\n  layers: [Flatten, {Linear: {out_features: 10}}]\n"
+                 f"data:\n  source: digits\n  augment:\n    - RandomHorizontalFlip\n    - {entry}\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no raw torchvision warning on the way
+        code, out, err = cli("check", str(p))
+    assert code == 2 and f"{p}:8:" in err and message in err and "Traceback" not in err, (out, err)
+    assert A.problems([{"RandomCrop": {"size": 8, "padding": 8}}], (1, 8, 8)) == []  # the limit itself is fine

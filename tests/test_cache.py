@@ -317,3 +317,33 @@ def test_a_fill_reports_its_progress(folder):
         seen.clear()
         D.load_data(_cfg(folder, True), CPU)
     assert seen == []
+
+
+# --- 7: a folder (or other odd file) where an entry's file belongs ---------------------------------------
+
+@pytest.mark.parametrize("suffix", [".lock", ".json", ".u8"])
+def test_a_folder_named_like_an_entry_file_never_breaks_training_or_the_cache_commands(folder, tmp_path, suffix):
+    """Training notes it and decodes without the cache; info says unusable; clear removes what it can."""
+    fresh = _batches(D.load_data(_cfg(folder, False), CPU))
+    D.load_data(_cfg(folder, True), CPU)
+    (entry,) = K.entries()
+    K.clear(all=True)
+    odd = tmp_path / "cache" / f"{entry.key}{suffix}"
+    odd.mkdir()
+    (odd / "keep").write_text("x")  # not empty: clear cannot remove it
+    bundle = D.load_data(_cfg(folder, True), CPU)
+    note = [n for n in bundle.notes if "decoding without the cache" in n]
+    assert len(note) == 1 and f"{odd.name} is a folder" in note[0], bundle.notes
+    _assert_same(fresh, _batches(bundle))
+    (e,) = K.entries()
+    assert e.status.startswith("unusable:") and "is a folder" in e.status
+    done = K.clear(all=True)
+    assert done.removed == 0 and [k for k, _ in done.skipped] == [entry.key] and odd.is_dir()
+    env = {"NNCTL_CACHE_DIR": str(tmp_path / "cache")}
+    r = run_cli("cache", "info", env=env)
+    assert r.returncode == 0 and "unusable" in r.stdout, r.stderr
+    r = run_cli("cache", "clear", "--all", env=env)
+    assert r.returncode == 0, r.stderr
+    (odd / "keep").unlink()  # an empty folder is removed
+    done = K.clear(all=True)
+    assert done.removed == 1 and not done.skipped and os.listdir(tmp_path / "cache") == []
