@@ -446,14 +446,20 @@ def _resized_crop(x: Tensor, top: Tensor, left: Tensor, hs: Tensor, ws: Tensor, 
         wy1 * (wx0 * cols(bottom_rows, c0) + wx1 * cols(bottom_rows, c1))
 
 
-def _random_resized_crop(tv, x: Tensor, g: torch.Generator) -> Tensor:
-    n, _, height, width = x.shape
-    area = height * width
+def _box_candidates(tv, g: torch.Generator, n: int, area: int) -> tuple[Tensor, Tensor]:
+    """torchvision's 10 candidate boxes a sample, as RandomResizedCrop and RandomErasing draw them: an
+    area from ``scale`` and a log-uniform aspect from ``ratio``. Returns (sqrt(area x aspect),
+    sqrt(area / aspect)), rounded; each caller names them (width, height) or (height, width) as its
+    torchvision class does."""
     log_ratio = (math.log(tv.ratio[0]), math.log(tv.ratio[1]))
     target = area * _uniform(g, (n, 10), tv.scale[0], tv.scale[1])
     aspect = torch.exp(_uniform(g, (n, 10), log_ratio[0], log_ratio[1]))
-    ws = torch.sqrt(target * aspect).round().long()
-    hs = torch.sqrt(target / aspect).round().long()
+    return torch.sqrt(target * aspect).round().long(), torch.sqrt(target / aspect).round().long()
+
+
+def _random_resized_crop(tv, x: Tensor, g: torch.Generator) -> Tensor:
+    n, _, height, width = x.shape
+    ws, hs = _box_candidates(tv, g, n, height * width)
     ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
     k, found = _first(ok)
     h = hs.gather(1, k.view(-1, 1)).squeeze(1)
@@ -610,12 +616,7 @@ def _random_erasing(tv, x: Tensor, g: torch.Generator) -> Tensor:
     if tv.value is not None and len(tv.value) not in (1, c):
         raise ValueError(f"RandomErasing.value has {len(tv.value)} values; the images have {c} channels")
     erase = torch.rand(n, generator=g) < tv.p
-    area = height * width
-    log_ratio = (math.log(tv.ratio[0]), math.log(tv.ratio[1]))
-    target = area * _uniform(g, (n, 10), tv.scale[0], tv.scale[1])
-    aspect = torch.exp(_uniform(g, (n, 10), log_ratio[0], log_ratio[1]))
-    hs = torch.sqrt(target * aspect).round().long()
-    ws = torch.sqrt(target / aspect).round().long()
+    hs, ws = _box_candidates(tv, g, n, height * width)
     ok = (hs < height) & (ws < width)
     k, found = _first(ok)
     h = hs.gather(1, k.view(-1, 1)).squeeze(1).clamp_max(height)

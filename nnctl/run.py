@@ -559,10 +559,7 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
 def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezing, init_report, notes, dev,
          dist, on_event, say, source_name: str = "") -> RunResult:
     import torch
-    import yaml
 
-    from . import checkpoint as K
-    from . import config as C
     from . import data as D
     from . import loop as T
     from .errors import ConfigError
