@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointError, NnctlError, UsageError
-from .files import RUN_FILES, is_run_file, is_run_folder
+from .files import is_run_file, is_run_folder
 
 # config keys a resume may change without --force
 # (data.cache and data.preload change no batch: a cache hit equals a fresh decode, and both data paths
@@ -412,8 +412,6 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
     ``on_message`` receives the run's information lines (device, run folder, data, model,
     notes); ``on_event`` the loop's progress events. Errors are nnctl's exception types.
     """
-    from . import config as C
-
     say = on_message or (lambda text: None)
     if resume and init:
         raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
@@ -461,7 +459,6 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
     """``checked``: the plan of a config file that model.load_checked has validated (None: not yet)."""
     from . import checkpoint as K
     from . import config as C
-    from . import data as D
     from . import freeze as F
     from . import model as M
     from . import loop as T
