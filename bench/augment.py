@@ -64,8 +64,8 @@ def main() -> None:
 
     import torch
 
-    from nnctl import augment as A
-    from nnctl import data as D
+    from nnctl.data.augment import ops as A
+    from nnctl.data import store as D
 
     n, batch = (256, 128) if args.quick else (10_000, 128)
     runs = 1 if args.quick else args.runs

@@ -36,7 +36,10 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from nnctl import api, checkpoint, config, exporting as export
+    from nnctl import api
+    from nnctl.runs import checkpoint
+    from nnctl.config import schema as config
+    from nnctl.use import export
 
     runs = 1 if args.quick else args.runs
     hidden = [64, 32] if args.quick else [2048, 1024]

@@ -156,7 +156,7 @@ def run_nnctl(root: Path, image: int, batch: int, cache: bool, notes: list, prel
 
 
 def clear_cache() -> None:
-    from nnctl import cache
+    from nnctl.data import cache
 
     cache.clear(all=True)
 

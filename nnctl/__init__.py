@@ -7,7 +7,7 @@ No submodule shares a name with a public function (the loop is ``nnctl.loop``, w
 out ``nnctl.exporting``), so ``nnctl.train`` and ``nnctl.export`` are always the functions.
 """
 
-__version__ = "0.2.0"
+from nnctl._version import __version__
 
 __all__ = ["build", "load", "load_record", "train", "predict", "evaluate", "summarize", "export", "check",
            "load_config", "list_runs", "compare", "__version__"]
@@ -15,7 +15,7 @@ __all__ = ["build", "load", "load_record", "train", "predict", "evaluate", "summ
 
 def __getattr__(name: str):
     if name in __all__:
-        from . import api
+        from nnctl import api
 
         return getattr(api, name)
     raise AttributeError(f"module 'nnctl' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """`python -m nnctl` (and `torchrun -m nnctl`)."""
 
-from .cli import main
+from nnctl.cli.app import main
 
 if __name__ == "__main__":
     main()

@@ -14,21 +14,8 @@ import os
 import stat
 from pathlib import Path
 from typing import BinaryIO
-
-from .errors import NnctlError, UsageError
-
-# the files nnctl itself keeps in a run folder; no export or -o may replace them
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", ".lock", "status.json",
-             "tensorboard")  # tensorboard: a folder of TensorBoard event files (train.log)
-EPOCH_CHECKPOINT = r"epoch-[0-9]+\.pt"  # train.checkpoint.every: epoch-N.pt
-
-
-def is_run_file(name: str) -> bool:
-    """A file name nnctl keeps in a run folder (RUN_FILES, or an epoch-N.pt checkpoint)."""
-    import re
-
-    return name in RUN_FILES or re.fullmatch(EPOCH_CHECKPOINT, name) is not None
-
+from nnctl.errors import NnctlError, UsageError
+from nnctl.runs.rundir import is_run_file, is_run_folder
 
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -88,12 +75,6 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except (OSError, ValueError):
         return os.path.abspath(a) == os.path.abspath(b)
-
-
-def is_run_folder(folder: str | os.PathLike) -> bool:
-    """A folder nnctl made for a run: it holds a checkpoint, its config.yaml or its lock."""
-    p = Path(folder)
-    return any((p / f).exists() for f in ("last.pt", "best.pt", "config.yaml", ".lock"))
 
 
 def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str = "output",

@@ -55,7 +55,7 @@ def cli():
     """In-process CLI (fast): returns (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from nnctl.cli import app
+    from nnctl.cli.app import app
 
     runner = CliRunner()
 
@@ -80,9 +80,9 @@ def helper_command(name: str, *args: str) -> list[str]:
 def config_outcome(doc) -> tuple[str, list[str]]:
     """Validate a loaded document as `nnctl check` does: ("ok", []) or ("refused", the problems as the
     CLI prints them). Any other exception escapes. The caller asserts on the problems."""
-    from nnctl import config as C
-    from nnctl import model as M
-    from nnctl import loop as T
+    from nnctl.config import structure as C
+    from nnctl.model import plan as M
+    from nnctl.optim import optimizers as T
     from nnctl.errors import ConfigError, UsageError
 
     try:
@@ -100,7 +100,7 @@ def config_outcome(doc) -> tuple[str, list[str]]:
 
 def text_outcome(text: str, file: str = "c.yaml") -> tuple[str, list[str]]:
     """config_outcome for YAML text: refused by the loader itself, or the loaded document's outcome."""
-    from nnctl import yamlio
+    from nnctl.config import yamlio
     from nnctl.errors import ConfigError
 
     try:

@@ -15,9 +15,12 @@ import torch
 import torchvision
 from torch import nn
 
-from nnctl import config as C
-from nnctl import freeze as F
-from nnctl import model as M
+from nnctl.config import loader as C
+from nnctl.config import structure as CS
+from nnctl.model import weights as W
+from nnctl.model import freeze as F
+from nnctl.model import plan as M
+from nnctl.model import blocks as MB
 from nnctl.errors import ConfigError
 
 from .conftest import ROOT, make, run_cli, write
@@ -87,7 +90,7 @@ def test_residual_with_projection_shortcut_is_torchvision_basicblock():
 
     built, p = build_of({"input_shape": [4, 8, 8], "layers": [BASIC_DOWN]})
     block = built[0]
-    assert isinstance(block, M.Residual) and p.output_shape == (8, 4, 4)
+    assert isinstance(block, MB.Residual) and p.output_shape == (8, 4, 4)
     ref = BasicBlock(4, 8, stride=2, downsample=nn.Sequential(conv1x1(4, 8, 2), nn.BatchNorm2d(8)))
     assert list(block.state_dict()) == list(ref.state_dict())
     torch.manual_seed(0)
@@ -121,10 +124,10 @@ def test_residual_shortcut_mismatch_names_both_parts_and_lines():
     bad = copy.deepcopy(BASIC_DOWN)
     bad["Residual"]["shortcut"]["Sequential"][0]["Conv2d"]["stride"] = 1
     text = "model:\n  input_shape: [4, 8, 8]\n  layers:\n    - " + __import__("json").dumps(bad) + "\n"
-    from nnctl import yamlio
+    from nnctl.config import yamlio
 
     doc = yamlio.load_text(text, "c.yaml")
-    cfg = C.validate(doc)
+    cfg = CS.validate(doc)
     with pytest.raises(ConfigError) as info:
         M.plan(cfg, doc)
     (p,) = info.value.problems
@@ -256,7 +259,7 @@ def test_resnet18_config_equals_torchvision(tmp_path):
     assert [n for n, _ in model.named_children()] == [n for n, _ in ref.named_children()]
     weights = tmp_path / "resnet18.pth"
     torch.save(ref.state_dict(), weights)  # saved by torchvision's model, loaded by nnctl's --init path
-    report, _ = F.init_from(model, plan, str(weights))
+    report, _ = W.init_from(model, plan, str(weights))
     assert "loaded all" in report
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -313,10 +316,11 @@ def seed_loop_frozen(resnet: nn.Module) -> set[str]:
 
 
 def test_freeze_first5_equals_seed_loop_and_training_keeps_them(hub, tmp_path, cli, monkeypatch):
+    from nnctl.runs import records as RS
     import json
 
     from nnctl import api
-    from nnctl import checkpoint as K
+    from nnctl.runs import checkpoint as K
 
     expected = seed_loop_frozen(torchvision.models.resnet18())
     model, _ = build_of(tv_model())
@@ -336,7 +340,7 @@ def test_freeze_first5_equals_seed_loop_and_training_keeps_them(hub, tmp_path, c
     assert all(x["status"] == "trainable" for x in rows[5:] if x["params"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = api.train(str(cfg_path), out=str(tmp_path / "run"))
-    after = K.load(K.resolve(result.run_dir, "last"))["model"]
+    after = K.load(RS.resolve(result.run_dir, "last"))["model"]
     for k, v in before.items():
         if k.split(".")[0] in ("conv1", "bn1", "layer1"):  # weights and BatchNorm running statistics (eval mode)
             assert torch.equal(after[k], v), k

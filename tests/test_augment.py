@@ -18,10 +18,11 @@ import torch
 import torchvision.transforms.v2 as TV
 import torchvision.transforms.v2.functional as TF
 
-from nnctl import augment as A
-from nnctl import checkpoint as K
-from nnctl import config as C
-from nnctl import data as D
+from nnctl.data.augment import ops as A
+from nnctl.data.augment import spec as AS
+from nnctl.runs import checkpoint as K
+from nnctl.config import loader as C
+from nnctl.data import loading as D
 from nnctl.errors import UsageError
 
 from .conftest import make, write
@@ -170,7 +171,7 @@ def straight_cli(tmp_path_factory):
     path must end with."""
     from typer.testing import CliRunner
 
-    from nnctl.cli import app
+    from nnctl.cli.app import app
 
     tmp = tmp_path_factory.mktemp("straight")
     d = make(model=DROPOUT_MLP, data={"source": "digits", "augment": DIGITS_AUG}, train={"epochs": 3, "batch_size": 32})
@@ -362,4 +363,4 @@ def test_check_refuses_ranges_that_would_crash_or_explode_training(tmp_path, cli
         warnings.simplefilter("error")  # no raw torchvision warning on the way
         code, out, err = cli("check", str(p))
     assert code == 2 and f"{p}:8:" in err and message in err and "Traceback" not in err, (out, err)
-    assert A.problems([{"RandomCrop": {"size": 8, "padding": 8}}], (1, 8, 8)) == []  # the limit itself is fine
+    assert AS.problems([{"RandomCrop": {"size": 8, "padding": 8}}], (1, 8, 8)) == []  # the limit itself is fine

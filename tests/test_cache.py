@@ -18,10 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from nnctl import cache as K
-from nnctl import checkpoint as CK
-from nnctl import config as C
-from nnctl import data as D
+from nnctl.data import cache as K
+from nnctl.runs import checkpoint as CK
+from nnctl.config import loader as C
+from nnctl.data import decode as DEC
+from nnctl.data import sources as SRC
+from nnctl.data import loading as D
 from nnctl.errors import UsageError
 
 from .conftest import ROOT, make, run_cli
@@ -114,13 +116,13 @@ def test_native_size_hit_skips_the_size_scan(tmp_path, monkeypatch):
 def test_a_changed_added_or_touched_file_invalidates_the_cache(folder):
     first = D.load_data(_cfg(folder, True), CPU)
     target = folder / "class1" / "03.png"
-    old = D._decode_image(str(target), "RGB", (8, 8))
+    old = DEC._decode_image(str(target), "RGB", (8, 8))
     _image(target, 12, 9999)  # other pixels (the same size as before)
-    new = D._decode_image(str(target), "RGB", (8, 8))
+    new = DEC._decode_image(str(target), "RGB", (8, 8))
     assert not torch.equal(old, new)
     again = D.load_data(_cfg(folder, True), CPU)
     assert any(n.startswith("decoded 36 images") for n in again.notes), again.notes
-    files = [p for p, _ in D._scan_image_folder(folder)[1]]  # the store's order is the scan's
+    files = [p for p, _ in SRC._scan_image_folder(folder)[1]]  # the store's order is the scan's
     i = files.index(str(target))
     assert torch.equal(again.train.store.x[i], new) and torch.equal(first.train.store.x[i], old)
     _assert_same(_batches(D.load_data(_cfg(folder, False), CPU)), _batches(again))
@@ -177,7 +179,7 @@ def test_two_processes_filling_one_cache_end_with_one_valid_entry(folder, tmp_pa
     assert [e.status for e in entries] == ["valid"]
     assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"{entries[0].key}.{s}" for s in ("json", "lock", "u8"))
     fresh = D.load_data(_cfg(folder, False), CPU).train.store
-    D._decode_all(fresh, 0)
+    SRC._decode_all(fresh, 0)
     import hashlib
 
     assert hashlib.sha256(fresh.x.numpy().tobytes()).hexdigest() == outs[0]["sha"]

@@ -36,7 +36,7 @@ def test_help_version_schema_do_not_import_torch():
         "import sys, runpy\n"
         "sys.argv = ['nnctl'] + sys.argv[1:]\n"
         "try:\n"
-        "    from nnctl.cli import main; main()\n"
+        "    from nnctl.cli.app import main; main()\n"
         "except SystemExit as e:\n"
         "    assert e.code in (0, None), e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -63,7 +63,7 @@ def test_check_structural_mistake_is_printed_before_torch_is_imported(tmp_path):
         "builtins.__import__ = spy\n"
         "sys.argv = ['nnctl', 'check', sys.argv[1]]\n"
         "try:\n"
-        "    from nnctl.cli import main; main()\n"
+        "    from nnctl.cli.app import main; main()\n"
         "except SystemExit as e:\n"
         "    assert e.code == 2, e.code\n"
     )

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nnctl import config as C
-from nnctl import yamlio
+from nnctl.config import structure as CS
+from nnctl.config import schema as C
+from nnctl.config import loader as CL
+from nnctl.config import yamlio
 from nnctl.errors import ConfigError
 
 from .conftest import BASE, make
@@ -20,7 +22,7 @@ MALFORMED = sorted((Path(__file__).parent / "malformed").glob("*.yaml"))
 def problems_of(text: str) -> list:
     with pytest.raises(ConfigError) as info:
         doc = yamlio.load_text(text, "c.yaml")
-        C.validate(doc)
+        CS.validate(doc)
     return info.value.problems
 
 
@@ -98,25 +100,25 @@ def test_overrides_apply_and_parse_yaml(tmp_path):
     from .conftest import write
 
     p = write(tmp_path, make())
-    cfg, doc = C.load(str(p), ["train.optimizer.Adam.lr=0.01", "train.epochs=3", "model.layers[1].Linear.out_features=7",
+    cfg, doc = CL.load(str(p), ["train.optimizer.Adam.lr=0.01", "train.epochs=3", "model.layers[1].Linear.out_features=7",
                                "data.val_fraction=1e-1"])
     assert cfg.train.optimizer == {"Adam": {"lr": 0.01}}
     assert cfg.train.epochs == 3 and cfg.data.val_fraction == 0.1
     assert doc.data["model"]["layers"][1]["Linear"]["out_features"] == 7
     with pytest.raises(ConfigError) as info:
-        C.load(str(p), ["train.epochs=zero"])
+        CL.load(str(p), ["train.epochs=zero"])
     (prob,) = info.value.problems
     assert prob.file == "--set train.epochs=zero" and prob.path == "train.epochs"
     with pytest.raises(ConfigError, match="expected key.path=value"):
-        C.load(str(p), ["train.epochs"])
+        CL.load(str(p), ["train.epochs"])
 
 
 def test_defaults_resolved():
-    cfg, _ = C.from_dict(make())
+    cfg, _ = CL.from_dict(make())
     r = C.resolved(cfg)
     assert r["train"]["optimizer"] == {"Adam": {"lr": 0.001}}
     assert r["train"]["device"] == "auto" and r["train"]["precision"] == "fp32"
-    assert C.from_dict(r)[0] == cfg  # a resolved config validates to itself
+    assert CL.from_dict(r)[0] == cfg  # a resolved config validates to itself
 
 
 def test_schema_is_json_schema_with_layers():
@@ -147,7 +149,7 @@ def test_corpus_is_large_enough():
 
 
 def test_base_config_valid():
-    cfg, _ = C.from_dict(BASE)
+    cfg, _ = CL.from_dict(BASE)
     assert cfg.name == "t"
 
 
@@ -183,40 +185,39 @@ def json_total(text: str) -> int:
 
 def test_model_only_defaults():
     doc = yamlio.load_text(MODEL_ONLY, "configs/my model.yaml")
-    cfg = C.validate(doc)
+    cfg = CS.validate(doc)
     assert cfg.data is None
     assert cfg.name == "my-model"  # the file's name, made a valid run name
     t = cfg.train
     assert (t.loss, t.epochs, t.batch_size, t.optimizer, t.device) == (
         "cross_entropy", 10, 64, {"Adam": {"lr": 0.001}}, "auto")
-    assert C.from_dict(C.resolved(cfg))[0] == cfg  # the resolved form (data: null) validates to itself
+    assert CL.from_dict(C.resolved(cfg))[0] == cfg  # the resolved form (data: null) validates to itself
 
 
 def test_require_data_names_the_fix():
     doc = yamlio.load_text(MODEL_ONLY, "m.yaml")
-    cfg = C.validate(doc)
+    cfg = CS.validate(doc)
     with pytest.raises(ConfigError) as info:
-        C.require_data(cfg, doc)
+        CS.require_data(cfg, doc)
     (p,) = info.value.problems
     assert p.file == "m.yaml" and p.path == "data"
     assert "no data: section: training needs one" in p.message and "data: {source: digits}" in p.message
-    assert "evaluation needs one" in str(pytest.raises(ConfigError, C.require_data, cfg, doc, "evaluation").value)
-    full = C.validate(yamlio.load_text(MODEL_ONLY + "data: {source: digits}\n", "m.yaml"))
-    assert C.require_data(full, doc).source == "digits"
+    assert "evaluation needs one" in str(pytest.raises(ConfigError, CS.require_data, cfg, doc, "evaluation").value)
+    full = CS.validate(yamlio.load_text(MODEL_ONLY + "data: {source: digits}\n", "m.yaml"))
+    assert CS.require_data(full, doc).source == "digits"
 
 
 def test_lint_and_monitor_without_data():
-    import importlib
+    from nnctl.model import plan as M
+    from nnctl.optim import optimizers as OPT
+    from nnctl.training import policy as POL
 
-    from nnctl import model as M
-
-    T = importlib.import_module("nnctl.loop")  # the module: nnctl.train is also the API function
     doc = yamlio.load_text(MODEL_ONLY, "m.yaml")
-    cfg = C.validate(doc)
+    cfg = CS.validate(doc)
     p = M.plan(cfg, doc)
     assert M.lint(cfg, p) == []
-    assert T.monitor_for(cfg, True) == ("val_accuracy", "max")
-    assert T.validate(cfg, doc) == []
+    assert POL.monitor_for(cfg, True) == ("val_accuracy", "max")
+    assert OPT.validate(cfg, doc) == []
 
 
 def test_check_reports_structural_and_shape_problems_in_one_pass(tmp_path):
@@ -238,14 +239,14 @@ def test_check_reports_structural_and_shape_problems_in_one_pass(tmp_path):
 
 
 def test_check_function_collects_everything():
-    from nnctl import model as M
+    from nnctl import checking as CHK
 
     doc = yamlio.load_text("model: {input_shape: [4], layers: [{Linear: [5, 2]}]}\ndata: 3\n", "c.yaml")
-    result = M.check(doc)
+    result = CHK.check(doc)
     assert result.cfg is None and result.plan is None
     assert [p.path for p in result.problems] == ["model.layers[0].Linear", "data"]
     with pytest.raises(ConfigError) as info:
-        C.validate(doc)
+        CS.validate(doc)
     assert [p.path for p in info.value.problems] == ["data"]  # validate alone stops at the structure
 
 
@@ -312,21 +313,21 @@ def test_paths_resolve_against_the_config_folder(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    cfg, doc = C.load(os.path.relpath(p))
+    cfg, doc = CL.load(os.path.relpath(p))
     assert cfg.data.root == str(tmp_path / "proj" / "images")
     # --set values are relative to the current directory
-    cfg, _ = C.load(os.path.relpath(p), ["data.root=imgs"])
+    cfg, _ = CL.load(os.path.relpath(p), ["data.root=imgs"])
     assert cfg.data.root == str(elsewhere / "imgs")
-    cfg, _ = C.load(str(p), ["data={source: tensors, path: d.npz}"])
+    cfg, _ = CL.load(str(p), ["data={source: tensors, path: d.npz}"])
     assert cfg.data.path == str(elsewhere / "d.npz")
     # ~ expands; absolute paths stay
     p.write_text(MODEL_ONLY + "data: {source: tensors, path: ~/d.npz, root: /abs/x}\n")
-    cfg, _ = C.load(str(p))
+    cfg, _ = CL.load(str(p))
     assert cfg.data.path == os.path.join(os.path.expanduser("~"), "d.npz") and cfg.data.root == "/abs/x"
     # a config from a checkpoint (already resolved) is kept as it is
-    cfg2, _ = C.from_dict(C.resolved(cfg))
+    cfg2, _ = CL.from_dict(C.resolved(cfg))
     assert cfg2.data.path == cfg.data.path
-    rel, _ = C.from_dict({"model": {"input_shape": [4], "layers": ["ReLU"]}, "data": {"source": "tensors",
+    rel, _ = CL.from_dict({"model": {"input_shape": [4], "layers": ["ReLU"]}, "data": {"source": "tensors",
                                                                                      "path": "rel.npz"}})
     assert rel.data.path == "rel.npz"
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from nnctl.config import from_dict
-from nnctl.data import load_data, read_cifar_batch
+from nnctl.config.loader import from_dict
+from nnctl.data.loading import load_data
+from nnctl.data.sources import read_cifar_batch
 from nnctl.errors import NnctlError, UsageError
 
 CPU = torch.device("cpu")

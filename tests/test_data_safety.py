@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 import torch
 
-from nnctl import config as C
-from nnctl import data as D
-from nnctl import freeze as F
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.config import loader as C
+from nnctl.data import loading as D
+from nnctl.model import weights as F
+from nnctl.model import plan as M
+from nnctl.training import signals as T
 from nnctl.errors import CheckpointError, NnctlError, UsageError
 
 from .conftest import make, run_cli, write

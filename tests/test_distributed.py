@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnctl import checkpoint as K
+from nnctl.runs import checkpoint as K
 
 from .conftest import make, run_cli, write
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from nnctl import checkpoint as K
-from nnctl import config as C
-from nnctl import data as D
-from nnctl import exporting as E
-from nnctl import freeze as F
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.runs import checkpoint as K
+from nnctl.config import loader as C
+from nnctl.data import loading as D
+from nnctl.use import export as E
+from nnctl.model import weights as W
+from nnctl.model import freeze as F
+from nnctl.model import plan as M
+from nnctl.training import trainer as T
 from nnctl.errors import CheckpointError, UsageError
 
 from .conftest import ROOT, make, run_cli, write
@@ -111,7 +112,7 @@ def test_init_from_outside_safetensors_and_pt(tmp_path):
     cfg, doc = C.load(str(p))
     for f in ("w.safetensors", "w.pt"):
         model, plan = M.build(cfg, doc)
-        report, _ = F.init_from(model, plan, str(tmp_path / f))
+        report, _ = W.init_from(model, plan, str(tmp_path / f))
         assert "loaded all" in report
         model.eval(), ref.eval()
         x = torch.randn(3, 1, 8, 8)
@@ -126,10 +127,10 @@ def test_mismatch_lists_keys_with_layers_and_partial_load(tmp_path):
     cfg, doc = C.from_dict(make(model=BN_MODEL))
     model, plan = M.build(cfg, doc)
     with pytest.raises(CheckpointError) as info:
-        F.init_from(model, plan, str(tmp_path / "w.pt"))
+        W.init_from(model, plan, str(tmp_path / "w.pt"))
     msg = str(info.value)
     assert "2 wrong shape: 7.weight [3, 512] in the file, [10, 512] in the model [model.layers[7] (Linear" in msg
-    report, _ = F.init_from(model, plan, str(tmp_path / "w.pt"), partial=True)
+    report, _ = W.init_from(model, plan, str(tmp_path / "w.pt"), partial=True)
     assert "skipped" in report and "7.weight" in report
     assert torch.equal(model[0].weight, ref[0].weight)
 
@@ -147,7 +148,7 @@ def test_pickle_payload_in_pt_refused(tmp_path):
     cfg, doc = C.from_dict(make())
     model, plan = M.build(cfg, doc)
     with pytest.raises(CheckpointError, match="refused"):
-        F.init_from(model, plan, str(tmp_path / "evil.pt"))
+        W.init_from(model, plan, str(tmp_path / "evil.pt"))
     assert not sentinel.exists()
 
 
@@ -217,7 +218,7 @@ def test_alexnet_config_loads_torchvision_state_dict(tmp_path):
     ref = torchvision.models.alexnet()  # random weights; nothing is downloaded
     assert list(model.state_dict()) == list(ref.state_dict())
     torch.save(ref.state_dict(), tmp_path / "alexnet.pth")
-    report, _ = F.init_from(model, plan, str(tmp_path / "alexnet.pth"))
+    report, _ = W.init_from(model, plan, str(tmp_path / "alexnet.pth"))
     assert "loaded all 16" in report
     model.eval(), ref.eval()
     x = torch.randn(1, 3, 224, 224)

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from nnctl import config as C
-from nnctl import layers as L
-from nnctl import model as M
-from nnctl._nn_names import LAYER_NAMES
+from nnctl.config import loader as C
+from nnctl.config import structure as CS
+from nnctl.model import registry as L
+from nnctl.model import plan as M
+from nnctl.model import blocks as MB
+from nnctl.config.nn_names import LAYER_NAMES
 
 from .conftest import make
 
@@ -79,7 +81,7 @@ def test_residual_is_x_plus_body():
     torch.manual_seed(5)
     ref_body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(3, 3, 3), nn.InstanceNorm2d(3), nn.ReLU())
     x = torch.randn(2, 3, 6, 6)
-    assert isinstance(built[0], M.Residual)
+    assert isinstance(built[0], MB.Residual)
     assert list(built.state_dict()) == ["0.1.weight", "0.1.bias"]
     built[0].load_state_dict(ref_body.state_dict())
     assert torch.equal(built(x), x + ref_body(x))
@@ -97,7 +99,7 @@ def test_blocks_repeat_and_names():
     model, plan = M.build(cfg, doc)
     names = [n for n, _ in model.named_children()]
     assert names == ["0", "1", "trunk", "head"]
-    assert len(model.trunk) == 3 and all(isinstance(b, M.Residual) for b in model.trunk)
+    assert len(model.trunk) == 3 and all(isinstance(b, MB.Residual) for b in model.trunk)
     assert "trunk.2.1.weight" in model.state_dict()
     # every copy has its own weights
     assert model[0][1].weight.data_ptr() != model[1][1].weight.data_ptr()
@@ -185,7 +187,7 @@ def test_registry_has_only_listable_single_tensor_layers():
     ({"Bilinear": [8, 8, 4]}, "takes several inputs"),
 ])
 def test_refused_layers_get_a_located_reason(entry, needle):
-    from nnctl import yamlio
+    from nnctl.config import yamlio
     from nnctl.errors import ConfigError
 
     d = make(model={"input_shape": [8, 8], "layers": ["ReLU", entry]})
@@ -201,7 +203,7 @@ def test_refused_layers_get_a_located_reason(entry, needle):
         entry if isinstance(entry, str) else f"{next(iter(entry))}: {list(entry.values())[0]}".replace("None", "")) + "\n"
     doc = yamlio.load_text(text, "c.yaml")
     with pytest.raises(ConfigError) as info:
-        M.plan(C.validate(doc), doc)
+        M.plan(CS.validate(doc), doc)
     assert info.value.problems[0].line == 5
 
 

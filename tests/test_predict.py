@@ -207,7 +207,7 @@ def test_eval_of_a_config_with_init_weights_trains_nothing(tmp_path):
 
 
 def test_old_checkpoint_without_a_record_still_predicts_with_a_note(image_run, tmp_path):
-    from nnctl import checkpoint as K
+    from nnctl.runs import checkpoint as K
 
     _, run, new = image_run
     state = torch.load(run / "best.pt", weights_only=True)

@@ -19,7 +19,7 @@ from PIL import Image
 import nnctl
 from nnctl import api
 from nnctl.errors import UsageError
-from nnctl.images import decode_image
+from nnctl.data.decode import decode_image
 
 from .conftest import make, run_cli, write
 
@@ -35,7 +35,7 @@ def digits_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tensors_run(tmp_path_factory):
     """A tiny model trained on `source: tensors` with uint8 x: the digits' pixels 0..16 as they are."""
-    from nnctl import data as D
+    from nnctl.data import sources as D
 
     tmp = tmp_path_factory.mktemp("tensors")
     store = D._digits()
@@ -235,7 +235,7 @@ def test_a_plain_module_takes_tensors_as_given(tmp_path):
 # 8 -----------------------------------------------------------------------------------------
 
 def test_a_large_tensors_file_stays_one_tensor_and_rows_are_made_on_demand(digits_run, tmp_path):
-    from nnctl import inference as P
+    from nnctl.use import predict as P
 
     n = 20_000
     x = torch.randint(0, 17, (n, 1, 8, 8), dtype=torch.uint8)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shlex
 
-import pytest
 
 from .conftest import ROOT, run_cli
 
@@ -77,7 +76,7 @@ def test_yaml_examples_check(tmp_path):
 def test_finetuning_snippet_normalises_like_training():
     import dataclasses
 
-    from nnctl.preprocess import Preprocessing
+    from nnctl.data.record import Preprocessing
 
     (snippet,) = [b for _, b in blocks("python") if "parity.safetensors" in b]
     fed = re.search(r"print\(model\((.*?)\)", snippet).group(1)

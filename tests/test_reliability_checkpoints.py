@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnctl import checkpoint as K
-from nnctl import config as C
-from nnctl import data as D
-from nnctl import freeze as F
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.runs import checkpoint as K
+from nnctl.config import loader as C
+from nnctl.data import loading as D
+from nnctl.model import weights as F
+from nnctl.model import plan as M
+from nnctl.training import trainer as T
 from nnctl.errors import CheckpointError
 
 from .conftest import SENTINEL, add_to_reliability_report, make, write

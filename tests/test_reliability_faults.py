@@ -23,11 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from nnctl import checkpoint as K
-from nnctl import config as C
-from nnctl import data as D
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.runs import checkpoint as K
+from nnctl.config import loader as C
+from nnctl.data import loading as D
+from nnctl.model import plan as M
+from nnctl.training import trainer as T
+from nnctl.training import policy as POL
 from nnctl.errors import CheckpointError, NnctlError
 
 from .conftest import add_to_reliability_report, helper_command, make, run_cli, write
@@ -160,7 +161,7 @@ def test_non_finite_loss_from_the_start_writes_no_checkpoint(tmp_path):
     model, _ = M.build(cfg, doc)
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(T.NonFiniteLoss, match="non-finite at epoch 1, step .*No checkpoint was written"):
+    with pytest.raises(POL.NonFiniteLoss, match="non-finite at epoch 1, step .*No checkpoint was written"):
         T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, run)
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
     STATS["faults_non_finite"] += 1

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nnctl import config as C
-from nnctl import yamlio
+from nnctl.config import loader as C
+from nnctl.config import yamlio
 from nnctl.errors import ConfigError
 
 from .conftest import (BASE, CONFIGS, SENTINEL, add_to_reliability_report, config_outcome, not_one_line,

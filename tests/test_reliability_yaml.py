@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from nnctl import config as C
-from nnctl import model as M
-from nnctl import loop as T
-from nnctl import yamlio
+from nnctl.config import loader as CL
+from nnctl.config import structure as C
+from nnctl.model import plan as M
+from nnctl.optim import optimizers as T
+from nnctl.config import yamlio
 from nnctl.errors import ConfigError
 
 from .conftest import SENTINEL, add_to_reliability_report, config_outcome, helper_command, make, not_one_line
@@ -127,7 +128,7 @@ def test_file_level_refusals(tmp_path):
     # a BOM is fine
     p = tmp_path / "bom.yaml"
     p.write_bytes(b"\xef\xbb\xbf" + json.dumps(make()).encode())
-    assert C.load(str(p))[0].name == "t"
+    assert CL.load(str(p))[0].name == "t"
     STATS["configs_file_level"] += len(cases) + 2
 
 
@@ -144,7 +145,7 @@ def test_layer_types_outside_torch_nn_are_refused(name, tmp_path, monkeypatch):
     for entry in (name, {name: "touch SENTINEL"}, {name: ["touch SENTINEL"]}, {name: {"x": 1}}):
         d = make(model={"input_shape": [1, 8, 8], "layers": [entry]})
         with pytest.raises(ConfigError) as info:
-            cfg, doc = C.from_dict(d)
+            cfg, doc = CL.from_dict(d)
             M.plan(cfg, doc)
         assert "unknown layer type" in str(info.value), str(info.value)
     assert not (tmp_path / SENTINEL).exists()
@@ -172,7 +173,7 @@ def test_typos_get_suggestions():
         assert outcome == "refused" and problems, (needle, outcome)
         assert not_one_line(problems) == [], problems
         with pytest.raises(ConfigError) as info:
-            cfg, doc = C.from_dict(d)
+            cfg, doc = CL.from_dict(d)
             M.plan(cfg, doc)
             probs = T.validate(cfg, doc)
             if probs:

@@ -13,14 +13,14 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from nnctl import checkpoint as K
-from nnctl import run as R
+from nnctl.runs import checkpoint as K
+from nnctl.training import run as R
+from nnctl.runs import plots as PLOTS
 from nnctl.errors import CheckpointError, UsageError
 
 from .conftest import ROOT, make, run_cli, write
@@ -329,7 +329,7 @@ def test_checkpoint_without_its_digests_is_refused(trained, tmp_path, key):
 
 
 def test_a_signal_while_reading_a_checkpoint_is_not_called_corruption(trained, monkeypatch):
-    from nnctl.loop import Interrupted
+    from nnctl.training.signals import Interrupted
 
     def interrupted(*a, **k):
         raise Interrupted(signal.SIGTERM, None)
@@ -340,7 +340,7 @@ def test_a_signal_while_reading_a_checkpoint_is_not_called_corruption(trained, m
 
 
 def test_a_signal_during_the_final_plot_keeps_the_finished_run(trained, tmp_path, monkeypatch):
-    from nnctl import loop as T
+    from nnctl.training import signals as T
 
     run = copy_run(trained[1], tmp_path / "run")
 
@@ -348,7 +348,7 @@ def test_a_signal_during_the_final_plot_keeps_the_finished_run(trained, tmp_path
         raise T.Interrupted(signal.SIGTERM, None)
 
     monkeypatch.setattr(T, "plot_curves", interrupted)
-    assert R.plot_quietly(run, "t") is None  # the plot is skipped; nothing is reported lost
+    assert PLOTS.plot_quietly(run, "t") is None  # the plot is skipped; nothing is reported lost
 
 
 def test_signals_are_held_until_a_write_is_complete(tmp_path):
@@ -388,7 +388,7 @@ def test_escape_sequences_never_reach_the_terminal(tmp_path):
 
 
 def test_eval_json_is_strict_json_when_a_metric_is_not_finite():
-    from nnctl.cli import _finite
+    from nnctl.cli.render import _finite
 
     text = json.dumps(_finite({"loss": float("nan"), "acc": 0.5, "rows": [float("inf")]}), allow_nan=False)
     assert json.loads(text) == {"loss": None, "acc": 0.5, "rows": [None]}
@@ -463,7 +463,7 @@ def test_a_full_stdout_is_a_one_line_error(trained):
 
 
 def test_files_that_are_not_checkpoints_are_named_for_what_they_are(trained, tmp_path):
-    from nnctl import exporting as E
+    from nnctl.use import export as E
 
     (tmp_path / "a.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
     (tmp_path / "b.pt").write_text('{"x": 1}')

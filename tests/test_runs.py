@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from nnctl import run as R
-from nnctl import runs as RS
+from nnctl.runs import rundir as RD
+from nnctl.training import run as R
+from nnctl.runs import metrics as MET
+from nnctl.runs import records as RS
 
 from .conftest import make, write
 
@@ -106,11 +108,11 @@ def test_a_failed_run_is_recorded_and_its_folder_reused(tmp_path, cli, monkeypat
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["error"] is None and status["epochs_done"] == 1
-    assert R.has_checkpoint(run)
+    assert RD.has_checkpoint(run)
 
 
 def test_an_interrupt_before_the_first_checkpoint_is_recorded_and_the_folder_reused(tmp_path, monkeypatch):
-    from nnctl import loop as T
+    from nnctl.training import signals as T
     from nnctl.errors import CheckpointError
 
     monkeypatch.chdir(tmp_path)
@@ -151,7 +153,7 @@ def test_a_running_record_is_running_only_while_its_lock_is_held(variants, tmp_p
     status = json.loads((run / "status.json").read_text())
     status.update(state="running", ended_at=None, epochs_done=1)
     (run / "status.json").write_text(json.dumps(status))
-    with R.RunLock(run):
+    with RD.RunLock(run):
         (info,) = RS.list_runs(tmp_path)
         assert info.state == "running" and info.epochs_done == 1
     (info,) = RS.list_runs(tmp_path)  # the lock is gone and nothing recorded an end: killed
@@ -266,7 +268,7 @@ def test_tensorboard_holds_every_epochs_scalars_the_graph_and_the_hparams(varian
 
 def test_tensorboard_without_the_package_fails_before_anything_is_written(variants, tmp_path):
     script = ("import sys\nsys.modules['tensorboard'] = None\nsys.argv = ['nnctl'] + sys.argv[1:]\n"
-              "from nnctl.cli import main\nmain()\n")
+              "from nnctl.cli.app import main\nmain()\n")
     r = subprocess.run([sys.executable, "-c", script, "train", str(variants[1]), "--set", "train.log=[tensorboard]"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
@@ -280,8 +282,8 @@ def test_a_resumed_logger_drops_what_came_after_the_checkpoint(variants, tmp_pat
     pytest.importorskip("tensorboard")
     from types import SimpleNamespace
 
-    from nnctl import config as C
-    from nnctl import tensorboard as TB
+    from nnctl.config import loader as C
+    from nnctl.runs import tensorboard as TB
 
     cfg, _ = C.load(str(variants[1]))
     for continuing, resume_epoch, epochs in ((False, 0, (1, 2, 3)), (True, 1, (2, 3, 4))):
@@ -321,7 +323,7 @@ def test_interrupt_then_resume_appends_to_the_record_and_the_events(variants, tm
     assert status["state"] == "finished" and status["epochs_done"] == done + 2 and status["error"] is None
     assert [r["epoch"] for r in status["resumes"]] == [done] and status["epochs_total"] == done + 2
     assert status["started_at"] < status["resumes"][0]["at"]
-    epochs = [r["epoch"] for r in RS.read_metrics(run)]
+    epochs = [r["epoch"] for r in MET.read_metrics(run)]
     assert epochs == list(range(1, done + 3))
     ea = _accumulator(run)
     for key in ("train_loss", "val_accuracy"):
@@ -372,7 +374,7 @@ def test_metrics_rows_with_absurd_epochs_are_skipped(variants, tmp_path, cli):
     bad = [",".join("1e300" if c == "epoch" else v for c, v in zip(cols, lines[1].split(","))),
            ",".join("x" if c == "epoch" else v for c, v in zip(cols, lines[1].split(",")))]
     (run / "metrics.csv").write_text("\n".join(lines + bad) + "\n")
-    assert [r["epoch"] for r in RS.read_metrics(run)] == [1, 2]
+    assert [r["epoch"] for r in MET.read_metrics(run)] == [1, 2]
     code, _, err = cli("compare", str(run), str(variants[2][1].run_dir), "-o", str(tmp_path / "c.png"))
     assert code == 0, err
 
@@ -430,7 +432,7 @@ def test_resume_onto_run_files_that_are_not_regular_is_refused_up_front(variants
         R.train(resume=str(run), epochs=3)
     after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and not p.is_symlink()}
     assert after == before
-    assert not R.is_locked(run)
+    assert not RD.is_locked(run)
     if name != "tensorboard":
         assert target.read_text() == "keep"
 

@@ -10,9 +10,11 @@ import torch
 import torchinfo
 from torch import nn
 
-from nnctl import config, model
-from nnctl.summary import Row, Summary, flop_counts_by_module, summarize
-from nnctl.yamlio import load_text
+from nnctl.config import loader as config
+from nnctl.config import structure as CS
+from nnctl.model import plan as model
+from nnctl.model.summary import Row, Summary, flop_counts_by_module, summarize
+from nnctl.config.yamlio import load_text
 
 CONV = {"Conv2d": {"out_channels": 8, "kernel_size": 3, "padding": 1}}
 RES = {"Residual": [{"ReflectionPad2d": 1}, {"Conv2d": {"out_channels": 8, "kernel_size": 3}}, "InstanceNorm2d", "ReLU"]}
@@ -211,7 +213,7 @@ data: {source: digits}
 train: {loss: cross_entropy}
 """
     doc = load_text(text, "t.yaml")
-    cfg = config.validate(doc)
+    cfg = CS.validate(doc)
     net, plan = model.build(cfg, doc)
     s = summarize(net, plan, cfg.model.input_shape, depth=2)
     assert [(r.name, r.line) for r in s.rows] == [

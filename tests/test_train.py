@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from nnctl import checkpoint as K
-from nnctl import config as C
-from nnctl import data as D
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.runs import checkpoint as K
+from nnctl.config import loader as C
+from nnctl.data import loading as D
+from nnctl.model import plan as M
+from nnctl.training import trainer as T
+from nnctl.training import distributed as DIST
 from nnctl.errors import UsageError
 
 from .conftest import make, run_cli, write
@@ -132,18 +133,18 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path):
 
 
 def test_device_selection():
-    assert T.select_device("cpu") == CPU
+    assert DIST.select_device("cpu") == CPU
     if not torch.cuda.is_available():
-        assert T.select_device("auto").type in ("cpu", "mps")
+        assert DIST.select_device("auto").type in ("cpu", "mps")
         with pytest.raises(UsageError, match="CUDA is not available"):
-            T.select_device("cuda")
+            DIST.select_device("cuda")
         with pytest.raises(UsageError, match="CUDA is not available"):
-            T.select_device("cuda:1")
+            DIST.select_device("cuda:1")
     else:  # pragma: no cover - only on a GPU machine
-        assert T.select_device("auto").type == "cuda"
+        assert DIST.select_device("auto").type == "cuda"
         n = torch.cuda.device_count()
         with pytest.raises(UsageError, match="CUDA device"):
-            T.select_device(f"cuda:{n}")
+            DIST.select_device(f"cuda:{n}")
 
 
 def test_cli_train_unavailable_device_is_an_error(tmp_path, cli):
@@ -290,7 +291,7 @@ def test_two_runs_on_one_folder_refused(tmp_path):
     run.mkdir()
     other = ("from nnctl import run as R\ntry:\n    R.RunLock(%r).acquire()\n    print('TOOK IT')\n"
              "except Exception as e:\n    print(e)\n" % str(run))
-    from nnctl import run as R
+    from nnctl.runs import rundir as R
 
     with R.RunLock(run):
         proc = subprocess.run([sys.executable, "-c", other], capture_output=True, text=True)

@@ -18,7 +18,8 @@ from torch import nn
 
 import nnctl
 from nnctl import api
-from nnctl import loop as T
+from nnctl.training import signals as SIG
+from nnctl.optim import losses as T
 from nnctl.errors import ConfigError
 
 MLP = {
@@ -194,7 +195,7 @@ def test_a_stop_inside_an_accumulation_group_waits_for_its_end_and_resumes_exact
         if e.kind == "step" and e.epoch == 0 and e.step == 5:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(T.Interrupted):
+    with pytest.raises(SIG.Interrupted):
         nnctl.train(cfg, out=str(tmp_path / "cut"), on_event=on_event)
     state = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"]) == (0, 8)

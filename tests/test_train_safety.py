@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnctl import checkpoint as K
-from nnctl import config as C
-from nnctl import data as D
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.runs import checkpoint as K
+from nnctl.config import loader as C
+from nnctl.data import loading as D
+from nnctl.model import plan as M
+from nnctl.training import policy as POL
+from nnctl.training import trainer as T
+from nnctl.training import signals as SIG
 from nnctl.errors import UsageError
 
 from .conftest import make, run_cli, write
@@ -45,7 +47,7 @@ def _fit(d: dict, run: Path, resume: dict | None = None, stop_at: tuple[int, int
     result = None
     try:
         result = T.fit(cfg, doc, model, data, CPU, run, resume=resume, on_event=on_event)
-    except T.Interrupted as exc:
+    except SIG.Interrupted as exc:
         assert exc.signum == signal.SIGINT and exc.checkpoint
     return model, result
 
@@ -222,7 +224,7 @@ def test_nan_in_validation_data_is_an_error_naming_the_split(tmp_path):
     data.val.store.x[data.val.indices[3], 1] = float("nan")  # non-finite values reach the validation split
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(T.NonFiniteValidation) as info:
+    with pytest.raises(POL.NonFiniteValidation) as info:
         T.fit(cfg, doc, model, data, CPU, run)
     text = str(info.value)
     assert "val_loss nan" in text and "validation split" in text and "holds non-finite values" in text
@@ -253,14 +255,14 @@ def test_non_finite_weights_after_a_one_step_epoch_are_never_saved(tmp_path):
     d = make(model={"input_shape": [4], "layers": [{"Linear": {"out_features": 1}}]},
              data={"source": "tensors", "path": str(tmp_path / "big.npz")},
              train={"loss": "mse", "epochs": 2, "batch_size": 4096, "optimizer": {"SGD": {"lr": 3e38}}})
-    _one_step_run(tmp_path, d, T.Diverged, "the weights became non-finite")
+    _one_step_run(tmp_path, d, POL.Diverged, "the weights became non-finite")
 
 
 def test_diverged_model_with_finite_accuracy_is_never_saved_as_best(tmp_path):
     """Finite but huge weights: the outputs overflow, val_loss is NaN while val_accuracy is a number.
     Before, that accuracy made best.pt of the diverged weights, with exit 0."""
     d = make(train={"epochs": 2, "batch_size": 4096, "optimizer": {"SGD": {"lr": 1e38}}})
-    _one_step_run(tmp_path, d, T.NonFiniteValidation, "the model diverged")
+    _one_step_run(tmp_path, d, POL.NonFiniteValidation, "the model diverged")
 
 
 def test_exploding_loss_ends_with_exit_1(tmp_path):
@@ -282,7 +284,7 @@ def test_explode_rule_in_process(tmp_path):
     cfg, doc = C.from_dict(d)
     model, _ = M.build(cfg, doc)
     (tmp_path / "run").mkdir()
-    with pytest.raises(T.Diverged) as info:
+    with pytest.raises(POL.Diverged) as info:
         T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, tmp_path / "run")
     assert info.value.exit_code == 1
     assert not (tmp_path / "run" / "last.pt").exists()

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from nnctl import checkpoint as K
+from nnctl.runs import checkpoint as K
 
 real_atomic_write = K.atomic_write
 pt_writes = 0
@@ -44,7 +44,7 @@ def halting_atomic_write(path, write, *args, **kwargs):
 def main(argv: list[str]) -> None:
     K.atomic_write = halting_atomic_write
     sys.argv = ["nnctl", *argv]
-    from nnctl.cli import main as nnctl_main
+    from nnctl.cli.app import main as nnctl_main
 
     nnctl_main()
 

@@ -17,7 +17,7 @@ def main(argv: list[str]) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     sys.argv = ["nnctl", *argv[1:]]
-    from nnctl.cli import main as nnctl_main
+    from nnctl.cli.app import main as nnctl_main
 
     nnctl_main()
 

@@ -13,9 +13,9 @@ import json
 import resource
 import sys
 
-from nnctl import config as C
-from nnctl import model as M
-from nnctl import loop as T
+from nnctl.config import loader as C
+from nnctl.model import plan as M
+from nnctl.optim import optimizers as T
 from nnctl.errors import ConfigError
 
 

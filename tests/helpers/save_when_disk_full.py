@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from nnctl import checkpoint as K
-from nnctl import exporting as E
+from nnctl.runs import checkpoint as K
+from nnctl.use import export as E
 from nnctl.errors import NnctlError
 
 

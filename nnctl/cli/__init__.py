@@ -1,0 +1,1 @@
+"""The command line: parse (app), render, progress. Only this package imports typer and rich."""

@@ -1,0 +1,487 @@
+"""The config: load the YAML, apply overrides, validate the structure.
+
+This module does not import torch. It checks everything that can be checked
+without it (keys, types, ranges, choices) and reports every problem at once,
+each located in the file. The model's layers are checked by ``nnctl.model``,
+which needs torch for shapes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Literal
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+CORE_LAYERS = ("Conv2d", "Linear", "Dropout2d", "Dropout", "MaxPool2d", "ReLU", "Softmax", "LogSoftmax",
+               "ReflectionPad2d", "InstanceNorm2d", "Flatten", "Sequential", "Residual", "BatchNorm2d")
+
+
+
+class _CrossProblems(ValueError):
+    def __init__(self, problems: list[tuple[tuple, str]]):
+        super().__init__("; ".join(m for _, m in problems))
+        self.problems = problems
+
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    """'; did you mean X?' or '' (case-insensitive close match; the documented core wins ties)."""
+    lowered = {c.lower(): c for c in choices}
+    target = str(word).lower()
+    hits = difflib.get_close_matches(target, list(lowered), n=5, cutoff=0.6)
+    if not hits:
+        return ""
+    score = lambda h: (round(difflib.SequenceMatcher(None, target, h).ratio(), 6), lowered[h] in CORE_LAYERS)
+    best = max(hits, key=score)
+    return f"; did you mean {lowered[best]!r}?"
+
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+LOSSES = ("cross_entropy", "nll", "mse", "l1", "l2", "bce_with_logits", "huber", "smooth_l1")
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll")
+# the arguments each loss takes (torch.nn's, without `reduction`: nnctl averages over the batch)
+LOSS_ARGS = {
+    "cross_entropy": ("weight", "ignore_index", "label_smoothing"),
+    "nll": ("weight", "ignore_index"),
+    "mse": (), "l1": (), "l2": (),
+    "bce_with_logits": ("weight", "pos_weight"),
+    "huber": ("delta",),
+    "smooth_l1": ("beta",),
+}
+# what a run can monitor (best checkpoint, early stopping): the columns of metrics.csv
+MONITORS = ("val_loss", "val_accuracy", "val_top5_accuracy", "val_mse", "val_mae", "train_loss")
+SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tensors", "synthetic")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+_Int = int
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+_EXAMPLES = {"loss": ("cross_entropy", "{label_smoothing: 0.1}"),
+             "scheduler": ("StepLR", "{step_size: 10}"),
+             "augmentation": ("RandomCrop", "{size: 32, padding: 4}")}
+
+
+def _one_key(value: Any, what: str) -> tuple[str, dict]:
+    """`Adam`, `{Adam: {lr: 0.1}}` or `{Adam: null}` -> ("Adam", {...})."""
+    example, args_example = _EXAMPLES.get(what, ("Adam", "{lr: 0.001}"))
+    kind = "name" if what == "loss" else "class name"
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict) and len(value) == 1:
+        (name, args), = value.items()
+        if not isinstance(name, str):
+            raise ValueError(f"{what} name must be a {kind} such as {example}")
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ValueError(f"the arguments of {what} {name} must be a mapping such as {args_example}")
+        return name, args
+    raise ValueError(f"expected one {what} {kind}, alone or with a mapping of its arguments, "
+                     f"such as {{{example}: {args_example}}}")
+
+
+class ModelSection(_Section):
+    input_shape: list[_Int] = Field(min_length=1, max_length=4,
+                                    description="one sample's shape, without the batch dimension, e.g. [1, 28, 28]")
+    blocks: dict[str, Any] = Field(default_factory=dict,
+                                   description="named layer entries (usually a Sequential or Residual) used as type names")
+    layers: list[Any] = Field(default_factory=list, description="the children of the top-level nn.Sequential "
+                                                                "(or torchvision: a torchvision model instead)")
+    torchvision: str | None = Field(None, description="a torchvision classification model by its builder name "
+                                                      "(torchvision.models.list_models()), e.g. resnet18, "
+                                                      "instead of layers")
+    weights: str | None = Field(None, description="torchvision: pretrained weights by name (IMAGENET1K_V1, "
+                                                  "DEFAULT, ResNet18_Weights.IMAGENET1K_V1), read from the local "
+                                                  "torch hub cache; null: random init")
+    args: dict[str, Any] = Field(default_factory=dict, description="torchvision: the builder's keyword arguments")
+    replace: dict[str, Any] = Field(default_factory=dict,
+                                    description="torchvision: child (dotted name) -> a layer entry that replaces "
+                                                "it, its input size inferred, e.g. {fc: {Linear: {out_features: 5}}}")
+
+    @field_validator("input_shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        for d in v:
+            if d < 1 or d > (1 << 20):
+                raise ValueError(f"each dimension must be between 1 and {1 << 20}, got {d}")
+        if math.prod(v) > (1 << 28):
+            raise ValueError(f"one sample of shape {v} has {math.prod(v):,} values, more than {1 << 28:,}; refused")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> "ModelSection":
+        problems = []
+        if self.torchvision is None:
+            if not self.layers:
+                problems.append((("model", "layers"), "the model needs layers: a non-empty list of layers "
+                                                      "(or torchvision: a model name such as resnet18)"))
+            for key in ("weights", "args", "replace"):
+                if getattr(self, key):
+                    problems.append((("model", key), f"{key} applies to a torchvision model "
+                                                     "(model.torchvision: NAME); this model is written with layers"))
+        else:
+            if self.layers:
+                problems.append((("model", "layers"), "a model is written with layers or taken from torchvision, "
+                                                      "not both: remove layers or torchvision"))
+            if self.blocks:
+                problems.append((("model", "blocks"), "blocks apply to models written with layers, not to a "
+                                                      "torchvision model (use replace to change its children)"))
+        if problems:
+            raise _CrossProblems(problems)
+        return self
+
+
+class DataSection(_Section):
+    source: Literal[SOURCES] = Field(description="digits (built in), mnist, fashion_mnist, cifar10, cifar100, "
+                                                 "image_folder, tensors or synthetic")
+    root: str | None = Field(None, description="folder of torchvision datasets or of an image_folder")
+    path: str | None = Field(None, description="a .pt, .npz or .safetensors file with x and y (source: tensors)")
+    download: bool = Field(False, description="let torchvision download the dataset into root")
+    split: Literal["fraction", "test"] = Field("fraction", description="validate on a seeded fraction of the "
+                                                                        "training data, or on the dataset's own test split")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    normalize: Any = Field(None, description="true (per-channel mean/std of the training split), false, "
+                                             "or {mean: [...], std: [...]}; default true for images")
+    target: Literal["label", "input"] = Field("label", description="label: class labels or y; input: reconstruct the input")
+    noise: float = Field(0.0, ge=0.0, le=1000.0, description="std of Gaussian noise added to inputs when target is input")
+    augment: list[Any] = Field(default_factory=list,
+                               description="image augmentation of training batches, per sample: torchvision "
+                                           "transforms.v2 classes by name with their arguments, applied in order, "
+                                           "e.g. [{RandomCrop: {size: 32, padding: 4}}, RandomHorizontalFlip]; "
+                                           "see nnctl.augment.SUPPORTED")
+    shape: list[_Int] | None = Field(None, description="synthetic: one sample's shape (default: model.input_shape)")
+    classes: int | None = Field(None, ge=1, le=1_000_000, description="synthetic: number of classes")
+    size: int | None = Field(None, ge=1, le=100_000_000, description="synthetic: number of samples")
+    image_size: list[_Int] | None = Field(None, min_length=2, max_length=2, description="image_folder: resize to [H, W]")
+    grayscale: bool = Field(False, description="image_folder: convert to one channel")
+    limit: int | None = Field(None, ge=1, description="use only the first N training samples")
+    label_map: list[_Int] | None = Field(None, min_length=1, max_length=100_000,
+                                         description="class i becomes label_map[i]: a changed task for fine-tuning, "
+                                                     "e.g. [0, 1, 0, 1, 0, 1, 0, 1, 0, 1] for even / odd")
+    preload: bool | None = Field(None, description="hold the dataset as tensors on the device; default: when it fits")
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers when not preloaded")
+    cache: bool = Field(False, description="image_folder: keep the decoded, resized images in one memory-mapped "
+                                           "file under $NNCTL_CACHE_DIR (default ~/.cache/nnctl/decoded), "
+                                           "shared by later runs; `nnctl cache info|clear` shows and frees it")
+
+    @field_validator("normalize")
+    @classmethod
+    def _normalize(cls, v: Any) -> Any:
+        if v is None or isinstance(v, bool):
+            return v
+        if isinstance(v, dict) and set(v) == {"mean", "std"}:
+            for key in ("mean", "std"):
+                vals = v[key]
+                if isinstance(vals, int | float) and not isinstance(vals, bool):
+                    vals = [vals]
+                if not isinstance(vals, list) or not vals or not all(
+                    isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in vals
+                ):
+                    raise ValueError(f"normalize.{key} must be a number or a list of finite numbers")
+                if key == "std" and any(x <= 0 for x in vals):
+                    raise ValueError("normalize.std must be positive")
+                v[key] = [float(x) for x in vals]
+            return v
+        raise ValueError("expected true, false or {mean: [...], std: [...]}")
+
+    @field_validator("augment")
+    @classmethod
+    def _augment(cls, v: list[Any]) -> list[Any]:
+        problems = []
+        for i, entry in enumerate(v):
+            try:
+                name, _ = _one_key(entry, "augmentation")
+            except ValueError:
+                name = None
+            if name is None or not name:
+                problems.append((("data", "augment", i), "expected an augmentation name, alone or with a mapping of "
+                                                         "its arguments, such as {RandomCrop: {size: 32, padding: 4}}"))
+        if problems:
+            raise _CrossProblems(problems)
+        return v
+
+    @field_validator("label_map")
+    @classmethod
+    def _label_map(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(c < 0 or c > 1_000_000 for c in v):
+            raise ValueError("label_map entries are class indices from 0")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not 1 <= len(v) <= 4 or any(d < 1 for d in v) or math.prod(v) > (1 << 28)):
+            raise ValueError("expected 1 to 4 positive dimensions, at most 2^28 values a sample")
+        return v
+
+
+def mode_of(metric: str) -> str:
+    """min for losses and errors, max for accuracies."""
+    return "max" if metric.endswith("accuracy") else "min"
+
+
+class EarlyStopping(_Section):
+    patience: int = Field(ge=1, le=1_000_000, description="epochs without improvement before stopping")
+    min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
+    monitor: Literal[MONITORS] | None = Field(None, description="the metric to watch (default: the best "
+                                                                "checkpoint's, train.checkpoint.monitor)")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max (default: max for accuracies, "
+                                                                 "min for losses and errors)")
+
+
+class CheckpointSection(_Section):
+    monitor: Literal[MONITORS] | None = Field(None, description="the metric best.pt tracks (default: "
+                                                                "val_accuracy for classification, else val_loss; "
+                                                                "train_loss without validation data)")
+    mode: Literal["min", "max"] | None = Field(None, description="min or max (default: from the metric)")
+    every: int | None = Field(None, ge=1, le=1_000_000, description="also keep epoch-N.pt every N epochs")
+    keep: int | None = Field(None, ge=1, le=1_000_000, description="keep only the K newest epoch-N.pt "
+                                                                   "(default: all)")
+
+
+def _check_loss(value: Any) -> list[tuple[tuple, str]]:
+    """Problems of a loss spec (name alone or {name: {args}}), located under train.loss."""
+    name, args = _one_key(value, "loss")
+    if name not in LOSSES:
+        return [(("train", "loss") + ((name,) if isinstance(value, dict) else ()),
+                 f"unknown loss {name!r}{suggest(name, LOSSES)} (one of: {', '.join(LOSSES)})")]
+    problems = []
+    allowed = LOSS_ARGS[name]
+
+    def numbers(v: Any) -> list | None:
+        vals = v if isinstance(v, list) else [v]
+        ok = vals and all(isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in vals)
+        return vals if ok else None
+
+    for key, v in args.items():
+        where = ("train", "loss", name, key)
+        if key not in allowed:
+            problems.append((where, f"unknown argument {key!r} for loss {name}"
+                                    + (suggest(str(key), allowed) or f" (takes: {', '.join(allowed) or 'none'})")))
+        elif key == "weight":
+            if v == "balanced" and name in CLASSIFICATION_LOSSES:
+                continue
+            vals = numbers(v) if isinstance(v, list) else None
+            if vals is None or any(x < 0 or x > 3.4e38 for x in vals):
+                problems.append((where, "weight must be a list of non-negative numbers (within float32's "
+                                        "range), one per class"
+                                        + (", or balanced (from the training split's class counts)"
+                                           if name in CLASSIFICATION_LOSSES else "")))
+            elif not any(x > 0 for x in vals):
+                problems.append((where, "weight is all zeros: no sample would count (the loss is 0/0)"))
+        elif key == "pos_weight":
+            vals = numbers(v)
+            if vals is None or any(x < 0 or x > 3.4e38 for x in vals):
+                problems.append((where, "pos_weight must be a non-negative number (within float32's range) or a "
+                                        "list of them, one per output"))
+        elif key == "label_smoothing":
+            if numbers(v) is None or isinstance(v, list) or not 0.0 <= v <= 1.0:
+                problems.append((where, f"label_smoothing must be a number from 0 to 1, got {_describe(v)}"))
+        elif key == "ignore_index":
+            if not isinstance(v, int) or isinstance(v, bool) or not -(2**63) <= v < 2**63:
+                problems.append((where, f"ignore_index must be an integer (a class label, a 64-bit integer), "
+                                        f"got {_describe(v)}"))
+        elif key in ("delta", "beta"):
+            if numbers(v) is None or isinstance(v, list) or v < 0 or v > 3.4e38 or (key == "delta" and v == 0):
+                problems.append((where, f"{key} must be a {'positive' if key == 'delta' else 'non-negative'} "
+                                        f"number, got {_describe(v)}"))
+    return problems
+
+
+class TrainSection(_Section):
+    epochs: int = Field(10, ge=1, le=1_000_000)
+    batch_size: int = Field(64, ge=1, le=1 << 20)
+    eval_batch_size: int | None = Field(None, ge=1, le=1 << 20, description="default: 4 x batch_size")
+    loss: Any = Field("cross_entropy",
+                      description="cross_entropy (the default) | nll | mse | l1 | l2 (= mse: PyTorch has no L2Loss) "
+                                  "| bce_with_logits (multi-label) | huber | smooth_l1; with arguments: "
+                                  "{cross_entropy: {label_smoothing: 0.1, weight: balanced}}")
+    accumulate: int = Field(1, ge=1, le=65536, description="gradient accumulation: one optimizer step every N "
+                                                           "batches, equal to an N times larger batch")
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection,
+                                          description="best.pt's monitor, and epoch-N.pt every N epochs")
+    optimizer: Any = Field(default_factory=lambda: {"Adam": {"lr": 0.001}},
+                           description="a torch.optim class with its arguments, e.g. {SGD: {lr: 0.1, momentum: 0.9}}")
+    scheduler: Any = Field(None, description="a torch.optim.lr_scheduler class with its arguments")
+    scheduler_interval: Literal["epoch", "step"] = "epoch"
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
+                        description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    precision: Literal[PRECISIONS] = Field("fp32", description="fp32, or bf16 / fp16 autocast (fp16 with a grad scaler)")
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradients' total norm to this value")
+    early_stopping: EarlyStopping | None = None
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the model")
+    threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (torch.set_num_threads)")
+    log: list[Literal["csv", "tensorboard"]] = Field(
+        default_factory=lambda: ["csv"],
+        description="what the run logs: csv (metrics.csv, always written: nnctl runs and compare read it) and "
+                    "tensorboard (RUN/tensorboard/: scalars, model graph, hparams; pip install 'nnctl[tensorboard]')")
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: Any) -> Any:
+        problems = _check_loss(v)
+        if problems:
+            raise _CrossProblems(problems)
+        name, args = _one_key(v, "loss")
+        return {name: args} if args else name
+
+    @property
+    def loss_name(self) -> str:
+        """The loss's name (cross_entropy, mse, ...), with or without arguments."""
+        return self.loss if isinstance(self.loss, str) else next(iter(self.loss))
+
+    @property
+    def loss_args(self) -> dict:
+        return {} if isinstance(self.loss, str) else dict(next(iter(self.loss.values())))
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v: Any) -> dict:
+        name, args = _one_key(v, "optimizer")
+        return {name: args}
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: Any) -> dict | None:
+        if v is None:
+            return None
+        name, args = _one_key(v, "scheduler")
+        return {name: args}
+
+
+class FreezeSection(_Section):
+    first: int | None = Field(None, ge=0, description="freeze the first N children of the model")
+    children: list[_Int] | None = Field(None, description="freeze these children by index")
+    names: list[str] | None = Field(None, description="freeze these children or parameters by dotted name; globs allowed")
+    unfreeze: list[str] | None = Field(None, description="then make these dotted names / globs trainable again")
+    train_frozen_norm: bool = Field(False, description="let frozen normalisation layers update running statistics")
+
+
+class Config(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                      description="the run's name; runs go to runs/<name>/ (default: the config file's name)")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    model: ModelSection
+    data: DataSection | None = Field(None, description="what to train on; only train and eval need it "
+                                                       "(check, summary, layers, freeze need only model)")
+    train: TrainSection = Field(default_factory=TrainSection,
+                                description="how to train; every key has a default (Adam lr 1e-3, 10 epochs, "
+                                            "batch 64, cross_entropy)")
+    freeze: FreezeSection | None = None
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Config":
+        problems = []
+        d, t = self.data, self.train
+        if d is None:
+            return self
+        loss = t.loss_name
+        if d.target == "input" and loss in CLASSIFICATION_LOSSES + ("bce_with_logits",):
+            problems.append((("train", "loss"), f"target: input reconstructs the (normalised) input; use mse, l1, "
+                                                f"huber or smooth_l1, not {loss}"))
+        if d.source == "tensors" and not d.path:
+            problems.append((("data",), "source: tensors needs path: a .pt, .npz or .safetensors file with x and y"))
+        if d.source == "image_folder" and not d.root:
+            problems.append((("data",), "source: image_folder needs root: a folder with one sub-folder per class"))
+        if d.cache and d.source != "image_folder":
+            problems.append((("data", "cache"), f"cache: true applies to source: image_folder only (it keeps "
+                                                f"decoded image files); {d.source} is read as whole tensors "
+                                                "already: remove cache"))
+        if d.augment and len(self.model.input_shape) != 3:
+            problems.append((("data", "augment"), f"augmentation applies to images, samples of shape [channels, "
+                                                  f"height, width]; model.input_shape is {self.model.input_shape}"))
+        if d.source == "synthetic" and d.target == "label" and loss in CLASSIFICATION_LOSSES and not d.classes:
+            problems.append((("data",), "source: synthetic with a classification loss needs classes: N"))
+        if d.split == "test" and d.source in ("tensors", "synthetic", "image_folder", "digits"):
+            problems.append((("data", "split"), f"source {d.source} has no test split of its own; use split: fraction"))
+        no_val = d.split == "fraction" and d.val_fraction == 0.0
+        watched = [(("train", "checkpoint", "monitor"), t.checkpoint.monitor)]
+        if t.early_stopping is not None:
+            watched.append((("train", "early_stopping", "monitor"), t.early_stopping.monitor))
+        for where, metric in watched:
+            if metric is None:
+                continue
+            if no_val and metric.startswith("val_"):
+                problems.append((where, f"{metric} needs validation data: val_fraction > 0 (or monitor train_loss)"))
+            elif metric in ("val_accuracy", "val_top5_accuracy") and not (
+                    (loss in CLASSIFICATION_LOSSES and d.target == "label")
+                    or (metric == "val_accuracy" and loss == "bce_with_logits")):
+                problems.append((where, f"{metric} needs class labels and a classification loss (cross_entropy "
+                                        f"or nll{', or bce_with_logits' if metric == 'val_accuracy' else ''}); "
+                                        f"this run trains with {loss}"))
+            elif metric in ("val_mse", "val_mae") and (
+                    (loss in CLASSIFICATION_LOSSES and d.target == "label") or loss == "bce_with_logits"):
+                has = ("val_loss and val_accuracy" if loss == "bce_with_logits"
+                       else "val_loss, val_accuracy and val_top5_accuracy")
+                problems.append((where, f"{metric} is a regression metric; a {loss} run has {has}"))
+        if (t.early_stopping is not None and no_val and t.early_stopping.monitor is None
+                and t.checkpoint.monitor is None):
+            problems.append((("train", "early_stopping"), "early stopping needs validation data: val_fraction > 0 "
+                                                          "(or early_stopping.monitor: train_loss)"))
+        if problems:
+            raise _CrossProblems(problems)
+        return self
+
+
+def resolved(cfg: Config) -> dict:
+    """The config with every default filled in, as plain data."""
+    return cfg.model_dump(mode="json")
+
+
+def json_schema() -> dict:
+    """A JSON Schema of the config for YAML editors (yaml-language-server)."""
+    from nnctl.config.nn_names import LAYER_NAMES
+
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "nnctl config"
+    names = sorted(set(LAYER_NAMES) | {"Sequential", "Residual", "Concat"})
+    layer_args = {"anyOf": [{"type": "null"}, {"type": "number"}, {"type": "string"}, {"type": "boolean"},
+                            {"type": "array"}, {"type": "object"}]}
+    entry = {
+        "description": "a layer: a torch.nn class name, or {Type: args} with optional name and repeat",
+        "anyOf": [
+            {"type": "string", "anyOf": [{"enum": names}, {"pattern": "^[A-Z][A-Za-z0-9_]*$"}]},
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"anyOf": [{"type": "string", "pattern": "^[^.]+$"}, {"type": "integer", "minimum": 0}]},
+                    "repeat": {"type": "integer", "minimum": 1},
+                    **{n: layer_args for n in names},
+                },
+                "patternProperties": {"^[A-Z][A-Za-z0-9_]*$": layer_args},
+                "additionalProperties": False,
+                "minProperties": 1,
+                "description": "Residual: a list, or {layers, shortcut, after}; Concat: {dim, branches}",
+            },
+        ],
+    }
+    schema.setdefault("$defs", {})["LayerEntry"] = entry
+    train = schema["$defs"].get("TrainSection", {}).get("properties", {})
+    if "loss" in train:
+        train["loss"] = {
+            "description": train["loss"].get("description", ""),
+            "default": "cross_entropy",
+            "anyOf": [{"enum": list(LOSSES)},
+                      {"type": "object", "minProperties": 1, "maxProperties": 1,
+                       "properties": {name: {"anyOf": [{"type": "null"}, {
+                           "type": "object", "additionalProperties": False,
+                           "properties": {arg: {} for arg in LOSS_ARGS[name]}}]} for name in LOSSES},
+                       "additionalProperties": False}],
+        }
+    model = schema["$defs"]["ModelSection"]["properties"]
+    model["layers"]["items"] = {"$ref": "#/$defs/LayerEntry"}
+    model["blocks"]["additionalProperties"] = {"$ref": "#/$defs/LayerEntry"}
+    return schema

@@ -1,0 +1,189 @@
+"""Structural validation of a config document: pydantic errors located at their YAML lines, cross-field checks."""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+from typing import Any
+from pydantic import BaseModel, ValidationError
+from nnctl.errors import ConfigError, Problem
+from nnctl.config.yamlio import Document
+from nnctl.config.schema import _CrossProblems, _describe, suggest
+from nnctl.config.schema import Config, DataSection, ModelSection, TrainSection
+
+
+
+# --- turning pydantic's errors into located, actionable problems -------------------
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    import typing
+
+    cls: Any = Config
+    for part in path:
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
+            return None
+        ann = cls.model_fields[part].annotation
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        cls = args[0] if args and not (isinstance(ann, type) and issubclass(ann, BaseModel)) else ann
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+
+
+
+
+
+
+def _problem_from(err: dict, data: Any, doc: Document) -> Problem:
+    loc = tuple(err["loc"])
+    kind = err["type"]
+    path: list = []
+    cur = data
+    missing_key = None
+    for i, part in enumerate(loc):
+        if isinstance(cur, dict) and part in cur:
+            path.append(part)
+            cur = cur[part]
+        elif isinstance(cur, list) and isinstance(part, int) and 0 <= part < len(cur):
+            path.append(part)
+            cur = cur[part]
+        elif kind == "missing" and i == len(loc) - 1:
+            missing_key = part
+        # else: a union member tag or similar; not a place in the file
+    msg = err["msg"]
+    value = err.get("input")
+    if kind == "missing":
+        msg = f"missing required key {missing_key!r}"
+    elif kind == "extra_forbidden":
+        model = _model_at(tuple(path[:-1]))
+        fields = list(model.model_fields) if model else []
+        key = path[-1] if path else "?"
+        msg = f"unknown key {key!r}" + (suggest(key, fields) or (f" (expected one of: {', '.join(fields)})" if fields else ""))
+    elif kind == "literal_error":
+        expected = err.get("ctx", {}).get("expected", "")
+        msg = f"{_describe(value)} is not one of {expected}" + suggest(str(value), [e.strip(" '") for e in expected.replace(" or ", ",").split(",")])
+    elif kind == "bool_type":
+        msg = f"expected true or false, got {_describe(value)}"
+        if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
+            msg += f" (nnctl reads YAML 1.2: {value!r} is a string here; write {'true' if value.lower() in ('yes', 'on', 'y') else 'false'})"
+    elif kind in ("int_type", "int_from_float"):
+        msg = f"expected an integer, got {_describe(value)}"
+    elif kind in ("float_type", "float_parsing"):
+        msg = f"expected a number, got {_describe(value)}"
+    elif kind == "string_type":
+        msg = f"expected a string, got {_describe(value)}"
+    elif kind in ("list_type",):
+        msg = f"expected a list, got {_describe(value)}"
+    elif kind in ("dict_type", "model_type", "model_attributes_type"):
+        msg = f"expected a mapping, got {_describe(value)}"
+    elif kind == "string_pattern_mismatch":
+        msg = f"{_describe(value)} is not valid here (must match {err.get('ctx', {}).get('pattern')})"
+    elif kind == "value_error":
+        msg = str(err.get("ctx", {}).get("error", msg))
+    elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than",
+                  "too_short", "too_long", "finite_number"):
+        msg = f"{msg}, got {_describe(value)}"
+    return doc.problem(tuple(path), msg)
+
+
+def default_name(file: str) -> str:
+    """The run name of a config without ``name:``: its file name, made a valid name."""
+    import os
+
+    stem = os.path.splitext(os.path.basename(str(file)))[0]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("._-")[:100]
+    return name or "model"
+
+
+def validate(doc: Document) -> Config:
+    """Validate the structure of a loaded document; raise ConfigError with every problem."""
+    data = doc.data
+    if data is None:
+        raise ConfigError([doc.problem((), "the document is empty: expected a mapping with at least 'model' "
+                                            "(and 'data' and 'train' to train)")])
+    if not isinstance(data, dict):
+        raise ConfigError([doc.problem((), f"a config must be a mapping with at least 'model' (and 'data' and "
+                                             f"'train' to train), not {type(data).__name__}")])
+    data = copy.deepcopy(data)
+    if "name" not in data:
+        data["name"] = default_name(doc.file)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems: list[Problem] = []
+        for err in exc.errors(include_url=False):
+            cross = err.get("ctx", {}).get("error")
+            if isinstance(cross, _CrossProblems):
+                problems.extend(doc.problem(p, m) for p, m in cross.problems)
+            else:
+                problems.append(_problem_from(err, data, doc))
+        # one problem per place and message, in file order
+        unique = {(p.line, p.column, p.path, p.message): p for p in problems}
+        ordered = sorted(unique.values(), key=lambda p: (p.line or 0, p.column or 0))
+        raise ConfigError(ordered) from None
+
+
+def require_data(cfg: Config, doc: Document, what: str = "training") -> DataSection:
+    """The data section, or a located ConfigError saying that `what` needs one.
+
+    Only ``train`` and ``eval`` need data; ``check``, ``summary``, ``layers``, ``freeze``
+    and ``export-weights`` work on a config that has only ``model:``.
+    """
+    if cfg.data is None:
+        raise ConfigError([Problem(f"no data: section: {what} needs one; add for example "
+                                   "`data: {source: digits}`", "data", doc.file)])
+    return cfg.data
+
+
+@dataclass
+class Checked:
+    """Every structural problem of a document, and the sections that are valid on their own.
+
+    ``cfg`` is the whole validated config (None when anything is wrong); ``model`` and
+    ``train`` are those sections when they validate alone, so that the model can still be
+    planned (and its layer and shape problems reported) while another section is broken.
+    """
+
+    cfg: Config | None
+    model: ModelSection | None
+    train: TrainSection | Any | None  # with only optimizer and scheduler when the rest is broken
+    problems: list[Problem]
+
+
+def validate_all(doc: Document) -> Checked:
+    """Like :func:`validate`, but never raises: every problem, plus the sections that are valid."""
+    try:
+        cfg = validate(doc)
+        return Checked(cfg, cfg.model, cfg.train, [])
+    except ConfigError as exc:
+        problems = list(exc.problems)
+    data = doc.data
+    sections: dict[str, Any] = {}
+    if isinstance(data, dict):
+        for key, cls in (("model", ModelSection), ("train", TrainSection)):
+            value = data.get(key, {} if key == "train" else None)
+            if value is None:
+                continue
+            try:
+                sections[key] = cls.model_validate(copy.deepcopy(value))
+            except ValidationError:
+                if key == "train" and isinstance(value, dict):
+                    sections[key] = _classes_only(value)
+    return Checked(None, sections.get("model"), sections.get("train"), problems)
+
+
+def _classes_only(train: dict) -> Any:
+    """A broken train section's optimizer and scheduler, when those two are well formed.
+
+    Lets ``nnctl check`` check the optimizer's class and arguments while, say, ``epochs``
+    is wrong (each problem is then reported once, in the same pass).
+    """
+    from types import SimpleNamespace
+
+    try:
+        optimizer = TrainSection._optimizer(train.get("optimizer", {"Adam": {"lr": 0.001}}))
+        scheduler = TrainSection._scheduler(train.get("scheduler"))
+    except ValueError:
+        return None
+    return SimpleNamespace(optimizer=optimizer, scheduler=scheduler)

@@ -1,0 +1,368 @@
+"""The decoded data in memory (a store), datasets over it, the batch order and the batches."""
+
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+import torch
+from torch import Tensor
+from nnctl.data import record as P
+from nnctl.errors import NnctlError, UsageError
+from nnctl.data.decode import _decode_image
+from nnctl.seeds import _mix
+
+# --- the store: every source read into tensors ----------------------------------------
+
+@dataclass
+class _Store:
+    """All samples of a source: raw x (or image files), targets y, and the split."""
+
+    y: Tensor                       # (N,) int64 labels or (N, k) float32 targets
+    sample_shape: tuple[int, ...]
+    x: Tensor | None = None         # (N, *sample_shape) uint8 or float32; None: stream `files`
+    scale: float | None = None      # uint8 x is divided by this (255, or 16 for digits)
+    num_classes: int | None = None
+    test_start: int | None = None   # samples from here on are the dataset's own test split
+    files: list[str] | None = None  # image_folder, streamed
+    image_mode: str = "RGB"
+    image_size: tuple[int, int] | None = None  # (H, W) to resize to
+    class_names: list[str] | None = None  # index = class id (the preprocessing record's `classes`)
+    notes: list[str] = field(default_factory=list)  # what reading skipped, for the run to print
+    mapped: bool = False  # x is memory-mapped from the decoded cache (data.cache): indexing it reads pages
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def nbytes(self) -> int:
+        per = math.prod(self.sample_shape) * (self.x.element_size() if self.x is not None else 1)
+        return len(self) * per + self.y.numel() * self.y.element_size()
+
+    def sample(self, i: int) -> tuple[Tensor, Tensor]:
+        x = self.x[i] if self.x is not None else _decode_image(self.files[i], self.image_mode, self.image_size)
+        return x, self.y[i]
+
+
+class _StoreDataset(torch.utils.data.Dataset):
+    def __init__(self, store: _Store):
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, i: int) -> "tuple[Tensor, Tensor] | _Failed":
+        try:
+            return self.store.sample(i)
+        except UsageError as exc:  # a bad file: a value, so that no worker traceback crosses processes
+            return _Failed(" ".join(str(exc).split()))
+
+
+class _Failed:
+    """A sample that could not be read; the DataLoader hands it back in place of a batch."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _collate(items: list) -> Any:
+    for item in items:
+        if isinstance(item, _Failed):
+            return item
+    batch = torch.utils.data.default_collate(items)
+    if isinstance(items, _ToAugment):  # a training batch of augmented streamed data: scaled and augmented here
+        x, y = batch
+        return items.finish(x), y
+    return batch
+
+
+class _StepIndices(list):
+    """One training batch's sample indices, tagged with its (epoch, step) for the worker's augmentation."""
+
+    def __init__(self, indices: list[int], epoch: int, step: int):
+        super().__init__(indices)
+        self.epoch, self.step = epoch, step
+
+
+class _ToAugment(list):
+    """A training batch's samples, with what the worker needs to scale and augment them after collation."""
+
+    def __init__(self, items: list, augment, scale: float | None, seed: int, epoch: int, step: int, rank: int):
+        super().__init__(items)
+        self.augment, self.scale, self.key = augment, scale, (seed, epoch, step, rank)
+
+    def finish(self, x: Tensor) -> Tensor:
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div_(self.scale)
+        elif x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        return self.augment(x, self.augment.generator(*self.key))
+
+
+class _AugmentedDataset(_StoreDataset):
+    """A streamed training split with data.augment: batches tagged by the sampler are augmented in the
+    DataLoader's workers (see _collate), with the generator of their (seed, epoch, step, rank)."""
+
+    def __init__(self, store: _Store, augment, seed: int, rank: int):
+        super().__init__(store)
+        self.augment, self.seed, self.rank = augment, seed, rank
+
+    def __getitems__(self, indices: list[int]) -> list:
+        items = [self[i] for i in indices]
+        if isinstance(indices, _StepIndices):
+            return _ToAugment(items, self.augment, self.store.scale, self.seed, indices.epoch, indices.step,
+                              self.rank)
+        return items
+
+
+WORKER_TERM_GRACE_S = 60
+
+
+def _worker_term(signum, frame) -> None:
+    """SIGTERM in a worker: die WORKER_TERM_GRACE_S seconds later, unless the main process shuts the
+    worker down first (a group SIGTERM reaches the main process too, which stops at the next step
+    boundary, saves and closes its workers)."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    signal.alarm(WORKER_TERM_GRACE_S)
+
+
+def _worker_init(worker_id: int) -> None:
+    """DataLoader workers leave stops to the main process: Ctrl-C (sent to the whole process group) is
+    ignored, and SIGTERM ends a worker only after a grace period (see _worker_term). A worker that
+    died at once would fail the main process's next batch, or its SIGCHLD handler in the middle of
+    a step, where no consistent state can be saved."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _worker_term)
+
+
+def _loader(dataset, **kwargs) -> torch.utils.data.DataLoader:
+    """A DataLoader that draws no global random numbers (its own generator) and returns bad samples
+    as values (see _Failed)."""
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    workers = kwargs.get("num_workers", 0)
+    return torch.utils.data.DataLoader(dataset, collate_fn=_collate,
+                                       worker_init_fn=_worker_init if workers else None, **kwargs)
+
+
+class LoaderStopped(NnctlError):
+    """A DataLoader worker process died (a signal, the out-of-memory killer): exit 1, not the data's fault."""
+
+
+def _iterate(loader) -> Iterator[Any]:
+    """A DataLoader's batches; a sample that could not be read is a one-line UsageError naming the file,
+    and a worker process that died (a signal, out of memory) a one-line NnctlError, never a traceback."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except NnctlError:  # a stop signal (Interrupted) while waiting for a batch
+            raise
+        except RuntimeError as exc:
+            text = " ".join(str(exc).split())
+            if "DataLoader worker" in text:
+                raise LoaderStopped(f"a DataLoader worker process stopped ({text[:200]}); this is not a fault "
+                                 "of the data: a signal or the out-of-memory killer ended it") from None
+            raise
+        if isinstance(batch, _Failed):
+            raise UsageError(batch.message)
+        yield batch
+
+
+# --- batches ---------------------------------------------------------------------------
+
+@dataclass
+class _Order:
+    """Which samples each batch of an epoch holds, for one rank (see ``Batches``)."""
+
+    indices: Tensor
+    batch_size: int
+    shuffle: bool
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __len__(self) -> int:
+        n, b = len(self.indices), self.batch_size
+        count = -(-n // b)
+        if self.world_size > 1 and n % b and n % b < self.world_size:
+            count -= 1  # too few samples left to give every rank one
+        return count
+
+    def order(self, epoch: int) -> Tensor:
+        if not self.shuffle:
+            return self.indices
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def batches(self, epoch: int, start_step: int, device: torch.device | None = None) -> Iterator[Tensor]:
+        order = self.order(epoch)
+        if device is not None:
+            order = order.to(device)  # one copy an epoch, then every batch is a slice
+        b, ws = self.batch_size, self.world_size
+        for step in range(start_step, len(self)):
+            chunk = order[step * b:(step + 1) * b]
+            yield torch.tensor_split(chunk, ws)[self.rank] if ws > 1 else chunk
+
+
+class _EpochBatchSampler:
+    """Hands a DataLoader the index lists of one epoch, from a start step on."""
+
+    def __init__(self, order: _Order):
+        self.order = order
+        self.epoch = 0
+        self.start_step = 0
+        self.tag = False  # data.augment: tag each index list with its (epoch, step)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step, idx in enumerate(self.order.batches(self.epoch, self.start_step), self.start_step):
+            yield _StepIndices(idx.tolist(), self.epoch, step) if self.tag else idx.tolist()
+
+    def __len__(self) -> int:
+        return max(0, len(self.order) - self.start_step)
+
+
+class Batches:
+    """The batches of one split, for one process.
+
+    Training batches are shuffled by a permutation that depends only on
+    ``(seed, epoch)``, so ``epoch(e, start_step=k)`` yields exactly batches
+    k, k+1, ... of ``epoch(e)``. Validation batches come in order. The last
+    partial batch is kept.
+
+    Several processes (``world_size > 1``): every rank draws the same permutation;
+    each global batch of ``batch_size`` samples is cut into ``world_size``
+    consecutive slices and rank r takes slice r, so a rank's batches hold
+    ``batch_size // world_size`` samples and the ranks together see each global
+    batch exactly once. The last partial global batch is split as evenly as
+    possible (``torch.tensor_split``), and dropped if it has fewer samples than
+    ranks so that every rank runs the same number of steps. Validation is split
+    differently: each rank evaluates one contiguous block of the validation
+    samples (sum the metrics over ranks).
+
+    Iterate one epoch at a time: a streamed split shares one DataLoader (and its
+    persistent workers) between epochs; starting a new epoch abandons the last.
+
+    ``target: input`` with noise: ``x`` gets ``noise * N(0, 1)`` from a generator
+    seeded by (seed, epoch, step, rank) for training, by (seed, step, rank) for
+    validation; ``y`` is the clean ``x``.
+
+    ``augment`` (data.augment, training splits only; see nnctl.augment): each batch is
+    augmented per sample on [0, 1] images, before normalisation, with the generator of
+    (seed, epoch, step, rank): on the device for preloaded data, in the DataLoader's
+    workers for streamed data. ``epoch(..., augment=False)`` gives the plain batches.
+    """
+
+    def __init__(self, store: _Store, indices: Tensor, batch_size: int, device: torch.device, *,
+                 shuffle: bool, seed: int, mean: list[float] | None, std: list[float] | None,
+                 target_input: bool, noise: float, preloaded: bool, num_workers: int = 0,
+                 rank: int = 0, world_size: int = 1, device_x: Tensor | None = None,
+                 device_y: Tensor | None = None, augment=None):
+        self.store = store
+        self.augment = augment if augment else None
+        self.indices = indices
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.seed = seed
+        # validation is sharded through `indices` already
+        self._order = _Order(indices, batch_size, shuffle, seed, rank, world_size if shuffle else 1)
+        self.target_input = target_input
+        self.noise = float(noise)
+        self.preloaded = preloaded
+        self.rank = rank
+        self.world_size = self._order.world_size
+        view = (1, -1) + (1,) * (len(store.sample_shape) - 1)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=device).view(view) if mean else None
+        self._std = torch.tensor(std, dtype=torch.float32, device=device).view(view) if std else None
+        self._x, self._y = device_x, device_y
+        self._loader = None
+        if not preloaded:
+            # the sampler must not refer back to this object: a reference cycle would leave the
+            # persistent workers to be shut down by the garbage collector, slowly
+            self._sampler = _EpochBatchSampler(self._order)
+            # A DataLoader iterator draws its workers' base seed when it is made: from this generator,
+            # never from the global RNG, whose stream belongs to dropout (exact resume). The workers
+            # draw no random numbers (decoding is deterministic; noise is added in _finish).
+            self._generator = torch.Generator()
+            dataset = _StoreDataset(store) if self.augment is None else \
+                _AugmentedDataset(store, self.augment, seed, rank)
+            self._loader = _loader(
+                dataset, batch_sampler=self._sampler, num_workers=num_workers,
+                pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, generator=self._generator)
+        self._len = len(self._order)
+        self.num_samples = sum(map(len, self._order.batches(0, 0))) if self.world_size > 1 else len(indices)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def global_size(self, step: int) -> int:
+        """Samples in batch ``step`` summed over every rank (the global batch; smaller for the last)."""
+        return max(0, min(self.batch_size, len(self.indices) - step * self.batch_size))
+
+    def order(self, epoch: int) -> Tensor:
+        """This split's sample indices in the order of ``epoch`` (all ranks)."""
+        return self._order.order(epoch)
+
+    def epoch(self, epoch: int, start_step: int = 0, *, augment: bool = True) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` on the device for batches ``start_step``, ... of ``epoch``
+        (augmented when this split has a data.augment pipeline, unless ``augment=False``)."""
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        augment = augment and self.augment is not None
+        if self.preloaded:
+            for step, idx in enumerate(self._order.batches(epoch, start_step, self.device), start_step):
+                yield self._finish(self._x[idx], self._y[idx], epoch, step, augment)
+        else:
+            self._sampler.epoch, self._sampler.start_step = epoch, start_step
+            self._sampler.tag = augment  # the workers augment (see _collate)
+            if start_step >= self._len:
+                return
+            nb = self.device.type == "cuda"
+            self._generator.manual_seed(_mix(self.seed, epoch, 0x10AD))
+            for step, (x, y) in enumerate(_iterate(self._loader), start_step):
+                yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
+                                   epoch, step)
+
+    def _finish(self, x: Tensor, y: Tensor, epoch: int, step: int,
+                augment: bool = False) -> tuple[Tensor, Tensor]:
+        """Scale, (preloaded, augment) augment, normalise and (target: input) copy and noise one batch,
+        on the device."""
+        if x.dtype == torch.uint8:
+            x = x.to(torch.float32).div_(self.store.scale)
+        elif x.dtype != torch.float32:
+            x = x.to(torch.float32)
+        if augment:  # streamed batches come augmented from the workers, as float32
+            x = self.augment(x, self.augment.generator(self.seed, epoch, step, self.rank))
+        if self._mean is not None:
+            x = (x - self._mean) / self._std
+        if not self.target_input:
+            return x, y
+        y = x
+        if self.noise > 0:
+            seed = _mix(self.seed, epoch, step, self.rank) if self.shuffle else _mix(self.seed, 7, step, self.rank)
+            g = torch.Generator(device=x.device).manual_seed(seed)
+            x = x + self.noise * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return x, y
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs to know about its data."""
+
+    train: Batches
+    val: Batches | None
+    input_shape: tuple[int, ...]
+    num_classes: int | None
+    task: str                       # "classification" or "regression"
+    mean: list[float] | None
+    std: list[float] | None
+    description: str
+    preloaded: bool
+    preprocessing: P.Preprocessing | None = None  # the record every checkpoint of this data carries
+    # what reading skipped or decided, one line each, for the run to print (as "note: ...")
+    notes: list[str] = field(default_factory=list)
+    target_shape: tuple[int, ...] | None = None  # one sample's regression target; None for class labels
+    label_range: tuple[int, int] | None = None  # (min, max) class label over both splits
+    where: str = ""  # the data, for messages: "tensors file d.pt", "image_folder data/pets", "digits"

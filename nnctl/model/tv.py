@@ -1,0 +1,353 @@
+"""torchvision models as a model source: builders, weights from the local hub cache, their preprocessing."""
+
+from __future__ import annotations
+
+from typing import Any
+import torch
+from torch import nn
+from nnctl.model import registry as L
+from nnctl.config.schema import Config, ModelSection
+from nnctl.config.schema import suggest
+from nnctl.errors import ConfigError
+from nnctl.config.yamlio import Document
+from nnctl.model.nodes import MAX_PARAMS, Node, Plan, _kw, _short, instantiate
+
+
+def pretrained_preprocessing(cfg: Config) -> dict | None:
+    """A torchvision source's pretrained weights' own preprocessing (mean, std, crop size, categories), or None."""
+    model = cfg.model
+    if getattr(model, "torchvision", None) is None or getattr(model, "weights", None) is None:
+        return None
+    member, _ = resolve_weights(model.torchvision, model.weights)
+    return weights_preprocessing(member) if member is not None else None
+
+
+# --- torchvision models as a model source ------------------------------------------------
+#
+# model: {torchvision: resnet18, weights: IMAGENET1K_V1, args: {...}, replace: {fc: {Linear: ...}}}
+# Only names in torchvision.models.list_models() (classification: one tensor out), arguments
+# checked against the builder's signature (and its model class's), weights from torchvision's
+# own registry, read from the local torch hub cache with torch.load(weights_only=True): no
+# download, no code from the config or from the weights file.
+
+TV_PATH = ("model", "torchvision")
+
+
+def _tv():
+    import torchvision.models as TVM
+
+    return TVM
+
+
+def torchvision_models() -> list[str]:
+    """The torchvision classification models a config may name."""
+    TVM = _tv()
+    return sorted(TVM.list_models(module=TVM))
+
+
+def resolve_weights(model_name: str, value: str):
+    """(weights enum member, None) or (None, why not): IMAGENET1K_V1, DEFAULT or ResNet18_Weights.IMAGENET1K_V1."""
+    TVM = _tv()
+    enum_cls = TVM.get_model_weights(model_name)
+    members = [m for m in enum_cls.__members__ if m != "DEFAULT"]
+    listed = f"{model_name}'s weights are {', '.join(members)} (or DEFAULT); null means random init"
+    if not isinstance(value, str):
+        return None, f"weights is a name, got {value!r}; {listed}"
+    text = value
+    if "." in text:
+        cls_name, _, text = text.partition(".")
+        if cls_name != enum_cls.__name__:
+            return None, f"weights {value!r} are not {model_name}'s ({enum_cls.__name__}); {listed}"
+    if text == "DEFAULT":
+        return enum_cls.DEFAULT, None
+    if text in enum_cls.__members__:
+        return enum_cls[text], None
+    hint = suggest(text, members + ["DEFAULT"])
+    return None, f"{model_name} has no weights {value!r}{hint}{' ' if hint else '; '}{listed}"
+
+
+def weights_file(weights) -> str:
+    """Where torch.hub keeps these weights: <torch.hub.get_dir()>/checkpoints/<file name of the URL>."""
+    import os
+    from urllib.parse import urlparse
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
+
+
+def weights_preprocessing(weights) -> dict:
+    """The weights' recorded preprocessing (their transforms() and meta): resize, crop, mean, std, classes."""
+    out: dict[str, Any] = {"weights": f"{type(weights).__name__}.{weights.name}"}
+    try:
+        t = weights.transforms()
+    except Exception:  # noqa: BLE001 - a weights entry without image transforms
+        t = None
+    for key in ("resize_size", "crop_size", "mean", "std"):
+        value = getattr(t, key, None)
+        out[key] = [float(v) if key in ("mean", "std") else int(v) for v in value] if value is not None else None
+    interp = getattr(t, "interpolation", None)
+    out["interpolation"] = getattr(interp, "value", None)
+    cats = weights.meta.get("categories")
+    out["classes"] = list(cats) if cats else None
+    return out
+
+
+def _offline_loader(url: str, *args: Any, **kwargs: Any) -> dict:
+    """torchvision's load_state_dict_from_url, offline: the hub cache or a clear error; weights_only."""
+    import os
+    from urllib.parse import urlparse
+
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _no_download(*args: Any, **kwargs: Any) -> None:
+    raise RuntimeError("nnctl never downloads weights; put the file in the torch hub cache")
+
+
+def _builder_args(model_name: str) -> tuple[Any, list[str], dict]:
+    """The builder, the keyword arguments a config may give it, and their annotations."""
+    import inspect
+    import typing
+
+    TVM = _tv()
+    builder = TVM.get_model_builder(model_name)
+    fn = inspect.unwrap(builder)
+    sig = inspect.signature(fn)
+    names, hints = [], {}
+    var_kw = False
+    for p in sig.parameters.values():
+        if p.kind == p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind != p.VAR_POSITIONAL and p.name not in ("weights", "progress"):
+            names.append(p.name)
+    if var_kw:
+        try:
+            cls = typing.get_type_hints(fn).get("return")
+        except Exception:  # noqa: BLE001
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, nn.Module):
+            hints = dict(L._hints(cls))
+            for p in L.params_of(cls):
+                text = str(hints.get(p.name, p.annotation))
+                if p.name not in names and not any(w in text for w in ("Callable", "type[", "Type[", "Module")):
+                    names.append(p.name)  # never a class or a function: a config cannot give one
+    return builder, names, hints
+
+
+def _shapes(module: nn.Module, shape: tuple, train: bool = False) -> tuple[dict, dict, Any]:
+    """Input and output shapes (one sample) of every submodule, by a forward pass on the meta device."""
+    ins: dict[str, tuple | None] = {}
+    outs: dict[str, tuple | None] = {}
+
+    def shp(t):
+        return tuple(t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() >= 1 else None
+
+    handles = []
+    for name, mod in module.named_modules():
+        def pre(_m, args, name=name):
+            ins.setdefault(name, shp(args[0]) if args else None)
+
+        def post(_m, _a, out, name=name):
+            outs.setdefault(name, shp(out))
+
+        handles.append(mod.register_forward_pre_hook(pre))
+        handles.append(mod.register_forward_hook(post))
+    try:
+        module.train(train)
+        with torch.no_grad():
+            y = module(L.meta_input(shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs, y
+
+
+def plan_torchvision(model: ModelSection, planner: Any, shape: tuple) -> tuple[Node, dict]:
+    """Plan a torchvision model on the meta device: name, arguments, weights, replacements, shapes."""
+
+    TVM = _tv()
+    name = model.torchvision
+    root = Node("module", str(name), TV_PATH, in_shape=shape)
+    fail = planner.fail
+    if name not in torchvision_models():
+        if name in TVM.list_models():
+            fail(TV_PATH, f"torchvision model {name!r} is not a classification model (its forward returns "
+                          "detections, masks or a dict); nnctl trains models that return one tensor: choose one "
+                          "of torchvision.models.list_models(module=torchvision.models)")
+        else:
+            fail(TV_PATH, f"unknown torchvision model {name!r}{suggest(str(name), torchvision_models())} "
+                          "(the names of torchvision.models.list_models(), e.g. resnet18, vgg11, mobilenet_v3_small)")
+        return root, {}
+    builder, allowed, hints = _builder_args(name)
+    ok = True
+    for key, value in model.args.items():
+        apath = ("model", "args", key)
+        if key not in allowed:
+            fail(apath, f"unknown argument {key!r} for torchvision.models.{name}{suggest(str(key), allowed)} "
+                        f"(it takes: {', '.join(allowed) or 'nothing'})")
+            ok = False
+        elif isinstance(value, dict):
+            fail(apath, f"{name}.{key}: a mapping is not a valid argument value")
+            ok = False
+        elif key in hints and L.fits(L.to_torch_value(value), hints[key]) is False:
+            fail(apath, f"{name}.{key} expects {L.annotation_text(hints[key])}, got {value!r}")
+            ok = False
+    weights = None
+    if model.weights is not None:
+        weights, why = resolve_weights(name, model.weights)
+        if why:
+            fail(("model", "weights"), why)
+            ok = False
+    if not ok:
+        return root, {}
+    kwargs = {k: L.to_torch_value(v) if isinstance(v, list) and k != "replace_stride_with_dilation" else v
+              for k, v in model.args.items()}
+    if weights is not None:
+        n = len(weights.meta.get("categories") or [])
+        if n and kwargs.get("num_classes", n) != n:
+            fail(("model", "args", "num_classes"), f"the {model.weights} weights of {name} have {n} classes, "
+                                                   f"not {kwargs['num_classes']}: keep num_classes and give the "
+                                                   "model a new head with replace (e.g. replace: {fc: {Linear: "
+                                                   "{out_features: N}}})")
+            return root, {}
+        if n:
+            kwargs["num_classes"] = n
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("ignore")
+        try:
+            with torch.device("meta"):
+                net = builder(weights=None, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - the builder's own argument checks
+            fail(("model", "args") if model.args else TV_PATH,
+                 f"torchvision.models.{name}({_kw(kwargs)}) is invalid: {_short(exc)}")
+            return root, {}
+    total = sum(p.numel() for p in net.parameters())
+    planner.total_params += total
+    if total > MAX_PARAMS:
+        fail(TV_PATH, f"{name} has {total:,} parameters, more than {MAX_PARAMS:,}; refused before allocating")
+        return root, {}
+    try:
+        ins, _, _ = _shapes(net, shape)
+    except Exception as exc:  # noqa: BLE001
+        fail(("model", "input_shape"), f"torchvision.models.{name} cannot take an input of shape {list(shape)}: "
+                                       f"{_short(exc)}")
+        return root, {}
+    modules = dict(net.named_modules())
+    replaced: dict[str, Node] = {}
+    for dotted, entry in model.replace.items():
+        rpath = ("model", "replace", dotted)
+        if not isinstance(dotted, str) or not dotted or dotted not in modules:
+            tops = [n for n, _ in net.named_children()]
+            fail(rpath, f"replace: {dotted!r} is not a module of {name}{suggest(str(dotted), list(modules)[1:])} "
+                        f"(its children: {', '.join(tops)}; deeper modules by dotted name, e.g. "
+                        f"{next((n for n in modules if n.count('.') == 2), tops[-1])})")
+            continue
+        got, _ = planner.entry(entry, rpath, ins.get(dotted), ())
+        if not got:
+            continue
+        if len(got) > 1:
+            node = Node("sequential", "Sequential", rpath, children=[(str(i), n) for i, (_, n) in enumerate(got)],
+                        in_shape=got[0][1].in_shape, out_shape=got[-1][1].out_shape)
+            node.params = sum(n.params for _, n in got)
+        else:
+            node = got[0][1]
+        replaced[dotted] = node
+    if planner.problems:
+        return root, {}
+    for dotted, node in replaced.items():
+        parent, _, last = dotted.rpartition(".")
+        with torch.device("meta"):
+            new = instantiate(node)
+        try:
+            setattr(net.get_submodule(parent) if parent else net, last, new)
+        except AttributeError as exc:
+            fail(("model", "replace", dotted), f"replace: cannot replace {dotted!r}: {_short(exc)}")
+            return root, {}
+    where = ("model", "replace") if replaced else ("model", "input_shape")
+    try:
+        _, outs, y = _shapes(net, shape)
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"it returns {type(y).__name__}, not a tensor")
+        _, _, y_train = _shapes(net, shape, train=True)
+        if not isinstance(y_train, torch.Tensor):
+            fail(TV_PATH, f"{name} returns {type(y_train).__name__} in training mode (auxiliary outputs), not one "
+                          "tensor: set args: {aux_logits: false}")
+            return root, {}
+    except Exception as exc:  # noqa: BLE001
+        what = f"with {', '.join(replaced)} replaced, " if replaced else ""
+        fail(where, f"{what}torchvision.models.{name} cannot take an input of shape {list(shape)}: {_short(exc)}")
+        return root, {}
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in net.named_modules()}
+
+    def tree(mod: nn.Module, prefix: str) -> list:
+        kids = []
+        for cname, child in mod.named_children():
+            full = f"{prefix}{cname}"
+            if full in replaced:
+                node = replaced[full]
+            else:
+                has_kids = next(child.children(), None) is not None
+                node = Node("module" if has_kids else "layer", type(child).__name__, TV_PATH, cls=type(child),
+                            in_shape=ins.get(full), out_shape=outs.get(full), params=params[full])
+                node.children = tree(child, full + ".")
+            kids.append((cname, node))
+        return kids
+
+    root = Node("module", type(net).__name__, TV_PATH, cls=type(net), children=tree(net, ""), in_shape=shape,
+                out_shape=tuple(y.shape[1:]), params=params[""])
+    extra = {"model": name, "weights": None if weights is None else f"{type(weights).__name__}.{weights.name}",
+             "weights_file": None if weights is None else weights_file(weights),
+             "replace": list(replaced), "replace_nodes": replaced,
+             "preprocessing": None if weights is None else weights_preprocessing(weights)}
+    return root, extra
+
+
+def offline_weights_message(weights) -> str:
+    import os
+
+    path = weights_file(weights)
+    return (f"the weights {type(weights).__name__}.{weights.name} are not in the local torch hub cache: nnctl "
+            f"never downloads; put the file {os.path.basename(path)} (from {weights.url}) in the folder "
+            f"{os.path.dirname(path)} (torch.hub.get_dir()/checkpoints; set TORCH_HOME to use another), "
+            "or write weights: null for random init")
+
+
+def build_torchvision(model: ModelSection, p: Plan, doc: Document, pretrained: bool = True) -> nn.Module:
+    """The real torchvision model of a plan: torchvision's builder, the cached weights, the replacements."""
+    from unittest import mock
+
+    name = model.torchvision
+    builder, _, _ = _builder_args(name)
+    kwargs = {k: L.to_torch_value(v) if isinstance(v, list) and k != "replace_stride_with_dilation" else v
+              for k, v in model.args.items()}
+    weights = resolve_weights(name, model.weights)[0] if model.weights is not None else None
+    import warnings as _w
+
+    with _w.catch_warnings():
+        _w.simplefilter("ignore", FutureWarning)
+        if weights is not None and pretrained:
+            import torchvision.models._api as api
+
+            try:
+                with mock.patch.object(api, "load_state_dict_from_url", _offline_loader), \
+                        mock.patch.object(torch.hub, "download_url_to_file", _no_download):
+                    net = builder(weights=weights, progress=False, **kwargs)
+            except FileNotFoundError:
+                raise ConfigError([doc.problem(("model", "weights"), offline_weights_message(weights))]) from None
+            except Exception as exc:  # noqa: BLE001 - a file that is not these weights
+                raise ConfigError([doc.problem(("model", "weights"), f"{weights_file(weights)} does not hold the "
+                                                                     f"weights of {name}: {_short(exc)}")]) from None
+        else:
+            if weights is not None:
+                n = len(weights.meta.get("categories") or [])
+                if n:
+                    kwargs["num_classes"] = n
+            net = builder(weights=None, **kwargs)
+    for dotted, node in (p.torchvision.get("replace_nodes") or {}).items():
+        parent, _, last = dotted.rpartition(".")
+        setattr(net.get_submodule(parent) if parent else net, last, instantiate(node))
+    return net

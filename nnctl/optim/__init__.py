@@ -1,0 +1,1 @@
+"""Optimizers, schedulers and losses: the registries, their checks, the resume rules."""

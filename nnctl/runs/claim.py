@@ -1,0 +1,206 @@
+"""Claiming a run folder for a new run or a resume."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from nnctl.errors import UsageError
+from nnctl.runs.rundir import is_run_file
+from nnctl.runs.rundir import LOCKED_ENV, RunLock, has_checkpoint
+
+def _reusable(folder: Path) -> str | None:
+    """None if nnctl may start a run in this existing folder (under its lock), else the reason."""
+    if has_checkpoint(folder):
+        return "already holds a run"
+    try:
+        names = [n for n in os.listdir(folder) if n != ".lock" and not n.startswith((".write-test-", "."))]
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or exc})"
+    if not names:
+        return None
+    if not (folder / "config.yaml").is_file():
+        return f"is not empty and is not an nnctl run folder (it holds {sorted(names)[0]!r})"
+    foreign = [n for n in names if not is_run_file(n)]
+    if foreign:
+        return f"holds files nnctl did not write ({sorted(foreign)[0]!r})"
+    if "tensorboard" in names:
+        from nnctl.runs.tensorboard import only_event_files
+
+        other = only_event_files(folder / "tensorboard")
+        if other:
+            return f"holds files nnctl did not write ({other!r})"
+    return None
+
+
+def _clear_stale(folder: Path) -> None:
+    """The leftovers of a run that stopped before its first checkpoint (the folder is locked)."""
+    for name in ("config.yaml", "metrics.csv", "curves.png", "status.json"):
+        try:
+            (folder / name).unlink()
+        except FileNotFoundError:
+            pass
+    from nnctl.runs.tensorboard import clear
+
+    clear(folder)  # RUN/tensorboard: its event files only
+
+
+def _probe_writable(folder: Path) -> None:
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to the run folder {folder}: {exc.strerror or exc}") from None
+
+
+@dataclass
+class Claim:
+    """A run folder this process holds: its lock, and whether it made the folder."""
+
+    folder: Path
+    lock: RunLock | None
+    created: bool = False
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+    def abandon(self, error: BaseException | None = None) -> None:
+        """A run that failed before its first checkpoint: leave nothing that blocks the next one.
+
+        With the error, once config.yaml is written: the folder stays as the run's record
+        (status.json: failed or interrupted, the error), and the next run of the same name
+        reuses it (it holds no checkpoint and only nnctl's files). Otherwise its files go, and
+        the folder too if this process made it.
+        """
+        if error is not None and not has_checkpoint(self.folder) and (self.folder / "config.yaml").is_file():
+            from nnctl.runs.status import record_failure
+
+            if record_failure(self.folder, error):
+                self.release()
+                return
+        if not has_checkpoint(self.folder):
+            _clear_stale(self.folder)
+            if self.created:
+                if self.lock is not None:
+                    self.lock.release()
+                try:
+                    self.folder.rmdir()  # only if empty: never removes a file nnctl did not make
+                except OSError:
+                    pass
+        self.release()
+
+
+def _lock(folder: Path) -> RunLock | None:
+    """Lock a folder, unless the distributed launcher that started this process holds its lock."""
+    held = os.environ.get(LOCKED_ENV)
+    if held and os.path.abspath(held) == os.path.abspath(folder):
+        return None
+    return RunLock(folder).acquire()
+
+
+def claim_new(name: str, out: str | os.PathLike | None = None, base: str | os.PathLike = "runs") -> Claim:
+    """A fresh run folder, locked: --out as given, else the first free runs/<name>, runs/<name>-2, ...
+
+    A name is taken by an atomic mkdir, so two runs started at once never share a folder. An
+    existing folder is used only if it is locked by this process and holds no checkpoint and no
+    foreign file (a run that stopped before its first checkpoint, or an empty folder).
+    """
+    if out is not None:
+        p = Path(out)
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            raise UsageError(f"--out {p}: exists and is not a folder")
+        return _claim_one(p, explicit=True)
+    root = Path(base)
+    for i in range(1, 100_000):
+        p = root / (name if i == 1 else f"{name}-{i}")
+        try:
+            return _claim_one(p, explicit=False)
+        except _Taken:
+            continue
+    raise UsageError(f"{root}: no free run folder name for {name!r}")
+
+
+class _Taken(Exception):
+    pass
+
+
+def _claim_one(p: Path, explicit: bool) -> Claim:
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(p)
+        created = True
+    except FileExistsError:
+        created = False
+    except OSError as exc:
+        raise UsageError(f"cannot write to the run folder {p}: {exc.strerror or exc}") from None
+    if not created and (p.is_symlink() or not p.is_dir()):
+        if explicit:
+            raise UsageError(f"--out {p}: exists and is not a folder")
+        raise _Taken
+    try:
+        lock = _lock(p)
+    except UsageError:
+        if explicit:
+            raise
+        raise _Taken from None
+    claim = Claim(p, lock, created)
+    if not created:
+        reason = _reusable(p)
+        if reason is not None:
+            claim.release()
+            if explicit:
+                hint = (f"continue it with --resume {p}, or choose another --out" if has_checkpoint(p)
+                        else "choose another --out")
+                raise UsageError(f"--out {p}: {reason}; {hint}")
+            raise _Taken
+        _clear_stale(p)
+    try:
+        _probe_writable(p)
+    except UsageError:
+        claim.abandon()
+        raise
+    return claim
+
+
+def claim_existing(folder: str | os.PathLike) -> Claim:
+    """Lock a run folder to continue its run (before its checkpoint is read); its run files checked at once."""
+    p = Path(folder)
+    claim = Claim(p, _lock(p), False)
+    try:
+        _check_run_files(p)
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+def _check_run_files(folder: Path) -> None:
+    """A continued run writes status.json, metrics.csv, config.yaml and tensorboard/ in place: each must be
+    a regular file (a folder), never a FIFO, a folder or a symbolic link. UsageError up front, before
+    anything is trained or written."""
+    for name, want_dir in (("status.json", False), ("metrics.csv", False), ("config.yaml", False),
+                           ("tensorboard", True)):
+        path = folder / name
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"--resume {folder}: {path} cannot be read ({exc.strerror or exc})") from None
+        if stat.S_ISLNK(st.st_mode):
+            what = "a symbolic link"
+        elif want_dir:
+            what = None if stat.S_ISDIR(st.st_mode) else ("a regular file" if stat.S_ISREG(st.st_mode)
+                                                         else "not a folder")
+        elif stat.S_ISREG(st.st_mode):
+            what = None
+        else:
+            what = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
+                    else "not a regular file")
+        if what:
+            need = "a folder" if want_dir else "a regular file"
+            raise UsageError(f"--resume {folder}: {path} is {what}, not {need}; nnctl never makes it so: "
+                             "refused before anything is trained or written (remove or replace it)")

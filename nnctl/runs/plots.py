@@ -1,0 +1,141 @@
+"""Pictures of runs: learning curves and run comparisons."""
+
+from __future__ import annotations
+
+from nnctl import files
+from nnctl.errors import NnctlError, UsageError
+import os
+from pathlib import Path
+from nnctl.runs.records import Comparison, _unique_names
+from nnctl.runs.status import STATUS
+
+def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
+    """curves.png: losses (left) and the validation metric (right) by epoch."""
+    from pathlib import Path
+
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    metric_keys = [k for k in ("val_accuracy", "val_mae") if k in history[0]]
+    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(10 if metric_keys else 5.5, 3.6), squeeze=False)
+    ax = axes[0][0]
+    for key in ("train_loss", "val_loss"):
+        if key in history[0]:
+            ax.plot(epochs, [r.get(key) for r in history], marker="o", ms=3, label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if metric_keys:
+        ax2 = axes[0][1]
+        key = metric_keys[0]
+        ax2.plot(epochs, [r.get(key) for r in history], marker="o", ms=3, color="tab:green")
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel(key.replace("_", " "))
+        ax2.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(run_dir) / "curves.png"
+    files.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), run_file=True)
+    plt.close(fig)
+    return str(path)
+
+def plot_quietly(run_dir: Path, name: str) -> str | None:
+    """curves.png from metrics.csv; a failure (disk full, a signal) never hides a finished run."""
+    import csv
+
+    from nnctl.runs import plots as PLOTS
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return None
+    from nnctl import files as files
+    from nnctl.runs import checkpoint as K
+
+    try:
+        with K.deferred_signals(), open(path) as fh:
+            rows = [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v != ""}
+                    for r in csv.DictReader(fh)]
+            return PLOTS.plot_curves(run_dir, rows, name)
+    except (OSError, ValueError, NnctlError):
+        return None
+
+def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compare.png") -> str:
+    """The runs' curves overlaid: losses (train solid, val dashed) and the monitored metric; one colour
+    a run; the legend names each run and what differs. Written atomically; never over an input."""
+    from nnctl.files import atomic_write, check_output
+
+    out = Path(out_png)
+    fmt = out.suffix.lower().lstrip(".")
+    if fmt not in ("png", "svg", "pdf"):
+        raise UsageError(f"-o {out}: the picture's file name must end in .png, .svg or .pdf")
+    inputs = [Path(r.path) / name for r in comparison.runs for name in ("metrics.csv", "config.yaml", STATUS,
+                                                                          "curves.png")]
+    check_output(out, inputs, what="-o")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = comparison.metric
+    if metric in (None, "train_loss", "val_loss"):
+        metric = next((k for k in ("val_accuracy", "val_mae") if any(h and k in h[0] for h in comparison.histories)),
+                      None)
+    panels = 2 if metric else 1
+    n = len(comparison.runs)
+    ncol = 1 if n <= 6 else 2
+    legend_rows = -(-n // ncol)
+    # 100 dpi: the panels keep their size (3.5 in); the legend below adds 0.2 in a row
+    height = 3.5 + 0.2 * legend_rows + 0.1
+    fig, axes = plt.subplots(1, panels, figsize=(11 if panels == 2 else 7, height), squeeze=False)
+    colours = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    labels = comparison.labels(width=100 if ncol == 1 else 60)
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for i, (info, rows) in enumerate(zip(comparison.runs, comparison.histories)):
+        colour = colours(i % colours.N)
+        epochs = [r.get("epoch") for r in rows]
+        ax = axes[0][0]
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            if rows and key in rows[0]:
+                ax.plot(epochs, [r.get(key) for r in rows], style, color=colour, lw=1.6, marker="o", ms=2.5)
+        if metric:
+            ax2 = axes[0][1]
+            if rows and metric in rows[0]:
+                ax2.plot(epochs, [r.get(metric) for r in rows], "-", color=colour, lw=1.6, marker="o", ms=2.5)
+                best = info.best or {}
+                if best.get("metric") == metric and best.get("epoch") is not None and best.get("value") is not None:
+                    ax2.plot([best["epoch"]], [best["value"]], marker="*", ms=12, color=colour,
+                             markeredgecolor="black", markeredgewidth=0.6, zorder=5)
+        label = labels[i] if rows else f"{labels[i]}: no epoch finished ({info.state})"
+        handles.append(Line2D([], [], color=colour, lw=2.2, ls="-" if rows else ":", label=label))
+    ax = axes[0][0]
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title("loss (train solid, val dashed)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if metric:
+        ax2 = axes[0][1]
+        ax2.set_xlabel("epoch")
+        ax2.set_ylabel(metric.replace("_", " "))
+        ax2.set_title(f"{metric.replace('_', ' ')} (star: best epoch)", fontsize=10)
+        ax2.grid(alpha=0.3)
+    for a in axes[0]:
+        a.xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
+    title = ", ".join(_unique_names([r.path for r in comparison.runs]))
+    fig.suptitle("nnctl compare: " + (title if len(title) <= 110 else title[:109] + "…"), fontsize=11)
+    fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1 - 0.3 / height))
+    try:
+        atomic_write(out, lambda fh: fig.savefig(fh, format=fmt, dpi=100), inputs=inputs)
+    finally:
+        plt.close(fig)
+    comparison.plot = str(out)
+    return str(out)

@@ -1,0 +1,1 @@
+"""Training: one epoch and evaluation (loop), the trainer, policies, distributed ranks, signals, one run."""

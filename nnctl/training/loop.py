@@ -1,0 +1,209 @@
+"""One training epoch and one evaluation pass."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable
+import torch
+from torch import nn
+
+# --- one epoch, evaluation ------------------------------------------------------------
+
+@dataclass
+class Context:
+    """What the step needs, built once by fit()."""
+
+    model: nn.Module  # what runs forward (possibly compiled)
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    device: torch.device
+    autocast: Callable[[], Any]
+    grad_clip: float | None
+    step_scheduler: bool
+    channels_last: bool
+    classification: bool
+    trainable: list[nn.Parameter]
+    set_train_mode: Callable[[], None]
+    accumulate: int = 1  # batches per optimizer step (gradient accumulation)
+
+
+def _prepare(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    if ctx.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def acc_dtype(device: torch.device) -> torch.dtype:
+    """Accumulate sums in float64, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclass
+class EpochSums:
+    """The epoch's per-step losses, kept on the device; read (one sync) at the end of the epoch.
+
+    Appending the detached loss costs no kernel and no host sync per step.
+    """
+
+    losses: list[torch.Tensor] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def seen(self) -> int:
+        return sum(self.sizes)
+
+    def last(self) -> float | None:
+        """The latest step's loss (a host sync: for displays that refresh a few times a second)."""
+        return float(self.losses[-1]) if self.losses else None
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> tuple[float, int]:
+        """(mean loss weighted by batch size, index of the first non-finite step or -1).
+
+        all_reduce (distributed runs) sums the loss and sample counts of every rank.
+        """
+        if not self.losses:
+            return math.nan, -1
+        values = torch.stack([v.float() for v in self.losses])
+        values = values.to(acc_dtype(values.device))
+        sizes = torch.tensor(self.sizes, dtype=values.dtype, device=values.device)
+        totals = torch.stack([(values * sizes).sum(), sizes.sum(), (~torch.isfinite(values)).sum().to(values.dtype)])
+        if all_reduce is not None:
+            all_reduce(totals)
+        bad = (~torch.isfinite(values.cpu())).nonzero()
+        loss_sum, seen, n_bad = totals.tolist()
+        first_bad = int(bad[0]) if len(bad) else (-2 if n_bad else -1)  # -2: on another rank
+        return loss_sum / seen, first_bad
+
+    def state(self) -> dict:
+        return {"losses": torch.stack([v.float() for v in self.losses]).cpu() if self.losses else torch.zeros(0),
+                "sizes": list(self.sizes)}
+
+    @classmethod
+    def from_state(cls, state: dict | None, device: torch.device) -> "EpochSums":
+        if not state:
+            return cls()
+        return cls([v.to(device) for v in state["losses"]], list(state["sizes"]))
+
+
+def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: EpochSums,
+                    on_step: Callable[[int, EpochSums], bool] | None = None) -> int:
+    """Train over one epoch's batches from start_step. Returns the next step index.
+
+    on_step(step, sums) is called after each step; returning True stops at that step boundary
+    (with gradient accumulation, at the end of the accumulation group: gradients in flight are
+    never dropped, so a stopped epoch resumes exactly).
+
+    Gradient accumulation (``ctx.accumulate = N``): batches ``k*N .. k*N+N-1`` of an epoch form
+    one group and one optimizer step. Each batch's mean loss is weighted by its share of the
+    group's samples, so the summed gradients equal those of one batch of the whole group (the
+    same samples: the epoch order does not depend on the batch size).
+    """
+    ctx.set_train_mode()
+    step = start_step
+    world = batches.world_size
+    n = len(batches)
+    acc = max(1, ctx.accumulate)
+    group_total = 0
+    for x, y in batches.epoch(epoch, start_step):
+        first = step % acc == 0 or step == start_step
+        last = (step + 1) % acc == 0 or step + 1 == n
+        if first:
+            group_start = step - step % acc
+            group_total = sum(batches.global_size(s) for s in range(group_start, min(group_start + acc, n)))
+            ctx.optimizer.zero_grad(set_to_none=True)
+        x = _prepare(ctx, x)
+        sync = nullcontext() if last or not hasattr(ctx.model, "no_sync") else ctx.model.no_sync()
+        with sync:
+            with ctx.autocast():
+                out = ctx.model(x)
+                loss = ctx.loss_fn(out.float() if out.dtype != torch.float32 else out, y)
+            objective = loss
+            # the mean over this batch, weighted by its share of the group's samples over every rank
+            # (DDP averages the ranks' gradients, hence x world)
+            scale = x.shape[0] * world / group_total
+            if scale != 1.0:
+                objective = loss * scale
+            if ctx.scaler is not None:
+                ctx.scaler.scale(objective).backward()
+            else:
+                objective.backward()
+        if last:
+            if ctx.scaler is not None:
+                if ctx.grad_clip:
+                    ctx.scaler.unscale_(ctx.optimizer)
+                    torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+                ctx.scaler.step(ctx.optimizer)
+                ctx.scaler.update()
+            else:
+                if ctx.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+                ctx.optimizer.step()
+            if ctx.step_scheduler:
+                ctx.scheduler.step()
+        sums.losses.append(loss.detach())
+        sums.sizes.append(x.shape[0])
+        step += 1
+        if on_step is not None and on_step(step, sums) and last:
+            break
+    return step
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool | str,
+             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False,
+             device: torch.device | None = None, all_reduce: Callable[[torch.Tensor], None] | None = None,
+             ) -> dict[str, float]:
+    """Loss and metrics over a split, in eval mode. One host sync at the end.
+
+    ``classification``: True or "classification" (accuracy, and top5_accuracy when the output
+    has more than 5 classes), "multilabel" (accuracy: the share of labels whose logit's sign
+    matches the 0/1 target), False or "regression" (mse, mae).
+    all_reduce (distributed runs) sums the totals of every rank's shard in place.
+    """
+    task = {True: "classification", False: "regression"}.get(classification, classification)
+    was_training = model.training
+    model.eval()
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    # loss sum, correct (or squared error sum), absolute error sum, samples, top-5 correct, top-5 seen
+    sums = torch.zeros(6, device=device, dtype=acc_dtype(device))
+    try:
+        for x, y in batches.epoch(0):
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                out = model(x)
+            out = out.float()
+            sums[0] += loss_fn(out, y).to(sums.dtype) * x.shape[0]
+            if task == "classification":
+                sums[1] += (out.argmax(dim=1) == y).sum()
+                if out.dim() == 2 and out.shape[1] > 5:
+                    sums[4] += (out.topk(5, dim=1).indices == y.unsqueeze(1)).any(dim=1).sum()
+                    sums[5] += x.shape[0]
+            elif task == "multilabel":
+                sums[1] += ((out > 0) == (y > 0.5)).to(sums.dtype).reshape(x.shape[0], -1).mean(dim=1).sum()
+            else:
+                diff = (out - y.to(out.dtype)).to(sums.dtype).reshape(x.shape[0], -1)
+                sums[1] += diff.pow(2).mean(dim=1).sum()
+                sums[2] += diff.abs().mean(dim=1).sum()
+            sums[3] += x.shape[0]
+    finally:
+        model.train(was_training)
+    if all_reduce is not None:
+        all_reduce(sums)
+    loss, second, third, n, top5, n5 = sums.tolist()
+    if n == 0:
+        return {}
+    result = {"loss": loss / n}
+    if task in ("classification", "multilabel"):
+        result["accuracy"] = second / n
+        if n5:
+            result["top5_accuracy"] = top5 / n5
+    else:
+        result["mse"] = second / n
+        result["mae"] = third / n
+    return result

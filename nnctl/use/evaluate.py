@@ -1,0 +1,224 @@
+"""Scoring a model on data: a checkpoint on its own splits or on other data, or a config with --init weights.
+
+Other data is read with the checkpoint's recorded preprocessing (its mean/std, not
+statistics of the new data), so the score is the one the model would get in use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+import torch
+from nnctl.errors import UsageError
+from nnctl.model.tv import pretrained_preprocessing
+
+SPLITS = ("val", "train", "test", "all")
+
+
+@dataclass
+class EvalResult:
+    split: str
+    samples: int
+    metrics: dict[str, float]
+    epoch: int | None = None
+    classes: list[str] | None = None
+    confusion: list[list[int]] | None = None  # rows: true class, columns: predicted
+    per_class: list[dict] = field(default_factory=list)
+    confusion_png: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"split": self.split, "samples": self.samples, "epoch": self.epoch, **self.metrics}
+        if self.per_class:
+            d["per_class"] = self.per_class
+        if self.confusion is not None:
+            d["confusion"] = self.confusion
+        if self.confusion_png:
+            d["confusion_png"] = self.confusion_png
+        return d
+
+
+def _data_section(data: Any) -> dict:
+    """--data: a YAML file holding a data: section (or the section itself), or a dict."""
+    if isinstance(data, dict):
+        return dict(data.get("data", data))
+    from nnctl.config.yamlio import load_file
+
+    doc = load_file(os.fspath(data))
+    if not isinstance(doc.data, dict):
+        raise UsageError(f"{data}: expected a mapping with a data: section")
+    section = doc.data.get("data", doc.data)
+    if not isinstance(section, dict) or "source" not in section:
+        raise UsageError(f"{data}: expected a data: section with a source (for example data: {{source: "
+                         "image_folder, root: new_images}})")
+    from nnctl.config.loader import resolve_paths
+    from nnctl.config.yamlio import Document
+
+    holder = Document({"data": dict(section)}, os.fspath(data))
+    resolve_paths(holder, os.path.dirname(os.path.abspath(os.fspath(data))))  # relative to that file
+    return holder.data["data"]
+
+
+def evaluate(source: Any, *, which: str = "best", split: str | None = None, data: Any = None,
+             overrides: list[str] | None = None, init: str | None = None, partial: bool = False,
+             device: str | None = None, confusion: bool = False, confusion_path: str | None = None) -> EvalResult:
+    from nnctl.use import source as api
+    from nnctl.config import structure as CS
+    from nnctl.config import loader as CL
+    from nnctl.config import schema as C
+    from nnctl.data import loading as D
+    from nnctl.model import weights as F
+    from nnctl.training import distributed as DIST
+    from nnctl.training import loop as LOOP
+    from nnctl.optim import losses as T
+
+    overrides = list(overrides or [])
+    if split is None:
+        split = "all" if data is not None else "val"
+    if split not in SPLITS:
+        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+    notes: list[str] = []
+    if api.is_checkpoint_source(source):
+        if init is not None:
+            raise UsageError("--init applies to a config; a checkpoint already holds its weights")
+        src = api.open_source(source, which=which)
+        resolved = dict(src.state["config"])
+        pre = src.preprocessing
+        if pre is None:
+            notes.append(f"{src.checkpoint}: no preprocessing record (an older checkpoint): the data's own "
+                         "statistics are used")
+        epoch = src.state.get("epoch")
+        base_dir = src.checkpoint.parent
+    else:
+        if init is None:
+            raise UsageError(f"{source}: a config has no trained weights; give --init WEIGHTS (evaluated "
+                             "without training), or a checkpoint or run folder")
+        src = api.open_source(source, overrides)
+        report, _ = F.init_from(src.model, src.plan, init, partial=partial)
+        notes.append(report)
+        resolved = C.resolved(src.cfg)
+        pre, epoch, base_dir = None, None, Path(".")
+    if data is not None:
+        resolved["data"] = _data_section(data)
+    if split == "test":
+        from nnctl.data.sources import has_test_split
+
+        source_name = (resolved.get("data") or {}).get("source")
+        if source_name and not has_test_split(source_name):
+            raise UsageError(f"--split test: {source_name} has no test split of its own; use --split val "
+                             "(the run's validation split), or --data with the data to score")
+        resolved.setdefault("data", {})["split"] = "test"
+    if split == "all":
+        resolved.setdefault("data", {})["val_fraction"] = 0.0
+        resolved["data"]["split"] = "fraction"
+    cfg, doc = CL.from_dict(resolved, str(source))
+    if overrides and api.is_checkpoint_source(source):
+        CL.apply_overrides(doc, overrides)
+        cfg = CS.validate(doc)
+    CS.require_data(cfg, doc, what="evaluation")
+    dev = DIST.select_device(device or cfg.train.device)
+    model = src.model.to(dev).eval()
+    bundle = D.load_data(cfg, dev, preprocessing=pre, augment=False,
+                         weights=pretrained_preprocessing(cfg))  # scoring never augments
+    batches = bundle.train if split in ("train", "all") else bundle.val
+    if batches is None:
+        raise UsageError("this data has no validation split (val_fraction 0); use --split train or all")
+    task = T.task_of(cfg)
+    classification = task == "classification"
+    labels = None
+    if any(v == "balanced" for v in cfg.train.loss_args.values()):  # the weights of the training split
+        labels = bundle.train.store.y[bundle.train.indices]
+    outputs = _output_width(model, cfg)
+    loss_fn = T.make_loss(cfg.train, labels=labels, classes=outputs or bundle.num_classes).to(dev)
+    metrics = LOOP.evaluate(model, loss_fn, batches, task)
+    result = EvalResult(split, batches.num_samples, metrics, epoch, notes=notes)
+    if classification and confusion:
+        names = (pre.classes if pre is not None and pre.classes else None)
+        n = bundle.num_classes or 0
+        matrix = torch.zeros(n, n, dtype=torch.int64)
+        with torch.inference_mode():
+            for x, y in batches.epoch(0):
+                pred = model(x).argmax(dim=1).cpu()
+                y = y.cpu()
+                k = max(n, int(pred.max()) + 1, int(y.max()) + 1)
+                if k > matrix.shape[0]:
+                    grown = torch.zeros(k, k, dtype=torch.int64)
+                    grown[:matrix.shape[0], :matrix.shape[1]] = matrix
+                    matrix = grown
+                matrix += torch.bincount(y * matrix.shape[0] + pred, minlength=matrix.numel()).reshape(matrix.shape)
+        names = [str(names[i]) if names and i < len(names) else str(i) for i in range(matrix.shape[0])]
+        result.classes = names
+        result.confusion = matrix.tolist()
+        result.per_class = per_class(matrix, names)
+        target = Path(confusion_path) if confusion_path else base_dir / "eval" / f"confusion-{split}.png"
+        inputs = [str(source)] + [str(p) for p in (getattr(src, "checkpoint", None), data, init) if p is not None]
+        result.confusion_png = plot_confusion(matrix, names, target, inputs,
+                                              f"{cfg.name}: {split}, {batches.num_samples:,} samples, "
+                                              f"accuracy {metrics.get('accuracy', 0):.4f}")
+    elif confusion:
+        notes.append("--confusion applies to classification only")
+    return result
+
+
+def per_class(matrix: torch.Tensor, names: list[str]) -> list[dict]:
+    rows = []
+    for i, name in enumerate(names):
+        tp = int(matrix[i, i])
+        predicted = int(matrix[:, i].sum())
+        actual = int(matrix[i, :].sum())
+        rows.append({"class": i, "name": name, "precision": tp / predicted if predicted else None,
+                     "recall": tp / actual if actual else None, "support": actual})
+    return rows
+
+
+def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: list[str], title: str) -> str:
+    """A confusion-matrix PNG: counts in each cell, rows normalised for the colour, class names on the axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nnctl.files import atomic_write, check_output
+
+    check_output(path, inputs, what="--confusion-out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    m = matrix.numpy()
+    n = len(names)
+    share = m / m.sum(axis=1, keepdims=True).clip(min=1)
+    size = min(3 + 0.45 * n, 16)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    tilt = n > 6 and max(len(s) for s in names) > 3
+    ax.set_xticks(range(n), [s[:18] for s in names], rotation=45 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_yticks(range(n), [s[:18] for s in names])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if m[i, j]:
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), inputs)
+    plt.close(fig)
+    return str(path)
+
+
+def _output_width(model, cfg) -> int | None:
+    """The model's number of output scores (one sample through it on the meta device), or None."""
+    import copy
+
+    import torch
+
+    try:
+        meta = copy.deepcopy(model).to("meta").eval()
+        with torch.no_grad():
+            out = meta(torch.empty((1, *cfg.model.input_shape), device="meta"))
+        return int(out.shape[1]) if out.dim() == 2 else None
+    except Exception:  # noqa: BLE001 - only a default for weight: balanced
+        return None

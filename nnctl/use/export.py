@@ -1,0 +1,223 @@
+"""Weights out of nnctl, in the formats the ecosystem reads.
+
+- ``safetensors`` (default): the state_dict, with metadata (format, nnctl version, the
+  resolved config as JSON, input shape, source checkpoint, epoch).
+- ``pt``: a plain state_dict of CPU tensors; ``torch.load(path, weights_only=True)`` reads it.
+- ``npz``: one array a tensor; bfloat16 (which numpy lacks) is widened to float32,
+  losslessly, and the original dtypes are listed in the ``__nnctl_meta__`` entry.
+- ``onnx`` (the ``onnx`` extra): the model graph with its weights, checked against the
+  eager model on random input; the largest absolute difference is reported.
+
+Tied or shared tensors (two names, one storage) are written once per name as
+independent copies: every format then loads with a plain ``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+import torch
+from torch import nn
+from nnctl._version import __version__
+from nnctl.files import atomic_write
+from nnctl.errors import NnctlError, UsageError
+
+FORMATS = ("safetensors", "pt", "npz", "onnx")
+SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "onnx": ".onnx"}
+
+
+@dataclass
+class ExportResult:
+    path: str
+    format: str
+    tensors: int
+    bytes: int
+    shared: list[tuple[str, str]] = field(default_factory=list)
+    max_abs_diff: float | None = None  # onnx: largest |onnxruntime - eager| on random input
+    notes: list[str] = field(default_factory=list)
+
+
+def plain_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+    """CPU, contiguous, unshared copies of a state_dict; and the (name, first name) pairs that shared storage."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    shared = []
+    for key, t in state.items():
+        t = t.detach()
+        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
+            if t.numel() else None
+        if ident is not None and ident in seen:
+            shared.append((key, seen[ident]))
+        elif ident is not None:
+            seen[ident] = key
+        t = t.to("cpu").contiguous()
+        out[key] = t.clone() if ident is not None and seen[ident] != key else t  # copy only what is shared
+    return out, shared
+
+
+def metadata(state: dict, which: str, source: str) -> dict[str, str]:
+    cfg = state.get("config") or {}
+    return {
+        "format": "nnctl.weights",
+        "nnctl_version": __version__,
+        "config": json.dumps(cfg, sort_keys=False),
+        "input_shape": json.dumps(state.get("input_shape") or cfg.get("model", {}).get("input_shape")),
+        "source": os.path.basename(source),
+        "which": which,
+        "epoch": str(state.get("epoch")),
+        # the preprocessing record (nnctl.preprocess): what turns raw inputs into this model's inputs
+        "preprocessing": json.dumps(state.get("preprocessing")),
+    }
+
+
+def default_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
+    """Where an export goes without -o: an ``export/`` folder beside the checkpoint, never over an input.
+
+    ``runs/x/best.pt`` -> ``runs/x/export/best.safetensors`` (``.pt``, ``.npz``, ``.onnx``).
+    """
+    ckpt = Path(checkpoint)
+    return ckpt.parent / "export" / (ckpt.stem + SUFFIX[fmt])
+
+
+def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str = "last",
+           source: str = "", inputs: list | tuple = (), with_preprocess: bool = False) -> ExportResult:
+    """Write the checkpoint's weights in one format. `model` (with the weights loaded) is needed for onnx.
+
+    The target is refused (exit 2) if it is one of ``inputs``, a file nnctl keeps in a run
+    folder, or anything but a regular file.
+    """
+    from nnctl.files import check_output
+
+    if with_preprocess and fmt != "onnx":
+        raise UsageError("--with-preprocess applies to --format onnx (the other formats hold weights only; "
+                         "their metadata carries the preprocessing record)")
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    inputs = [i for i in (*inputs, source) if i]
+    out_path = Path(out)
+    if out_path.parent.name == "export" and not out_path.parent.is_dir():
+        if out_path.parent.exists() or out_path.parent.is_symlink():
+            raise UsageError(f"cannot create the export folder {out_path.parent}: it exists and is not a folder; "
+                             "give -o OUT")
+        try:
+            out_path.parent.mkdir(parents=False, exist_ok=True)
+        except OSError as exc:
+            raise NnctlError(f"could not create {out_path.parent}: {exc.strerror or exc}") from None
+    check_output(out, inputs, what="output")
+    weights, shared = plain_state(state["model"])
+    meta = metadata(state, which, source)
+    notes = [f"{a} shared storage with {b}: written as an independent copy" for a, b in shared]
+    path = Path(out)
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save
+
+            meta["shared"] = json.dumps(shared)
+            blob = save(weights, metadata=meta)
+            atomic_write(path, lambda fh: fh.write(blob), inputs)
+        elif fmt == "pt":
+            atomic_write(path, lambda fh: torch.save(weights, fh), inputs)
+        elif fmt == "npz":
+            import numpy as np
+
+            arrays = {}
+            dtypes = {}
+            for key, t in weights.items():
+                dtypes[key] = str(t.dtype).replace("torch.", "")
+                if t.dtype == torch.bfloat16:
+                    t = t.float()
+                    notes.append(f"{key}: bfloat16 widened to float32 (numpy has no bfloat16)") if len(notes) < 20 else None
+                arrays[key] = t.numpy()
+            meta["dtypes"] = json.dumps(dtypes)
+            arrays["__nnctl_meta__"] = np.array(json.dumps(meta))
+            atomic_write(path, lambda fh: np.savez(fh, **arrays), inputs)
+        else:
+            return _onnx(model, state, path, weights, shared, meta, with_preprocess)
+    except OSError as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise NnctlError(f"could not write {path}: {reason}") from None
+    return ExportResult(str(path), fmt, len(weights), path.stat().st_size, shared, None, notes)
+
+
+class WithPreprocess(nn.Module):
+    """Raw values in (pixels 0..255, or the source's own uint8 scale), the model's output out."""
+
+    def __init__(self, model: nn.Module, scale: float, mean: list[float] | None, std: list[float] | None,
+                 ndim: int):
+        super().__init__()
+        self.model = model
+        self.scale = float(scale)
+        shape = (1, -1) + (1,) * (ndim - 1)
+        self.register_buffer("mean", torch.tensor(mean or [0.0]).reshape(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(std or [1.0]).reshape(shape), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return self.model((x.float() / self.scale - self.mean) / self.std)
+
+
+def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, meta: dict | None = None,
+          with_preprocess: bool = False) -> ExportResult:
+    try:
+        import onnxruntime as ort  # noqa: F401
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UsageError("ONNX export needs the onnx extra: pip install 'nnctl[onnx]'") from None
+    if model is None:
+        raise UsageError("ONNX export needs the model")
+    import numpy as np
+
+    model = model.float().eval().cpu()
+    shape = tuple(state.get("input_shape") or state["config"]["model"]["input_shape"])
+    notes = []
+    if with_preprocess:
+        from nnctl.data.record import Preprocessing
+
+        pre = Preprocessing.from_dict(state.get("preprocessing"))
+        if pre is None:
+            raise UsageError("--with-preprocess needs the checkpoint's preprocessing record, and this checkpoint "
+                             "was written before records existed; retrain, or export without it")
+        scale = pre.image_scale if pre.is_image else (pre.scale or 1.0)
+        model = WithPreprocess(model, scale, pre.mean, pre.std, len(shape)).eval()
+        notes.append(f"the graph takes raw values: divided by {scale:g}"
+                     + (", then normalised with the recorded mean/std" if pre.mean else ""))
+    dummy = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    import contextlib
+    import io
+    import tempfile
+    import warnings
+
+    with tempfile.TemporaryDirectory() as scratch:
+        onnx_file = Path(scratch) / "model.onnx"
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:  # the torch.export-based exporter (PyTorch's default since 2.9)
+                    torch.onnx.export(model, (dummy,), str(onnx_file), input_names=["input"],
+                                      output_names=["output"], dynamic_shapes=({0: torch.export.Dim("batch")},),
+                                      dynamo=True, verbose=False, external_data=False)
+                except Exception:  # models torch.export cannot trace: the TorchScript exporter
+                    torch.onnx.export(model, (dummy,), str(onnx_file), input_names=["input"],
+                                      output_names=["output"], dynamo=False,
+                                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as exc:
+            raise NnctlError(f"ONNX export failed: {' '.join(str(exc).split())[:300]}") from None
+        if meta:
+            import onnx
+
+            proto = onnx.load(str(onnx_file))
+            for key, value in meta.items():
+                entry = proto.metadata_props.add()
+                entry.key, entry.value = f"nnctl.{key}", str(value)
+            onnx.save(proto, str(onnx_file))
+        atomic_write(path, lambda fh: fh.write(onnx_file.read_bytes()))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, *shape, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(x).numpy()
+    got = session.run(None, {"input": x.numpy()})[0]
+    diff = float(np.max(np.abs(got - want))) if want.size else 0.0
+    return ExportResult(str(path), "onnx", len(weights), path.stat().st_size, shared, diff, notes)

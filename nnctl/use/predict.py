@@ -1,0 +1,489 @@
+"""Prediction: inputs -> the recorded preprocessing -> batched inference -> answers.
+
+Inputs are image files (PNG, JPEG, BMP, GIF, WebP, TIFF through PIL, decoded by
+``nnctl.images.decode_image`` as in training), folders of them (recursively, sorted, never
+following a folder link, ``glob`` to choose), tensors files (``.pt`` read with
+weights_only, ``.npz`` without pickle, ``.safetensors``: key ``x``, or the only tensor), and,
+from Python, tensors. ``inputs`` is one input (a ``str``, an ``os.PathLike``, a tensor or a
+numpy array) or an iterable of them: a path is never iterated character by character.
+
+Scaling (``Preprocessing.from_raw``), the rule training follows:
+
+- an image file's 0..255 pixels are divided by the record's ``image_scale`` (255) only when
+  the record is an image source (``color_mode`` L or RGB: digits, mnist, cifar, image_folder);
+  for any other record (``tensors``, ``synthetic``, a checkpoint without a record) an image's
+  uint8 pixels are raw values like a uint8 tensor's: divided by the record's ``scale``, or 1
+  (a ``tensors`` source trains on its values as they are, uint8 included);
+- uint8 tensors are raw values, divided by the record's ``scale`` (16 for digits), or 1;
+- float tensors are on the model's scale already (float64 and float16 become float32);
+- other integer tensors (int64 from ``torch.randint`` without a dtype, ...) and bool are
+  refused, per input: their scale is ambiguous. Give uint8 raw values or float32 values.
+
+Shapes: with a record (or a config's ``input_shape``) a tensor is one sample of the input
+shape or a batch ``(N, *input_shape)``, and an image must decode to the input shape
+(``[C, H, W]``, C = 1 or 3). Without an input shape (a plain ``nn.Module``) a tensor of 2 or
+more dimensions is a batch as given, a 1-dimension tensor one sample, and an image cannot be
+an input (the colour mode and size are unknown).
+
+Every input that cannot be used (missing, unreadable, a FIFO or other non-regular file, a
+dangling link, inside a folder too; the wrong shape or type; no samples; non-finite values)
+becomes one row with the reason; the others are still predicted.
+
+Memory: a tensors file stays one tensor; batches are slices of it, results are kept per
+file (top-k as tensors), and a row (``Prediction``) with its ``file.pt[i]`` name is only made
+when it is read.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fnmatch
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+import torch
+from nnctl.errors import NnctlError, UsageError
+from nnctl.data.record import Preprocessing, missing_note, raw_dtype_problem
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
+MAX_SAMPLES_PER_FILE = 10_000_000
+_ROWS_PER_CHUNK = 65_536  # rows converted to Python lists at a time when iterating
+
+
+@dataclass(slots=True)
+class Prediction:
+    """One input's answer: top-k classes with names and probabilities, or regression values."""
+
+    input: str
+    classes: list[int] | None = None
+    names: list[str] | None = None
+    probabilities: list[float] | None = None
+    values: list[float] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"input": self.input}
+        if self.error is not None:
+            d["error"] = self.error
+        elif self.classes is not None:
+            d.update(classes=self.classes, names=self.names, probabilities=self.probabilities)
+        else:
+            d["values"] = self.values
+        return d
+
+
+class _Group:
+    """One input (an image file, a tensors file, a tensor) and, after inference, its results.
+
+    ``x`` holds its raw samples (N, ...) until they are predicted; then ``out`` the model's
+    outputs (N, ...), and for classification ``top_i`` / ``top_p`` (N, k).
+    """
+
+    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p")
+
+    def __init__(self, name: str, x: torch.Tensor | None = None, *, image: bool = False,
+                 error: str | None = None):
+        self.name = name
+        self.x = x
+        self.image = image
+        self.error = error
+        self.n = 1 if x is None else len(x)
+        self.single = x is None or (len(x) == 1)
+        self.outs: list[torch.Tensor] = []
+        self.out: torch.Tensor | None = None
+        self.top_i: torch.Tensor | None = None
+        self.top_p: torch.Tensor | None = None
+
+    def row_name(self, i: int) -> str:
+        return self.name if self.single else f"{self.name}[{i}]"
+
+
+class Rows(Sequence):
+    """The rows of a Predictions, one an input sample, made on demand (a read-only sequence)."""
+
+    def __init__(self, preds: "Predictions"):
+        self._p = preds
+        self._starts: list[int] = []
+        total = 0
+        for g in preds._groups:
+            self._starts.append(total)
+            total += g.n
+        self._len = total
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        i = index + self._len if index < 0 else index
+        if not 0 <= i < self._len:
+            raise IndexError("row index out of range")
+        k = bisect.bisect_right(self._starts, i) - 1
+        g = self._p._groups[k]
+        j = i - self._starts[k]
+        return next(self._p._group_rows(g, j, j + 1))
+
+    def __iter__(self) -> Iterator[Prediction]:
+        for g in self._p._groups:
+            yield from self._p._group_rows(g, 0, g.n)
+
+    def __repr__(self) -> str:
+        return f"<{self._len} prediction rows>"
+
+
+class Predictions:
+    """The answers of ``predict``, in input order.
+
+    ``rows`` (a sequence of ``Prediction``, iterate or index it), ``failed`` (the rows with an
+    error), ``task``, ``top_k``, ``notes`` (what was skipped and why), ``files`` (every file
+    read or tried, folder contents included: what an output must never replace), ``outputs``
+    (the raw model outputs of the predicted samples, in order, or None).
+    """
+
+    def __init__(self, groups: list[_Group], task: str, top_k: int, notes: list[str], files: list[str],
+                 class_name: Callable[[int], str]):
+        self._groups = groups
+        self.task = task
+        self.top_k = top_k
+        self.notes = notes
+        self.files = files
+        self._class_name = class_name
+        self.rows = Rows(self)
+
+    def _group_rows(self, g: _Group, start: int, stop: int) -> Iterator[Prediction]:
+        if g.error is not None:
+            yield Prediction(g.name, error=g.error)
+            return
+        for a in range(start, stop, _ROWS_PER_CHUNK):
+            b = min(stop, a + _ROWS_PER_CHUNK)
+            if g.top_i is not None:
+                names = [self._class_name(v) for v in range(g.out.shape[1])]
+                idx, prob = g.top_i[a:b].tolist(), g.top_p[a:b].tolist()
+                for i, (c, p) in enumerate(zip(idx, prob), a):
+                    yield Prediction(g.row_name(i), classes=c, names=[names[v] for v in c], probabilities=p)
+            else:
+                vals = g.out[a:b].reshape(b - a, -1).tolist()
+                for i, v in enumerate(vals, a):
+                    yield Prediction(g.row_name(i), values=v)
+
+    @property
+    def failed(self) -> list[Prediction]:
+        return [Prediction(g.name, error=g.error) for g in self._groups if g.error is not None]
+
+    @property
+    def outputs(self) -> torch.Tensor | None:
+        outs = [g.out for g in self._groups if g.error is None and g.out is not None]
+        return torch.cat(outs) if outs else None
+
+    def __iter__(self) -> Iterator[Prediction]:
+        return iter(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"<Predictions: {len(self)} rows, {len(self.failed)} failed, task {self.task}>"
+
+
+# --- reading inputs ------------------------------------------------------------------------
+
+def _walk(folder: Path, pattern: str | None, notes: list[str]) -> list[tuple[Path, str | None]]:
+    """The input files under folder, sorted, each with the reason it cannot be read (or None).
+
+    Folder links are not followed (no loops, no escapes): they are not inputs, a note says so.
+    A file that matches (the glob, or an image / tensors suffix) but is not a regular file (a
+    FIFO, a device, a dangling link) is an input that fails, as it would be given directly.
+    """
+    from nnctl.files import _kind
+
+    found: list[tuple[Path, str | None]] = []
+
+    def unlistable(exc: OSError) -> None:
+        found.append((Path(exc.filename or folder), f"cannot list this folder: {exc.strerror or exc}"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unlistable, followlinks=False):
+        for d in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                notes.append(f"skipped {os.path.join(dirpath, d)}: a link to a folder (not followed)")
+                dirnames.remove(d)
+        dirnames.sort()
+        for f in filenames:
+            p = Path(dirpath) / f
+            rel = str(p.relative_to(folder))
+            if pattern is not None:
+                if not (fnmatch.fnmatch(rel, pattern) or fnmatch.fnmatch(f, pattern)):
+                    continue
+            elif p.suffix.lower() not in IMAGE_SUFFIXES + TENSOR_SUFFIXES:
+                continue
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:
+                found.append((p, "a symbolic link to nothing (dangling)" if os.path.islink(p) else "vanished"))
+                continue
+            except OSError as exc:
+                found.append((p, f"cannot read: {exc.strerror or exc}"))
+                continue
+            if not stat.S_ISREG(mode):
+                what = "image" if p.suffix.lower() in IMAGE_SUFFIXES else "tensors" if (
+                    p.suffix.lower() in TENSOR_SUFFIXES) else "input"
+                found.append((p, f"is {_kind(mode)}, not a regular {what} file; refused"))
+                continue
+            found.append((p, None))
+    return sorted(found, key=lambda e: e[0])
+
+
+def read_tensors(path: str | os.PathLike) -> torch.Tensor:
+    """A tensors file -> its samples (key ``x``, or its only tensor)."""
+    import io
+
+    from nnctl.files import read_input
+
+    p = Path(path)
+    data = read_input(p, "tensors file")
+    suffix = p.suffix.lower()
+    if not data:
+        raise UsageError(f"{p}: an empty file, not a {suffix} tensors file")
+    try:
+        if suffix == ".npz":
+            import numpy as np
+
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                obj: Any = {k: torch.from_numpy(np.array(z[k])) for k in z.files}
+        elif suffix == ".safetensors":
+            from safetensors.torch import load as st_load
+
+            obj = st_load(data)
+        else:
+            obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except NnctlError:  # a stop signal while reading: not the file's fault
+        raise
+    except Exception as exc:  # every reader's own failure: a damaged or hostile file
+        raise UsageError(f"not a readable {suffix} tensors file ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]})") from None
+    finally:
+        del data
+    if isinstance(obj, dict):
+        if "x" in obj:
+            obj = obj["x"]
+        elif len(obj) == 1:
+            obj = next(iter(obj.values()))
+        else:
+            raise UsageError(f"holds {len(obj)} arrays ({', '.join(sorted(map(str, obj))[:5])}) and no 'x'")
+    if not isinstance(obj, torch.Tensor):
+        raise UsageError(f"holds a {type(obj).__name__}, not a tensor")
+    return obj
+
+
+def _tensor_group(name: str, t: torch.Tensor, shape: list[int]) -> _Group:
+    """A tensor -> its samples: (N, *shape) or one sample of the input shape; without a shape,
+    a batch as given (2 or more dimensions) or one sample (1 dimension)."""
+    problem = raw_dtype_problem(t.dtype)
+    if problem is not None:
+        return _Group(name, error=problem)
+    if shape:
+        if list(t.shape) == list(shape):
+            t = t.unsqueeze(0)
+        if t.dim() != len(shape) + 1 or list(t.shape[1:]) != list(shape):
+            return _Group(name, error=f"shape {list(t.shape)}: the model takes samples of shape {shape} "
+                                      f"(a batch: [N, {', '.join(map(str, shape))}])")
+    elif t.dim() == 0:
+        return _Group(name, error="a single number: give a sample (1 dimension) or a batch [N, ...]")
+    elif t.dim() == 1:
+        t = t.unsqueeze(0)
+    if len(t) == 0:
+        return _Group(name, error=f"holds no samples (shape {list(t.shape)})")
+    if len(t) > MAX_SAMPLES_PER_FILE:
+        return _Group(name, error=f"{len(t):,} samples, more than {MAX_SAMPLES_PER_FILE:,}")
+    if t.dtype.is_floating_point:
+        if t.dtype != torch.float32:
+            t = t.to(torch.float32)
+        if not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            return _Group(name, error=f"holds {bad:,} non-finite values (NaN or infinity)")
+    return _Group(name, t)
+
+
+def _image_group(path: Path, pre: Preprocessing) -> _Group:
+    """An image file -> one sample decoded as training decoded its images, checked against the input shape."""
+    from nnctl.data.decode import decode_image
+
+    shape = list(pre.input_shape or [])
+    if not shape:
+        return _Group(str(path), error="an image needs the model's input shape and colour mode, and this model "
+                                       "has no preprocessing record: give tensors")
+    mode = pre.color_mode if pre.color_mode in ("L", "RGB") else ("L" if shape[0] == 1 else "RGB")
+    size = pre.resize or (shape[1:3] if len(shape) == 3 else None)
+    t = decode_image(path, mode, tuple(size) if size else None)
+    if list(t.shape) != shape:
+        return _Group(str(path), error=f"an image decodes to {list(t.shape)}; the model takes {shape}")
+    return _Group(str(path), t.unsqueeze(0), image=True)
+
+
+def _one_input(inputs: Any) -> bool:
+    if isinstance(inputs, (str, bytes, os.PathLike, torch.Tensor)):
+        return True
+    return type(inputs).__module__ == "numpy" and hasattr(inputs, "dtype")
+
+
+def _strip(text: str, f: Path) -> str:
+    text = " ".join(str(text).split())
+    prefix = f"{f}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def gather(inputs: Any, pre: Preprocessing, glob: str | None = None) -> tuple[list[_Group], list[str], list[str]]:
+    """Every input -> its raw samples (or the reason it cannot be used), in order; the notes; the files read.
+
+    ``inputs``: one input (a str, an os.PathLike, a tensor, a numpy array) or an iterable of them.
+    """
+    if _one_input(inputs):
+        inputs = [inputs]
+    try:
+        it = iter(inputs)
+    except TypeError:
+        raise UsageError(f"inputs must be a path, a tensor, or an iterable of them, not a "
+                         f"{type(inputs).__name__}") from None
+    groups: list[_Group] = []
+    notes: list[str] = []
+    files: list[str] = []
+    shape = list(pre.input_shape or [])
+    for k, inp in enumerate(it):
+        if type(inp).__module__ == "numpy" and hasattr(inp, "dtype"):
+            try:
+                inp = torch.as_tensor(inp)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                groups.append(_Group(f"array#{k}", error=f"not a numeric array ({' '.join(str(exc).split())[:120]})"))
+                continue
+        if isinstance(inp, torch.Tensor):
+            groups.append(_tensor_group(f"tensor#{k}", inp.detach().cpu(), shape))
+            continue
+        if isinstance(inp, bytes):
+            inp = os.fsdecode(inp)
+        if not isinstance(inp, (str, os.PathLike)):
+            groups.append(_Group(f"input#{k}", error=f"a {type(inp).__name__} is not an input: give a path "
+                                                     "(image, folder, tensors file) or a tensor"))
+            continue
+        p = Path(inp)
+        if p.is_dir():
+            entries = _walk(p, glob, notes)
+            if not entries:
+                groups.append(_Group(str(p), error="no image or tensors file in this folder"
+                                     + (f" matching {glob!r}" if glob else "")))
+        else:
+            entries = [(p, None)]
+        for f, problem in entries:
+            files.append(str(f))
+            if problem is not None:
+                groups.append(_Group(str(f), error=problem))
+                continue
+            try:
+                if f.suffix.lower() in TENSOR_SUFFIXES:
+                    groups.append(_tensor_group(str(f), read_tensors(f), shape))
+                else:
+                    groups.append(_image_group(f, pre))
+            except UsageError as exc:
+                groups.append(_Group(str(f), error=_strip(str(exc), f)))
+    return groups, notes, files
+
+
+# --- predicting ----------------------------------------------------------------------------
+
+def _record_for(model, cfg_dict: dict | None) -> tuple[Preprocessing, list[str]]:
+    meta = getattr(model, "nnctl_meta", None) or {}
+    pre = meta.get("preprocessing")
+    notes: list[str] = []
+    cfg = meta.get("config") or cfg_dict or {}
+    if not isinstance(pre, Preprocessing):
+        pre = Preprocessing.from_dict(pre) if isinstance(pre, dict) else None
+    if pre is None:
+        notes.append(missing_note(meta.get("checkpoint") or "this model"))
+        shape = list(((cfg.get("model") or {}).get("input_shape")) or [])
+        loss = (cfg.get("train") or {}).get("loss", "cross_entropy")
+        target = (cfg.get("data") or {}).get("target", "label")
+        task = "classification" if loss in ("cross_entropy", "nll") and target == "label" else "regression"
+        pre = Preprocessing(task=task, input_shape=shape, scale=None, image_scale=255.0)
+    return pre, notes
+
+
+
+
+def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "best", device: str = "cpu",
+            batch_size: int = 256, top_k: int = 5, glob: str | None = None,
+            on_progress: Callable[[int, int], None] | None = None) -> Predictions:
+    from nnctl.use import source as api
+
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    if top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if isinstance(model_or_run, torch.nn.Module):
+        from nnctl.training.distributed import select_device
+
+        model = model_or_run.to(select_device(device)).eval()
+    else:
+        problem = api.untrained_source_problem(model_or_run, "predict")
+        if problem is not None:
+            raise UsageError(problem)
+        model = api.load(model_or_run, which=which, device=device)
+    pre, notes = _record_for(model, None)
+    cfg = (getattr(model, "nnctl_meta", None) or {}).get("config") or {}
+    loss = (cfg.get("train") or {}).get("loss", "cross_entropy")
+    groups, walk_notes, files = gather(inputs, pre, glob)
+    notes += walk_notes
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    total = sum(g.n for g in groups if g.error is None)
+    done = 0
+    with torch.inference_mode():
+        for pieces in _batches(groups, batch_size):
+            x = torch.cat([pre.from_raw(g.x[a:b].to(dev), image=g.image) for g, a, b in pieces])
+            out = model(x)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            out = out.float().cpu()
+            at = 0
+            for g, a, b in pieces:
+                g.outs.append(out[at:at + b - a])
+                at += b - a
+                if b == g.n:  # the group is complete: keep its results, drop its raw samples
+                    _finish(g, pre, loss, top_k)
+            done += len(x)
+            if on_progress is not None:
+                on_progress(done, total)
+    return Predictions(groups, pre.task, top_k, notes, files, pre.class_name)
+
+
+def _batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Group, int, int]]]:
+    """Batches of at most batch_size samples, as (group, start, stop) slices of the groups' samples."""
+    pieces: list[tuple[_Group, int, int]] = []
+    size = 0
+    for g in groups:
+        if g.error is not None:
+            continue
+        start = 0
+        while start < g.n:
+            take = min(batch_size - size, g.n - start)
+            pieces.append((g, start, start + take))
+            size += take
+            start += take
+            if size == batch_size:
+                yield pieces
+                pieces, size = [], 0
+    if pieces:
+        yield pieces
+
+
+def _finish(g: _Group, pre: Preprocessing, loss: str, top_k: int) -> None:
+    g.out = g.outs[0] if len(g.outs) == 1 else torch.cat(g.outs)
+    g.outs = []
+    g.x = None
+    if pre.task == "classification" and g.out.dim() == 2:
+        probs = g.out.exp() if loss == "nll" else torch.softmax(g.out, dim=1)
+        g.top_p, g.top_i = probs.topk(min(top_k, probs.shape[1]), dim=1)
