@@ -132,7 +132,8 @@ def test_tensors_file_that_is_a_fifo_is_refused(tmp_path):
     fifo = tmp_path / "d.npz"
     os.mkfifo(fifo)
     r = _in_a_process(f"""
-from nnctl import config as C, data as D
+from nnctl.config import loader as C
+from nnctl.data import loading as D
 from nnctl.errors import UsageError
 cfg, _ = C.from_dict({{"name": "t", "model": {{"input_shape": [4], "layers": [{{"Linear": {{"out_features": 2}}}}]}},
                      "data": {{"source": "tensors", "path": {str(fifo)!r}}}, "train": {{"loss": "cross_entropy"}}}})
@@ -149,7 +150,7 @@ def test_init_weights_that_are_a_fifo_are_refused(tmp_path, name):
     fifo = tmp_path / name
     os.mkfifo(fifo)
     r = _in_a_process(f"""
-from nnctl import freeze as F
+from nnctl.model import weights as F
 from nnctl.errors import CheckpointError
 try:
     F.read_weights({str(fifo)!r})

@@ -155,7 +155,7 @@ def test_pil_warnings_never_reach_stderr(tmp_path):
     img.putpalette([0, 0, 0, 255, 255, 255] * 128)
     img.info["transparency"] = b"\x00\xff"  # palette transparency as bytes: PIL warns on convert
     img.save(tmp_path / "pal.png", transparency=b"\x00\xff")
-    code = ("import warnings, sys; warnings.simplefilter('always'); from nnctl.images import decode_image; "
+    code = ("import warnings, sys; warnings.simplefilter('always'); from nnctl.data.decode import decode_image; "
             f"t = decode_image({str(tmp_path / 'pal.png')!r}, 'RGB', (8, 8)); print(tuple(t.shape))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "(3, 8, 8)", r.stderr

@@ -146,7 +146,7 @@ def test_two_new_runs_at_once_never_share_a_folder(tmp_path):
 
 def test_claim_new_is_atomic_under_many_processes(tmp_path):
     """16 processes claim runs/<name> at once: 16 distinct folders, none shared."""
-    script = ("import sys, time; from nnctl import run as R\n"
+    script = ("import sys, time; from nnctl.runs import claim as R\n"
               "c = R.claim_new('x', base=sys.argv[1]); print(c.folder.name, flush=True); time.sleep(1.5)\n")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "runs")], stdout=subprocess.PIPE,
                               text=True) for _ in range(16)]
@@ -158,7 +158,7 @@ def test_claim_new_is_atomic_under_many_processes(tmp_path):
 def test_resume_while_another_process_holds_the_run_is_refused_before_reading(trained, tmp_path):
     run = copy_run(trained[1], tmp_path / "run")
     before = digest_of(run)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nnctl import run as R\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from nnctl.runs import rundir as R\n"
                                "R.RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
                                str(run)], stdout=subprocess.PIPE, text=True)
     try:
@@ -237,7 +237,7 @@ def test_out_onto_a_foreign_folder_is_refused(trained, tmp_path):
 def test_a_run_killed_before_its_first_checkpoint_leads_somewhere(tmp_path):
     cfg = write(tmp_path, make(train={"epochs": 1}))
     # a real process killed by SIGKILL once it has written config.yaml, before any checkpoint
-    script = ("import sys, os, signal\nfrom nnctl import run as R, loop as T\n"
+    script = ("import sys, os, signal\nfrom nnctl.training import run as R, trainer as T\n"
               "def die(*a, **k): os.kill(os.getpid(), signal.SIGKILL)\n"
               "T.fit = die\nR.train(sys.argv[1], out=sys.argv[2])\n")
     p = subprocess.run([sys.executable, "-c", script, str(cfg), str(tmp_path / "run")], capture_output=True)
@@ -347,7 +347,7 @@ def test_a_signal_during_the_final_plot_keeps_the_finished_run(trained, tmp_path
     def interrupted(*a, **k):
         raise T.Interrupted(signal.SIGTERM, None)
 
-    monkeypatch.setattr(T, "plot_curves", interrupted)
+    monkeypatch.setattr(PLOTS, "plot_curves", interrupted)
     assert PLOTS.plot_quietly(run, "t") is None  # the plot is skipped; nothing is reported lost
 
 

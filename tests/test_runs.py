@@ -108,11 +108,12 @@ def test_a_failed_run_is_recorded_and_its_folder_reused(tmp_path, cli, monkeypat
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["t"]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "finished" and status["error"] is None and status["epochs_done"] == 1
-    assert RD.has_checkpoint(run)
+    assert RD.RunDir(run).has_checkpoint()
 
 
 def test_an_interrupt_before_the_first_checkpoint_is_recorded_and_the_folder_reused(tmp_path, monkeypatch):
     from nnctl.training import signals as T
+    from nnctl.training import trainer
     from nnctl.errors import CheckpointError
 
     monkeypatch.chdir(tmp_path)
@@ -122,7 +123,7 @@ def test_an_interrupt_before_the_first_checkpoint_is_recorded_and_the_folder_reu
         raise T.Interrupted(signal.SIGINT, None)
 
     with monkeypatch.context() as m:
-        m.setattr(T, "fit", stopped)
+        m.setattr(trainer, "fit", stopped)
         with pytest.raises(T.Interrupted):
             R.train(str(cfg))
     (info,) = RS.list_runs()
@@ -432,7 +433,7 @@ def test_resume_onto_run_files_that_are_not_regular_is_refused_up_front(variants
         R.train(resume=str(run), epochs=3)
     after = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.is_file() and not p.is_symlink()}
     assert after == before
-    assert not RD.is_locked(run)
+    assert not RD.RunDir(run).is_locked()
     if name != "tensorboard":
         assert target.read_text() == "keep"
 
