@@ -240,6 +240,28 @@ def test_color_jitter_with_fixed_factors_equals_torchvision_functional():
     assert torch.equal(gray, TF.rgb_to_grayscale(x, num_output_channels=3))
 
 
+def test_hue_per_sample_equals_adjust_hue_bit_for_bit_without_torchvision_private_code():
+    """nnctl's batched RGB<->HSV pair (issue 19 item 7) against the public adjust_hue, one sample at a time,
+    on grey pixels, ties of the largest channel, black and white; nothing imported from a private module."""
+    import ast
+    import inspect
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 3, 7, 7, generator=g)
+    x[:4] = x[:4, :1]                           # grey: hue and saturation 0
+    x[4:8, 0] = x[4:8, 1]                       # red == green == the largest
+    x[8:16] = (x[8:16] * 4).round() / 4         # many ties
+    x[16], x[17] = 0.0, 1.0
+    factor = torch.rand(32, generator=g) - 0.5
+    y = A._hue(x, factor)
+    for k in range(len(x)):
+        assert torch.equal(y[k], TF.adjust_hue(x[k], float(factor[k]))), k
+    tree = ast.parse(inspect.getsource(A))
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("torchvision") and "._" in m], imported
+
+
 def test_color_jitter_runs_its_four_operations_in_a_random_order_a_sample():
     import itertools
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from typing import Any
+from urllib.parse import urlparse
 import torch
 from torch import nn
 from nnctl.model import registry as L
@@ -68,9 +72,6 @@ def resolve_weights(model_name: str, value: str):
 
 def weights_file(weights) -> str:
     """Where torch.hub keeps these weights: <torch.hub.get_dir()>/checkpoints/<file name of the URL>."""
-    import os
-    from urllib.parse import urlparse
-
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(weights.url).path))
 
 
@@ -91,19 +92,96 @@ def weights_preprocessing(weights) -> dict:
     return out
 
 
-def _offline_loader(url: str, *args: Any, **kwargs: Any) -> dict:
-    """torchvision's load_state_dict_from_url, offline: the hub cache or a clear error; weights_only."""
-    import os
-    from urllib.parse import urlparse
+# --- pretrained weights: torchvision's builder with weights=None, the file read by nnctl -----------
+#
+# torchvision's builders, given weights, complete their own keyword arguments, read the file with
+# torch.hub.load_state_dict_from_url(..., weights_only=False) (a pickle may run code) and download it
+# when it is missing. nnctl calls the builder with weights=None and the same completed arguments (so the
+# model, and the random numbers its construction draws, are those of builder(weights=...)), refuses a
+# missing file, reads the cached one through the public torch.hub.load_state_dict_from_url with
+# weights_only=True, and loads it strictly. What each builder family does itself when given weights
+# (torchvision/models/<family>.py, its _ovewrite_named_param calls and the lines around load_state_dict):
+#   every family: num_classes = the weights' category count (the planner refuses another value)
+#   googlenet, inception: transform_input (unless given), aux_logits and init_weights False while loading,
+#     then the auxiliary heads are dropped unless the config asked for them (googlenet's default: no,
+#     inception_v3's: yes). torchvision refuses aux_logits: false with weights; nnctl drops them instead.
+#   vgg: init_weights False; vision_transformer: image_size, maxvit: input_size = the weights' min_size
+#   densenet: old checkpoint keys (denselayer1.norm.1) renamed (denselayer1.norm1)
 
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+_AUX_HEADS = {"googlenet": (False, ("aux1", "aux2")), "inception": (True, ("AuxLogits",))}
+_DENSENET_OLD_KEY = re.compile(  # torchvision/models/densenet.py's _load_state_dict
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _family(builder) -> str:
+    """The torchvision module that defines a builder: resnet, googlenet, vision_transformer, ..."""
+    return builder.__module__.rpartition(".")[2]
+
+
+def pretrained_args(builder, weights, kwargs: dict) -> tuple[dict, tuple[str, str] | None]:
+    """The builder's keyword arguments as torchvision's builder completes them for these weights.
+
+    Returns (arguments, None), or (arguments, (argument, why)) when the config gives an argument the weights
+    cannot take (torchvision's builder would raise).
+    """
+    family, out = _family(builder), dict(kwargs)
+    cats = weights.meta.get("categories")
+    if cats:
+        out["num_classes"] = len(cats)
+    if family in _AUX_HEADS:
+        out.setdefault("transform_input", True)
+        out["aux_logits"], out["init_weights"] = True, False
+    elif family == "vgg":
+        out["init_weights"] = False
+    sizes = {"vision_transformer": "image_size", "maxvit": "input_size"}
+    if family in sizes:
+        key, size = sizes[family], weights.meta["min_size"]
+        size = size[0] if key == "image_size" else tuple(size)
+        given = kwargs.get(key, size)
+        if (tuple(given) if isinstance(given, list) else given) != size:
+            shown = list(size) if isinstance(size, tuple) else size
+            why = f"the {type(weights).__name__}.{weights.name} weights need {key} {shown}, not {given!r}: leave {key} out"
+            return out, (key, why)
+        out[key] = size
+    return out, None
+
+
+def construct(builder, weights, kwargs: dict, state: dict | None = None) -> nn.Module:
+    """The model of ``builder(weights=weights, **kwargs)`` without torchvision reading the weights.
+
+    ``kwargs``: the config's arguments (``pretrained_args`` completes them when ``weights`` is given);
+    ``state``: the weights' state dict, loaded strictly (None: the architecture only, e.g. on the meta device).
+    """
+    if weights is None:
+        return builder(weights=None, **kwargs)
+    args, _ = pretrained_args(builder, weights, kwargs)
+    net = builder(weights=None, **args)
+    family = _family(builder)
+    if state is not None:
+        if family == "densenet":
+            state = {(m.group(1) + m.group(2) if (m := _DENSENET_OLD_KEY.match(k)) else k): v
+                     for k, v in state.items()}
+        net.load_state_dict(state)
+    if family in _AUX_HEADS:
+        default, heads = _AUX_HEADS[family]
+        if not kwargs.get("aux_logits", default):
+            net.aux_logits = False
+            for head in heads:
+                setattr(net, head, None)
+    return net
+
+
+def load_cached(weights) -> dict:
+    """The weights' state dict from the local torch hub cache (weights_only); FileNotFoundError when missing.
+
+    ``torch.hub.load_state_dict_from_url`` reads the cached file and downloads only a missing one, so the file
+    is checked first: nnctl never downloads.
+    """
+    path = weights_file(weights)
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _no_download(*args: Any, **kwargs: Any) -> None:
-    raise RuntimeError("nnctl never downloads weights; put the file in the torch hub cache")
+    return torch.hub.load_state_dict_from_url(weights.url, map_location="cpu", progress=False, check_hash=True,
+                                              weights_only=True)
 
 
 def _builder_args(model_name: str) -> tuple[Any, list[str], dict]:
@@ -212,15 +290,15 @@ def plan_torchvision(model: ModelSection, planner: Any, shape: tuple) -> tuple[N
                                                    "model a new head with replace (e.g. replace: {fc: {Linear: "
                                                    "{out_features: N}}})")
             return root, {}
-        if n:
-            kwargs["num_classes"] = n
-    import warnings as _w
-
-    with _w.catch_warnings():
-        _w.simplefilter("ignore")
+        _, conflict = pretrained_args(builder, weights, kwargs)
+        if conflict:
+            fail(("model", "args", conflict[0]), conflict[1])
+            return root, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         try:
             with torch.device("meta"):
-                net = builder(weights=None, **kwargs)
+                net = construct(builder, weights, kwargs)  # the architecture build_torchvision makes
         except Exception as exc:  # noqa: BLE001 - the builder's own argument checks
             fail(("model", "args") if model.args else TV_PATH,
                  f"torchvision.models.{name}({_kw(kwargs)}) is invalid: {_short(exc)}")
@@ -317,36 +395,33 @@ def offline_weights_message(weights) -> str:
 
 
 def build_torchvision(model: ModelSection, p: Plan, doc: Document, pretrained: bool = True) -> nn.Module:
-    """The real torchvision model of a plan: torchvision's builder, the cached weights, the replacements."""
-    from unittest import mock
+    """The real torchvision model of a plan: torchvision's builder, the cached weights, the replacements.
 
+    ``pretrained=False`` builds the same architecture without reading the weights (a checkpoint's replace them).
+    """
     name = model.torchvision
     builder, _, _ = _builder_args(name)
     kwargs = {k: L.to_torch_value(v) if isinstance(v, list) and k != "replace_stride_with_dilation" else v
               for k, v in model.args.items()}
     weights = resolve_weights(name, model.weights)[0] if model.weights is not None else None
-    import warnings as _w
-
-    with _w.catch_warnings():
-        _w.simplefilter("ignore", FutureWarning)
-        if weights is not None and pretrained:
-            import torchvision.models._api as api
-
-            try:
-                with mock.patch.object(api, "load_state_dict_from_url", _offline_loader), \
-                        mock.patch.object(torch.hub, "download_url_to_file", _no_download):
-                    net = builder(weights=weights, progress=False, **kwargs)
-            except FileNotFoundError:
-                raise ConfigError([doc.problem(("model", "weights"), offline_weights_message(weights))]) from None
-            except Exception as exc:  # noqa: BLE001 - a file that is not these weights
-                raise ConfigError([doc.problem(("model", "weights"), f"{weights_file(weights)} does not hold the "
-                                                                     f"weights of {name}: {_short(exc)}")]) from None
-        else:
-            if weights is not None:
-                n = len(weights.meta.get("categories") or [])
-                if n:
-                    kwargs["num_classes"] = n
-            net = builder(weights=None, **kwargs)
+    state = None
+    if weights is not None and pretrained:
+        try:
+            state = load_cached(weights)
+        except FileNotFoundError:
+            raise ConfigError([doc.problem(("model", "weights"), offline_weights_message(weights))]) from None
+        except Exception as exc:  # noqa: BLE001 - a file that is no state dict (or not weights_only)
+            raise ConfigError([doc.problem(("model", "weights"), f"{weights_file(weights)} does not hold the "
+                                                                 f"weights of {name}: {_short(exc)}")]) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            net = construct(builder, weights, kwargs, state)
+        except Exception as exc:  # keys or shapes that are not this model's
+            if state is None:
+                raise
+            raise ConfigError([doc.problem(("model", "weights"), f"{weights_file(weights)} does not hold the "
+                                                                 f"weights of {name}: {_short(exc)}")]) from None
     for dotted, node in (p.torchvision.get("replace_nodes") or {}).items():
         parent, _, last = dotted.rpartition(".")
         setattr(net.get_submodule(parent) if parent else net, last, instantiate(node))

@@ -53,12 +53,13 @@ Decisions (the lead's design, and what was decided while building it):
   the batch's device: a resumed run (mid-epoch too) draws the same numbers, the global
   RNG (dropout) is untouched, and the preloaded and streamed paths, on any device, get
   the same parameters (so, on the CPU, identical batches).
-* **ColorJitter's hue** converts to HSV and back, once a sample, with torchvision's own
-  private ``_rgb_to_hsv`` / ``_hsv_to_rgb`` (tests compare with ``adjust_hue``, so a
-  torchvision that moves them fails there): about 3x the cost of brightness, contrast and
-  saturation together (25 against 6 ms a batch of 128 3x32x32 images on one CPU thread);
-  leave it out when speed matters. Saturation and hue leave one-channel images unchanged,
-  as torchvision does.
+* **ColorJitter's hue** converts to HSV and back, once a sample, with nnctl's own batched
+  ``_rgb_to_hsv`` / ``_hsv_to_rgb``: torchvision's formulas in the same float operations
+  (torchvision keeps its pair private, and its public ``adjust_hue`` takes one factor a
+  call: a loop over the samples, about 6x slower), equal to ``adjust_hue`` bit for bit
+  (tested): about 3x the cost of brightness, contrast and saturation together (25 against
+  6 ms a batch of 128 3x32x32 images on one CPU thread); leave it out when speed matters.
+  Saturation and hue leave one-channel images unchanged, as torchvision does.
 * **target: input** (autoencoders, denoisers): the target is the augmented image, and
   ``noise`` is added after augmentation.
 """
@@ -321,13 +322,41 @@ def _random_affine(tv, x: Tensor, g: torch.Generator) -> Tensor:
     return _grid_transform(x, m, _mode(tv), _fill_of(tv))
 
 
-def _hue(x: Tensor, factor: Tensor) -> Tensor:
-    from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
+# torchvision's adjust_hue converts with private helpers (transforms.v2.functional._color); its public
+# adjust_hue takes one factor a call (a Python loop over the samples). These are the same formulas
+# (Pillow's Convert.c, as torchvision writes them), in the same float operations, over a batch.
+_HSV_SELECT = ((0, 2, 1, 1, 3, 0), (3, 0, 0, 2, 1, 1), (1, 1, 3, 0, 0, 2))  # sector -> R, G, B of (v, p, q, t)
 
-    hsv = _rgb_to_hsv(x)
-    h, s, v = hsv.unbind(dim=1)
-    h = (h + factor.view(-1, 1, 1)).remainder_(1.0)
-    return _hsv_to_rgb(torch.stack((h, s, v), dim=1))
+
+def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(N, 3, H, W) RGB in [0, 1] -> hue, saturation, value, each (N, H, W), hue in [0, 1)."""
+    r, g, _ = x.unbind(dim=1)
+    minc, maxc = torch.aminmax(x, dim=1)
+    eqc = maxc == minc  # grey: hue and saturation 0 (no division by zero)
+    span = maxc - minc
+    s = span / torch.where(eqc, 1.0, maxc)
+    rc, gc, bc = ((maxc.unsqueeze(1) - x) / torch.where(eqc, 1.0, span).unsqueeze(1)).unbind(dim=1)
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, rc + 2.0 - bc, gc + 4.0 - rc))
+    return h.mul_(1.0 / 6.0).add_(1.0).fmod_(1.0), s, maxc
+
+
+def _hsv_to_rgb(h: Tensor, s: Tensor, v: Tensor) -> Tensor:
+    """Hue, saturation, value (N, H, W) -> (N, 3, H, W) RGB."""
+    h6 = h * 6
+    i = h6.floor()
+    f = h6 - i
+    sf, one_minus_s = s * f, 1.0 - s
+    q = (1.0 - sf).mul_(v).clamp_(0.0, 1.0)
+    t = (sf + one_minus_s).mul_(v).clamp_(0.0, 1.0)
+    p = (one_minus_s * v).clamp_(0.0, 1.0)
+    sector = i.long().remainder_(6)
+    select = torch.tensor(_HSV_SELECT, device=h.device)[:, sector].movedim(0, 1)  # (N, 3, H, W) into (v, p, q, t)
+    return torch.stack((v, p, q, t), dim=1).gather(1, select)
+
+
+def _hue(x: Tensor, factor: Tensor) -> Tensor:
+    h, s, v = _rgb_to_hsv(x)
+    return _hsv_to_rgb((h + factor.view(-1, 1, 1)).remainder_(1.0), s, v)
 
 
 def _color_jitter(tv, x: Tensor, g: torch.Generator) -> Tensor:
