@@ -12,6 +12,7 @@ import difflib
 import math
 from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from nnctl.tasks import CLASSIFICATION_LOSSES, LOSSES, MONITORS, Task, mode_of, task_for
 
 
 CORE_LAYERS = ("Conv2d", "Linear", "Dropout2d", "Dropout", "MaxPool2d", "ReLU", "Softmax", "LogSoftmax",
@@ -44,8 +45,6 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-LOSSES = ("cross_entropy", "nll", "mse", "l1", "l2", "bce_with_logits", "huber", "smooth_l1")
-CLASSIFICATION_LOSSES = ("cross_entropy", "nll")
 # the arguments each loss takes (torch.nn's, without `reduction`: nnctl averages over the batch)
 LOSS_ARGS = {
     "cross_entropy": ("weight", "ignore_index", "label_smoothing"),
@@ -55,8 +54,6 @@ LOSS_ARGS = {
     "huber": ("delta",),
     "smooth_l1": ("beta",),
 }
-# what a run can monitor (best checkpoint, early stopping): the columns of metrics.csv
-MONITORS = ("val_loss", "val_accuracy", "val_top5_accuracy", "val_mse", "val_mae", "train_loss")
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tensors", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -226,11 +223,6 @@ class DataSection(_Section):
         return v
 
 
-def mode_of(metric: str) -> str:
-    """min for losses and errors, max for accuracies."""
-    return "max" if metric.endswith("accuracy") else "min"
-
-
 class EarlyStopping(_Section):
     patience: int = Field(ge=1, le=1_000_000, description="epochs without improvement before stopping")
     min_delta: float = Field(0.0, ge=0.0, description="smallest change that counts as an improvement")
@@ -381,14 +373,19 @@ class Config(_Section):
                                             "batch 64, cross_entropy)")
     freeze: FreezeSection | None = None
 
+    @property
+    def task(self) -> Task:
+        """The run's task (nnctl.tasks.task_for of train.loss and data.target)."""
+        return task_for(self.train.loss_name, self.data.target if self.data is not None else "label")
+
     @model_validator(mode="after")
     def _cross(self) -> "Config":
         problems = []
         d, t = self.data, self.train
         if d is None:
             return self
-        loss = t.loss_name
-        if d.target == "input" and loss in CLASSIFICATION_LOSSES + ("bce_with_logits",):
+        loss, task = t.loss_name, self.task
+        if loss not in task.losses:  # target: input (reconstruction) with a classification or multilabel loss
             problems.append((("train", "loss"), f"target: input reconstructs the (normalised) input; use mse, l1, "
                                                 f"huber or smooth_l1, not {loss}"))
         if d.source == "tensors" and not d.path:
@@ -402,7 +399,7 @@ class Config(_Section):
         if d.augment and len(self.model.input_shape) != 3:
             problems.append((("data", "augment"), f"augmentation applies to images, samples of shape [channels, "
                                                   f"height, width]; model.input_shape is {self.model.input_shape}"))
-        if d.source == "synthetic" and d.target == "label" and loss in CLASSIFICATION_LOSSES and not d.classes:
+        if d.source == "synthetic" and task is Task.CLASSIFICATION and not d.classes:
             problems.append((("data",), "source: synthetic with a classification loss needs classes: N"))
         if d.split == "test" and d.source in ("tensors", "synthetic", "image_folder", "digits"):
             problems.append((("data", "split"), f"source {d.source} has no test split of its own; use split: fraction"))
@@ -415,17 +412,14 @@ class Config(_Section):
                 continue
             if no_val and metric.startswith("val_"):
                 problems.append((where, f"{metric} needs validation data: val_fraction > 0 (or monitor train_loss)"))
-            elif metric in ("val_accuracy", "val_top5_accuracy") and not (
-                    (loss in CLASSIFICATION_LOSSES and d.target == "label")
-                    or (metric == "val_accuracy" and loss == "bce_with_logits")):
-                problems.append((where, f"{metric} needs class labels and a classification loss (cross_entropy "
-                                        f"or nll{', or bce_with_logits' if metric == 'val_accuracy' else ''}); "
+            elif not task.could_log(metric) and mode_of(metric) == "max":  # an accuracy
+                losses = ", or ".join(" or ".join(k.losses) for k in Task if k.could_log(metric))
+                problems.append((where, f"{metric} needs class labels and a classification loss ({losses}); "
                                         f"this run trains with {loss}"))
-            elif metric in ("val_mse", "val_mae") and (
-                    (loss in CLASSIFICATION_LOSSES and d.target == "label") or loss == "bce_with_logits"):
-                has = ("val_loss and val_accuracy" if loss == "bce_with_logits"
-                       else "val_loss, val_accuracy and val_top5_accuracy")
-                problems.append((where, f"{metric} is a regression metric; a {loss} run has {has}"))
+            elif not task.could_log(metric):  # an error metric
+                *has, last = task.metrics(math.inf)
+                problems.append((where, f"{metric} is a regression metric; a {loss} run has {', '.join(has)} "
+                                        f"and {last}"))
         if (t.early_stopping is not None and no_val and t.early_stopping.monitor is None
                 and t.checkpoint.monitor is None):
             problems.append((("train", "early_stopping"), "early stopping needs validation data: val_fraction > 0 "

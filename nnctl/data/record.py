@@ -7,7 +7,11 @@ model used outside nnctl gets the same inputs it was trained on. Like torchvisio
 
 Fields (all plain JSON values):
 
-- ``task``: ``classification``, ``regression`` or ``reconstruction`` (``data.target: input``)
+- ``task``: the name of the run's ``nnctl.tasks.Task``: ``classification``, ``multilabel``
+  (``bce_with_logits``), ``regression`` or ``reconstruction`` (``data.target: input``). Records
+  written before multilabel was named say ``regression`` for a ``bce_with_logits`` run; nnctl
+  decides the task from the recorded config (``nnctl.tasks.task_of_config``), the record's
+  name only where a model carries no config
 - ``source``: the data source it was computed on (``digits``, ``image_folder``, ...)
 - ``input_shape``: one sample, ``[C, H, W]`` or any shape for tensors
 - ``color_mode``: ``L`` (one channel) or ``RGB`` for image data, else null
