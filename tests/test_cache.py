@@ -24,6 +24,7 @@ from nnctl.config import loader as C
 from nnctl.data import decode as DEC
 from nnctl.data import sources as SRC
 from nnctl.data import loading as D
+from nnctl.data import store as STORE
 from nnctl.errors import UsageError
 
 from .conftest import ROOT, make, run_cli
@@ -72,8 +73,8 @@ def _no_decoding(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("an image was decoded or opened although the cache holds it")
 
-    monkeypatch.setattr(D, "_decode_image", refuse)
-    monkeypatch.setattr(D, "_open_image", refuse)
+    monkeypatch.setattr(STORE, "decode_image", refuse)  # the one decoder, where the store calls it
+    monkeypatch.setattr(SRC, "image_size", refuse)  # the header reads of the size check
 
 
 # --- 1: a hit gives the batches of a fresh decode ------------------------------------------------
@@ -116,9 +117,9 @@ def test_native_size_hit_skips_the_size_scan(tmp_path, monkeypatch):
 def test_a_changed_added_or_touched_file_invalidates_the_cache(folder):
     first = D.load_data(_cfg(folder, True), CPU)
     target = folder / "class1" / "03.png"
-    old = DEC._decode_image(str(target), "RGB", (8, 8))
+    old = DEC.decode_image(str(target), "RGB", (8, 8))
     _image(target, 12, 9999)  # other pixels (the same size as before)
-    new = DEC._decode_image(str(target), "RGB", (8, 8))
+    new = DEC.decode_image(str(target), "RGB", (8, 8))
     assert not torch.equal(old, new)
     again = D.load_data(_cfg(folder, True), CPU)
     assert any(n.startswith("decoded 36 images") for n in again.notes), again.notes
@@ -142,13 +143,14 @@ def test_a_changed_added_or_touched_file_invalidates_the_cache(folder):
 _FILLER = r"""
 import hashlib, json, sys, time
 sys.path.insert(0, {root!r})
-from nnctl import config as C, data as D
+from nnctl.config import loader as C
+from nnctl.data import loading as D, store as S
 import torch
-slow = D._decode_image
+slow = S.decode_image
 def decode(*a, **k):
     time.sleep(0.02)  # a fill long enough for the other process to arrive in the middle of it
     return slow(*a, **k)
-D._decode_image = decode
+S.decode_image = decode
 cfg = C.from_dict({cfg!r})[0]
 while time.time() < {start!r}:
     time.sleep(0.005)

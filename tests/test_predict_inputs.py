@@ -114,17 +114,17 @@ def test_a_16_bit_png_predicts_as_its_8_bit_picture(digits_run, tmp_path):
     a, b = nnctl.predict(digits_run, [tmp_path / "p8.png", tmp_path / "p16.png"], top_k=3)
     assert a.error is None and b.error is None
     assert a.classes == b.classes and a.probabilities == b.probabilities
-    # the high byte: 16-bit values that are not v * 257 are not saturated to 255 either
+    # scaled by value, round(v * 255 / 65535): 16-bit values that are not v * 257 are not saturated to 255 either
     ramp = (np.arange(64, dtype=np.uint16) * 1024).reshape(8, 8)
     Image.fromarray(ramp).save(tmp_path / "ramp.png")
     got = decode_image(tmp_path / "ramp.png", "L", None)[0].numpy()
-    assert np.array_equal(got, (ramp >> 8).astype(np.uint8))
+    assert np.array_equal(got, ((ramp.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def test_decode_image_reads_like_training_and_fails_in_one_clear_line(tmp_path, monkeypatch):
     pic = picture(7, (9, 14))
     Image.fromarray(pic, "L").save(tmp_path / "p.png")
-    with Image.open(tmp_path / "p.png") as img:  # what data.py's decoder does: convert, bilinear resize
+    with Image.open(tmp_path / "p.png") as img:  # what training's decoder did: convert, bilinear resize
         want = np.asarray(img.convert("RGB").resize((5, 6), Image.BILINEAR))
     got = decode_image((tmp_path / "p.png").read_bytes(), "RGB", (6, 5))
     assert got.dtype == torch.uint8 and got.shape == (3, 6, 5)

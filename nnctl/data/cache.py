@@ -38,8 +38,10 @@ changed since it was written, or else a sample of 8 chunks (first, last and 6 sp
 between). A corrupt, truncated or unreadable entry is never used: the run prints
 ``note: decoded cache <file> was corrupt (<why>): rebuilt`` and builds it again.
 
-Decoding is the same function as without the cache (``data._decode_image``: PIL, bilinear
-resize), so a cache hit gives exactly the batches of a fresh decode. torchvision's
+Decoding is the same function as without the cache (``nnctl.data.decode.decode_image``, the
+one decoder: PIL, bilinear resize), so a cache hit gives exactly the batches of a fresh decode.
+The key holds ``decode.DECODER`` (nnctl's decoder version and PIL's), so an entry written by
+an older decoder is rebuilt, never reused. torchvision's
 ``decode_image`` + ``resize(antialias=True)`` gives the same pixels on this build but was no
 faster for small images on the CPU (3,700 against 4,000 files/s a core for 32x32 and 96x96
 PNG/JPEG), so the decoder is unchanged; the speed comes from decoding once, in parallel.
@@ -64,12 +66,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from nnctl.errors import NnctlError, UsageError
+from nnctl.data.decode import DECODER, RESIZE
 
 FORMAT = 1
 CHUNK_BYTES = 16 << 20
 FULL_VERIFY_BYTES = 2 << 30
 SAMPLED_CHUNKS = 8
-RESIZE = "PIL.Image.BILINEAR"
 PARALLEL_FROM = 256  # files; fewer are decoded in-process (starting workers costs more)
 BATCH = 64
 
@@ -99,9 +101,8 @@ def progress_to(callback: Callable[[int, int], None] | None) -> Iterator[None]:
 # --- keys and headers -----------------------------------------------------------------------
 
 def _decoder_version() -> str:
-    import PIL
-
-    return f"PIL {PIL.__version__}"
+    """nnctl's decoder and PIL's version (``decode.DECODER``): a change of either rebuilds the entry."""
+    return DECODER
 
 
 def make_key(root: str | os.PathLike, files: list[str], labels: list[int], mode: str,

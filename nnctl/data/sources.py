@@ -20,7 +20,8 @@ from nnctl.errors import NnctlError, UsageError
 from nnctl.files import _kind as _file_kind
 from nnctl.files import open_input, read_input
 from nnctl.data.store import _Store, _StoreDataset, _iterate, _loader
-from nnctl.data.decode import _open_image
+from nnctl.data import cache
+from nnctl.data.decode import image_size
 
 IMAGE_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder")
 
@@ -338,8 +339,6 @@ def _image_folder(cfg: Config, weights: dict | None = None) -> _Store:
     store = _Store(y=y, sample_shape=(channels, *(size or ())), scale=255.0, num_classes=len(class_names),
                    files=files, image_mode=mode, image_size=size, class_names=class_names, notes=notes)
     if cfg.data.cache:
-        from nnctl.data import cache
-
         if cache.attach(store, root, measure_size=lambda: _common_size(root, files)):
             return store
     if store.image_size is None:
@@ -352,8 +351,7 @@ def _common_size(root: Path, files: list[str]) -> tuple[int, int]:
     """The one (H, W) of every image, read from the headers; different sizes are an error."""
     sizes: dict[tuple[int, int], str] = {}
     for p in files:
-        with _open_image(p) as img:
-            sizes.setdefault((img.height, img.width), p)
+        sizes.setdefault(image_size(p), p)
         if len(sizes) > 1:
             (s1, f1), (s2, f2) = list(sizes.items())[:2]
             raise UsageError(f"images in {root} have different sizes ({f1} is {s1[0]}x{s1[1]}, {f2} is "

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from nnctl.data import record as P
 from nnctl.errors import NnctlError, UsageError
-from nnctl.data.decode import _decode_image
+from nnctl.data.decode import decode_image
 from nnctl.seeds import _mix
 
 # --- the store: every source read into tensors ----------------------------------------
@@ -40,7 +40,7 @@ class _Store:
         return len(self) * per + self.y.numel() * self.y.element_size()
 
     def sample(self, i: int) -> tuple[Tensor, Tensor]:
-        x = self.x[i] if self.x is not None else _decode_image(self.files[i], self.image_mode, self.image_size)
+        x = self.x[i] if self.x is not None else decode_image(self.files[i], self.image_mode, self.image_size)
         return x, self.y[i]
 
 

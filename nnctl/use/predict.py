@@ -1,7 +1,7 @@
 """Prediction: inputs -> the recorded preprocessing -> batched inference -> answers.
 
 Inputs are image files (PNG, JPEG, BMP, GIF, WebP, TIFF through PIL, decoded by
-``nnctl.images.decode_image`` as in training), folders of them (recursively, sorted, never
+``nnctl.data.decode.decode_image``, the decoder training uses), folders of them (recursively, sorted, never
 following a folder link, ``glob`` to choose), tensors files (``.pt`` read with
 weights_only, ``.npz`` without pickle, ``.safetensors``: key ``x``, or the only tensor), and,
 from Python, tensors. ``inputs`` is one input (a ``str``, an ``os.PathLike``, a tensor or a
@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 import torch
 from nnctl.errors import NnctlError, UsageError
+from nnctl.data.decode import decode_image
 from nnctl.data.record import Preprocessing, missing_note, raw_dtype_problem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -312,9 +313,8 @@ def _tensor_group(name: str, t: torch.Tensor, shape: list[int]) -> _Group:
 
 
 def _image_group(path: Path, pre: Preprocessing) -> _Group:
-    """An image file -> one sample decoded as training decoded its images, checked against the input shape."""
-    from nnctl.data.decode import decode_image
-
+    """An image file -> one sample decoded as training decoded its images (the one decoder,
+    ``nnctl.data.decode.decode_image``, with the record's mode and size), checked against the input shape."""
     shape = list(pre.input_shape or [])
     if not shape:
         return _Group(str(path), error="an image needs the model's input shape and colour mode, and this model "
@@ -334,9 +334,13 @@ def _one_input(inputs: Any) -> bool:
 
 
 def _strip(text: str, f: Path) -> str:
+    """A file's error without the file's name in front (the row names it): ``<f>: ``, or the
+    decoder's ``cannot read image <f>: `` / ``image <f>: ``."""
     text = " ".join(str(text).split())
-    prefix = f"{f}: "
-    return text[len(prefix):] if text.startswith(prefix) else text
+    for prefix in (f"{f}: ", f"cannot read image {f}: ", f"image {f}: "):
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
 def gather(inputs: Any, pre: Preprocessing, glob: str | None = None) -> tuple[list[_Group], list[str], list[str]]:
