@@ -1,4 +1,4 @@
-"""Checkpoint and weight I/O: nnctl.checkpoint / nnctl.export against plain torch.save / torch.load / safetensors.
+"""Checkpoint and weight I/O: nnctl.runs.checkpoint / nnctl.use.export vs torch.save / torch.load / safetensors.
 
     python bench/checkpoints.py            # the measurement (under a minute)
     python bench/checkpoints.py --quick    # a small model, one run: checks that it works
@@ -7,11 +7,11 @@ The state: an MLP 784-2048-1024-10 (3.7M parameters) built by nnctl from a confi
 after one Adam step (so the optimizer holds exp_avg and exp_avg_sq: 3x the weights),
 in a payload with the fields fit() writes. Pairs, interleaved:
 
-- save:   nnctl.checkpoint.save (SHA-256 digest of the weights, temporary file, fsync, rename)
+- save:   nnctl.runs.checkpoint.save (SHA-256 digest of the weights, temporary file, fsync, rename)
           vs torch.save of the same dict to the file;
-- load:   nnctl.checkpoint.load (zip CRC check, weights_only load, digest check)
+- load:   nnctl.runs.checkpoint.load (zip CRC check, weights_only load, digest check)
           vs torch.load(weights_only=True);
-- export: nnctl.exporting.export(..., "safetensors") (CPU copies + metadata + atomic write)
+- export: nnctl.use.export.export(..., "safetensors") (CPU copies + metadata + atomic write)
           vs safetensors.torch.save_file of the state_dict;
 - weights load: safetensors.torch.load_file of nnctl's export vs torch.load(weights_only=True)
           of a plain state_dict .pt.
@@ -78,17 +78,18 @@ def main() -> None:
 
         pairs = [
             ("save a checkpoint", {
-                "nnctl.checkpoint.save": t(lambda: checkpoint.save(nn_ckpt, payload)),
+                "nnctl.runs.checkpoint.save": t(lambda: checkpoint.save(nn_ckpt, payload)),
                 "torch.save": t(lambda: torch.save(payload, pt_ckpt)),
                 "torch.save + fsync": t(torch_save_fsync),
                 "(nnctl's SHA-256 digest alone)": t(lambda: checkpoint.tensor_digest(payload["model"])),
             }),
             ("load a checkpoint", {
-                "nnctl.checkpoint.load": t(lambda: checkpoint.load(nn_ckpt)),
+                "nnctl.runs.checkpoint.load": t(lambda: checkpoint.load(nn_ckpt)),
                 "torch.load(weights_only=True)": t(lambda: torch.load(pt_ckpt, weights_only=True)),
             }),
             ("export weights", {
-                "nnctl.exporting.export safetensors": t(lambda: export.export(payload, None, "safetensors", str(st_nnctl))),
+                "nnctl.use.export.export safetensors": t(lambda: export.export(payload, None, "safetensors",
+                                                                               str(st_nnctl))),
                 "safetensors save_file": t(lambda: save_file(model.state_dict(), str(st_plain))),
             }),
             ("load weights", {
@@ -100,8 +101,8 @@ def main() -> None:
         checkpoint.save(nn_ckpt, payload)
         export.export(payload, None, "safetensors", str(st_nnctl))
         torch.save(model.state_dict(), pt_weights)
-        sizes = {"nnctl.checkpoint.save": nn_ckpt, "torch.save": pt_ckpt, "torch.save + fsync": pt_ckpt,
-                 "nnctl.exporting.export safetensors": st_nnctl, "safetensors save_file": st_plain}
+        sizes = {"nnctl.runs.checkpoint.save": nn_ckpt, "torch.save": pt_ckpt, "torch.save + fsync": pt_ckpt,
+                 "nnctl.use.export.export safetensors": st_nnctl, "safetensors save_file": st_plain}
         for what, variants in pairs:
             print(what, flush=True)
             times = common.interleaved(variants, runs, warmup=0 if runs == 1 else 1)

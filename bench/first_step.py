@@ -12,9 +12,10 @@ the process itself):
   one step. Its time to first step is what PyTorch itself costs: `import torch`, and the
   first `optimizer.step()`, which imports `torch._dynamo` (torch.optim does so on every
   optimizer, compiled or not).
-- nnctl: the real CLI (`nnctl.cli.main`, `nnctl train CONFIG --epochs 1`) in a process whose
-  functions are wrapped with timers: imports, config + planning (`model.load_checked`), model
-  build, run folder, data (`data.load_data`), optimizer and the first step.
+- nnctl: the real CLI (`nnctl.cli.app.main`, `nnctl train CONFIG --epochs 1`) in a process whose
+  functions are wrapped with timers: imports, config + planning (`nnctl.checking.load_checked`),
+  model build (`nnctl.model.plan.build`), run folder, data (`nnctl.data.loading.load_data`),
+  optimizer and the first step.
 
 Goal (issue 14): nnctl's fixed cost before its first step at most `import torch` + 0.5 s; shown
 here as nnctl's time to first step minus the hand-written loop's (the cost nnctl adds).
@@ -46,11 +47,14 @@ def timed(mod, name, label):
     setattr(mod, name, wrapper)
 t = time.time(); import torch; parts["import torch"] = time.time() - t
 t = time.time()
-import nnctl.cli, nnctl.run as R, nnctl.model as M, nnctl.data as D, nnctl.loop as T
+import nnctl.cli.app
+import nnctl.checking as CHK, nnctl.model.plan as M, nnctl.data.loading as D
+import nnctl.training.run as R, nnctl.training.trainer as T
 parts["import nnctl"] = time.time() - t
-timed(M, "load_checked", "config + planning")
+# each wrapped where the caller looks it up (a name imported into the caller is wrapped there)
+timed(CHK, "load_checked", "config + planning")
 timed(M, "build", "model build")
-timed(R, "claim_new", "run folder")
+timed(R, "_claim_new", "run folder")
 timed(D, "load_data", "data")
 timed(T, "make_optimizer", "optimizer (torch)")
 real = T.train_one_epoch
@@ -63,7 +67,7 @@ def first_step(ctx, batches, epoch, start, sums, on_step=None):
     return real(ctx, batches, epoch, start, sums, stop)
 T.train_one_epoch = first_step
 sys.argv = ["nnctl", "train", sys.argv[2], "--epochs", "1", "--out", sys.argv[3]]
-nnctl.cli.main()
+nnctl.cli.app.main()
 '''
 
 HAND_CHILD = r'''
@@ -71,7 +75,7 @@ import json, sys, time
 T0 = float(sys.argv[1])
 import torch
 from torch import nn
-from nnctl import data as D  # the same digits, read the same way
+from nnctl.data import sources as D  # the same digits, read the same way
 store = D._digits()
 x = store.x.float().div_(16.0)
 y = store.y

@@ -156,9 +156,9 @@ def run_nnctl(root: Path, image: int, batch: int, cache: bool, notes: list, prel
 
 
 def clear_cache() -> None:
-    from nnctl.data import cache
+    from nnctl import api
 
-    cache.clear(all=True)
+    api.cache_clear(all=True)
 
 
 # --- the comparison ---------------------------------------------------------------------------------

@@ -4,10 +4,10 @@
     python bench/parity.py --quick    # tiny sizes, one run: checks that it works
 
 Both sides train the same freshly built model (the hand side gets a deep copy of the
-model nnctl.model.build made), over the same preloaded tensors, in the same batch order
+model nnctl.api.build made), over the same preloaded tensors, in the same batch order
 (nnctl's Batches.order for the epoch), with the same optimizer, loss, precision (fp32)
-and torch threads, in one process. Only the epoch is timed: nnctl.api.fit with
-write_checkpoints=False (no validation split) against the loop below. The global RNG is
+and torch threads, in one process. Only the epoch is timed: nnctl.api.fit without a run
+folder (nothing written; no validation split) against the loop below. The global RNG is
 reseeded before each side, so Dropout draws the same masks and the losses must agree.
 Goal: nnctl throughput >= 0.97x the hand loop's, with equal losses (to 5 decimals).
 """

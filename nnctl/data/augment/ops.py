@@ -54,12 +54,13 @@ Decisions (the lead's design, and what was decided while building it):
   RNG (dropout) is untouched, and the preloaded and streamed paths, on any device, get
   the same parameters (so, on the CPU, identical batches).
 * **ColorJitter's hue** converts to HSV and back, once a sample, with nnctl's own batched
-  ``_rgb_to_hsv`` / ``_hsv_to_rgb``: torchvision's formulas in the same float operations
-  (torchvision keeps its pair private, and its public ``adjust_hue`` takes one factor a
-  call: a loop over the samples, about 6x slower), equal to ``adjust_hue`` bit for bit
-  (tested): about 3x the cost of brightness, contrast and saturation together (25 against
-  6 ms a batch of 128 3x32x32 images on one CPU thread); leave it out when speed matters.
-  Saturation and hue leave one-channel images unchanged, as torchvision does.
+  ``_rgb_to_hsv`` / ``_hsv_to_rgb``: torchvision's formulas in the same float operations,
+  equal to ``adjust_hue`` bit for bit (tested). torchvision keeps its batched pair private,
+  and its public ``adjust_hue`` takes one factor a call: a loop over the samples, 6-7x
+  slower on a batch of 128 (measured). Hue costs about 3x brightness, contrast and
+  saturation together (25 against 6 ms a batch of 128 3x32x32 images on one CPU thread,
+  measured with torchvision's pair, which runs the same operations); leave it out when
+  speed matters. Saturation and hue leave one-channel images unchanged, as torchvision does.
 * **target: input** (autoencoders, denoisers): the target is the augmented image, and
   ``noise`` is added after augmentation.
 """
