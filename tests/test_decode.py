@@ -333,3 +333,22 @@ def test_a_cache_written_by_another_decoder_version_is_rebuilt_not_reused(tmp_pa
     heads = [json.loads(p.read_text()) for p in (tmp_path / "cache").glob("*.json")]
     assert sorted(h["decoder"] for h in heads) == sorted(["PIL 13.0.0", DECODER])
     assert DECODER.startswith(f"nnctl {DECODER_VERSION}, PIL ")
+
+
+# --- 5: one decoder, by construction ------------------------------------------------------------------
+
+def test_only_the_decoder_module_reads_images():
+    """No nnctl module but nnctl/data/decode.py imports PIL or torchvision.io: a second image decoder
+    cannot come back unnoticed (issue 19: two decoders drifted apart)."""
+    import ast
+
+    package = Path(nnctl.__file__).resolve().parent
+    readers = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names] \
+                if isinstance(node, ast.ImportFrom) else []
+            if any(n == "PIL" or n.startswith("PIL.") or n.startswith("torchvision.io") for n in names):
+                readers.append(str(path.relative_to(package)))
+    assert sorted(set(readers)) == ["data/decode.py"]
