@@ -54,7 +54,7 @@ parts["import nnctl"] = time.time() - t
 # each wrapped where the caller looks it up (a name imported into the caller is wrapped there)
 timed(CHK, "load_checked", "config + planning")
 timed(M, "build", "model build")
-timed(R, "_claim_new", "run folder")
+timed(R, "claim_new", "run folder")
 timed(D, "load_data", "data")
 timed(T, "make_optimizer", "optimizer (torch)")
 real = T.train_one_epoch
