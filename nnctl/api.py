@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 from nnctl.errors import ConfigError, UsageError
-from nnctl.use.source import (CHECKPOINT_SUFFIXES, Source, _is_yaml_text, is_checkpoint_source, load,  # noqa: F401
-                              load_config, open_source)
+from nnctl import checking as CHK
+from nnctl.data import loading as D
+from nnctl.model import freeze as F
+from nnctl.model import plan as M
+from nnctl.model import weights as W
+from nnctl.training import distributed as DIST
+from nnctl.use.source import (CHECKPOINT_SUFFIXES, Source, _is_yaml_text, config_document,  # noqa: F401
+                              is_checkpoint_source, load, load_config, open_source)
 from nnctl.model.tv import pretrained_preprocessing
 from nnctl.data.augment.spec import describe as describe_augment
 
@@ -31,27 +37,14 @@ from nnctl.data.augment.spec import describe as describe_augment
 
 
 def check(config: Any, overrides: Sequence[str] = ()) -> list:
-    """Every problem of a config, in one pass (structure, layers, shapes, optimizer): [] when it is valid."""
-    from nnctl import checking as CHK
-    from nnctl.config import loader as CL
-    from nnctl.config.yamlio import Document, load_text
-
+    """Every problem of a config, in one pass (nnctl.checking: structure, layers, shapes, freeze selection,
+    data facts, optimizer, augmentation, loss; a package it asks for and lacks): [] when it is valid."""
     try:
-        if isinstance(config, dict):
-            import copy
-
-            doc = Document(copy.deepcopy(config), "<dict>")
-            if overrides:
-                CL.apply_overrides(doc, list(overrides))
-        elif isinstance(config, str) and _is_yaml_text(config):
-            doc = load_text(config, "<string>")
-            if overrides:
-                CL.apply_overrides(doc, list(overrides))
-        else:
-            doc = CL.load_document(os.fspath(config), list(overrides))
+        doc = config_document(config, overrides)
     except ConfigError as exc:
         return list(exc.problems)
-    return list(CHK.check(doc).problems)
+    checked = CHK.check(doc)
+    return list(checked.problems) + list(checked.missing)
 
 
 # --- models ----------------------------------------------------------------------------------
@@ -62,18 +55,12 @@ def build(config: Any, *, overrides: Sequence[str] = (), init: str | None = None
     ``init``: weights to load (an nnctl checkpoint, ``.safetensors`` or a ``.pt`` state_dict),
     with the config's freeze selection applied.
     """
-    from nnctl.model import freeze as F
-    from nnctl.model import weights as W
-    from nnctl.model import plan as M
-
     cfg, doc = load_config(config, overrides)
     model, plan = M.build(cfg, doc)
+    freezing = None
     if init is not None:
         _, freezing = W.init_from(model, plan, init, partial=partial)
-        if freezing and cfg.freeze is None:
-            F.apply(model, freezing)
-    if cfg.freeze is not None:
-        F.apply(model, F.freeze_from_config(model, cfg.freeze))
+    F.apply_config(model, cfg.freeze, inherited=freezing)  # as nnctl.train applies it
     model.nnctl_meta = {"config": _resolved(cfg), "preprocessing": None, "checkpoint": None}
     return model
 
@@ -143,25 +130,19 @@ class Prepared:
     plan: Any
     data: Any
     device: Any
+    freezing: dict | None = None  # the config's freeze: selection, applied to model (nnctl.model.freeze)
 
 
 def prepare(config: Any, *, overrides: Sequence[str] = (), device: str | None = None) -> Prepared:
-    """Config -> model + data on the device, as ``nnctl.train`` would make them, without a run folder."""
-    from nnctl.config import structure as CS
-    from nnctl.optim import optimizers as OPT
-    from nnctl.training import distributed as DIST
-    from nnctl.data import loading as D
-    from nnctl.model import plan as M
-
-    cfg, doc = load_config(config, overrides)
-
-    CS.require_data(cfg, doc, what="training")
-    problems = OPT.validate(cfg, doc)
-    if problems:
-        raise ConfigError(problems)
-    model, plan = M.build(cfg, doc)
+    """Config -> model + data on the device, as ``nnctl.train`` would make them, without a run folder:
+    the same checks (nnctl.checking, for training), the same seeded model with the config's freeze applied."""
+    checked = CHK.check(config_document(config, overrides), purpose="train").refuse()
+    cfg, doc = checked.cfg, checked.doc
+    model, plan = M.build(cfg, doc, checked=checked.plan)
+    freezing = F.apply_config(model, cfg.freeze)
     dev = DIST.select_device(device or cfg.train.device)
-    return Prepared(cfg, doc, model, plan, D.load_data(cfg, dev, weights=pretrained_preprocessing(cfg)), dev)
+    return Prepared(cfg, doc, model, plan, D.load_data(cfg, dev, weights=pretrained_preprocessing(cfg)), dev,
+                    freezing)
 
 
 def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_event=None):
@@ -174,10 +155,10 @@ def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_even
     outputs = int(shape[-1]) if shape else None
     if run_dir is not None:
         return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, run_dir,
-                     on_event=on_event, outputs=outputs)
+                     on_event=on_event, outputs=outputs, freezing=prepared.freezing)
     with tempfile.TemporaryDirectory() as tmp:
         return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, tmp,
-                     on_event=on_event, write_checkpoints=False, outputs=outputs)
+                     on_event=on_event, write_checkpoints=False, outputs=outputs, freezing=prepared.freezing)
 
 
 def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", device: str = "cpu",

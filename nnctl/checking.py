@@ -1,21 +1,68 @@
-"""THE check pipeline (nnctl.check is the public function): every problem of a config, in file order, before anything trains."""
+"""THE check pipeline: every problem of a config, in file order, before anything trains.
+
+One function, :func:`check`, used by every entry point (``nnctl check``, ``nnctl train``,
+``nnctl eval`` of a config, ``nnctl.check``, ``nnctl.prepare``, the tests' ``config_outcome``).
+It runs the checks in this order and collects every problem (then the caller fails once):
+
+1. structure: the schema, located at YAML lines (``nnctl.config.structure``);
+2. model plan: layers, arguments and shapes on the meta device (``nnctl.model.plan``);
+3. freeze selection against the planned model (``nnctl.model.freeze``);
+4. data facts known without reading a sample: the class count of a built-in source or an
+   image folder against the loss and the model's output width (``nnctl.data.loading``);
+5. optimizer and scheduler classes and arguments (``nnctl.optim.optimizers``);
+6. augmentation names and arguments (``nnctl.data.augment.spec``);
+7. loss arguments against the model's output width (``nnctl.optim.losses``);
+8. what training needs (``purpose="train"``): a ``data:`` section; and, for every purpose,
+   the packages the config asks for (``train.log: [tensorboard]``, ``nnctl.runs.tensorboard``):
+   a missing package is the environment's problem (exit 1), kept apart from the config's;
+9. lint: warnings, when there is no problem (``nnctl.model.plan.lint``).
+
+Each package owns its own checks; this module only orders them and collects. Float bounds are
+part of the schema (loss weights, normalize) and of the optimizer's check (float32's range).
+Checks that need the samples (the labels' range, targets' shapes) stay with training
+(``nnctl.data.loading.check_targets``, ``nnctl.optim.losses.check_loss_targets``).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from nnctl.config import loader as CL
+from nnctl.config import structure as CS
 from nnctl.config.schema import Config
-from nnctl.errors import ConfigError, Problem
 from nnctl.config.yamlio import Document
+from nnctl.data.augment.spec import check as augment_problems
+from nnctl.data.loading import check_facts
+from nnctl.errors import ConfigError, Problem
+from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
+from nnctl.optim.losses import check_loss
+from nnctl.optim.optimizers import validate as validate_optimizer
+from nnctl.runs.tensorboard import MissingPackage
+from nnctl.runs.tensorboard import missing as missing_packages
+
+# purpose -> (the activity that needs a data: section, or None; whether the training run's packages count)
+PURPOSES = {"check": (None, True), "train": ("training", True), "eval": ("evaluation", False)}
+
 
 @dataclass
 class Checked:
-    """Everything ``nnctl check`` finds in one pass: problems of every kind, and what was valid."""
+    """Everything the pipeline finds in one pass: problems of every kind, and what was valid."""
 
     cfg: Config | None  # the whole config, when its structure is valid
     plan: Plan | None  # the model's plan, when the model section plans without problems
-    problems: list[Problem]  # structural, layer, shape, optimizer and scheduler problems, in file order
+    problems: list[Problem]  # every config problem, in file order (exit 2)
     warnings: list[Problem]  # lint (only when there are no problems)
+    doc: Document | None = None
+    missing: list[Problem] = field(default_factory=list)  # packages the config asks for and lacks (exit 1)
+
+    def refuse(self) -> Checked:
+        """Raise what training would refuse: ConfigError with every problem, else MissingPackage; self if none."""
+        if self.problems:
+            raise ConfigError(self.problems)
+        if self.missing:
+            raise MissingPackage(" ".join(p.format() for p in self.missing))
+        return self
 
 
 def _in_file_order(problems: list[Problem], file: str) -> list[Problem]:
@@ -24,47 +71,54 @@ def _in_file_order(problems: list[Problem], file: str) -> list[Problem]:
     return sorted(unique.values(), key=lambda p: (p.file != file, p.line or 0, p.column or 0))
 
 
-def check(doc: Document) -> Checked:
+def check(doc: Document, purpose: str = "check") -> Checked:
     """Validate a loaded document completely, reporting every mistake at once.
 
-    The structure (pydantic) is validated first; the model section is then planned
-    even when another section (a missing or broken ``data:``) fails, and the train
-    section's optimizer and scheduler are checked when that section is valid on its
-    own, so that structural and layer / shape problems come in one report.
+    ``purpose``: ``check`` (what the config must satisfy to train, a ``data:`` section aside: a
+    config with only ``model:`` is valid), ``train`` (also a ``data:`` section) or ``eval`` (a
+    ``data:`` section; the packages that only training uses, such as tensorboard, do not count).
+    The structure is validated first; the model section is then planned even when another
+    section is broken, and the train section's optimizer and scheduler are checked when that
+    section is valid on its own, so that every problem comes in one report.
     """
-    from nnctl.config import structure as C
-    from nnctl.data.augment.spec import check as augment_problems  # data.augment's names and arguments (torchvision's)
-    from nnctl.optim.optimizers import validate as validate_train  # the module (nnctl.train is also an API function)
-
-    checked = C.validate_all(doc)
-    problems = list(checked.problems)
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {', '.join(PURPOSES)}, not {purpose!r}")
+    sections = CS.validate_all(doc)
+    cfg = sections.cfg
+    problems = list(sections.problems)
     plan_ = None
-    if checked.model is not None:
+    if sections.model is not None:
         try:
-            plan_ = plan(checked.model, doc)
+            plan_ = plan(sections.model, doc)
         except ConfigError as exc:
             problems += exc.problems
-    if checked.train is not None:
-        problems += validate_train(checked.train, doc)
+    if plan_ is not None:
+        problems += check_selection(plan_, sections.freeze, doc)
+    if cfg is not None and plan_ is not None:
+        problems += check_facts(cfg, doc, plan_)
+    if sections.train is not None:
+        problems += validate_optimizer(sections.train, doc)
     problems += augment_problems(doc)
-    if checked.cfg is not None and plan_ is not None and plan_.output_shape:
-        from nnctl.optim.losses import check_loss  # loss arguments against the model's output width (class weights)
+    if cfg is not None and plan_ is not None and plan_.output_shape:
+        problems += check_loss(cfg, doc, int(plan_.output_shape[-1]))
+    missing: list[Problem] = []
+    if cfg is not None:
+        needs_data, packages = PURPOSES[purpose]
+        if needs_data is not None:
+            try:
+                CS.require_data(cfg, doc, what=needs_data)
+            except ConfigError as exc:
+                problems += exc.problems
+        if packages:
+            missing = missing_packages(cfg, doc)
+    warnings_ = lint(cfg, plan_) if cfg is not None and plan_ is not None and not problems else []
+    return Checked(cfg, plan_, _in_file_order(problems, doc.file), warnings_, doc, missing)
 
-        problems += check_loss(checked.cfg, doc, int(plan_.output_shape[-1]))
-    warnings_ = lint(checked.cfg, plan_) if checked.cfg is not None and plan_ is not None and not problems else []
-    return Checked(checked.cfg, plan_, _in_file_order(problems, doc.file), warnings_)
 
+def load_checked(source: str, overrides: list[str] | None = None, purpose: str = "check") -> Checked:
+    """Load a config file and check all of it at once (:func:`check`).
 
-def load_checked(source: str, overrides: list[str] | None = None) -> tuple[Config, Document, Plan]:
-    """Load a config file and check all of it (structure, layers, shapes, optimizer) at once.
-
-    Raises ConfigError with every problem; returns the config, its document and the plan.
-    For ``train``: follow with ``config.require_data(cfg, doc)``.
+    Raises ConfigError with every problem (MissingPackage for a package it needs); returns the
+    Checked result (``cfg``, ``doc``, ``plan``, ``warnings``).
     """
-
-    from nnctl.config import loader as CL
-    doc = CL.load_document(source, overrides)
-    result = check(doc)
-    if result.problems:
-        raise ConfigError(result.problems)
-    return result.cfg, doc, result.plan
+    return check(CL.load_document(source, overrides), purpose).refuse()

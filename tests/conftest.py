@@ -78,23 +78,18 @@ def helper_command(name: str, *args: str) -> list[str]:
 
 
 def config_outcome(doc) -> tuple[str, list[str]]:
-    """Validate a loaded document as `nnctl check` does: ("ok", []) or ("refused", the problems as the
-    CLI prints them). Any other exception escapes. The caller asserts on the problems."""
-    from nnctl.config import structure as C
-    from nnctl.model import plan as M
-    from nnctl.optim import optimizers as T
-    from nnctl.errors import ConfigError, UsageError
+    """Validate a loaded document as `nnctl check` does, through the one check pipeline (nnctl.checking:
+    structure, plan, freeze, data facts, optimizer, augment, loss): ("ok", []) or ("refused", the problems
+    as the CLI prints them). Any other exception escapes. The caller asserts on the problems."""
+    from nnctl import checking as CHK
+    from nnctl.errors import UsageError
 
     try:
-        cfg = C.validate(doc)
-        M.plan(cfg, doc)
-        problems = T.validate(cfg, doc)
-        if problems:
-            raise ConfigError(problems)
-    except ConfigError as exc:
-        return "refused", [p.format() for p in exc.problems]
+        result = CHK.check(doc)
     except UsageError as exc:
         return "refused", [" ".join(str(exc).split())]  # as the CLI's handle_errors prints it
+    if result.problems:
+        return "refused", [p.format() for p in result.problems]
     return "ok", []
 
 

@@ -115,13 +115,14 @@ def check(
             _err(p.format())
     from nnctl import checking as M
 
-    result = M.check(doc)
+    result = M.check(doc)  # THE check pipeline: what nnctl train refuses before it reads a sample
     if result.problems:
         shown = {p.format() for p in structural.problems}
         rest = [p for p in result.problems if p.format() not in shown]
         if rest:
             raise ConfigError(rest)
         raise typer.Exit(2)
+    result.refuse()  # a package the config asks for and lacks (train.log: tensorboard): exit 1, as train
     cfg, plan, warnings = result.cfg, result.plan, result.warnings
     _warn(warnings)
     if strict and warnings:

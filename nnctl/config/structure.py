@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+import typing
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 from pydantic import BaseModel, ValidationError
 from nnctl.errors import ConfigError, Problem
 from nnctl.config.yamlio import Document
 from nnctl.config.schema import _CrossProblems, _describe, suggest
-from nnctl.config.schema import Config, DataSection, ModelSection, TrainSection
+from nnctl.config.schema import Config, DataSection, FreezeSection, ModelSection, TrainSection
 
 
 
 # --- turning pydantic's errors into located, actionable problems -------------------
 
 def _model_at(path: tuple) -> type[BaseModel] | None:
-    import typing
-
     cls: Any = Config
     for part in path:
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or part not in cls.model_fields:
@@ -89,8 +90,6 @@ def _problem_from(err: dict, data: Any, doc: Document) -> Problem:
 
 def default_name(file: str) -> str:
     """The run name of a config without ``name:``: its file name, made a valid name."""
-    import os
-
     stem = os.path.splitext(os.path.basename(str(file)))[0]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("._-")[:100]
     return name or "model"
@@ -137,31 +136,33 @@ def require_data(cfg: Config, doc: Document, what: str = "training") -> DataSect
 
 
 @dataclass
-class Checked:
+class Sections:
     """Every structural problem of a document, and the sections that are valid on their own.
 
-    ``cfg`` is the whole validated config (None when anything is wrong); ``model`` and
-    ``train`` are those sections when they validate alone, so that the model can still be
-    planned (and its layer and shape problems reported) while another section is broken.
+    ``cfg`` is the whole validated config (None when anything is wrong); ``model``, ``train``
+    and ``freeze`` are those sections when they validate alone, so that the model can still be
+    planned (and its layer, shape and freeze problems reported) while another section is broken.
+    (The whole check pipeline's result is ``nnctl.checking.Checked``.)
     """
 
     cfg: Config | None
     model: ModelSection | None
     train: TrainSection | Any | None  # with only optimizer and scheduler when the rest is broken
     problems: list[Problem]
+    freeze: FreezeSection | None = None
 
 
-def validate_all(doc: Document) -> Checked:
+def validate_all(doc: Document) -> Sections:
     """Like :func:`validate`, but never raises: every problem, plus the sections that are valid."""
     try:
         cfg = validate(doc)
-        return Checked(cfg, cfg.model, cfg.train, [])
+        return Sections(cfg, cfg.model, cfg.train, [], cfg.freeze)
     except ConfigError as exc:
         problems = list(exc.problems)
     data = doc.data
     sections: dict[str, Any] = {}
     if isinstance(data, dict):
-        for key, cls in (("model", ModelSection), ("train", TrainSection)):
+        for key, cls in (("model", ModelSection), ("train", TrainSection), ("freeze", FreezeSection)):
             value = data.get(key, {} if key == "train" else None)
             if value is None:
                 continue
@@ -170,7 +171,7 @@ def validate_all(doc: Document) -> Checked:
             except ValidationError:
                 if key == "train" and isinstance(value, dict):
                     sections[key] = _classes_only(value)
-    return Checked(None, sections.get("model"), sections.get("train"), problems)
+    return Sections(None, sections.get("model"), sections.get("train"), problems, sections.get("freeze"))
 
 
 def _classes_only(train: dict) -> Any:
@@ -179,8 +180,6 @@ def _classes_only(train: dict) -> Any:
     Lets ``nnctl check`` check the optimizer's class and arguments while, say, ``epochs``
     is wrong (each problem is then reported once, in the same pass).
     """
-    from types import SimpleNamespace
-
     try:
         optimizer = TrainSection._optimizer(train.get("optimizer", {"Adam": {"lr": 0.001}}))
         scheduler = TrainSection._scheduler(train.get("scheduler"))

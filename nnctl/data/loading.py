@@ -38,9 +38,10 @@ import torch
 from torch import Tensor
 from nnctl.data import record as P
 from nnctl.config.schema import CLASSIFICATION_LOSSES, Config
+from nnctl.config.yamlio import format_path
 from nnctl.errors import NnctlError, UsageError
 from nnctl.data.store import Batches, DataBundle, _Store, _StoreDataset, _iterate, _loader
-from nnctl.data.sources import IMAGE_MODES, IMAGE_SOURCES, _decode_all, _read
+from nnctl.data.sources import IMAGE_MODES, IMAGE_SOURCES, _decode_all, _read, class_count
 
 PRELOAD_LIMIT_BYTES = 2 << 30
 
@@ -159,14 +160,23 @@ def _should_preload(cfg: Config, store: _Store, device: torch.device) -> bool:
     return True
 
 
+def _label_map_message(label_map: list[int], source: str, classes: int) -> str:
+    return (f"data.label_map has {len(label_map)} entries but {source} has {classes} classes: "
+            "give one new class for each original class")
+
+
+def _labels_loss_message(source: str, loss: str) -> str:
+    return (f"{source} gives class labels but train.loss is {loss}; use cross_entropy or nll, "
+            f"or data.target: input to reconstruct the input")
+
+
 def _map_labels(store: _Store, label_map: list[int], source: str) -> None:
     """data.label_map: class i becomes label_map[i] (a changed task for fine-tuning, e.g. even / odd)."""
     if store.y.dtype != torch.int64 or store.y.dim() != 1:
         raise UsageError(f"data.label_map needs class labels, but {source} gives {store.y.dtype} targets")
     classes = store.num_classes if store.num_classes is not None else int(store.y.max()) + 1
     if len(label_map) != classes:
-        raise UsageError(f"data.label_map has {len(label_map)} entries but {source} has {classes} classes: "
-                         "give one new class for each original class")
+        raise UsageError(_label_map_message(label_map, source, classes))
     store.y = torch.tensor(label_map, dtype=torch.int64)[store.y]
     store.num_classes = max(label_map) + 1
     store.class_names = P.label_map_names(store.class_names, label_map)
@@ -220,8 +230,7 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     elif store.y.dtype == torch.int64:
         task, num_classes = "classification", store.num_classes
         if t.loss_name not in CLASSIFICATION_LOSSES:
-            raise UsageError(f"{d.source} gives class labels but train.loss is {t.loss_name}; use cross_entropy or nll, "
-                             f"or data.target: input to reconstruct the input")
+            raise UsageError(_labels_loss_message(d.source, t.loss_name))
     else:
         task, num_classes = "regression", None
         if t.loss_name in CLASSIFICATION_LOSSES:
@@ -278,17 +287,22 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     else:
         target_shape = tuple(shape) if d.target == "input" else tuple(store.y.shape[1:])
         label_range = None
-    where = d.source
-    if d.source == "tensors":
-        where = f"tensors file {d.path}"
-    elif d.source == "image_folder":
-        where = f"image_folder {d.root}"
+    where = _where(d)
     return DataBundle(train=train, val=val, input_shape=tuple(shape), num_classes=num_classes, task=task,
                       mean=mean, std=std, description=desc, preloaded=preload, preprocessing=record,
                       notes=list(store.notes), target_shape=target_shape, label_range=label_range, where=where)
 
 
 # --- targets against the model -----------------------------------------------------------
+
+def _where(d) -> str:
+    """The data as messages name it: digits, image_folder ROOT, tensors file PATH."""
+    if d.source == "tensors":
+        return f"tensors file {d.path}"
+    if d.source == "image_folder":
+        return f"image_folder {d.root}"
+    return d.source
+
 
 def _output_layer(plan) -> Any:
     """The layer that sets the model's output shape: the last one that changes its input's shape
@@ -300,6 +314,58 @@ def _output_layer(plan) -> Any:
     return leaves[-1] if leaves else None
 
 
+def _output_place(doc, plan) -> tuple[tuple, str]:
+    """The YAML path of the model's output layer, and how messages name it."""
+    node = _output_layer(plan)
+    path = tuple(node.path) if node is not None else ("model", "layers")
+    line, _ = doc.locate(path)
+    layer = (f"the model's output layer {format_path(path)} ({node.label()}{f', line {line}' if line else ''})"
+             if node is not None else "the model")
+    return path, layer
+
+
+def _score_problems(cfg: Config, doc, plan, what: str, classes: int, lo: int, hi: int) -> list:
+    """Class labels lo..hi (``classes`` of them) against the model's output: one score per class."""
+    out = tuple(int(v) for v in plan.output_shape)
+    path, layer = _output_place(doc, plan)
+    node = _output_layer(plan)
+    needed = max(classes, hi + 1)
+    if len(out) != 1:
+        return [doc.problem(path, (
+            f"{layer} gives outputs of shape {list(out)} per sample, but the data ({what}) has class labels "
+            f"({needed} classes) and train.loss {cfg.train.loss_name} needs one score per class, shape [{needed}]; "
+            "end the model with a Flatten and a Linear of that width"))]
+    if out[0] < needed:
+        hint = f"; set out_features: {needed}" if node is not None and node.type_name == "Linear" else ""
+        return [doc.problem(path, (
+            f"{layer} gives {out[0]} class scores per sample, but the data ({what}) has class labels "
+            f"{lo}..{hi} ({needed} classes): a label at or above {out[0]} has no score{hint}"))]
+    return []
+
+
+def check_facts(cfg: Config, doc, plan) -> list:
+    """The data's facts known without reading a sample, against the loss and the model's output
+    (the check pipeline's data step): a source of class labels (the built-in ones, an image_folder,
+    whose classes are its sub-folders) with a loss that is not for classes, a data.label_map of the
+    wrong length, and fewer class scores than classes. Located problems; [] when the source's
+    classes are not known before reading (tensors, synthetic) or the target is the input."""
+    d = cfg.data
+    if d is None or d.target == "input" or plan is None or plan.output_shape is None:
+        return []
+    classes = class_count(cfg)
+    if classes is None:
+        return []
+    if cfg.train.loss_name not in CLASSIFICATION_LOSSES:
+        return [doc.problem(("train", "loss"), _labels_loss_message(d.source, cfg.train.loss_name))]
+    lo, hi = 0, classes - 1
+    if d.label_map is not None:
+        if len(d.label_map) != classes:
+            return [doc.problem(("data", "label_map"), _label_map_message(d.label_map, d.source, classes))]
+        lo, hi = min(d.label_map), max(d.label_map)
+        classes = hi + 1
+    return _score_problems(cfg, doc, plan, _where(d), classes, lo, hi)
+
+
 def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
     """Problems (nnctl.errors.Problem, located at the model's output layer) where the data's targets
     do not fit the model's output: class labels at or above the output width, an output that is not
@@ -308,33 +374,17 @@ def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
 
     Call it after load_data and before anything is written; raise ConfigError(problems) (exit 2).
     """
-    from nnctl.config.yamlio import format_path
-
     out = plan.output_shape
     if out is None:
         return []
     out = tuple(int(v) for v in out)
-    node = _output_layer(plan)
-    path = tuple(node.path) if node is not None else ("model", "layers")
-    line, _ = doc.locate(path)
-    layer = (f"the model's output layer {format_path(path)} ({node.label()}{f', line {line}' if line else ''})"
-             if node is not None else "the model")
+    path, layer = _output_place(doc, plan)
     what = data.where or cfg.data.source
     problems = []
     if data.task == "classification":
         classes = data.num_classes or 0
         lo, hi = data.label_range if data.label_range else (0, classes - 1)
-        needed = max(classes, hi + 1)
-        if len(out) != 1:
-            problems.append(doc.problem(path, (
-                f"{layer} gives outputs of shape {list(out)} per sample, but the data ({what}) has class labels "
-                f"({needed} classes) and train.loss {cfg.train.loss_name} needs one score per class, shape [{needed}]; "
-                "end the model with a Flatten and a Linear of that width")))
-        elif out[0] < needed:
-            hint = f"; set out_features: {needed}" if node is not None and node.type_name == "Linear" else ""
-            problems.append(doc.problem(path, (
-                f"{layer} gives {out[0]} class scores per sample, but the data ({what}) has class labels "
-                f"{lo}..{hi} ({needed} classes): a label at or above {out[0]} has no score{hint}")))
+        problems += _score_problems(cfg, doc, plan, what, classes, lo, hi)
     else:
         target = tuple(data.target_shape) if data.target_shape is not None else None
         if target is not None and target != out:

@@ -197,28 +197,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 _NOTES_SHOWN = 8
 
 
-def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str]]:
-    """ImageFolder's classes and (file, class) samples, in ImageFolder's order, read safely.
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
 
-    Every real folder is read once: folders are identified by (st_dev, st_ino), so a symbolic link
-    to a folder already read (its own ancestor, the root, another class, a second link to one
-    folder) is skipped, never followed into a loop or a second copy of the same images. Real
-    folders are walked before links, so a link never shadows the folder it points to. Files are
-    read once too (a link or hard link to a file already listed is skipped). Only regular files
-    are images: a FIFO, device or socket with an image name is skipped (opening a FIFO would wait
-    forever). Each skip is reported in the returned notes.
-    """
-    notes: list[str] = []
-    seen: dict[tuple[int, int], str] = {}
 
-    def ident(st: os.stat_result) -> tuple[int, int]:
-        return st.st_dev, st.st_ino
-
-    def note(text: str) -> None:
-        notes.append(text)
-
+def _class_folders(root: Path, seen: dict[tuple[int, int], str], note) -> list[tuple[str, str]]:
+    """ImageFolder's classes: (name, path) of each sub-folder of ``root``, by name, each real folder
+    once (a link to a folder already read is skipped and noted). ``seen`` gathers the folders read."""
     try:
-        seen[ident(os.stat(root))] = str(root)
+        seen[_ident(os.stat(root))] = str(root)
         top = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
         raise UsageError(f"data.root {root}: cannot read: {exc.strerror or exc}") from None
@@ -232,11 +219,58 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], li
             continue
         if not stat.S_ISDIR(st.st_mode):
             continue
-        if ident(st) in seen:
-            note(f"{entry.path}: skipped as a class: a link to {seen[ident(st)]}, a folder already read")
+        if _ident(st) in seen:
+            note(f"{entry.path}: skipped as a class: a link to {seen[_ident(st)]}, a folder already read")
             continue
-        seen[ident(st)] = entry.path
+        seen[_ident(st)] = entry.path
         classes.append((entry.name, entry.path))
+    return classes
+
+
+# the class count of each built-in source (the labels are 0 .. count - 1)
+CLASS_COUNTS = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def class_count(cfg: Config) -> int | None:
+    """The number of classes ``cfg.data``'s source gives, known without reading a sample: the built-in
+    sources' own, an image_folder's class sub-folders (counted, no image opened); None when it is
+    not known before reading (tensors, synthetic) or the folder cannot be read (loading says why).
+    ``data.label_map`` is not applied here."""
+    d = cfg.data
+    if d is None:
+        return None
+    if d.source in CLASS_COUNTS:
+        return CLASS_COUNTS[d.source]
+    if d.source != "image_folder" or not d.root:
+        return None
+    root = Path(os.path.expanduser(d.root))
+    if not root.is_dir():
+        return None
+    try:
+        return len(_class_folders(root, {}, lambda text: None)) or None
+    except UsageError:
+        return None
+
+
+def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+    """ImageFolder's classes and (file, class) samples, in ImageFolder's order, read safely.
+
+    Every real folder is read once: folders are identified by (st_dev, st_ino), so a symbolic link
+    to a folder already read (its own ancestor, the root, another class, a second link to one
+    folder) is skipped, never followed into a loop or a second copy of the same images. Real
+    folders are walked before links, so a link never shadows the folder it points to. Files are
+    read once too (a link or hard link to a file already listed is skipped). Only regular files
+    are images: a FIFO, device or socket with an image name is skipped (opening a FIFO would wait
+    forever). Each skip is reported in the returned notes.
+    """
+    notes: list[str] = []
+    seen: dict[tuple[int, int], str] = {}
+    ident = _ident
+
+    def note(text: str) -> None:
+        notes.append(text)
+
+    classes = _class_folders(root, seen, note)
     if not classes:
         raise UsageError(f"data.root {root} has no sub-folders: image_folder needs one sub-folder of images "
                          "per class")

@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import fnmatch
 from typing import Any
+import torch
 from torch import nn
-from nnctl.errors import CheckpointError, UsageError
+from nnctl.config.yamlio import Document
+from nnctl.errors import CheckpointError, Problem, UsageError
+from nnctl.model.nodes import Plan, instantiate
 
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP and torch.compile wrappers
 
@@ -35,12 +38,13 @@ def children_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
-def _match(model: nn.Module, patterns: list[str], what: str) -> set[str]:
-    """Parameter names under the modules or parameters that the patterns name."""
+def _match(model: nn.Module, patterns: list[str], what: str, where: tuple, problems: list) -> set[str]:
+    """Parameter names under the modules or parameters that the patterns name; a pattern that
+    names nothing adds (where + (index,), message) to ``problems``."""
     params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     out: set[str] = set()
-    for pattern in patterns:
+    for index, pattern in enumerate(patterns):
         pattern = pattern.strip()
         hit = False
         for mname in modules:
@@ -55,45 +59,92 @@ def _match(model: nn.Module, patterns: list[str], what: str) -> set[str]:
                 hit = True
         if not hit:
             tops = ", ".join(n for n, _ in model.named_children())
-            raise UsageError(f"{what} {pattern!r} matches no module or parameter of the model "
-                             f"(its children: {tops})")
+            message = f"{what} {pattern!r} matches no module or parameter of the model (its children: {tops})"
+            problems.append((where + (index,), message))
     return out
+
+
+def _select(model: nn.Module, first: int | None, children: list[int] | None, names: list[str] | None,
+            unfreeze: list[str] | None, first_label: str) -> tuple[list[str], list[tuple[tuple, str]]]:
+    """The frozen parameter names of a selection, and every problem of it as (path in freeze:, message).
+
+    The one resolver of freeze selections: ``make_freeze`` (nnctl freeze, train, build) raises the
+    first problem; ``check_selection`` (the check pipeline) reports them all at their YAML lines.
+    """
+    kids = list(model.named_children())
+    has = f"the model has {len(kids)} children (0 to {len(kids) - 1})"
+    frozen: set[str] = set()
+    problems: list[tuple[tuple, str]] = []
+    if first is not None:
+        if first < 1 or first > len(kids):
+            problems.append((("first",), f"{first_label} {first}: {has}"))
+        else:
+            for name, child in kids[:first]:
+                frozen |= {f"{name}.{p}" for p, _ in child.named_parameters()}
+    for i, index in enumerate(children or []):
+        if not 0 <= index < len(kids):
+            problems.append((("children", i), f"child {index} does not exist: {has}"))
+            continue
+        name, child = kids[index]
+        frozen |= {f"{name}.{p}" for p, _ in child.named_parameters()}
+    if names:
+        frozen |= _match(model, names, "freeze name", ("names",), problems)
+    if unfreeze:
+        frozen -= _match(model, unfreeze, "unfreeze name", ("unfreeze",), problems)
+    all_params = [n for n, _ in model.named_parameters()]
+    if not problems:
+        if not frozen and (first or children or names):
+            problems.append(((), "the freeze selection matches no parameters (the selected children have none)"))
+        elif all_params and frozen >= set(all_params):
+            message = ("the freeze selection freezes every parameter: nothing would train "
+                       "(freeze fewer children, or --unfreeze the head)")
+            problems.append(((), message))
+    return [n for n in all_params if n in frozen], problems
 
 
 def make_freeze(model: nn.Module, first: int | None = None, children: list[int] | None = None,
               names: list[str] | None = None, unfreeze: list[str] | None = None,
               train_frozen_norm: bool = False) -> dict:
     """Resolve selectors into the frozen parameter names. Errors when nothing or everything is frozen."""
-    kids = list(model.named_children())
-    frozen: set[str] = set()
-    if first is not None:
-        if first < 1 or first > len(kids):
-            raise UsageError(f"--first {first}: the model has {len(kids)} children (0 to {len(kids) - 1})")
-        for name, child in kids[:first]:
-            frozen |= {f"{name}.{p}" for p, _ in child.named_parameters()}
-    for index in children or []:
-        if not 0 <= index < len(kids):
-            raise UsageError(f"child {index} does not exist: the model has {len(kids)} children "
-                             f"(0 to {len(kids) - 1})")
-        name, child = kids[index]
-        frozen |= {f"{name}.{p}" for p, _ in child.named_parameters()}
-    if names:
-        frozen |= _match(model, names, "freeze name")
-    if unfreeze:
-        frozen -= _match(model, unfreeze, "unfreeze name")
-    all_params = [n for n, _ in model.named_parameters()]
-    if not frozen and (first or children or names):
-        raise UsageError("the freeze selection matches no parameters (the selected children have none)")
-    if all_params and frozen >= set(all_params):
-        raise UsageError("the freeze selection freezes every parameter: nothing would train "
-                         "(freeze fewer children, or --unfreeze the head)")
-    return {"frozen": [n for n in all_params if n in frozen], "train_frozen_norm": bool(train_frozen_norm),
+    frozen, problems = _select(model, first, children, names, unfreeze, "--first")
+    if problems:
+        raise UsageError(problems[0][1])
+    return {"frozen": frozen, "train_frozen_norm": bool(train_frozen_norm),
             "spec": {"first": first, "children": children, "names": names, "unfreeze": unfreeze}}
 
 
 def freeze_from_config(model: nn.Module, section) -> dict:
     return make_freeze(model, section.first, section.children, section.names, section.unfreeze,
                      section.train_frozen_norm)
+
+
+def apply_config(model: nn.Module, section, inherited: dict | None = None) -> dict | None:
+    """The config's ``freeze:`` section applied to a fresh model, as every entry point applies it
+    (nnctl.build, train, prepare, eval --init): the section's selection, else ``inherited`` (the
+    selection that --init weights carry). Returns the freezing a run records, or None."""
+    freezing = freeze_from_config(model, section) if section is not None else inherited
+    if freezing:
+        apply(model, freezing)
+    return freezing or None
+
+
+def meta_model(plan: Plan) -> nn.Module:
+    """The planned model on the meta device (no memory, no initialisation cost): names and shapes only."""
+    net = (plan.torchvision or {}).get("meta_model")
+    if net is not None:
+        return net
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        return instantiate(plan.root)
+
+
+def check_selection(plan: Plan, section, doc: Document) -> list[Problem]:
+    """The config's ``freeze:`` selection against the planned model, without building or training it:
+    every selector that names nothing (or beyond the children), located at its YAML line."""
+    if section is None:
+        return []
+    model = meta_model(plan)
+    _, problems = _select(model, section.first, section.children, section.names, section.unfreeze, "first")
+    return [doc.problem(("freeze",) + path, message) for path, message in problems]
 
 
 def apply(model: nn.Module, plan: dict) -> None:

@@ -380,7 +380,8 @@ def plan_torchvision(model: ModelSection, planner: Any, shape: tuple) -> tuple[N
     extra = {"model": name, "weights": None if weights is None else f"{type(weights).__name__}.{weights.name}",
              "weights_file": None if weights is None else weights_file(weights),
              "replace": list(replaced), "replace_nodes": replaced,
-             "preprocessing": None if weights is None else weights_preprocessing(weights)}
+             "preprocessing": None if weights is None else weights_preprocessing(weights),
+             "meta_model": net}  # the planned model on the meta device (names for freeze checks)
     return root, extra
 
 

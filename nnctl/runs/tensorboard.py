@@ -18,8 +18,8 @@ run started from another run's checkpoint first logs the history it inherits.
 
 Event files are append-only streams of CRC-checked records (TensorBoard's own format); they
 are the one kind of file in a run folder not written through ``files.atomic_write``.
-``torch.utils.tensorboard`` is imported only when a config asks for it; ``require`` fails
-before anything is written when the ``tensorboard`` package is missing.
+``torch.utils.tensorboard`` is imported only when a config asks for it; ``missing`` (a step of the
+check pipeline) reports a missing ``tensorboard`` package before anything is written.
 """
 
 from __future__ import annotations
@@ -43,16 +43,17 @@ def wanted(cfg) -> bool:
     return "tensorboard" in (getattr(cfg.train, "log", None) or ())
 
 
-def require(cfg, doc=None) -> None:
-    """Before anything is written: the tensorboard package must import, else a located error."""
+def missing(cfg, doc) -> list:
+    """[the located problem] when the config asks for tensorboard and the package does not import, else []
+    (the check pipeline's environment step; raise MissingPackage with it: exit 1)."""
     if not wanted(cfg):
-        return
+        return []
     try:
-        import tensorboard  # noqa: F401
+        import tensorboard  # noqa: F401 - optional: imported only when a config asks for it
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError:
-        where = doc.problem(("train", "log"), INSTALL).format() if doc is not None else f"train.log: {INSTALL}"
-        raise MissingPackage(where) from None
+        return [doc.problem(("train", "log"), INSTALL)]
+    return []
 
 
 def event_files(run_dir: str | Path) -> list[Path]:

@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+from nnctl import checking as CHK
 from nnctl.errors import CheckpointError, UsageError
 from nnctl.runs.rundir import is_run_folder
 from nnctl.runs.claim import Claim, claim_existing, claim_new
@@ -113,7 +114,6 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
     ``on_message`` receives the run's information lines (device, run folder, data, model,
     notes); ``on_event`` the loop's progress events. Errors are nnctl's exception types.
     """
-    from nnctl import checking as CHK
     say = on_message or (lambda text: None)
     if resume and init:
         raise UsageError("--resume continues a run; --init starts a new one from weights: use one")
@@ -132,8 +132,8 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
         overrides.append(f"train.device={device}")
     cfg = doc = checked = None
     if config is not None:
-
-        cfg, doc, checked = CHK.load_checked(config, overrides)  # every config mistake at once, before anything
+        checked = CHK.load_checked(config, overrides, purpose="train")  # every config mistake at once, first
+        cfg, doc = checked.cfg, checked.doc
     # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
     if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
             and (Path(out) / "last.pt").exists()):
@@ -157,10 +157,8 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
 
 def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, force, on_event, say, dist,
                   claim: Claim | None) -> RunResult:
-    """``checked``: the plan of a config file that model.load_checked has validated (None: not yet)."""
+    """``checked``: the check pipeline's result for the config file (None: the checkpoint's config, checked here)."""
     from nnctl.config import loader as CL
-    from nnctl.config import structure as CS
-    from nnctl.optim import optimizers as OPT
     from nnctl import files as files
     from nnctl.runs import checkpoint as K
     from nnctl.config import schema as C
@@ -168,7 +166,6 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
     from nnctl.model import weights as W
     from nnctl.model import plan as M
     from nnctl.training import distributed as DIST
-    from nnctl.errors import ConfigError
 
     state = None
     if source is not None:
@@ -177,7 +174,8 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
         if cfg is None:
             if overrides:
                 CL.apply_overrides(saved_doc, overrides)
-            cfg, doc = CS.validate(saved_doc), saved_doc
+            checked = CHK.check(saved_doc, purpose="train").refuse()
+            cfg, doc = checked.cfg, checked.doc
         diff = [k for k in config_diff(C.resolved(saved), C.resolved(cfg)) if k not in RESUME_MAY_CHANGE]
         if diff and not force:
             raise UsageError(f"the config differs from the checkpoint's in {', '.join(diff[:8])}"
@@ -186,19 +184,12 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
         if state.get("epoch", 0) >= cfg.train.epochs and not state.get("step_in_epoch"):
             raise UsageError(f"{source.checkpoint}: the run already finished {state['epoch']} of "
                              f"{cfg.train.epochs} epoch{'' if cfg.train.epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
-    CS.require_data(cfg, doc, what="training")
-    from nnctl.runs import tensorboard as TB
-
-    TB.require(cfg, doc)  # train.log: tensorboard without the package: say so before anything is written
-    # load_checked validated the optimizer and planned the model already; a checkpoint's config has not been
-    problems = OPT.validate(cfg, doc) if checked is None else []
+    # the check pipeline (nnctl.checking) has refused what it finds; what needs the samples follows in _fit
     # resuming: the checkpoint's weights replace any pretrained ones, so the hub cache is not needed
-    model, plan = M.build(cfg, doc, pretrained=False if state is not None else None, checked=checked)
-    if problems:
-        raise ConfigError(problems)
+    model, plan = M.build(cfg, doc, pretrained=False if state is not None else None, checked=checked.plan)
     notes: list[str] = []
     if dist.main:
-        notes += [p.format().replace(": ", ": warning: ", 1) for p in M.lint(cfg, plan)]
+        notes += [p.format().replace(": ", ": warning: ", 1) for p in checked.warnings]
         if cfg.train.loss_name == "l2":
             notes.append(f"note: {losses.L2_NOTE}")
     if state is not None:
@@ -229,10 +220,7 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
     else:
         if init:
             init_report, freezing = W.init_from(model, plan, init, partial=partial)
-        if cfg.freeze is not None:
-            freezing = F.freeze_from_config(model, cfg.freeze)
-        if freezing:
-            F.apply(model, freezing)
+        freezing = F.apply_config(model, cfg.freeze, inherited=freezing)  # the config's selection wins
     if dist.enabled and not dist.main:  # dropout and noise: a stream of its own per rank
         if state is None:
             import torch

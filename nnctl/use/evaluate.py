@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 import torch
+from nnctl import checking as CHK
 from nnctl.errors import UsageError
+from nnctl.model import freeze as FREEZE
+from nnctl.model import plan as M
 from nnctl.model.tv import pretrained_preprocessing
 
 SPLITS = ("val", "train", "test", "all")
@@ -95,8 +98,12 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         if init is None:
             raise UsageError(f"{source}: a config has no trained weights; give --init WEIGHTS (evaluated "
                              "without training), or a checkpoint or run folder")
-        src = api.open_source(source, overrides)
-        report, _ = F.init_from(src.model, src.plan, init, partial=partial)
+        # the check pipeline, as train runs it (the data: section may come from --data instead)
+        checked = CHK.check(api.config_document(source, overrides), "eval" if data is None else "check").refuse()
+        model, plan = M.build(checked.cfg, checked.doc, checked=checked.plan)
+        report, freezing = F.init_from(model, plan, init, partial=partial)
+        FREEZE.apply_config(model, checked.cfg.freeze, inherited=freezing)  # as nnctl.train applies it
+        src = api.Source(checked.cfg, checked.doc, model, plan)
         notes.append(report)
         resolved = C.resolved(src.cfg)
         pre, epoch, base_dir = None, None, Path(".")

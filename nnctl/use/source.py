@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,9 @@ from typing import Any, Sequence
 
 import torch
 
+from nnctl.config import loader as CL
+from nnctl.config import structure as CS
+from nnctl.config.yamlio import Document, load_text
 from nnctl.errors import UsageError
 
 
@@ -46,25 +50,25 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 
-def load_config(config: Any, overrides: Sequence[str] = ()):
-    """A config file path, a YAML string or a dict -> (Config, Document), validated, with overrides."""
-    from nnctl.config import structure as CS
-    from nnctl.config import loader as CL
-    from nnctl.config.yamlio import Document, load_text
-
+def config_document(config: Any, overrides: Sequence[str] = ()):
+    """A config file path, a YAML string or a dict -> its Document, with the overrides applied (not validated)."""
     overrides = list(overrides)
     if isinstance(config, dict):
-        import copy
-
         doc = Document(copy.deepcopy(config), "<dict>")
     elif isinstance(config, os.PathLike) or (isinstance(config, str) and not _is_yaml_text(config)):
-        return CL.load(os.fspath(config), overrides)
+        return CL.load_document(os.fspath(config), overrides)
     elif isinstance(config, str):
         doc = load_text(config, "<string>")
     else:
         raise UsageError(f"a config is a path, a YAML string or a dict, not {type(config).__name__}")
     if overrides:
         CL.apply_overrides(doc, overrides)
+    return doc
+
+
+def load_config(config: Any, overrides: Sequence[str] = ()):
+    """A config file path, a YAML string or a dict -> (Config, Document), validated, with overrides."""
+    doc = config_document(config, overrides)
     return CS.validate(doc), doc
 
 
@@ -119,7 +123,6 @@ def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best")
         raise UsageError(f"--which must be best or last, not {which!r}")
     if is_checkpoint_source(source):
         from nnctl.runs import checkpoint as K_CHECKPOINT
-        from nnctl.config import loader as CL
 
         path = RS.resolve(source, which)
         state = K_CHECKPOINT.load(path)
@@ -131,8 +134,7 @@ def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best")
         return Source(cfg, doc, model, plan, state, Path(path))
     cfg, doc = load_config(source, overrides)
     model, plan = M.build(cfg, doc)
-    if cfg.freeze is not None:
-        F.apply(model, F.freeze_from_config(model, cfg.freeze))
+    F.apply_config(model, cfg.freeze)
     return Source(cfg, doc, model, plan)
 
 
