@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
+import typing
 import warnings
 from typing import Any
 from urllib.parse import urlparse
@@ -38,7 +40,7 @@ TV_PATH = ("model", "torchvision")
 
 
 def _tv():
-    import torchvision.models as TVM
+    import torchvision.models as TVM  # lazy: configs without a torchvision model never import torchvision
 
     return TVM
 
@@ -186,9 +188,6 @@ def load_cached(weights) -> dict:
 
 def _builder_args(model_name: str) -> tuple[Any, list[str], dict]:
     """The builder, the keyword arguments a config may give it, and their annotations."""
-    import inspect
-    import typing
-
     TVM = _tv()
     builder = TVM.get_model_builder(model_name)
     fn = inspect.unwrap(builder)
@@ -386,8 +385,6 @@ def plan_torchvision(model: ModelSection, planner: Any, shape: tuple) -> tuple[N
 
 
 def offline_weights_message(weights) -> str:
-    import os
-
     path = weights_file(weights)
     return (f"the weights {type(weights).__name__}.{weights.name} are not in the local torch hub cache: nnctl "
             f"never downloads; put the file {os.path.basename(path)} (from {weights.url}) in the folder "
