@@ -259,8 +259,8 @@ def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezin
     data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size,
                        weights=pretrained_preprocessing(cfg))
     outputs = plan.output_shape[-1] if plan.output_shape else None
-    problems = D.check_targets(cfg, doc, plan, data) + losses.check_loss(cfg, doc, outputs) + \
-        losses.check_loss_targets(cfg, doc, data)
+    # what needs the samples (the check pipeline, nnctl.checking, ran everything else before the run folder)
+    problems = D.check_targets(cfg, doc, plan, data) + losses.check_loss_targets(cfg, doc, data)
     if problems:
         raise ConfigError(problems)
     if dist.main:
