@@ -11,11 +11,16 @@ nnctl owns in a run folder, is refused (exit 2) before anything is written.
 from __future__ import annotations
 
 import os
+import secrets
+import signal
 import stat
+import threading
 from pathlib import Path
 from typing import BinaryIO
+
 from nnctl.errors import NnctlError, UsageError
-from nnctl.runs.rundir import is_run_file, is_run_folder
+from nnctl.runs.rundir import RunDir
+
 
 def _kind(mode: int) -> str:
     for test, name in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -98,7 +103,7 @@ def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str =
     for src in inputs:
         if src is not None and (st is not None and _same(p, src) or os.path.abspath(p) == os.path.abspath(src)):
             raise UsageError(f"{what} {p}: is an input of this command; refused (choose another -o)")
-    if not allow_run_files and is_run_file(p.name) and is_run_folder(p.parent):
+    if not allow_run_files and RunDir.is_own_file(p.name) and RunDir(p.parent).is_run():
         raise UsageError(f"{what} {p}: is a file nnctl keeps in the run folder {p.parent}; refused "
                          "(choose another -o)")
     return p
@@ -177,9 +182,6 @@ class deferred_signals:
     """
 
     def __enter__(self):
-        import signal
-        import threading
-
         self.pending: list[int] = []
         self.old: dict = {}
         if threading.current_thread() is threading.main_thread():
@@ -191,8 +193,6 @@ class deferred_signals:
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         for sig, old in self.old.items():
             signal.signal(sig, old)
         for sig in dict.fromkeys(self.pending):
@@ -218,8 +218,6 @@ def atomic_write(path: str | os.PathLike, write, inputs: tuple | list = (), run_
 
 
 def _atomic_write(path: Path, write) -> None:
-    import secrets
-
     # unique per writer: two threads of one process (the API) never share a temporary file
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     sink = None

@@ -289,7 +289,7 @@ K.save({str(target)!r}, {{"config": {{}}, "model": {{"w": torch.zeros(3)}}, "epo
 def test_two_runs_on_one_folder_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    other = ("from nnctl import run as R\ntry:\n    R.RunLock(%r).acquire()\n    print('TOOK IT')\n"
+    other = ("from nnctl.runs import rundir as R\ntry:\n    R.RunLock(%r).acquire()\n    print('TOOK IT')\n"
              "except Exception as e:\n    print(e)\n" % str(run))
     from nnctl.runs import rundir as R
 

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from nnctl.runs.rundir import RunDir  # no torch: the names of a run folder's files
+
 _ANSI = None
 
 
@@ -101,8 +103,9 @@ def _final_table(con, run) -> None:
         table.add_row(f"best {_esc(result.best['metric'].replace('_', ' '))}",
                       f"{result.best['value']:.4f} (epoch {result.best['epoch']})")
     table.add_row("run folder", _esc(run_dir))
-    table.add_row("checkpoints", "last.pt" + (", best.pt" if result.best_path else ""))
-    table.add_row("metrics", "metrics.csv" + (", curves.png" if plot else ""))
+    folder = RunDir(run_dir)
+    table.add_row("checkpoints", folder.last.name + (f", {folder.best.name}" if result.best_path else ""))
+    table.add_row("metrics", folder.metrics.name + (f", {folder.curves.name}" if plot else ""))
     con.print(table)
 
 

@@ -21,7 +21,7 @@ An entry is two files:
   every 16 MiB chunk of the data, and the data file's (size, mtime_ns, inode) when it was
   completed). Its mtime is the entry's "last used" time.
 
-Writing: under an exclusive ``fcntl.flock`` on ``<key>.lock``, the images are decoded in
+Writing: under an exclusive lock (``nnctl.locks``, an flock) on ``<key>.lock``, the images are decoded in
 parallel (DataLoader workers, one per core) into ``<key>.u8.tmp-<pid>-<random>``, which is
 fsynced and renamed to ``<key>.u8``; the header is written last (``files.atomic_write``), so
 its presence marks a complete entry. Several processes (DDP ranks, two runs at once) all
@@ -65,6 +65,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
+from nnctl import locks
 from nnctl.errors import NnctlError, UsageError
 from nnctl.data.decode import DECODER, RESIZE
 
@@ -266,70 +267,38 @@ def _open_valid(directory: Path, key: str):
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on path, held by this process; waits for another holder.
-
-    After taking it, the path must still name the locked file (``cache clear`` may have
-    removed it meanwhile); otherwise the lock is taken again on the new file.
-    """
-    import fcntl
-    import stat
-
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except OSError as exc:
-            raise _Unusable(_why(path, exc)) from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _Unusable(_why(path))
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same = os.stat(path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-        except OSError as exc:
-            os.close(fd)
-            raise _Unusable(_why(path, exc)) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            break
-        os.close(fd)
-    try:
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _try_lock(path: Path) -> int | None:
-    """The fd of a held lock on path, None when another process holds it, -1 when there is no lock file.
+    """The entry's lock (``nnctl.locks``: an exclusive flock), held by this process; waits for another holder.
 
     Raises _Unusable when path is not a lockable regular file (a folder, a socket, no permission).
     """
-    import fcntl
-    import stat
+    lock = locks.FileLock(path)
+    try:
+        lock.acquire()
+    except locks.NotRegular:
+        raise _Unusable(_why(path)) from None
+    except OSError as exc:
+        raise _Unusable(_why(path, exc)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
+
+def _try_lock(path: Path) -> locks.FileLock | None:
+    """The entry's lock, taken when free; None when another process holds it.
+
+    No lock file: a lock not held (nobody can hold a lock file that does not exist). Raises
+    _Unusable when path is not a lockable regular file (a folder, a socket, no permission).
+    """
+    lock = locks.FileLock(path, create=False)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        return lock if lock.acquire(blocking=False) else None
     except FileNotFoundError:
-        return -1  # nobody can hold a lock file that does not exist
+        return lock
+    except locks.NotRegular:
+        raise _Unusable(_why(path)) from None
     except OSError as exc:
         raise _Unusable(_why(path, exc)) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Unusable(_why(path))
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError as exc:
-        os.close(fd)
-        raise _Unusable(_why(path, exc)) from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 # --- building -------------------------------------------------------------------------------
@@ -625,17 +594,9 @@ def entries(directory: str | os.PathLike | None = None, verify: bool = False) ->
             except (_Invalid, OSError) as exc:
                 e.status = f"corrupt: {' '.join(str(exc).split())}"
         else:
-            try:
-                fd = _try_lock(lock) if lock.exists() else -1
-            except _Unusable as exc:
-                e.status = f"unusable: {exc}"
-                out.append(e)
-                continue
-            if fd is None:
+            if locks.is_held(lock, follow_symlinks=True):  # a shared probe: never in a builder's way
                 e.status = "building"
             else:
-                if fd >= 0:
-                    os.close(fd)
                 e.status = "partial (an interrupted fill)" if temps else "incomplete (no header)"
         out.append(e)
     out.sort(key=lambda e: -(e.last_used or 0))
@@ -665,21 +626,20 @@ def clear(root: str | os.PathLike | None = None, all: bool = False,
         data, header, lock = _paths(d, e.key)
         odd_lock = False
         try:
-            fd = _try_lock(lock)
+            taken = _try_lock(lock)
         except _Unusable:  # a folder (or such) where the lock belongs: no process can lock it, so none is building
-            fd, odd_lock = -1, True
-        if fd is None:
+            taken, odd_lock = locks.FileLock(lock), True
+        if taken is None:
             result.busy.append(e.key)
             continue
         left = []
         try:
             temps = _temporaries(d, e.key)
             left = [w for w in (_discard(p) for p in (header, data, *temps)) if w]
-            if fd >= 0 or odd_lock:  # we hold it; a waiter re-checks the path after locking (see _locked)
+            if taken.held or odd_lock:  # we hold it; a waiter re-checks the path after locking (nnctl.locks)
                 left += [w for w in [_discard(lock)] if w]
         finally:
-            if fd >= 0:
-                os.close(fd)
+            taken.release()
         if left:
             result.skipped.append((e.key, "; ".join(left)))
         else:

@@ -11,7 +11,7 @@ from torch import Tensor
 from nnctl.data import record as P
 from nnctl.errors import NnctlError, UsageError
 from nnctl.data.decode import decode_image
-from nnctl.seeds import _mix
+from nnctl.seeds import derive
 
 # --- the store: every source read into tensors ----------------------------------------
 
@@ -193,7 +193,7 @@ class _Order:
     def order(self, epoch: int) -> Tensor:
         if not self.shuffle:
             return self.indices
-        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+        g = torch.Generator().manual_seed(derive(self.seed, epoch))
         return self.indices[torch.randperm(len(self.indices), generator=g)]
 
     def batches(self, epoch: int, start_step: int, device: torch.device | None = None) -> Iterator[Tensor]:
@@ -320,7 +320,7 @@ class Batches:
             if start_step >= self._len:
                 return
             nb = self.device.type == "cuda"
-            self._generator.manual_seed(_mix(self.seed, epoch, 0x10AD))
+            self._generator.manual_seed(derive(self.seed, epoch, 0x10AD))
             for step, (x, y) in enumerate(_iterate(self._loader), start_step):
                 yield self._finish(x.to(self.device, non_blocking=nb), y.to(self.device, non_blocking=nb),
                                    epoch, step)
@@ -341,7 +341,7 @@ class Batches:
             return x, y
         y = x
         if self.noise > 0:
-            seed = _mix(self.seed, epoch, step, self.rank) if self.shuffle else _mix(self.seed, 7, step, self.rank)
+            seed = derive(self.seed, epoch, step, self.rank) if self.shuffle else derive(self.seed, 7, step, self.rank)
             g = torch.Generator(device=x.device).manual_seed(seed)
             x = x + self.noise * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
         return x, y

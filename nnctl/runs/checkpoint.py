@@ -42,16 +42,15 @@ from nnctl.errors import NnctlError
 import hashlib
 import io
 import os
+import stat
 import zipfile
 from nnctl._version import __version__
 from nnctl.errors import CheckpointError
 from nnctl.files import WriteError, atomic_write, deferred_signals  # noqa: F401  (re-exported)
+from nnctl.runs.rundir import RunDir
 
 def _is_checkpoint_file(path) -> bool:
     """A regular file (not a link) in torch's zip format: what nnctl's epoch checkpoints are."""
-    import os
-    import stat
-
     try:
         st = os.lstat(path)
         if not stat.S_ISREG(st.st_mode):
@@ -69,30 +68,20 @@ def prune_epoch_checkpoints(run_dir, keep: int | None) -> list[str]:
     file that is not a checkpoint is never touched. A failure to remove one is not an error (the
     epoch is saved). Returns the removed names.
     """
-    import os
-    import re
-    from pathlib import Path
-
     if not keep:
         return []
-    try:
-        names = os.listdir(run_dir)
-    except OSError:
-        return []
-    found = sorted((int(m.group(1)), name) for name in names
-                   if (m := re.fullmatch(r"epoch-(\d+)\.pt", name)) and _is_checkpoint_file(Path(run_dir) / name))
+    found = [path for _, path in RunDir(run_dir).epoch_checkpoints() if _is_checkpoint_file(path)]
     removed = []
-    for _, name in found[:-keep]:
+    for path in found[:-keep]:
         try:
-            os.unlink(Path(run_dir) / name)
-            removed.append(name)
+            os.unlink(path)
+            removed.append(path.name)
         except OSError:
             pass
     return removed
 
 FORMAT = "nnctl.checkpoint"
 FORMAT_VERSION = 1
-NAMES = {"last": "last.pt", "best": "best.pt"}
 
 
 def tensor_digest(state: dict[str, torch.Tensor]) -> str:

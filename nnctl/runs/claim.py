@@ -6,44 +6,43 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from nnctl.errors import UsageError
-from nnctl.runs.rundir import is_run_file
-from nnctl.runs.rundir import LOCKED_ENV, RunLock, has_checkpoint
 
-def _reusable(folder: Path) -> str | None:
+from nnctl.errors import UsageError
+from nnctl.runs import tensorboard as TB
+from nnctl.runs.rundir import LOCKED_ENV, RunDir, RunLock
+from nnctl.runs.status import record_failure
+
+
+def _reusable(run: RunDir) -> str | None:
     """None if nnctl may start a run in this existing folder (under its lock), else the reason."""
-    if has_checkpoint(folder):
+    if run.has_checkpoint():
         return "already holds a run"
     try:
-        names = [n for n in os.listdir(folder) if n != ".lock" and not n.startswith((".write-test-", "."))]
+        names = [n for n in os.listdir(run.path) if not n.startswith(".")]  # .lock, .write-test-*: ours
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
     if not names:
         return None
-    if not (folder / "config.yaml").is_file():
-        return f"is not empty and is not an nnctl run folder (it holds {sorted(names)[0]!r})"
-    foreign = [n for n in names if not is_run_file(n)]
+    if not run.is_run():
+        return f"is not empty and is not an nnctl run folder (it holds {min(names)!r})"
+    foreign = [n for n in names if not RunDir.is_own_file(n)]
     if foreign:
-        return f"holds files nnctl did not write ({sorted(foreign)[0]!r})"
-    if "tensorboard" in names:
-        from nnctl.runs.tensorboard import only_event_files
-
-        other = only_event_files(folder / "tensorboard")
+        return f"holds files nnctl did not write ({min(foreign)!r})"
+    if run.tensorboard.name in names:
+        other = TB.only_event_files(run.tensorboard)
         if other:
             return f"holds files nnctl did not write ({other!r})"
     return None
 
 
-def _clear_stale(folder: Path) -> None:
+def _clear_stale(run: RunDir) -> None:
     """The leftovers of a run that stopped before its first checkpoint (the folder is locked)."""
-    for name in ("config.yaml", "metrics.csv", "curves.png", "status.json"):
+    for path in (run.config, run.metrics, run.curves, run.status):
         try:
-            (folder / name).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
-    from nnctl.runs.tensorboard import clear
-
-    clear(folder)  # RUN/tensorboard: its event files only
+    TB.clear(run.path)  # RUN/tensorboard: its event files only
 
 
 def _probe_writable(folder: Path) -> None:
@@ -75,14 +74,13 @@ class Claim:
         reuses it (it holds no checkpoint and only nnctl's files). Otherwise its files go, and
         the folder too if this process made it.
         """
-        if error is not None and not has_checkpoint(self.folder) and (self.folder / "config.yaml").is_file():
-            from nnctl.runs.status import record_failure
-
+        run = RunDir(self.folder)
+        if error is not None and not run.has_checkpoint() and run.config.is_file():
             if record_failure(self.folder, error):
                 self.release()
                 return
-        if not has_checkpoint(self.folder):
-            _clear_stale(self.folder)
+        if not run.has_checkpoint():
+            _clear_stale(run)
             if self.created:
                 if self.lock is not None:
                     self.lock.release()
@@ -98,7 +96,7 @@ def _lock(folder: Path) -> RunLock | None:
     held = os.environ.get(LOCKED_ENV)
     if held and os.path.abspath(held) == os.path.abspath(folder):
         return None
-    return RunLock(folder).acquire()
+    return RunDir(folder).lock()
 
 
 def claim_new(name: str, out: str | os.PathLike | None = None, base: str | os.PathLike = "runs") -> Claim:
@@ -148,15 +146,16 @@ def _claim_one(p: Path, explicit: bool) -> Claim:
         raise _Taken from None
     claim = Claim(p, lock, created)
     if not created:
-        reason = _reusable(p)
+        run = RunDir(p)
+        reason = _reusable(run)
         if reason is not None:
             claim.release()
             if explicit:
-                hint = (f"continue it with --resume {p}, or choose another --out" if has_checkpoint(p)
+                hint = (f"continue it with --resume {p}, or choose another --out" if run.has_checkpoint()
                         else "choose another --out")
                 raise UsageError(f"--out {p}: {reason}; {hint}")
             raise _Taken
-        _clear_stale(p)
+        _clear_stale(run)
     try:
         _probe_writable(p)
     except UsageError:
@@ -181,9 +180,8 @@ def _check_run_files(folder: Path) -> None:
     """A continued run writes status.json, metrics.csv, config.yaml and tensorboard/ in place: each must be
     a regular file (a folder), never a FIFO, a folder or a symbolic link. UsageError up front, before
     anything is trained or written."""
-    for name, want_dir in (("status.json", False), ("metrics.csv", False), ("config.yaml", False),
-                           ("tensorboard", True)):
-        path = folder / name
+    run = RunDir(folder)
+    for path, want_dir in ((run.status, False), (run.metrics, False), (run.config, False), (run.tensorboard, True)):
         try:
             st = os.lstat(path)
         except FileNotFoundError:

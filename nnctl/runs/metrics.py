@@ -6,14 +6,13 @@ from typing import Any
 from nnctl import files
 import csv
 import os
-from pathlib import Path
+from nnctl.runs.rundir import RunDir
 from nnctl.runs.status import _is_int
 
 def write_metrics(run_dir, history: list[dict]) -> None:
     """metrics.csv: one row an epoch (rewritten atomically from the history)."""
     import csv
     import io
-    from pathlib import Path
 
     if not history:
         return
@@ -27,11 +26,11 @@ def write_metrics(run_dir, history: list[dict]) -> None:
     writer.writeheader()
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    files.atomic_write(Path(run_dir) / "metrics.csv", lambda fh: fh.write(buf.getvalue().encode()), run_file=True)
+    files.atomic_write(RunDir(run_dir).metrics, lambda fh: fh.write(buf.getvalue().encode()), run_file=True)
 
 def read_metrics(folder: str | os.PathLike) -> list[dict]:
     """metrics.csv as rows of numbers (epoch an int); [] if absent or unreadable."""
-    path = Path(folder) / "metrics.csv"
+    path = RunDir(folder).metrics
     if not path.exists():
         return []
     import io

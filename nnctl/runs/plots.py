@@ -7,7 +7,7 @@ from nnctl.errors import NnctlError, UsageError
 import os
 from pathlib import Path
 from nnctl.runs.records import Comparison, _unique_names
-from nnctl.runs.status import STATUS
+from nnctl.runs.rundir import RunDir
 
 def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     """curves.png: losses (left) and the validation metric (right) by epoch."""
@@ -40,7 +40,7 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
         ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(run_dir) / "curves.png"
+    path = RunDir(run_dir).curves
     files.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), run_file=True)
     plt.close(fig)
     return str(path)
@@ -51,7 +51,7 @@ def plot_quietly(run_dir: Path, name: str) -> str | None:
 
     from nnctl.runs import plots as PLOTS
 
-    path = Path(run_dir) / "metrics.csv"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return None
     from nnctl import files as files
@@ -74,8 +74,8 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compar
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg", "pdf"):
         raise UsageError(f"-o {out}: the picture's file name must end in .png, .svg or .pdf")
-    inputs = [Path(r.path) / name for r in comparison.runs for name in ("metrics.csv", "config.yaml", STATUS,
-                                                                          "curves.png")]
+    inputs = [path for run in map(RunDir, (r.path for r in comparison.runs))
+              for path in (run.metrics, run.config, run.status, run.curves)]
     check_output(out, inputs, what="-o")
 
     import matplotlib

@@ -40,27 +40,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 from nnctl.errors import UsageError
-from nnctl.runs.checkpoint import NAMES
+from nnctl.runs.rundir import CHECKPOINTS, RunDir
 from nnctl.config.loader import flatten
 from nnctl.errors import CheckpointError
-from nnctl.runs.status import read_status, STATES, STATUS, _BIG, _is_int, _is_num, _is_str, _iso_of_mtime, _plain, read_status_checked
+from nnctl.runs.status import read_status, STATES, _BIG, _is_int, _is_num, _is_str, _iso_of_mtime, _plain, read_status_checked
 from nnctl.runs.metrics import read_metrics
 
 
 def resolve(source: str | os.PathLike, which: str = "last") -> Path:
     """A run folder or a checkpoint file -> the checkpoint file."""
-    if which not in NAMES:
+    if which not in CHECKPOINTS:
         raise UsageError(f"--which must be best or last, not {which!r}")
     p = Path(source)
     if p.is_dir():
-        f = p / NAMES[which]
+        run = RunDir(p)
+        f = run.checkpoint(which)
         if f.exists():
             return f
-        other = p / NAMES["last" if which == "best" else "best"]
+        other = run.checkpoint("last" if which == "best" else "best")
         if other.exists():
-            raise CheckpointError(f"{p}: no {NAMES[which]} in this run folder (it has {other.name}: "
+            raise CheckpointError(f"{p}: no {f.name} in this run folder (it has {other.name}: "
                                   f"use --which {other.stem})")
-        if (p / "config.yaml").exists():
+        if run.config.exists():
 
 
             status = read_status(p) or {}
@@ -70,11 +71,11 @@ def resolve(source: str | os.PathLike, which: str = "last") -> Path:
             if status.get("state") in ("failed", "interrupted") and message:
                 what = "failed" if status["state"] == "failed" else "was interrupted"
                 raise CheckpointError(f"{p}: this run {what} before its first checkpoint: {message}; start it "
-                                      f"again with: nnctl train {p / 'config.yaml'} --out {p}")
+                                      f"again with: nnctl train {run.config} --out {p}")
             raise CheckpointError(f"{p}: this run stopped before its first checkpoint was written, so there is "
                                   f"nothing to load or resume; start it again with: nnctl train "
-                                  f"{p / 'config.yaml'} --out {p}")
-        raise CheckpointError(f"{p}: no {NAMES[which]} in this folder (is it an nnctl run folder?)")
+                                  f"{run.config} --out {p}")
+        raise CheckpointError(f"{p}: no {f.name} in this folder (is it an nnctl run folder?)")
     if not p.exists():
         raise CheckpointError(f"{p}: no such checkpoint or run folder")
     return p
@@ -129,13 +130,6 @@ def _seconds_of(rows: list[dict]) -> float | None:
     return round(total, 3) if total < _BIG else None
 
 
-def is_run(folder: str | os.PathLike) -> bool:
-    from nnctl.runs.rundir import is_run_folder
-
-    p = Path(folder)
-    return p.is_dir() and (is_run_folder(p) or (p / STATUS).is_file())
-
-
 @dataclass
 class RunInfo:
     """One run folder as ``nnctl runs`` shows it."""
@@ -169,13 +163,12 @@ class RunInfo:
 
 def read_run(folder: str | os.PathLike) -> RunInfo:
     """What a run folder says about its run (status.json first, else its files)."""
-    from nnctl.runs.rundir import CHECKPOINTS, is_locked
-
     p = Path(folder)
+    run = RunDir(p)
     status, bad = read_status_checked(p)
-    config = _read_yaml(p / "config.yaml")
-    checkpoints = [c for c in CHECKPOINTS if (p / c).exists()]
-    locked = is_locked(p)
+    config = _read_yaml(run.config)
+    checkpoints = [path.name for path in (run.last, run.best) if path.exists()]
+    locked = run.is_locked()
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else {}
     name = (config or {}).get("name")
     epochs = train.get("epochs")
@@ -222,11 +215,11 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     else:
         info.recorded = False
         rows = read_metrics(p)
-        info.started_at = _iso_of_mtime(p / "config.yaml") or _iso_of_mtime(p)
+        info.started_at = _iso_of_mtime(run.config) or _iso_of_mtime(p)
         info.epochs_done = int(rows[-1].get("epoch", len(rows))) if rows else 0
         if rows:
             info.last = rows[-1]
-            info.ended_at = _iso_of_mtime(p / "metrics.csv")
+            info.ended_at = _iso_of_mtime(run.metrics)
             info.wall_seconds = _seconds_of(rows)
             monitor = _legacy_monitor(config, rows[-1].keys())
             if monitor:
@@ -295,11 +288,11 @@ def list_runs(folder: str | os.PathLike = "runs") -> list[RunInfo]:
                                                        "makes runs/<name>/)" if str(folder) == "runs" else ""))
     if not root.is_dir():
         raise UsageError(f"{root}: is not a folder")
-    if is_run(root):
+    if RunDir(root).is_run():
         folders = [root]
     else:
         try:
-            folders = sorted((p for p in root.iterdir() if not p.name.startswith(".") and is_run(p)),
+            folders = sorted((p for p in root.iterdir() if not p.name.startswith(".") and RunDir(p).is_run()),
                              key=lambda p: p.name)
         except OSError as exc:
             raise UsageError(f"{root}: cannot be read: {exc.strerror or exc}") from None
@@ -400,7 +393,7 @@ def compare(runs: Iterable[str | os.PathLike]) -> Comparison:
     for p in paths:
         if not p.exists():
             raise UsageError(f"{p}: no such run folder")
-        if not is_run(p):
+        if not RunDir(p).is_run():
             raise UsageError(f"{p}: is not an nnctl run folder (no config.yaml, status.json or checkpoint)")
         key = os.path.realpath(p)
         if key in seen:

@@ -1,137 +1,205 @@
-"""RunDir: every file name of a run folder, 'is this a run', epoch checkpoint names, the run lock."""
+"""RunDir: the one owner of a run folder: every file name in it, "is this a run", its lock.
+
+A run folder (``runs/<name>``, or ``--out``) holds, byte for byte these names:
+
+- ``config.yaml``: the resolved config (written first, right after the folder is claimed)
+- ``last.pt``, ``best.pt``: the checkpoints; ``epoch-N.pt``: those kept by ``train.checkpoint.every``
+- ``metrics.csv``, ``curves.png``: one row an epoch, and its plot
+- ``status.json``: the run's own record (``runs.status``)
+- ``.lock``: the run lock (an flock, ``nnctl.locks``; it holds the holder's pid)
+- ``tensorboard/``: TensorBoard event files (``train.log: [tensorboard]``)
+- ``export/``: ``nnctl export``'s default output folder (user output: not a file nnctl keeps)
+
+**Is this a run** (``RunDir.is_run``, the one rule): a folder holding ``config.yaml``, a checkpoint
+(``last.pt`` / ``best.pt``) or ``status.json``. nnctl writes config.yaml right after claiming the
+folder, so every run it started has one of them; a folder of an older nnctl (no status.json), or one
+whose config.yaml was removed, still counts. The lock alone does not: a process that claims a folder
+holds it before the folder is a run (``claim``), and a killed claimer's lock file blocks nothing.
+
+Only the standard library, ``nnctl.errors`` and ``nnctl.locks`` here: ``nnctl.files`` imports
+this module to refuse an output over a run's files.
+"""
 
 from __future__ import annotations
 
-from nnctl.errors import UsageError
-import os
-import stat
-from pathlib import Path
 import errno
+import os
+import re
+from pathlib import Path
+from typing import Self
 
-def epoch_name(epoch: int) -> str:
-    """The file name of the checkpoint kept after ``epoch`` (train.checkpoint.every)."""
-    return f"epoch-{epoch}.pt"
+from nnctl import locks
+from nnctl.errors import UsageError
+
+CONFIG = "config.yaml"
+LAST = "last.pt"
+BEST = "best.pt"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+STATUS = "status.json"
+LOCK = ".lock"
+TENSORBOARD = "tensorboard"  # a folder of TensorBoard event files
+EXPORT = "export"  # nnctl export's default folder: the user's outputs, not a file nnctl keeps
 
 # the files nnctl itself keeps in a run folder; no export or -o may replace them
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", ".lock", "status.json",
-             "tensorboard")  # tensorboard: a folder of TensorBoard event files (train.log)
-EPOCH_CHECKPOINT = r"epoch-[0-9]+\.pt"  # train.checkpoint.every: epoch-N.pt
-
-
-def is_run_file(name: str) -> bool:
-    """A file name nnctl keeps in a run folder (RUN_FILES, or an epoch-N.pt checkpoint)."""
-    import re
-
-    return name in RUN_FILES or re.fullmatch(EPOCH_CHECKPOINT, name) is not None
-
-
-def is_run_folder(folder: str | os.PathLike) -> bool:
-    """A folder nnctl made for a run: it holds a checkpoint, its config.yaml or its lock."""
-    p = Path(folder)
-    return any((p / f).exists() for f in ("last.pt", "best.pt", "config.yaml", ".lock"))
+RUN_FILES = (LAST, BEST, CONFIG, METRICS, CURVES, LOCK, STATUS, TENSORBOARD)
+CHECKPOINTS = {"last": LAST, "best": BEST}
+_EPOCH = re.compile(r"epoch-([0-9]+)\.pt")  # train.checkpoint.every: epoch-N.pt
+_MARKS = (CONFIG, LAST, BEST, STATUS)  # what makes a folder a run (module docstring)
 
 LOCKED_ENV = "NNCTL_RUN_LOCKED"  # set by the distributed launcher, which holds the lock for its workers
-CHECKPOINTS = ("last.pt", "best.pt")
 
 
-# --- the lock ---------------------------------------------------------------------------
+class RunDir:
+    """A run folder's paths and facts: ``RunDir(p).last``, ``.checkpoint("best")``, ``.epoch(3)``, ``.is_run()``."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path.path if isinstance(path, RunDir) else Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    # --- the names -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def last(self) -> Path:
+        return self.path / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def curves(self) -> Path:
+        return self.path / CURVES
+
+    @property
+    def status(self) -> Path:
+        return self.path / STATUS
+
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def export_dir(self) -> Path:
+        return self.path / EXPORT
+
+    def checkpoint(self, which: str) -> Path:
+        """``last`` or ``best`` -> its file (ValueError for anything else)."""
+        try:
+            return self.path / CHECKPOINTS[which]
+        except (KeyError, TypeError):
+            raise ValueError(f"a run's checkpoint is 'last' or 'best', not {which!r}") from None
+
+    def epoch(self, n: int) -> Path:
+        """The checkpoint kept after epoch ``n`` (train.checkpoint.every)."""
+        return self.path / f"epoch-{int(n)}.pt"
+
+    # --- what the folder holds ---------------------------------------------------------------
+
+    def epoch_checkpoints(self) -> list[tuple[int, Path]]:
+        """The epoch-N.pt names in the folder, as (N, path), by N (any kind of file: the caller checks)."""
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return []
+        return sorted((int(m.group(1)), self.path / name) for name in names if (m := _EPOCH.fullmatch(name)))
+
+    def is_run(self) -> bool:
+        """The one rule: a folder holding config.yaml, a checkpoint or status.json (module docstring)."""
+        return self.path.is_dir() and any((self.path / name).exists() for name in _MARKS)
+
+    def has_checkpoint(self) -> bool:
+        return self.last.exists() or self.best.exists()
+
+    @staticmethod
+    def is_own_file(name: str) -> bool:
+        """A name nnctl keeps in a run folder (RUN_FILES, or an epoch-N.pt checkpoint)."""
+        return name in RUN_FILES or _EPOCH.fullmatch(name) is not None
+
+    # --- the lock ------------------------------------------------------------------------------
+
+    def lock(self) -> RunLock:
+        """The run lock, held (UsageError at once when another process holds it)."""
+        return RunLock(self).acquire()
+
+    def is_locked(self) -> bool:
+        """True while a live process holds the run lock."""
+        return locks.is_held(self.lock_file)
+
 
 class RunLock:
-    """One training process a run folder: an exclusive flock on RUN/.lock (dropped by the kernel at exit)."""
+    """One training process a run folder: an exclusive flock on RUN/.lock holding its pid (``nnctl.locks``).
 
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self.path = self.folder / ".lock"
-        self.fd: int | None = None
+    The kernel drops it when the process dies; ``release`` removes the file while still holding it.
+    """
 
-    def acquire(self) -> "RunLock":
-        import fcntl
+    def __init__(self, folder: str | os.PathLike | RunDir):
+        self.run = RunDir(folder)
+        self.folder = self.run.path
+        self.path = self.run.lock_file
+        self._lock = locks.FileLock(self.path, follow_symlinks=False)
 
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-            except IsADirectoryError:
-                raise UsageError(f"{self.path}: the run lock is a folder, not a file; nnctl never makes it so: "
-                                 "remove it (rmdir) if no nnctl process is using this run folder") from None
-            except OSError as exc:
-                if exc.errno == errno.ELOOP:
-                    raise UsageError(f"{self.path}: the run lock is a symbolic link; refused (remove it)") from None
-                raise UsageError(f"cannot lock the run folder {self.folder}: {exc.strerror or exc}") from None
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise UsageError(f"{self.path}: the run lock is not a regular file; refused (remove it)")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                raise UsageError(f"{self.folder}: another nnctl process{f' (pid {holder})' if holder else ''} is "
-                                 "training in this run folder; wait for it, or stop it first") from None
-            except OSError as exc:
-                os.close(fd)
-                raise UsageError(f"cannot lock the run folder {self.folder}: {exc.strerror or exc}") from None
-            try:  # the file we locked must still be the one at the path (a releaser may have unlinked it)
-                same = os.stat(self.path, follow_symlinks=False).st_ino == st.st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-            self.fd = fd
-            return self
-        raise UsageError(f"{self.folder}: could not take the run lock")
+    def acquire(self) -> Self:
+        try:
+            free = self._lock.acquire(blocking=False)
+        except IsADirectoryError:
+            raise UsageError(f"{self.path}: the run lock is a folder, not a file; nnctl never makes it so: "
+                             "remove it (rmdir) if no nnctl process is using this run folder") from None
+        except locks.NotRegular:
+            raise UsageError(f"{self.path}: the run lock is not a regular file; refused (remove it)") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UsageError(f"{self.path}: the run lock is a symbolic link; refused (remove it)") from None
+            raise UsageError(f"cannot lock the run folder {self.folder}: {exc.strerror or exc}") from None
+        if not free:
+            pid = _pid(self._lock.holder)
+            raise UsageError(f"{self.folder}: another nnctl process{f' (pid {pid})' if pid else ''} is training "
+                             "in this run folder; wait for it, or stop it first")
+        self._lock.write(f"{os.getpid()}\n")
+        return self
 
     def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            os.unlink(self.path)  # while still locked: a waiter re-checks the inode
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = None
+        self._lock.release(remove=True)  # while still locked: a waiter re-checks the path
 
     @property
     def held(self) -> bool:
-        return self.fd is not None
+        return self._lock.held
 
-    def __enter__(self):
-        return self.acquire()
+    def __enter__(self) -> Self:
+        return self if self.held else self.acquire()  # `with RunDir(p).lock():` holds it already
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> bool:
         self.release()
         return False
 
 
-def _read_pid(fd: int) -> int | None:
+def _pid(text: str | None) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
         return int(text) if text else None
-    except (OSError, ValueError):
+    except ValueError:
         return None
-
-
-def is_locked(folder: str | os.PathLike) -> bool:
-    """True while a live process holds the folder's run lock."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(folder) / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-# --- run folders ----------------------------------------------------------------------------
-
-def has_checkpoint(folder: str | os.PathLike) -> bool:
-    return any((Path(folder) / f).exists() for f in CHECKPOINTS)

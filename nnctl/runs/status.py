@@ -10,8 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from nnctl.errors import UsageError
+from nnctl.runs.rundir import RunDir
 
-STATUS = "status.json"
 STATES = ("running", "finished", "interrupted", "failed")
 STATUS_FORMAT = 1
 
@@ -133,7 +133,7 @@ def read_status_checked(folder: str | os.PathLike) -> tuple[dict | None, list[st
     """read_status, plus the names of the fields it dropped as invalid (never raises)."""
     from nnctl.files import read_input
 
-    path = Path(folder) / STATUS
+    path = RunDir(folder).status
     if not path.exists():
         return None, []
     try:
@@ -156,7 +156,7 @@ def write_status(folder: str | os.PathLike, status: dict) -> bool:
 
     text = (json.dumps(_plain(status), indent=2) + "\n").encode()
     try:
-        atomic_write(Path(folder) / STATUS, lambda fh: fh.write(text), run_file=True)
+        atomic_write(RunDir(folder).status, lambda fh: fh.write(text), run_file=True)
         return True
     except (OSError, NnctlError):
         return False
@@ -186,7 +186,7 @@ class StatusRecorder:
         if parameters is not None:
             s["parameters"] = {"total": int(parameters[0]), "trainable": int(parameters[1])}
         if continuing:
-            s.setdefault("started_at", _iso_of_mtime(self.run_dir / "config.yaml") or now_iso())
+            s.setdefault("started_at", _iso_of_mtime(RunDir(self.run_dir).config) or now_iso())
             s["resumes"] = list(s.get("resumes") or []) + [{"at": now_iso(), "epoch": int(resume_epoch),
                                                              "pid": os.getpid()}]
             s.setdefault("overrides", [])
@@ -286,7 +286,7 @@ def record_failure(folder: str | os.PathLike, error: BaseException) -> bool:
 
     status.setdefault("format", STATUS_FORMAT)
     status.setdefault("name", folder.name)
-    status.setdefault("started_at", _iso_of_mtime(folder / "config.yaml") or now_iso())
+    status.setdefault("started_at", _iso_of_mtime(RunDir(folder).config) or now_iso())
     status.setdefault("nnctl_version", __version__)
     status.setdefault("epochs_done", 0)
     status.update(state=state_of_exception(error), ended_at=now_iso(), error=error_record(error))

@@ -28,8 +28,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 from nnctl.errors import NnctlError
+from nnctl.runs.rundir import RunDir
 
-FOLDER = "tensorboard"
 INSTALL = "tensorboard needs the tensorboard package: pip install 'nnctl[tensorboard]'"
 EVENT_PREFIX = "events.out.tfevents."
 MAX_HPARAMS = 256
@@ -57,7 +57,7 @@ def missing(cfg, doc) -> list:
 
 
 def event_files(run_dir: str | Path) -> list[Path]:
-    folder = Path(run_dir) / FOLDER
+    folder = RunDir(run_dir).tensorboard
     try:
         return sorted(p for p in folder.iterdir() if p.name.startswith(EVENT_PREFIX) and p.is_file())
     except OSError:
@@ -69,9 +69,9 @@ def only_event_files(folder: Path) -> str | None:
     try:
         for p in folder.iterdir():
             if not (p.name.startswith(EVENT_PREFIX) and p.is_file() and not p.is_symlink()):
-                return f"{FOLDER}/{p.name}"
+                return f"{folder.name}/{p.name}"
     except OSError as exc:
-        return f"{FOLDER} ({exc.strerror or exc})"
+        return f"{folder.name} ({exc.strerror or exc})"
     return None
 
 
@@ -79,7 +79,7 @@ def clear(folder: Path) -> None:
     """Remove RUN/tensorboard of a run that stopped before its first checkpoint (event files only)."""
     import os
 
-    target = folder / FOLDER
+    target = RunDir(folder).tensorboard
     if target.is_symlink() or not target.is_dir():
         return
     for p in event_files(folder):
@@ -122,7 +122,7 @@ class TensorBoardLogger:
 
         from nnctl.config.schema import resolved
 
-        self.folder = Path(run_dir) / FOLDER
+        self.folder = RunDir(run_dir).tensorboard
         self.cfg = cfg
         self.model = model
         self.device = device

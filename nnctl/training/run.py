@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Callable
 from nnctl import checking as CHK
 from nnctl.errors import CheckpointError, UsageError
-from nnctl.runs.rundir import is_run_folder
+from nnctl.runs.rundir import RunDir
+from nnctl.seeds import rank_seed
 from nnctl.runs.claim import Claim, claim_existing, claim_new
 from nnctl.runs.plots import plot_quietly
 from nnctl.optim import losses
@@ -61,14 +62,14 @@ def resume_source(resume: str | os.PathLike, out: str | os.PathLike | None) -> R
     p = Path(resume)
     if p.is_dir():
         folder = p
-        ckpt = folder / "last.pt"
+        ckpt = RunDir(folder).last
         if not ckpt.exists():
             RS.resolve(folder, "last")  # raises the message that leads somewhere (no checkpoint yet, or best only)
     else:
         if not p.exists():
             raise CheckpointError(f"{p}: no such checkpoint or run folder")
         ckpt = p
-        folder = p.parent if (p.name == "last.pt" and is_run_folder(p.parent)) else None
+        folder = p.parent if (p == RunDir(p.parent).last and RunDir(p.parent).is_run()) else None
     if folder is not None and out is not None and os.path.abspath(out) != os.path.abspath(folder):
         folder = None  # --resume RUN --out NEW: a new run from RUN's state; RUN is only read
     return ResumeSource(ckpt, folder)
@@ -136,7 +137,7 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
         cfg, doc = checked.cfg, checked.doc
     # a worker restarted by torchrun (--max-restarts) continues from its run's last checkpoint
     if (resume is None and out and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
-            and (Path(out) / "last.pt").exists()):
+            and RunDir(out).last.exists()):
         resume, init = out, None
 
     from nnctl.training import distributed as DIST
@@ -225,7 +226,7 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
         if state is None:
             import torch
 
-            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)
+            torch.manual_seed(rank_seed(cfg.seed, dist.rank))
 
     continuing = source is not None and source.continue_in is not None
     if continuing:
@@ -316,7 +317,7 @@ def _fit_recorded(cfg, doc, model, plan, state, run_dir: Path, claim, continuing
     # before the data is loaded: a run failing there still leaves its record; a continued run's config.yaml
     # is rewritten too, so that it shows what the run now trains with (--epochs N, --set ...)
     text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
-    K.atomic_write(run_dir / "config.yaml", lambda fh: fh.write(text), run_file=True)
+    K.atomic_write(RunDir(run_dir).config, lambda fh: fh.write(text), run_file=True)
     resume_epoch = int(state.get("epoch", 0)) if state is not None else 0
     params = list(model.parameters())
     record = StatusRecorder(run_dir, config_name=cfg.name, epochs_total=cfg.train.epochs,

@@ -30,7 +30,8 @@ from nnctl.training.distributed import Dist
 from nnctl.training.policy import Diverged, EXPLODE_FACTOR, NonFiniteLoss, NonFiniteValidation, _non_finite_inputs, _state_finite, improves, monitor_for, stopping_for
 from nnctl.training.signals import Interrupted, _StopFlag
 from nnctl.optim.optimizers import _resume_optimizer, make_optimizer, make_scheduler
-from nnctl.runs.rundir import epoch_name
+from nnctl.runs.rundir import RunDir
+from nnctl.seeds import rank_seed
 from nnctl.optim.losses import make_loss, task_of
 from nnctl.runs.checkpoint import prune_epoch_checkpoints
 from nnctl.runs.metrics import write_metrics
@@ -179,12 +180,12 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
         if dist.enabled and ranks and len(ranks) == dist.world_size:
             ckpt.set_rng_state(ranks[dist.rank])
         elif dist.enabled and not dist.main:  # another process count: a fresh stream per rank
-            torch.manual_seed(cfg.seed + 1_000_003 * dist.rank + start_epoch)
+            torch.manual_seed(rank_seed(cfg.seed, dist.rank, start_epoch))
         else:
             ckpt.set_rng_state(resume.get("rng"))
     best_state = None
-    best_path = str(run_dir / ckpt.NAMES["best"]) if (run_dir / ckpt.NAMES["best"]).exists() else None
-    last_path = str(run_dir / ckpt.NAMES["last"])
+    best_path = str(RunDir(run_dir).best) if RunDir(run_dir).best.exists() else None
+    last_path = str(RunDir(run_dir).last)
     resolved_cfg = resolved(cfg)
 
     def payload(kind: str, epoch: int, step_in_epoch: int, sums: EpochSums | None, state=None,
@@ -325,11 +326,11 @@ def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device
             rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
             if write_checkpoints:
                 if improved:
-                    best_path = str(run_dir / ckpt.NAMES["best"])
+                    best_path = str(RunDir(run_dir).best)
                     ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state, rng_ranks))
                 ckpt.save(last_path, payload("last", epoch + 1, 0, None, rng_ranks=rng_ranks))
                 if t.checkpoint.every and (epoch + 1) % t.checkpoint.every == 0:
-                    target = run_dir / epoch_name(epoch + 1)
+                    target = RunDir(run_dir).epoch(epoch + 1)
                     if target.is_symlink() or (target.exists() and not target.is_file()):
                         # never written over, never a reason to fail the epoch (last.pt is saved)
                         emit(Event("note", epoch=epoch, message=f"note: {target} exists and is not a regular "

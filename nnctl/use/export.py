@@ -23,6 +23,7 @@ from torch import nn
 from nnctl._version import __version__
 from nnctl.files import atomic_write
 from nnctl.errors import NnctlError, UsageError
+from nnctl.runs.rundir import EXPORT, RunDir
 
 FORMATS = ("safetensors", "pt", "npz", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "onnx": ".onnx"}
@@ -78,7 +79,7 @@ def default_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
     ``runs/x/best.pt`` -> ``runs/x/export/best.safetensors`` (``.pt``, ``.npz``, ``.onnx``).
     """
     ckpt = Path(checkpoint)
-    return ckpt.parent / "export" / (ckpt.stem + SUFFIX[fmt])
+    return RunDir(ckpt.parent).export_dir / (ckpt.stem + SUFFIX[fmt])
 
 
 def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str = "last",
@@ -97,7 +98,7 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
         raise UsageError(f"unknown format {fmt!r}: choose one of {', '.join(FORMATS)}")
     inputs = [i for i in (*inputs, source) if i]
     out_path = Path(out)
-    if out_path.parent.name == "export" and not out_path.parent.is_dir():
+    if out_path.parent.name == EXPORT and not out_path.parent.is_dir():
         if out_path.parent.exists() or out_path.parent.is_symlink():
             raise UsageError(f"cannot create the export folder {out_path.parent}: it exists and is not a folder; "
                              "give -o OUT")

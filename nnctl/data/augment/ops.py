@@ -49,7 +49,7 @@ Decisions (the lead's design, and what was decided while building it):
   never augment, and the checkpoint's preprocessing record does not mention it (the
   resolved config does).
 * **Randomness from (seed, epoch, step, rank).** A CPU ``torch.Generator`` seeded by
-  ``data._mix(seed, epoch, step, rank, 0xA06)`` draws the parameters, which then move to
+  ``seeds.derive(seed, epoch, step, rank, 0xA06)`` draws the parameters, which then move to
   the batch's device: a resumed run (mid-epoch too) draws the same numbers, the global
   RNG (dropout) is untouched, and the preloaded and streamed paths, on any device, get
   the same parameters (so, on the CPU, identical batches).
@@ -74,6 +74,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from nnctl.data.augment.spec import SEED_SALT, _entry, _fmt, _parse_one
+from nnctl.seeds import derive
 
 # --- the batch implementation -----------------------------------------------------------------
 
@@ -489,9 +490,7 @@ class Augment:
     @staticmethod
     def generator(seed: int, epoch: int, step: int, rank: int = 0) -> torch.Generator:
         """The generator of training batch ``step`` of ``epoch`` on ``rank``: (seed, epoch, step) decide it all."""
-        from nnctl.seeds import _mix
-
-        return torch.Generator().manual_seed(_mix(seed, epoch, step, rank, SEED_SALT))
+        return torch.Generator().manual_seed(derive(seed, epoch, step, rank, SEED_SALT))
 
 
 def build(spec: list, input_shape: tuple[int, ...] | list[int] | None = None) -> Augment:
