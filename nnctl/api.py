@@ -12,10 +12,15 @@ UsageError (the CLI's exit code 2), CheckpointError (2), NnctlError (1). Nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
+
+import yaml
+
 from nnctl.errors import ConfigError, UsageError
 from nnctl import checking as CHK
 from nnctl.data import loading as D
@@ -23,10 +28,27 @@ from nnctl.model import freeze as F
 from nnctl.model import plan as M
 from nnctl.model import weights as W
 from nnctl.training import distributed as DIST
+from nnctl.training import launch as LAUNCH
+from nnctl.training.launch import is_main_process, is_worker  # noqa: F401  (the CLI's train asks them)
+from nnctl.use import freeze as FREEZE
+from nnctl.model import graph as G
+from nnctl.model import registry as REG
+from nnctl.model import summary as S
+from nnctl.config.schema import suggest
 from nnctl.use.source import (CHECKPOINT_SUFFIXES, Source, _is_yaml_text, config_document,  # noqa: F401
                               is_checkpoint_source, load, load_config, open_source)
 from nnctl.model.tv import pretrained_preprocessing
 from nnctl.data.augment.spec import describe as describe_augment
+from nnctl.config import schema as C
+from nnctl.runs import records as RS
+from nnctl.runs import checkpoint as K_CHECKPOINT
+from nnctl.data.record import Preprocessing
+from nnctl.training import trainer as T
+from nnctl.use import predict as P
+from nnctl.use import evaluate as E_EVALUATE
+from nnctl.use import export as E_EXPORT
+from nnctl.data import cache as K_CACHE
+from nnctl.runs import plots as PLOTS
 
 
 
@@ -66,7 +88,6 @@ def build(config: Any, *, overrides: Sequence[str] = (), init: str | None = None
 
 
 def _resolved(cfg) -> dict:
-    from nnctl.config import schema as C
 
     return C.resolved(cfg)
 
@@ -81,9 +102,6 @@ def _resolved(cfg) -> dict:
 
 def load_record(run_or_checkpoint: str | os.PathLike, *, which: str = "best"):
     """The preprocessing record of a checkpoint (None for one written before records)."""
-    from nnctl.runs import records as RS
-    from nnctl.runs import checkpoint as K_CHECKPOINT
-    from nnctl.data.record import Preprocessing
 
     state = K_CHECKPOINT.load(RS.resolve(run_or_checkpoint, which))
     return Preprocessing.from_dict(state.get("preprocessing"))
@@ -98,26 +116,43 @@ def train(config: Any = None, *, overrides: Sequence[str] = (), out: str | None 
     """Train a config (a path) or resume a run: returns a RunResult (run_dir, history, best, plot).
 
     A config given as a dict or YAML text is written to a temporary file first, so that
-    the run's ``config.yaml`` and its relative paths behave as for a file.
+    the run's ``config.yaml`` and its relative paths behave as for a file. SIGTERM while the
+    run starts raises ``Interrupted`` (exit 143); the process's own handler is restored afterwards.
+    Under torchrun, ``on_event`` and ``on_message`` are called on rank 0 only.
     """
-    from nnctl.training import run as R
+    with _config_file(config) as path:
+        return LAUNCH.train(path, overrides=list(overrides), out=out, resume=resume, init=init, partial=partial,
+                            force=force, epochs=epochs, seed=seed, device=device, on_event=on_event,
+                            on_message=on_message)
 
-    if config is not None and not isinstance(config, (str, os.PathLike)) or \
-            (isinstance(config, str) and _is_yaml_text(config)):
-        import tempfile
 
-        import yaml
+def launch(config: Any = None, *, nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
+           rdzv_endpoint: str | None = None, rdzv_id: str = "nnctl", max_restarts: int = 0,
+           overrides: Sequence[str] = (), out: str | None = None, resume: str | None = None,
+           init: str | None = None, partial: bool = False, force: bool = False, epochs: int | None = None,
+           seed: int | None = None, device: str | None = None) -> Path:
+    """``train`` in ``nproc_per_node`` processes a machine (DistributedDataParallel), started through
+    torch.distributed.run as torchrun starts them; ``nnodes``, ``node_rank``, ``rdzv_endpoint``,
+    ``rdzv_id`` and ``max_restarts`` are torchrun's. The run folder is claimed here and held for the
+    workers; returns it. The workers report as ``nnctl train`` does (rank 0 prints)."""
+    with _config_file(config) as path:
+        return LAUNCH.launch(path, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+                             rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts,
+                             overrides=list(overrides), out=out, resume=resume, init=init, partial=partial,
+                             force=force, epochs=epochs, seed=seed, device=device)
 
-        text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "config.yaml"
-            path.write_text(text)
-            return R.train(str(path), overrides=list(overrides), out=out, resume=resume, init=init,
-                           partial=partial, force=force, epochs=epochs, seed=seed, device=device,
-                           on_event=on_event, on_message=on_message)
-    return R.train(None if config is None else os.fspath(config), overrides=list(overrides), out=out,
-                   resume=resume, init=init, partial=partial, force=force, epochs=epochs, seed=seed,
-                   device=device, on_event=on_event, on_message=on_message)
+
+@contextlib.contextmanager
+def _config_file(config: Any) -> Iterator[str | None]:
+    """A config as a file path (None stays None): a dict or YAML text is written to a temporary file."""
+    if config is None or isinstance(config, os.PathLike) or (isinstance(config, str) and not _is_yaml_text(config)):
+        yield None if config is None else os.fspath(config)
+        return
+    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        yield str(path)
 
 
 @dataclass
@@ -147,18 +182,17 @@ def prepare(config: Any, *, overrides: Sequence[str] = (), device: str | None = 
 
 def fit(prepared: Prepared, *, run_dir: str | os.PathLike | None = None, on_event=None):
     """The training loop on prepared model and data. Without run_dir nothing is written (a FitResult)."""
-    import tempfile
 
-    from nnctl.training import trainer as T
 
     shape = prepared.plan.output_shape
     outputs = int(shape[-1]) if shape else None
     if run_dir is not None:
-        return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, run_dir,
-                     on_event=on_event, outputs=outputs, freezing=prepared.freezing)
+        return T.fit(prepared.cfg, prepared.model, prepared.data, prepared.device, run_dir,
+                     T.FitOptions(on_event=on_event, outputs=outputs, freezing=prepared.freezing))
     with tempfile.TemporaryDirectory() as tmp:
-        return T.fit(prepared.cfg, prepared.doc, prepared.model, prepared.data, prepared.device, tmp,
-                     on_event=on_event, write_checkpoints=False, outputs=outputs, freezing=prepared.freezing)
+        return T.fit(prepared.cfg, prepared.model, prepared.data, prepared.device, tmp,
+                     T.FitOptions(on_event=on_event, write_checkpoints=False, outputs=outputs,
+                                  freezing=prepared.freezing))
 
 
 def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", device: str = "cpu",
@@ -168,7 +202,6 @@ def predict(model_or_run: Any, inputs: Iterable[Any], *, which: str = "best", de
     ``inputs``: one input (a str or os.PathLike path, a tensor) or an iterable of them; a str is
     never iterated. ``.rows`` (made on demand), ``.failed``, ``.files`` (every file read).
     """
-    from nnctl.use import predict as P
 
     return P.predict(model_or_run, inputs, which=which, device=device, batch_size=batch_size, top_k=top_k,
                      glob=glob, on_progress=on_progress)
@@ -183,34 +216,61 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     ``data``: a YAML file with a ``data:`` section, or a dict; the recorded preprocessing applies.
     ``confusion``: also the confusion matrix, per-class precision/recall and a PNG. Returns an EvalResult.
     """
-    from nnctl.use import evaluate as E_EVALUATE
 
     return E_EVALUATE.evaluate(source, which=which, split=split, data=data, overrides=list(overrides), init=init,
                       partial=partial, device=device, confusion=confusion, confusion_path=confusion_path)
 
 
-def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Sequence[str] = ()):
-    """torchinfo-style statistics of a model: rows, totals, MACs (a Summary object)."""
-    from nnctl.model import summary as S
+def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Sequence[str] = (),
+              graph: str | os.PathLike | None = None):
+    """torchinfo-style statistics of a model: rows, totals, MACs (a Summary object, named after the config).
 
+    ``graph``: also draw the model (branches, shortcuts, output shapes) to this .png, .svg or .pdf file.
+    """
+    if graph is not None and not os.fspath(graph).lower().endswith((".png", ".svg", ".pdf")):
+        raise UsageError(f"--graph {graph}: the picture's file name must end in .png, .svg or .pdf")
     src = open_source(source, overrides, which)
-    spec = src.cfg.data.augment if src.cfg.data is not None else None
+    cfg = src.cfg
+    spec = cfg.data.augment if cfg.data is not None else None
     augment = describe_augment(spec) if spec else None  # the training batches' augmentation, one line
-    return S.summarize(src.model, src.plan, src.cfg.model.input_shape, depth=depth, augment=augment)
+    result = S.summarize(src.model, src.plan, cfg.model.input_shape, depth=depth, augment=augment)
+    result.name = cfg.name
+    if graph is not None:
+        G.draw_graph(src.model, cfg.model.input_shape, os.fspath(graph),
+                     title=f"{cfg.name}: input {list(cfg.model.input_shape)}", plan=src.plan)
+    return result
+
+
+def layer_types(name: str | None = None) -> list[dict]:
+    """The layer types a config may name (torch.nn, from PyTorch's signatures) and their arguments, by name;
+    with ``name``, that one type (an unknown name: UsageError with the nearest names)."""
+    reg = REG.registry()
+    if name:
+        if name not in reg:
+            raise UsageError(REG.refusal(name) or f"unknown layer type {name!r}{suggest(name, list(reg))}")
+        return [REG.describe(reg[name])]
+    return [REG.describe(reg[n]) for n in sorted(reg)]
+
+
+def freeze(source: Any, *, first: int | None = None, children: Sequence[int] | None = None,
+           names: Sequence[str] | None = None, unfreeze: Sequence[str] | None = None,
+           train_frozen_norm: bool = False, output: str | os.PathLike | None = None, which: str = "best"):
+    """Freeze a model's children for fine-tuning (a config, a checkpoint or a run folder): the first N,
+    children by index, modules or parameters by dotted name (globs), then ``unfreeze``. Without a
+    selector: the checkpoint's own selection. ``output``: a checkpoint with the weights and the
+    selection, for ``train(init=...)``. Returns a ``nnctl.use.freeze.Frozen`` (children, counts, plan)."""
+    return FREEZE.freeze(source, first=first, children=children, names=names, unfreeze=unfreeze,
+                         train_frozen_norm=train_frozen_norm, output=output, which=which)
 
 
 def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, which: str = "best",
            with_preprocess: bool = False):
     """Write a checkpoint's weights (safetensors, pt, npz or onnx); returns an ExportResult."""
-    from nnctl.runs import records as RS
-    from nnctl.runs import checkpoint as K_CHECKPOINT
-    from nnctl.use import export as E_EXPORT
 
     if fmt not in E_EXPORT.FORMATS:
         raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(E_EXPORT.FORMATS)}")
     src = open_source(source, which=which)
     if src.state is None:  # a config: its freshly initialised (seeded) weights, as nnctl train would start
-        from nnctl.config import schema as C
 
         if out is None:
             raise UsageError(f"{source}: exporting a config's initial weights needs -o OUT")
@@ -229,7 +289,6 @@ def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, whi
 def cache_info(*, verify: bool = False):
     """The decoded-image cache's folder and entries (``nnctl.cache.Entry``), newest use first.
     ``verify``: hash every data file in full (reads them all)."""
-    from nnctl.data import cache as K_CACHE
 
     return K_CACHE.cache_dir(), K_CACHE.entries(verify=verify)
 
@@ -237,7 +296,6 @@ def cache_info(*, verify: bool = False):
 def cache_clear(*, root: str | os.PathLike | None = None, all: bool = False):
     """Remove every entry of the decoded-image cache (``all``) or one image folder's (``root``);
     entries being built by a live process are left alone (``.busy``). A ``nnctl.cache.Cleared``."""
-    from nnctl.data import cache as K_CACHE
 
     return K_CACHE.clear(root=root, all=all)
 
@@ -249,7 +307,6 @@ def list_runs(folder: str | os.PathLike = "runs") -> list:
     """The runs in a folder (or one run folder), by start time: a list of nnctl.runs.RunInfo
     (state, epochs, best, parameters, wall time, and ``differs``: the config keys in which a run
     differs from the other runs of its config). ``RunInfo.to_dict()`` is the ``--json`` form."""
-    from nnctl.runs import records as RS
 
     return RS.list_runs(folder)
 
@@ -257,8 +314,6 @@ def list_runs(folder: str | os.PathLike = "runs") -> list:
 def compare(runs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None = None):
     """Run folders side by side: a nnctl.runs.Comparison (config differences, final and best metrics,
     the curves); with ``out``, also the picture of their curves overlaid (.png, .svg or .pdf)."""
-    from nnctl.runs import plots as PLOTS
-    from nnctl.runs import records as RS
 
     comparison = RS.compare(runs)
     if out is not None:

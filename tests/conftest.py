@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -12,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+import nnctl
+from nnctl.locks import FileLock
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -66,6 +71,42 @@ def cli():
     return invoke
 
 
+# --- one trained run for the whole session ----------------------------------------------------
+
+# the BASE digits model (Flatten + Linear(64, 10): 650 parameters), 1 epoch, with a StepLR scheduler so
+# that its checkpoints carry a scheduler state too (the corruption tests flip bytes of all of it)
+SHARED_RUN = make(train={"epochs": 1, "scheduler": {"StepLR": {"step_size": 1, "gamma": 0.5}}})
+
+
+def digest_of(folder: Path) -> dict[str, str]:
+    """Every file's SHA-256 in a folder, by relative path (what a test compares to say "untouched")."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """ONE finished run of SHARED_RUN through `nnctl.train`, trained once per session, for the tests that
+    only read a trained run (eval, predict, summary, export, resume refusals on a copy). Under
+    pytest-xdist the workers share it: the first one trains it under a lock, the others wait and reuse it.
+    A test that writes into a run copies this one first (shutil.copytree); at the end of the session the
+    folder must still have exactly the files and bytes it had after training, else the teardown fails."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above every worker's own: one run for all of them
+    run, done = root / "digits-run", root / "digits-run.json"
+    with FileLock(root / "digits-run.lock"):
+        if not done.exists():
+            if run.exists():
+                shutil.rmtree(run)  # a worker that failed while training it: train it again
+            result = nnctl.train(SHARED_RUN, out=str(run))
+            assert result.run_dir == run and len(result.history) == 1
+            done.write_text(json.dumps(digest_of(run)))
+    before = json.loads(done.read_text())
+    yield run
+    assert digest_of(run) == before, f"a test wrote into the shared run {run}: copy it first"
+
+
 # --- shared by the reliability tests (tests/test_reliability_*.py) ---------------------
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -112,16 +153,18 @@ def not_one_line(texts: list[str]) -> list[str]:
 
 def add_to_reliability_report(stats: Counter) -> None:
     """Add a module's counts to the JSON file named by NNCTL_RELIABILITY_REPORT, if set: the figures
-    that docs/reliability.md quotes (configs tried, corruptions tried and caught, kills resumed)."""
+    that docs/reliability.md quotes (configs tried, corruptions tried and caught, kills resumed).
+    Under a lock beside it: pytest-xdist workers finish their modules at the same time."""
     target = os.environ.get("NNCTL_RELIABILITY_REPORT")
     if not target:
         return
-    old = {}
-    if os.path.exists(target):
-        try:
-            old = json.loads(Path(target).read_text())
-        except ValueError:
-            old = {}
-    for k, v in stats.items():
-        old[k] = old.get(k, 0) + v
-    Path(target).write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
+    with FileLock(target + ".lock"):
+        old = {}
+        if os.path.exists(target):
+            try:
+                old = json.loads(Path(target).read_text())
+            except ValueError:
+                old = {}
+        for k, v in stats.items():
+            old[k] = old.get(k, 0) + v
+        Path(target).write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")

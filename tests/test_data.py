@@ -174,7 +174,7 @@ def test_loss_does_not_fit_labels():
 def test_target_input_with_noise():
     cfg = make_cfg({"target": "input", "noise": 0.5}, train={"loss": "mse"})
     b = load_data(cfg, CPU)
-    assert b.task == "regression" and b.num_classes is None
+    assert b.task == "reconstruction" and b.num_classes is None  # nnctl.tasks: data.target input
     e0 = all_batches(b.train, 0)
     x, y = e0[0]
     assert x.shape == y.shape and not torch.equal(x, y)

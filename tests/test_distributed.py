@@ -54,6 +54,7 @@ def test_two_processes_match_one_and_only_rank0_writes(tmp_path):
     assert a["history"][-1]["val_accuracy"] == pytest.approx(b["history"][-1]["val_accuracy"], abs=1 / 360)
 
 
+@pytest.mark.slow  # five real runs, two of them 2-process: .ci/run runs the slow group
 def test_resume_across_process_counts(tmp_path):
     p = write(tmp_path, make(model=MODEL, train=TRAIN))
     straight = run_cli("train", str(p), "--out", str(tmp_path / "straight"), cwd=tmp_path)
@@ -132,6 +133,7 @@ def _kill_one_worker_after_first_epoch(proc, run: Path):
     os.kill(victims[-1], signal.SIGKILL)
 
 
+@pytest.mark.slow  # a worker killed in a real 2-process run: .ci/run runs the slow group
 def test_killed_rank_ends_the_run_with_clear_error(tmp_path):
     p = write(tmp_path, SLOW)
     proc = _start(["train", str(p), "--nproc-per-node", "2", "--out", str(tmp_path / "run")], tmp_path)
@@ -143,6 +145,7 @@ def test_killed_rank_ends_the_run_with_clear_error(tmp_path):
     assert state["epoch"] >= 1
 
 
+@pytest.mark.slow  # a worker killed, the 2-process run restarted and resumed: .ci/run runs the slow group
 def test_max_restarts_resumes_from_last_checkpoint(tmp_path):
     p = write(tmp_path, SLOW)
     proc = _start(["train", str(p), "--nproc-per-node", "2", "--max-restarts", "1", "--out", str(tmp_path / "run")],

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import nnctl
 from nnctl.runs import checkpoint as K
 from nnctl.config import loader as C
 from nnctl.data import loading as D
@@ -43,7 +44,7 @@ def test_freeze_first_children_then_train(tmp_path):
     assert freezing["frozen"] == ["0.weight", "0.bias", "1.weight", "1.bias"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = D.load_data(cfg, CPU)
-    T.fit(cfg, doc, model, data, CPU, tmp_path, freezing=freezing)
+    T.fit(cfg, model, data, CPU, tmp_path, T.FitOptions(freezing=freezing))
     after = model.state_dict()
     for k in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
         assert torch.equal(before[k], after[k]), k  # frozen weights and norm statistics bit-identical
@@ -61,7 +62,7 @@ def test_train_frozen_norm_option_lets_statistics_move(tmp_path):
     freezing = F.make_freeze(model, first=3, train_frozen_norm=True)
     F.apply(model, freezing)
     before = model[1].running_mean.clone()
-    T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, tmp_path, freezing=freezing)
+    T.fit(cfg, model, D.load_data(cfg, CPU), CPU, tmp_path, T.FitOptions(freezing=freezing))
     assert torch.equal(model[1].weight, model[1].weight) and not torch.equal(before, model[1].running_mean)
 
 
@@ -154,10 +155,10 @@ def test_pickle_payload_in_pt_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    """BN_MODEL trained for 1 epoch through nnctl.train, in this process (the module's tests only read it)."""
     tmp = tmp_path_factory.mktemp("exp")
     p = write(tmp, make(model=BN_MODEL, train={"epochs": 1}))
-    r = run_cli("train", str(p), "--out", str(tmp / "run"))
-    assert r.returncode == 0, r.stderr
+    assert nnctl.train(str(p), out=str(tmp / "run")).run_dir == tmp / "run"
     return tmp / "run"
 
 

@@ -24,12 +24,8 @@ from nnctl.data.decode import decode_image
 from .conftest import make, run_cli, write
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A tiny model trained on the built-in digits (an image source: L, 8x8, scale 16)."""
-    tmp = tmp_path_factory.mktemp("digits")
-    cfg = write(tmp, make(train={"epochs": 1}))
-    return api.train(str(cfg), out=str(tmp / "run")).run_dir
+# digits_run (tests/conftest.py): the session's tiny model trained on the built-in digits (an image
+# source: L, 8x8, scale 16)
 
 
 @pytest.fixture(scope="module")

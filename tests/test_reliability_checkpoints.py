@@ -22,15 +22,11 @@ import torch
 
 from nnctl.runs import checkpoint as K
 from nnctl.config import loader as C
-from nnctl.data import loading as D
 from nnctl.model import weights as F
 from nnctl.model import plan as M
-from nnctl.training import trainer as T
 from nnctl.errors import CheckpointError
 
 from .conftest import SENTINEL, add_to_reliability_report, make, write
-
-CPU = torch.device("cpu")
 
 # figures for docs/reliability.md: counted as the tests run, written at the module's end
 STATS: Counter = Counter()
@@ -42,19 +38,11 @@ def _report():
     add_to_reliability_report(STATS)
 
 
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """A real nnctl run (1 epoch, a scheduler, in-process): its folder with last.pt and best.pt."""
-    root = tmp_path_factory.mktemp("realrun")
-    d = make(train={"epochs": 1, "scheduler": {"StepLR": {"step_size": 1, "gamma": 0.5}}})
-    cfg, doc = C.from_dict(d)
-    model, _ = M.build(cfg, doc)
-    data = D.load_data(cfg, CPU)
-    run = root / "run"
-    run.mkdir()
-    T.fit(cfg, doc, model, data, CPU, run)
-    (root / "c.yaml").write_text(json.dumps(d))
-    return run
+@pytest.fixture
+def real_run(digits_run):
+    """A real nnctl run (1 epoch, a scheduler, in-process): its folder with last.pt and best.pt. The
+    session's shared run (tests/conftest.py digits_run): read it, or copy it before writing."""
+    return digits_run
 
 
 class _Payload:

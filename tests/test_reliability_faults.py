@@ -162,7 +162,7 @@ def test_non_finite_loss_from_the_start_writes_no_checkpoint(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(POL.NonFiniteLoss, match="non-finite at epoch 1, step .*No checkpoint was written"):
-        T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, run)
+        T.fit(cfg, model, D.load_data(cfg, CPU), CPU, run)
     assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
     STATS["faults_non_finite"] += 1
 

@@ -6,7 +6,6 @@ live in the run orchestration, the checkpoint loader and the CLI. Races use real
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -23,13 +22,7 @@ from nnctl.training import run as R
 from nnctl.runs import plots as PLOTS
 from nnctl.errors import CheckpointError, UsageError
 
-from .conftest import ROOT, make, run_cli, write
-
-
-def digest_of(folder: Path) -> dict[str, str]:
-    """Every file's SHA-256 in a folder (what a test compares to say "untouched")."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from .conftest import ROOT, digest_of, make, run_cli, write
 
 
 MLP = {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 32}}, "ReLU",

@@ -32,7 +32,7 @@ def fit_in_process(d: dict, tmp_path: Path):
     data = D.load_data(cfg, CPU)
     run = tmp_path / "run"
     run.mkdir(exist_ok=True)
-    result = T.fit(cfg, doc, model, data, CPU, run)
+    result = T.fit(cfg, model, data, CPU, run)
     return model, result, run
 
 
@@ -102,7 +102,7 @@ def test_dropout_active_in_training_only(tmp_path):
     assert isinstance(dropout, nn.Dropout)
     dropout.register_forward_hook(lambda m, i, o: seen["train" if torch.is_grad_enabled() else "eval"].add(m.training))
     data = D.load_data(cfg, CPU)
-    T.fit(cfg, doc, model, data, CPU, tmp_path)
+    T.fit(cfg, model, data, CPU, tmp_path)
     assert seen["train"] == {True}  # Dropout active during steps
     assert seen["eval"] == {False}  # and off during validation (inference mode)
 
@@ -242,13 +242,24 @@ def _wait_for(path: Path, proc, timeout=120):
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_stop_mid_epoch_then_resume_is_bit_identical(sig, code, tmp_path):
-    # 3 epochs: the signal lands in epoch 2 (or 3) however fast the machine, never after the run ends
-    d = make(model=SLOW_MODEL, data=dict(SLOW_DATA, size=4000), train={"epochs": 3, "batch_size": 16})
-    p = write(tmp_path, d)
-    r = run_cli("train", str(p), "--out", str(tmp_path / "straight"))
+# 3 epochs: the signal lands in epoch 2 (or 3) however fast the machine, never after the run ends
+STOPPED = make(model=SLOW_MODEL, data=dict(SLOW_DATA, size=4000), train={"epochs": 3, "batch_size": 16})
+
+
+@pytest.fixture(scope="module")
+def straight_stopped(tmp_path_factory) -> dict:
+    """The weights of STOPPED run straight through by the CLI: what every stopped-and-resumed run must end
+    with (trained once for the three signals)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    r = run_cli("train", str(write(tmp, STOPPED)), "--out", str(tmp / "straight"))
     assert r.returncode == 0, r.stderr
+    return weights(tmp / "straight" / "last.pt")
+
+
+@pytest.mark.slow  # a real process stopped by each signal, then resumed: .ci/run runs the slow group
+@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_stop_mid_epoch_then_resume_is_bit_identical(sig, code, straight_stopped, tmp_path):
+    p = write(tmp_path, STOPPED)
     proc = _start(["train", str(p), "--out", str(tmp_path / "cut")], tmp_path)
     _wait_for(tmp_path / "cut" / "last.pt", proc)  # epoch 1 is done; now in the middle of epoch 2
     time.sleep(0.2)
@@ -262,7 +273,7 @@ def test_stop_mid_epoch_then_resume_is_bit_identical(sig, code, tmp_path):
         assert state["epoch"] < 3
     r = run_cli("train", "--resume", str(tmp_path / "cut"))
     assert r.returncode == 0, r.stderr
-    assert_same(weights(tmp_path / "straight" / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
+    assert_same(straight_stopped, weights(tmp_path / "cut" / "last.pt"))
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
@@ -302,25 +313,19 @@ def test_two_runs_on_one_folder_refused(tmp_path):
         pass
 
 
-def test_eval_command(tmp_path, cli):
-    p = write(tmp_path, make(train={"epochs": 2}))
-    r = run_cli("train", str(p), "--out", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
-    code, out, err = cli("eval", str(tmp_path / "run"), "--json")
+def test_eval_command(digits_run, cli):
+    code, out, err = cli("eval", str(digits_run), "--json")
     assert code == 0, err
     import json
 
     res = json.loads(out)
-    best = K.load(tmp_path / "run" / "best.pt")
+    best = K.load(digits_run / "best.pt")
     assert res["accuracy"] == pytest.approx(best["best"]["value"])
     assert res["samples"] == 360
 
 
-def test_summary_accepts_checkpoint(tmp_path, cli):
-    p = write(tmp_path, make(train={"epochs": 1}))
-    r = run_cli("train", str(p), "--out", str(tmp_path / "run"))
-    assert r.returncode == 0, r.stderr
-    code, out, err = cli("summary", str(tmp_path / "run" / "last.pt"), "--json")
+def test_summary_accepts_checkpoint(digits_run, cli):
+    code, out, err = cli("summary", str(digits_run / "last.pt"), "--json")
     assert code == 0, err
     import json
 

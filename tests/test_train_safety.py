@@ -46,7 +46,7 @@ def _fit(d: dict, run: Path, resume: dict | None = None, stop_at: tuple[int, int
 
     result = None
     try:
-        result = T.fit(cfg, doc, model, data, CPU, run, resume=resume, on_event=on_event)
+        result = T.fit(cfg, model, data, CPU, run, T.FitOptions(resume=resume, on_event=on_event))
     except SIG.Interrupted as exc:
         assert exc.signum == signal.SIGINT and exc.checkpoint
     return model, result
@@ -97,6 +97,7 @@ def _start(args, cwd):
                             text=True, env=env, cwd=cwd, start_new_session=True)
 
 
+@pytest.mark.slow  # two real processes stopped and resumed, a straight run: .ci/run runs the slow group
 def test_streamed_workers_stop_by_group_signal_then_resume_is_bit_identical(tmp_path):
     """The real CLI with 2 DataLoader workers; SIGINT (Ctrl-C) and SIGTERM sent to the whole process
     group, workers included: exit 130 / 143 with a checkpoint, never a data error; the resumed run
@@ -177,7 +178,7 @@ def test_resume_refuses_a_changed_optimizer_class_or_schedule(tmp_path, new_trai
     cfg, doc = C.from_dict(d2)
     model, _ = M.build(cfg, doc)
     with pytest.raises(UsageError) as info:
-        T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, tmp_path / "run", resume=state)
+        T.fit(cfg, model, D.load_data(cfg, CPU), CPU, tmp_path / "run", T.FitOptions(resume=state))
     assert message in str(info.value) and "--init" in str(info.value)
     assert K.load(tmp_path / "run" / "last.pt")["epoch"] == 1  # nothing written
 
@@ -225,7 +226,7 @@ def test_nan_in_validation_data_is_an_error_naming_the_split(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(POL.NonFiniteValidation) as info:
-        T.fit(cfg, doc, model, data, CPU, run)
+        T.fit(cfg, model, data, CPU, run)
     text = str(info.value)
     assert "val_loss nan" in text and "validation split" in text and "holds non-finite values" in text
     assert str(path) in text
@@ -241,7 +242,7 @@ def _one_step_run(tmp_path: Path, d: dict, error: type, message: str):
     run = tmp_path / "run"
     run.mkdir()
     with pytest.raises(error) as info:
-        T.fit(cfg, doc, model, data, CPU, run)
+        T.fit(cfg, model, data, CPU, run)
     assert message in str(info.value) and "epoch 1" in str(info.value) and info.value.exit_code == 1
     assert not (run / "best.pt").exists() and not (run / "last.pt").exists()
 
@@ -285,7 +286,7 @@ def test_explode_rule_in_process(tmp_path):
     model, _ = M.build(cfg, doc)
     (tmp_path / "run").mkdir()
     with pytest.raises(POL.Diverged) as info:
-        T.fit(cfg, doc, model, D.load_data(cfg, CPU), CPU, tmp_path / "run")
+        T.fit(cfg, model, D.load_data(cfg, CPU), CPU, tmp_path / "run")
     assert info.value.exit_code == 1
     assert not (tmp_path / "run" / "last.pt").exists()
 

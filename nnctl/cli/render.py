@@ -74,8 +74,10 @@ def _short_metrics(row: dict) -> str:
 
 
 def _epoch_line(row: dict, epochs: int, best: bool = False) -> str:
+    from nnctl.tasks import SHOWN_METRICS
+
     parts = [f"epoch {row['epoch']}/{epochs}"]
-    for key in ("train_loss", "val_loss", "val_accuracy", "val_mae", "val_mse"):
+    for key in SHOWN_METRICS:
         if key in row:
             parts.append(f"{key} {row[key]:.4f}" if key != "val_mse" else f"{key} {row[key]:.4g}")
     parts.append(f"lr {row['lr']:.3g}")
@@ -88,6 +90,8 @@ def _epoch_line(row: dict, epochs: int, best: bool = False) -> str:
 def _final_table(con, run) -> None:
     from rich.table import Table
 
+    from nnctl.tasks import SHOWN_METRICS
+
     result, run_dir, plot = run.fit, run.run_dir, run.plot
     name = run.name or run_dir.name
     epochs = f"{result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'}"
@@ -96,7 +100,7 @@ def _final_table(con, run) -> None:
     table.add_column("")
     table.add_column("value", justify="right")
     final = result.final
-    for key in ("train_loss", "val_loss", "val_accuracy", "val_mae", "val_mse"):
+    for key in SHOWN_METRICS:
         if key in final:
             table.add_row(f"final {key.replace('_', ' ')}", f"{final[key]:.4f}")
     if result.best.get("value") is not None:
@@ -145,7 +149,7 @@ def _render_predictions(preds, fmt: str) -> str:
     import csv
     import io
 
-    classification = preds.task == "classification"
+    classification = preds.task.has_classes  # top-k classes; else values (per label, or raw)
     if fmt == "jsonl":
         return "".join(json.dumps(_finite(r.to_dict()), allow_nan=False) + "\n" for r in preds.rows)
     if fmt == "csv":
@@ -206,3 +210,195 @@ def _finite(obj):
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj
+
+
+# --- summary, layers, freeze, eval ----------------------------------------------------------
+
+def print_summary(result) -> None:
+    """nnctl summary's table (a nnctl.model.summary.Summary) and its totals."""
+    from rich.table import Table
+
+    table = Table(title=f"{_esc(result.name)}: input {list(result.input_shape)}", title_justify="left")
+    for col, justify in (("#", "left"), ("layer", "left"), ("output shape", "left"), ("params", "right"),
+                         ("status", "left"), ("MACs", "right"), ("line", "right")):
+        table.add_column(col, justify=justify)
+    for row in result.rows:
+        indent = "  " * row.depth
+        table.add_row(indent + row.name, indent + row.type, str(row.output_shape) if row.output_shape else "-",
+                      _fmt_int(row.params), row.status, _fmt_int(row.macs), str(row.line or ""))
+    con = _console()
+    con.print(table)
+    con.print(f"total params: {_fmt_int(result.total_params)}   trainable: {_fmt_int(result.trainable_params)}   "
+              f"frozen: {_fmt_int(result.frozen_params)}")
+    con.print(f"parameter size: {_fmt_bytes(result.param_bytes)}   buffers: {_fmt_bytes(result.buffer_bytes)}   "
+              f"activations (one sample, estimate): {_fmt_bytes(result.activation_bytes)}   "
+              f"MACs (one sample): {_fmt_int(result.total_macs)}")
+    if result.augment:  # one line: the training batches' augmentation
+        con.print(f"augment (training batches): {result.augment}", markup=False)
+
+
+def print_layers(info: list[dict], one: bool) -> None:
+    """nnctl layers: one type's arguments (one=True), or every type with its arguments."""
+    from rich.table import Table
+
+    con = _console()
+    if one:
+        d = info[0]
+        con.print(f"[bold]{d['name']}[/bold]: {d['summary']}")
+        table = Table()
+        for col in ("#", "argument", "type", "default", "note"):
+            table.add_column(col)
+        for i, a in enumerate(d["arguments"]):
+            table.add_row(str(i), a["name"], a["type"], "required" if a["required"] else a["default"],
+                          "inferred from the input shape when omitted" if a["inferred"] else "")
+        con.print(table)
+        con.print("A scalar is the first argument, a list the positional arguments in this order, "
+                  "a mapping the keyword arguments.")
+        return
+    table = Table(title="torch.nn layer types (plus Sequential and Residual)")
+    table.add_column("layer")
+    table.add_column("arguments (PyTorch's order; * = required)")
+    for d in info:
+        args = ", ".join(("*" if a["required"] else "") + a["name"] for a in d["arguments"])
+        table.add_row(d["name"], args)
+    table.add_row("Sequential", "a list of layer entries")
+    table.add_row("Residual", "a list of layer entries: x + body(x); or {layers, shortcut, after}: "
+                              "after(body(x) + shortcut(x))")
+    table.add_row("Concat", "{dim (default 1), branches: [[layers], [], ...]}: torch.cat of the branches "
+                            "([] is the identity)")
+    con.print(table)
+
+
+def print_frozen(result) -> None:
+    """nnctl freeze: the children table of a nnctl.use.freeze.Frozen, the totals, the checkpoint written."""
+    from rich.table import Table
+
+    table = Table(title=f"{_esc(result.name)}: children", title_justify="left")
+    for col, j in (("#", "right"), ("name", "left"), ("type", "left"), ("params", "right"), ("status", "left")):
+        table.add_column(col, justify=j)
+    for r in result.children:
+        table.add_row(str(r["index"]), r["name"], r["type"], _fmt_int(r["params"]), r["status"])
+    con = _console()
+    con.print(table)
+    con.print(f"total params: {_fmt_int(result.total)}   trainable: {_fmt_int(result.trainable)}   "
+              f"frozen: {_fmt_int(result.frozen)}")
+    if result.output:
+        con.print(_clean(f"wrote {result.output}: train from it with  nnctl train CONFIG --init {result.output}"),
+                  markup=False, highlight=False)
+
+
+def print_per_class(result) -> None:
+    """nnctl eval --confusion: per-class precision, recall and support."""
+    from rich.table import Table
+
+    table = Table(title=f"per class ({result.split})", title_justify="left")
+    for col, j in (("#", "right"), ("class", "left"), ("precision", "right"), ("recall", "right"),
+                   ("support", "right")):
+        table.add_column(col, justify=j)
+    for r in result.per_class:
+        table.add_row(str(r["class"]), _esc(r["name"]), "-" if r["precision"] is None else f"{r['precision']:.4f}",
+                      "-" if r["recall"] is None else f"{r['recall']:.4f}", f"{r['support']:,}")
+    _console().print(table)
+
+
+# --- runs, compare, cache -------------------------------------------------------------------
+
+def print_runs(infos: list, folder: str) -> None:
+    """nnctl runs: one row a run (nnctl.runs.RunInfo), then why runs stopped and what their records lack."""
+    from rich.table import Table
+    from rich.text import Text
+
+    from nnctl.runs.records import format_value
+
+    con = _console()
+    if not infos:
+        con.print(f"no runs in {_clean(folder)}", markup=False, highlight=False)
+        return
+    table = Table(title=f"{len(infos)} run{'' if len(infos) == 1 else 's'} in {_esc(folder)}",
+                  title_justify="left")
+    for col, justify in (("run", "left"), ("state", "left"), ("epochs", "right"), ("best", "left"),
+                         ("parameters", "right"), ("time", "right"), ("started (UTC)", "left"),
+                         ("differs", "left")):
+        # what differs is the point of the table: folded onto more lines, never cut with an ellipsis
+        table.add_column(col, justify=justify, overflow="fold" if col in ("differs", "run") else "ellipsis",
+                         no_wrap=col not in ("differs", "run", "best"))
+    for i in infos:
+        state = i.state + (" (early stop)" if i.stopped_early and i.state == "finished" else "")
+        table.add_row(_esc(i.name), Text(_clean(state), style=_STATE_STYLE.get(i.state, "")),
+                      f"{i.epochs_done}/{i.epochs_total if i.epochs_total is not None else '?'}",
+                      _fmt_best(i.best).replace(" (epoch ", " @").rstrip(")") if i.best else "-",
+                      _fmt_int(i.parameters["total"]) if i.parameters else "-",
+                      _fmt_seconds(i.wall_seconds), _fmt_started(i.started_at)[:16],
+                      _esc(", ".join(f"{k}={format_value(v)}" for k, v in i.differs.items()) or "-"))
+    con.print(table)
+    for i in infos:  # why a run stopped, in full, under the table
+        if i.state in ("failed", "interrupted") and i.error and i.error.get("message"):
+            text = " ".join(str(i.error["message"]).split())
+            con.print(Text(_clean(f"{i.name}: {i.state}: {text[:400]}"), style=_STATE_STYLE[i.state]))
+    for i in infos:  # a damaged record: what was left out of it
+        for note in i.notes:
+            con.print(Text(_clean(f"{i.name}: {note}"), style="yellow"))
+
+
+def print_comparison(comparison) -> None:
+    """nnctl compare: the config differences, the metrics side by side, the picture of the curves."""
+    from rich.table import Table
+
+    from nnctl.runs.records import _unique_names, format_value
+    from nnctl.tasks import SHOWN_METRICS
+
+    con = _console()
+    names = [_esc(n) for n in _unique_names([r.path for r in comparison.runs])]
+    table = Table(title="config differences" if comparison.differences else "config: no differences",
+                  title_justify="left")
+    table.add_column("key")
+    for n in names:
+        table.add_column(n)
+    for key, values in comparison.differences.items():
+        table.add_row(_esc(key), *[_esc(format_value(v)) for v in values])
+    if comparison.differences:
+        con.print(table)
+    else:
+        con.print("config: no differences", markup=False, highlight=False)
+    table = Table(title="metrics", title_justify="left")
+    table.add_column("")
+    for n in names:
+        table.add_column(n, justify="right")
+    finals = comparison.finals()
+    keys = [k for k in SHOWN_METRICS if any(k in f for f in finals)]
+    for k in keys:
+        table.add_row(f"final {k.replace('_', ' ')}",
+                      *[f"{f[k]:.4f}" if isinstance(f.get(k), float) else "-" for f in finals])
+    metrics = {(r.best or {}).get("metric") for r in comparison.runs if (r.best or {}).get("value") is not None}
+    if len(metrics) == 1:  # one monitored metric: named once, in the row's label
+        table.add_row(f"best {_esc(metrics.pop().replace('_', ' '))}",
+                      *[f"{r.best['value']:.4f} (epoch {r.best['epoch']})" if (r.best or {}).get("value") is not None
+                        else "-" for r in comparison.runs])
+    else:
+        table.add_row("best", *[_fmt_best(r.best) for r in comparison.runs])
+    table.add_row("state", *[r.state for r in comparison.runs])
+    table.add_row("epochs", *[f"{r.epochs_done}/{r.epochs_total if r.epochs_total is not None else '?'}"
+                              for r in comparison.runs])
+    table.add_row("time", *[_fmt_seconds(r.wall_seconds) for r in comparison.runs])
+    con.print(table)
+    con.print(f"curves: {_clean(comparison.plot)}", markup=False, highlight=False)
+    for r in comparison.runs:  # a damaged record: what was left out of it
+        for note in r.notes:
+            con.print(_clean(f"{r.name}: {note}"), markup=False, highlight=False)
+
+
+def print_cache(directory, found: list, total: int) -> None:
+    """nnctl cache info: one row an entry of the decoded-image cache."""
+    import time
+
+    from rich.table import Table
+
+    table = Table(title=f"decoded-image cache {_esc(directory)}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, "
+                        f"{_fmt_bytes(total)}")
+    for col in ("key", "image folder", "images", "shape", "size", "last used", "status"):
+        table.add_column(col, justify="right" if col in ("images", "size") else "left")
+    for e in found:
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else ""
+        table.add_row(e.key[:12], _esc(e.root or ""), _fmt_int(e.images) if e.images is not None else "",
+                      "x".join(map(str, e.shape[1:])) if e.shape else "", _fmt_bytes(e.bytes), used, _clean(e.status))
+    _console().print(table)

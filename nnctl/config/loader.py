@@ -9,6 +9,7 @@ from nnctl.errors import ConfigError, Problem
 from nnctl.config.yamlio import Document, format_path, load_file, load_text, scalar_value
 from nnctl.config.schema import Config
 from nnctl.config.structure import validate
+import os
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,7 +37,6 @@ PATH_KEYS: tuple[tuple[str, ...], ...] = (("data", "root"), ("data", "path"))
 
 
 def _resolve_path(value: Any, base: str) -> Any:
-    import os
 
     if not isinstance(value, str) or not value.strip():
         return value  # not a path: validation reports it
@@ -64,7 +64,6 @@ def resolve_paths(doc: Document, base: str, only_overridden: bool = False) -> No
 # --- overrides: --set train.optimizer.Adam.lr=0.01 ---------------------------------
 
 def _split_key(key: str) -> list[str | int]:
-    import re
 
     parts: list[str | int] = []
     for token in re.findall(r"[^.\[\]]+|\[\d+\]", key):
@@ -141,7 +140,6 @@ def load_document(source: str, overrides: list[str] | None = None) -> Document:
     Paths in the file resolve against the file's folder; paths given with ``--set``
     against the current directory.
     """
-    import os
 
     doc = load_file(source)
     resolve_paths(doc, os.path.dirname(os.path.abspath(source)))

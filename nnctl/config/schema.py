@@ -13,6 +13,7 @@ import math
 from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from nnctl.tasks import CLASSIFICATION_LOSSES, LOSSES, MONITORS, Task, mode_of, task_for
+from nnctl.config.nn_names import LAYER_NAMES
 
 
 CORE_LAYERS = ("Conv2d", "Linear", "Dropout2d", "Dropout", "MaxPool2d", "ReLU", "Softmax", "LogSoftmax",
@@ -436,7 +437,6 @@ def resolved(cfg: Config) -> dict:
 
 def json_schema() -> dict:
     """A JSON Schema of the config for YAML editors (yaml-language-server)."""
-    from nnctl.config.nn_names import LAYER_NAMES
 
     schema = Config.model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"

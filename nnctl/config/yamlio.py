@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 import yaml
 from nnctl.errors import ConfigError, Problem
+from nnctl.errors import UsageError
+from nnctl.files import read_input
 
 MAX_BYTES = 1 << 20  # a config is text a person writes; 1 MiB is far beyond that
 MAX_NODES = 100_000  # after alias expansion
@@ -361,8 +363,6 @@ def load_file(path: str) -> Document:
     The file is read with ``files.read_input``, which refuses a FIFO, a device or a socket
     without blocking on it.
     """
-    from nnctl.errors import UsageError
-    from nnctl.files import read_input
 
     try:
         raw = read_input(path, "file", limit=MAX_BYTES)

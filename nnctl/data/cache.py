@@ -68,6 +68,16 @@ from typing import Any, Callable, Iterator
 from nnctl import locks
 from nnctl.errors import NnctlError, UsageError
 from nnctl.data.decode import DECODER, RESIZE
+import stat as st_
+from nnctl.files import _kind
+from nnctl.files import read_input
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import torch
+from nnctl.files import open_input
+from nnctl.data.store import _iterate, _loader, _StoreDataset
+from nnctl.files import atomic_write
+import stat
 
 FORMAT = 1
 CHUNK_BYTES = 16 << 20
@@ -138,9 +148,7 @@ class _Unusable(Exception):
 
 def _why(path: Path, exc: OSError | None = None) -> str:
     """``<name> is a folder`` / ``<name>: <strerror>``: what is wrong with one of an entry's paths."""
-    import stat as st_
 
-    from nnctl.files import _kind
 
     for look in (os.stat, os.lstat):  # what a link points to; else the (dangling) link itself
         try:
@@ -154,7 +162,6 @@ def _why(path: Path, exc: OSError | None = None) -> str:
 
 
 def _read_header(path: Path) -> dict:
-    from nnctl.files import read_input
 
     try:
         raw = read_input(path, "cache header", error=_Invalid, limit=64 << 20)
@@ -188,7 +195,6 @@ def _prod(shape) -> int:
 
 def _hash_chunks(fd: int, nbytes: int, which: list[int]) -> dict[int, str]:
     """sha256 of the chunks `which` of the open file, read with pread in two threads."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def one(i: int) -> str:
         off = i * CHUNK_BYTES
@@ -233,8 +239,6 @@ def _verify(fd: int, head: dict, full: bool | None = None) -> None:
 
 def _open_valid(directory: Path, key: str):
     """(tensor, header) of a valid entry, (None, None) when there is none, or raise _Invalid."""
-    import numpy as np
-    import torch
 
     data, header, _ = _paths(directory, key)
     if not header.exists():
@@ -242,7 +246,6 @@ def _open_valid(directory: Path, key: str):
     head = _read_header(header)
     if head.get("key") != key:
         raise _Invalid(f"header {header.name} belongs to another entry")
-    from nnctl.files import open_input
 
     try:
         fh = open_input(data, "cache data file", error=_Invalid)
@@ -326,10 +329,7 @@ class _NoRoom(Exception):
 
 def _build(directory: Path, key: str, store, root: str, workers: int) -> None:
     """Decode the store's files into a new entry (the caller holds the key's lock)."""
-    import numpy as np
 
-    from nnctl.data.store import _iterate, _loader, _StoreDataset
-    from nnctl.files import atomic_write
 
     data, header, _ = _paths(directory, key)
     _remove(header, data, *_temporaries(directory, key))  # a corrupt entry, a killed writer's leftovers
@@ -544,7 +544,6 @@ class Entry:
 
 
 def _regular(p: Path) -> bool:
-    import stat
 
     try:
         return stat.S_ISREG(os.stat(p).st_mode)  # a link to a regular file is one
@@ -581,7 +580,6 @@ def entries(directory: str | os.PathLike | None = None, verify: bool = False) ->
                 head = _read_header(header)
                 e.root, e.images, e.shape = head.get("root"), head.get("images"), head["shape"]
                 e.created_at, e.last_used = head.get("created_at"), os.stat(header).st_mtime
-                from nnctl.files import open_input
 
                 with open_input(data, "cache data file", error=_Invalid) as fh:
                     if verify:

@@ -37,11 +37,13 @@ from typing import Any
 import torch
 from torch import Tensor
 from nnctl.data import record as P
-from nnctl.config.schema import CLASSIFICATION_LOSSES, Config
+from nnctl.config.schema import Config
 from nnctl.config.yamlio import format_path
 from nnctl.errors import NnctlError, UsageError
+from nnctl.tasks import Task
 from nnctl.data.store import Batches, DataBundle, _Store, _StoreDataset, _iterate, _loader
 from nnctl.data.sources import IMAGE_MODES, IMAGE_SOURCES, _decode_all, _read, class_count
+from nnctl.data.augment.ops import build as build_augment
 
 PRELOAD_LIMIT_BYTES = 2 << 30
 
@@ -182,21 +184,18 @@ def _map_labels(store: _Store, label_map: list[int], source: str) -> None:
     store.class_names = P.label_map_names(store.class_names, label_map)
 
 
-def preprocessing_record(cfg: Config, store: _Store, task: str, mean, std) -> P.Preprocessing:
-    """What turns a raw input into this data's model input, and an output into an answer."""
+def preprocessing_record(cfg: Config, store: _Store, task: Task, mean, std) -> P.Preprocessing:
+    """What turns a raw input into this data's model input, and an output into an answer (the task's name)."""
     source = cfg.data.source
     shape = [int(v) for v in store.sample_shape]
     mode = store.image_mode if source == "image_folder" else IMAGE_MODES.get(source)
     resize = list(store.image_size) if store.image_size else (shape[1:3] if mode and len(shape) == 3 else None)
-    if cfg.data.target == "input":
-        task = "reconstruction"
-    return P.Preprocessing(task=task, source=source, input_shape=shape, color_mode=mode,
+    return P.Preprocessing(task=str(task), source=source, input_shape=shape, color_mode=mode,
                            resize=[int(v) for v in resize] if resize else None,
                            scale=float(store.scale) if store.scale else None,
                            mean=[float(v) for v in mean] if mean is not None else None,
                            std=[float(v) for v in std] if std is not None else None,
-                           classes=list(store.class_names) if store.class_names and task == "classification"
-                           else None)
+                           classes=list(store.class_names) if store.class_names and task.has_classes else None)
 
 
 def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1,
@@ -225,17 +224,14 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     if len(store) == 0:
         raise UsageError(f"{d.source} has no samples")
 
-    if d.target == "input":
-        task, num_classes = "regression", None
-    elif store.y.dtype == torch.int64:
-        task, num_classes = "classification", store.num_classes
-        if t.loss_name not in CLASSIFICATION_LOSSES:
-            raise UsageError(_labels_loss_message(d.source, t.loss_name))
-    else:
-        task, num_classes = "regression", None
-        if t.loss_name in CLASSIFICATION_LOSSES:
-            raise UsageError(f"{d.source} gives float targets (y is {store.y.dtype}), not class labels, but "
-                             f"train.loss is {t.loss_name}; use mse or l1, or integer labels in y")
+    task = cfg.task  # the data must fit it: class labels for a classification loss, float targets else
+    num_classes = store.num_classes if task.has_classes else None
+    labels = store.y.dtype == torch.int64
+    if labels and not task.has_classes and task is not Task.RECONSTRUCTION:  # reconstruction: y is x
+        raise UsageError(_labels_loss_message(d.source, t.loss_name))
+    if task.has_classes and not labels:
+        raise UsageError(f"{d.source} gives float targets (y is {store.y.dtype}), not class labels, but "
+                         f"train.loss is {t.loss_name}; use mse or l1, or integer labels in y")
 
     train_idx, val_idx = _split(cfg, store)
     weights = weights if preprocessing is None else None
@@ -261,7 +257,6 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
                   preloaded=preload, num_workers=d.num_workers, device_x=dx, device_y=dy)
     pipeline = None
     if d.augment and augment:  # training batches only (augment=False: scoring, as nnctl eval does)
-        from nnctl.data.augment.ops import build as build_augment
 
         pipeline = build_augment(d.augment, shape)
     train = Batches(store, train_idx, t.batch_size, device, shuffle=True, rank=rank, world_size=world_size,
@@ -282,10 +277,10 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     if pipeline is not None:
         desc += f"; augment: {pipeline.describe()}"
     record = preprocessing_record(cfg, store, task, mean, std)
-    if task == "classification":
+    if task.has_classes:
         target_shape, label_range = None, (int(store.y.min()), int(store.y.max()))
     else:
-        target_shape = tuple(shape) if d.target == "input" else tuple(store.y.shape[1:])
+        target_shape = tuple(shape) if task is Task.RECONSTRUCTION else tuple(store.y.shape[1:])
         label_range = None
     where = _where(d)
     return DataBundle(train=train, val=val, input_shape=tuple(shape), num_classes=num_classes, task=task,
@@ -355,7 +350,7 @@ def check_facts(cfg: Config, doc, plan) -> list:
     classes = class_count(cfg)
     if classes is None:
         return []
-    if cfg.train.loss_name not in CLASSIFICATION_LOSSES:
+    if not cfg.task.has_classes:
         return [doc.problem(("train", "loss"), _labels_loss_message(d.source, cfg.train.loss_name))]
     lo, hi = 0, classes - 1
     if d.label_map is not None:
@@ -381,7 +376,7 @@ def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
     path, layer = _output_place(doc, plan)
     what = data.where or cfg.data.source
     problems = []
-    if data.task == "classification":
+    if data.task.has_classes:
         classes = data.num_classes or 0
         lo, hi = data.label_range if data.label_range else (0, classes - 1)
         problems += _score_problems(cfg, doc, plan, what, classes, lo, hi)

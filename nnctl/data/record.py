@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+import torch
 
 VERSION = 1
 
@@ -90,7 +91,6 @@ class Preprocessing:
 
     def normalize(self, x):
         """Float inputs on the model's scale -> normalised with the recorded mean/std."""
-        import torch
 
         if self.mean is None or self.std is None:
             return x
@@ -112,7 +112,6 @@ class Preprocessing:
         record is an image source, else the source's own ``scale`` (or 1). Float inputs are taken
         as already scaled. Other integer types and bool raise ``RawInputError``. Then mean/std.
         """
-        import torch
 
         if x.dtype == torch.uint8:
             x = x.to(torch.float32).div_(self.divisor(image))

@@ -15,13 +15,15 @@ import numpy as np
 import torch
 from torch import Tensor
 from nnctl.data import record as P
-from nnctl.config.schema import CLASSIFICATION_LOSSES, Config
+from nnctl.config.schema import Config
+from nnctl.tasks import Task
 from nnctl.errors import NnctlError, UsageError
 from nnctl.files import _kind as _file_kind
 from nnctl.files import open_input, read_input
 from nnctl.data.store import _Store, _StoreDataset, _iterate, _loader
 from nnctl.data import cache
 from nnctl.data.decode import image_size
+from safetensors.torch import load
 
 IMAGE_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder")
 
@@ -415,7 +417,6 @@ def _read_tensors(path: Path) -> dict[str, Any]:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {k: torch.from_numpy(np.array(npz[k])) for k in npz.files}
     if ext == ".safetensors":
-        from safetensors.torch import load
 
         return load(data)
     raise UsageError(f"data.path {path}: unsupported file type {ext or '(none)'!r}; "
@@ -481,7 +482,7 @@ def _synthetic(cfg: Config) -> _Store:
     n = d.size or 1024
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn((n, *shape), generator=g)
-    if cfg.train.loss_name in CLASSIFICATION_LOSSES:
+    if cfg.task is Task.CLASSIFICATION:
         classes = d.classes or 1
         return _Store(y=torch.randint(0, classes, (n,), generator=g), sample_shape=shape, x=x, num_classes=classes)
     features = math.prod(shape)

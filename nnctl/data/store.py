@@ -12,6 +12,7 @@ from nnctl.data import record as P
 from nnctl.errors import NnctlError, UsageError
 from nnctl.data.decode import decode_image
 from nnctl.seeds import derive
+from nnctl.tasks import Task
 
 # --- the store: every source read into tensors ----------------------------------------
 
@@ -355,7 +356,7 @@ class DataBundle:
     val: Batches | None
     input_shape: tuple[int, ...]
     num_classes: int | None
-    task: str                       # "classification" or "regression"
+    task: Task                      # the run's task (nnctl.tasks), as the data confirmed it
     mean: list[float] | None
     std: list[float] | None
     description: str

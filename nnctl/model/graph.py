@@ -8,6 +8,7 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from nnctl.model.plan import Plan
 from nnctl.model.summary import summarize
+from nnctl.model.blocks import Concat, Residual
 
 # --- the graph picture (nnctl summary --graph OUT.png / .svg) ------------------------
 
@@ -29,7 +30,6 @@ def _graph_parts(module: nn.Module) -> tuple[str, list, Any, list] | None:
     nnctl's Residual and Concat, and torchvision's BasicBlock / Bottleneck (their ``downsample``
     is the shortcut). None for a plain chain.
     """
-    from nnctl.model.blocks import Concat, Residual
 
     if isinstance(module, Residual):
         parts = module.parts()

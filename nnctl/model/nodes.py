@@ -8,6 +8,7 @@ from torch import nn
 from nnctl.errors import Problem
 from nnctl.config.yamlio import Document, format_path
 from nnctl.model.blocks import Concat, Residual
+from collections import OrderedDict
 
 
 RESERVED = ("name", "repeat")
@@ -110,7 +111,6 @@ def instantiate(node: Node) -> nn.Module:
     """The real module for a planned node (parameters initialised by PyTorch as usual)."""
     if node.kind == "layer":
         return node.cls(**node.kwargs)
-    from collections import OrderedDict
 
     kids = OrderedDict((name, instantiate(child)) for name, child in node.children)
     if node.kind == "residual":

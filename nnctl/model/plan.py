@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 from nnctl.model import registry as L
-from nnctl.config.schema import CLASSIFICATION_LOSSES, Config, ModelSection
+from nnctl.config.schema import Config, ModelSection
+from nnctl.tasks import Task
 from nnctl.config.schema import suggest
 from nnctl.errors import ConfigError, Problem
 from nnctl.config.yamlio import Document, format_path
@@ -475,8 +476,7 @@ def lint(cfg: Config, p: Plan) -> list[Problem]:
         warn(last, f"{last.type_name} is the last layer: it drops outputs, not features; move it before the last "
                    "Linear/Conv layer")
     target = cfg.data.target if cfg.data is not None else "label"
-    if loss in CLASSIFICATION_LOSSES and p.output_shape is not None and len(p.output_shape) != 1 \
-            and target == "label":
+    if cfg.task is Task.CLASSIFICATION and p.output_shape is not None and len(p.output_shape) != 1:
         warn(last, f"a classification loss usually takes outputs of shape [classes]; this model outputs "
                    f"{list(p.output_shape)} (a Flatten may be missing)")
     if target == "input" and p.output_shape is not None and tuple(p.output_shape) != p.input_shape:

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any
 import torch
 from torch import nn
+from nnctl.config.schema import suggest
 
 # containers that take modules (not plain values) as arguments, and the base class
 EXCLUDED = frozenset({"Module", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "Sequential", "Container"})
@@ -212,7 +213,6 @@ def bind(cls: type, args: Any) -> tuple[dict[str, Any], list[tuple[tuple, str]]]
 
     Returns the keyword arguments and a list of (sub-path, message) problems.
     """
-    from nnctl.config.schema import suggest
 
     params = params_of(cls)
     names = [p.name for p in params]

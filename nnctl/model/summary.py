@@ -86,6 +86,7 @@ class Summary:
     depth: int = 1  # the depth the rows were collected with (0 = all levels)
     warnings: list[str] = field(default_factory=list)
     augment: str | None = None  # the training batches' augmentation in one line (augment.describe), None: none
+    name: str | None = None  # the config's name (nnctl summary's title; not in to_dict), None: a bare model
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``json.dumps`` works): the same content as the table."""

@@ -8,20 +8,20 @@ from torch import nn
 from nnctl.errors import CheckpointError
 from nnctl.model.freeze import strip_prefixes
 from nnctl.runs.rundir import RunDir
+from nnctl.runs import checkpoint as K
+from safetensors import SafetensorError
+from safetensors.torch import load
+from nnctl.files import read_input
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict | None, str]:
     """An nnctl checkpoint, a .safetensors file or a .pt/.pth state_dict -> (state_dict, freeze selection, kind)."""
-    from nnctl.runs import checkpoint as K
 
     if os.path.isdir(path):
         path = str(K.resolve(path, "best" if RunDir(path).best.exists() else "last"))
     if not os.path.lexists(path):
         raise CheckpointError(f"{path}: no such weights file")
     if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load
 
-        from nnctl.files import read_input
 
         data = read_input(path, "weights file", CheckpointError)  # a regular file only: never blocks on a FIFO
         try:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 import torch
 from torch import nn
-from nnctl.config.schema import CLASSIFICATION_LOSSES, Config
+from nnctl.config.schema import Config
 from nnctl.errors import Problem, UsageError
 from nnctl.config.yamlio import Document
+from nnctl.tasks import Task
 
 L2_NOTE = "PyTorch has no L2Loss: loss l2 is MSELoss (mean squared error)"
 
@@ -71,7 +72,7 @@ def check_loss(cfg: Config, doc: Document, outputs: int | None) -> list[Problem]
         fits = len(value) == outputs if (key == "weight" or t.loss_name != "bce_with_logits") \
             else len(value) in (1, outputs)
         if not fits:
-            per = "class" if t.loss_name in CLASSIFICATION_LOSSES else "output"
+            per = "class" if cfg.task.has_classes else "output"
             problems.append(doc.problem(("train", "loss", t.loss_name, key),
                                         f"{key} has {len(value)} values but the model gives {outputs} outputs: "
                                         f"give one value per {per}"))
@@ -79,8 +80,8 @@ def check_loss(cfg: Config, doc: Document, outputs: int | None) -> list[Problem]
 
 
 def check_loss_targets(cfg: Config, doc: Document, data) -> list[Problem]:
-    """Targets the loss cannot use: bce_with_logits needs float targets from 0 to 1."""
-    if cfg.train.loss_name != "bce_with_logits" or data.task == "classification":
+    """Targets the loss cannot use: bce_with_logits (multilabel) needs float targets from 0 to 1."""
+    if data.task != Task.MULTILABEL:
         return []
     y = data.train.store.y
     if not y.is_floating_point() or not len(y):
@@ -92,11 +93,3 @@ def check_loss_targets(cfg: Config, doc: Document, data) -> list[Problem]:
                                                f"range from {lo:.4g} to {hi:.4g}: use mse, l1, huber or smooth_l1 "
                                                "for regression")]
     return []
-
-
-def task_of(cfg: Config) -> str:
-    """classification (class labels), multilabel (bce_with_logits on 0/1 targets) or regression."""
-    name = cfg.train.loss_name
-    if name in CLASSIFICATION_LOSSES and (cfg.data is None or cfg.data.target == "label"):
-        return "classification"
-    return "multilabel" if name == "bce_with_logits" else "regression"

@@ -48,6 +48,7 @@ from nnctl._version import __version__
 from nnctl.errors import CheckpointError
 from nnctl.files import WriteError, atomic_write, deferred_signals  # noqa: F401  (re-exported)
 from nnctl.runs.rundir import RunDir
+from nnctl.files import read_input
 
 def _is_checkpoint_file(path) -> bool:
     """A regular file (not a link) in torch's zip format: what nnctl's epoch checkpoints are."""
@@ -197,7 +198,6 @@ def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:
     """torch.load(weights_only=True) with every failure turned into a CheckpointError."""
-    from nnctl.files import read_input
 
     path = str(path)
     data = read_input(path, "checkpoint file", CheckpointError)  # never blocks on a FIFO

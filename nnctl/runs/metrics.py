@@ -8,11 +8,12 @@ import csv
 import os
 from nnctl.runs.rundir import RunDir
 from nnctl.runs.status import _is_int
+import io
+from nnctl.errors import NnctlError
+from nnctl.files import read_input
 
 def write_metrics(run_dir, history: list[dict]) -> None:
     """metrics.csv: one row an epoch (rewritten atomically from the history)."""
-    import csv
-    import io
 
     if not history:
         return
@@ -33,10 +34,7 @@ def read_metrics(folder: str | os.PathLike) -> list[dict]:
     path = RunDir(folder).metrics
     if not path.exists():
         return []
-    import io
 
-    from nnctl.errors import NnctlError
-    from nnctl.files import read_input
 
     rows: list[dict] = []
     try:  # read_input: a regular file only (a FIFO named metrics.csv never blocks the listing)

@@ -8,10 +8,13 @@ import os
 from pathlib import Path
 from nnctl.runs.records import Comparison, _unique_names
 from nnctl.runs.rundir import RunDir
+from nnctl.tasks import curve_for
+import csv
+from nnctl.runs import checkpoint as K
+from nnctl.files import atomic_write, check_output
 
 def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
-    """curves.png: losses (left) and the validation metric (right) by epoch."""
-    from pathlib import Path
+    """curves.png: losses (left) and the task's validation metric (right: ``Task.curve``) by epoch."""
 
     if not history:
         return None
@@ -21,8 +24,8 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    metric_keys = [k for k in ("val_accuracy", "val_mae") if k in history[0]]
-    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(10 if metric_keys else 5.5, 3.6), squeeze=False)
+    curve = curve_for(history[0])
+    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(10 if curve else 5.5, 3.6), squeeze=False)
     ax = axes[0][0]
     for key in ("train_loss", "val_loss"):
         if key in history[0]:
@@ -31,12 +34,11 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    if metric_keys:
+    if curve:
         ax2 = axes[0][1]
-        key = metric_keys[0]
-        ax2.plot(epochs, [r.get(key) for r in history], marker="o", ms=3, color="tab:green")
+        ax2.plot(epochs, [r.get(curve) for r in history], marker="o", ms=3, color="tab:green")
         ax2.set_xlabel("epoch")
-        ax2.set_ylabel(key.replace("_", " "))
+        ax2.set_ylabel(curve.replace("_", " "))
         ax2.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
@@ -47,28 +49,23 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
 
 def plot_quietly(run_dir: Path, name: str) -> str | None:
     """curves.png from metrics.csv; a failure (disk full, a signal) never hides a finished run."""
-    import csv
 
-    from nnctl.runs import plots as PLOTS
 
     path = RunDir(run_dir).metrics
     if not path.exists():
         return None
-    from nnctl import files as files
-    from nnctl.runs import checkpoint as K
 
     try:
         with K.deferred_signals(), open(path) as fh:
             rows = [{k: (float(v) if k != "epoch" else int(v)) for k, v in r.items() if v != ""}
                     for r in csv.DictReader(fh)]
-            return PLOTS.plot_curves(run_dir, rows, name)
+            return plot_curves(run_dir, rows, name)  # looked up at call time (tests patch it)
     except (OSError, ValueError, NnctlError):
         return None
 
 def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compare.png") -> str:
     """The runs' curves overlaid: losses (train solid, val dashed) and the monitored metric; one colour
     a run; the legend names each run and what differs. Written atomically; never over an input."""
-    from nnctl.files import atomic_write, check_output
 
     out = Path(out_png)
     fmt = out.suffix.lower().lstrip(".")
@@ -85,8 +82,7 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compar
 
     metric = comparison.metric
     if metric in (None, "train_loss", "val_loss"):
-        metric = next((k for k in ("val_accuracy", "val_mae") if any(h and k in h[0] for h in comparison.histories)),
-                      None)
+        metric = curve_for(k for h in comparison.histories if h for k in h[0])
     panels = 2 if metric else 1
     n = len(comparison.runs)
     ncol = 1 if n <= 6 else 2

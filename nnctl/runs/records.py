@@ -45,6 +45,10 @@ from nnctl.config.loader import flatten
 from nnctl.errors import CheckpointError
 from nnctl.runs.status import read_status, STATES, _BIG, _is_int, _is_num, _is_str, _iso_of_mtime, _plain, read_status_checked
 from nnctl.runs.metrics import read_metrics
+from nnctl.tasks import mode_of, task_of_config
+import yaml
+from nnctl.files import read_input
+import re
 
 
 def resolve(source: str | os.PathLike, which: str = "last") -> Path:
@@ -84,9 +88,7 @@ def resolve(source: str | os.PathLike, which: str = "last") -> Path:
 # --- reading a run folder -------------------------------------------------------------------
 
 def _read_yaml(path: Path) -> dict | None:
-    import yaml
 
-    from nnctl.files import read_input
 
     if not path.exists():
         return None
@@ -99,16 +101,15 @@ def _read_yaml(path: Path) -> dict | None:
 
 def _legacy_monitor(config: dict | None, columns: Iterable[str]) -> tuple[str, str] | None:
     """For folders without status.json: the metric best.pt tracked, from config.yaml and the columns
-    metrics.csv has (an explicit train.checkpoint.monitor, else val_accuracy, val_loss, train_loss)."""
-    from nnctl.config.schema import mode_of
-
+    metrics.csv has (an explicit train.checkpoint.monitor, else the default monitor of the config's task
+    as training picks it, else val_loss, train_loss)."""
     cols = set(columns)
     train = (config or {}).get("train")
     chk = train.get("checkpoint") if isinstance(train, dict) else None
     if isinstance(chk, dict) and isinstance(chk.get("monitor"), str) and chk["monitor"] in cols:
         mode = chk.get("mode")
         return chk["monitor"], mode if mode in ("min", "max") else mode_of(chk["monitor"])
-    for metric in ("val_accuracy", "val_loss", "train_loss"):
+    for metric in (task_of_config(config).monitor, "val_loss", "train_loss"):
         if metric in cols:
             return metric, mode_of(metric)
     return None
@@ -354,7 +355,6 @@ class Comparison:
 
 def _short_keys(keys: list[str]) -> list[str]:
     """The shortest last parts that still tell the keys apart: train.optimizer.Adam.lr -> lr."""
-    import re
 
     parts = [re.split(r"\.(?![^\[]*\])", k) for k in keys]
     out = []

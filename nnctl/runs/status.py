@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 from nnctl.errors import UsageError
 from nnctl.runs.rundir import RunDir
+from nnctl.files import read_input
+from nnctl.errors import NnctlError
+from nnctl.files import atomic_write
+from nnctl._version import __version__
 
 STATES = ("running", "finished", "interrupted", "failed")
 STATUS_FORMAT = 1
@@ -131,7 +135,6 @@ def check_status(data: dict) -> tuple[dict, list[str]]:
 
 def read_status_checked(folder: str | os.PathLike) -> tuple[dict | None, list[str]]:
     """read_status, plus the names of the fields it dropped as invalid (never raises)."""
-    from nnctl.files import read_input
 
     path = RunDir(folder).status
     if not path.exists():
@@ -151,8 +154,6 @@ def write_status(folder: str | os.PathLike, status: dict) -> bool:
     The record must never hide the run's own outcome: a full disk or a refused target costs
     the record, not the run.
     """
-    from nnctl.errors import NnctlError
-    from nnctl.files import atomic_write
 
     text = (json.dumps(_plain(status), indent=2) + "\n").encode()
     try:
@@ -173,7 +174,6 @@ class StatusRecorder:
                  parameters: tuple[int, int] | None = None, overrides: Iterable[str] = (),
                  continuing: bool = False, resume_epoch: int = 0, best: dict | None = None,
                  source: str = ""):
-        from nnctl._version import __version__
 
         self.run_dir = Path(run_dir)
         self.began = time.monotonic()
@@ -282,7 +282,6 @@ def record_failure(folder: str | os.PathLike, error: BaseException) -> bool:
     status = read_status(folder) or {}
     if status.get("state") in ("failed", "interrupted", "finished"):
         return True
-    from nnctl._version import __version__
 
     status.setdefault("format", STATUS_FORMAT)
     status.setdefault("name", folder.name)

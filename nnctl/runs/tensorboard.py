@@ -29,6 +29,14 @@ from pathlib import Path
 from typing import Any, Callable
 from nnctl.errors import NnctlError
 from nnctl.runs.rundir import RunDir
+import os
+import json
+from nnctl.config.loader import flatten
+from nnctl.config.schema import resolved
+import contextlib
+import io
+import warnings
+import torch
 
 INSTALL = "tensorboard needs the tensorboard package: pip install 'nnctl[tensorboard]'"
 EVENT_PREFIX = "events.out.tfevents."
@@ -77,7 +85,6 @@ def only_event_files(folder: Path) -> str | None:
 
 def clear(folder: Path) -> None:
     """Remove RUN/tensorboard of a run that stopped before its first checkpoint (event files only)."""
-    import os
 
     target = RunDir(folder).tensorboard
     if target.is_symlink() or not target.is_dir():
@@ -95,9 +102,7 @@ def clear(folder: Path) -> None:
 
 def hparams_of(resolved_cfg: dict) -> dict[str, Any]:
     """The config's scalar values by dotted key (lists of numbers as text), for the HPARAMS table."""
-    import json
 
-    from nnctl.config.loader import flatten
 
     out: dict[str, Any] = {}
     for key, value in flatten(resolved_cfg).items():
@@ -120,7 +125,6 @@ class TensorBoardLogger:
                  say: Callable[[str], None] | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        from nnctl.config.schema import resolved
 
         self.folder = RunDir(run_dir).tensorboard
         self.cfg = cfg
@@ -182,11 +186,7 @@ class TensorBoardLogger:
             self.writer.add_scalar(key, float(value), global_step=step)
 
     def _graph(self) -> None:
-        import contextlib
-        import io
-        import warnings
 
-        import torch
 
         model = self.model
         try:

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 import torch
 from nnctl.errors import UsageError
+import os
+import datetime
+import torch.distributed as dist
 
 # --- devices ------------------------------------------------------------------------
 
@@ -59,7 +62,6 @@ class Dist:
 
     def all_reduce(self, t: torch.Tensor) -> None:
         if self.enabled:
-            import torch.distributed as dist
 
             dist.all_reduce(t)
 
@@ -74,7 +76,6 @@ class Dist:
     def gather(self, obj: Any) -> list:
         if not self.enabled:
             return [obj]
-        import torch.distributed as dist
 
         out: list = [None] * self.world_size
         dist.all_gather_object(out, obj)
@@ -83,7 +84,6 @@ class Dist:
 
 def dist_from_env() -> Dist:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK, or a single process."""
-    import os
 
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -96,13 +96,10 @@ def dist_from_env() -> Dist:
 
 def init_distributed(d: Dist, device: torch.device) -> None:
     """One process group: gloo on the CPU, nccl on CUDA (one device a rank)."""
-    import datetime
 
-    import torch.distributed as dist
 
     if not d.enabled or dist.is_initialized():
         return
-    import os
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
@@ -116,7 +113,6 @@ def init_distributed(d: Dist, device: torch.device) -> None:
 
 
 def close_distributed() -> None:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -8,12 +8,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 import torch
 from torch import nn
+from nnctl.tasks import Task
 
 # --- one epoch, evaluation ------------------------------------------------------------
 
 @dataclass
+class Forward:
+    """How a batch goes through the model: mixed precision (``autocast``), channels_last, the device."""
+
+    autocast: Callable[[], Any] = nullcontext
+    channels_last: bool = False
+    device: torch.device | None = None  # None: the model's
+
+
+@dataclass
 class Context:
-    """What the step needs, built once by fit()."""
+    """What the step needs, built once by the trainer."""
 
     model: nn.Module  # what runs forward (possibly compiled)
     loss_fn: nn.Module
@@ -25,10 +35,12 @@ class Context:
     grad_clip: float | None
     step_scheduler: bool
     channels_last: bool
-    classification: bool
     trainable: list[nn.Parameter]
     set_train_mode: Callable[[], None]
     accumulate: int = 1  # batches per optimizer step (gradient accumulation)
+
+    def forward(self) -> Forward:
+        return Forward(self.autocast, self.channels_last, self.device)
 
 
 def _prepare(ctx: Context, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +101,22 @@ class EpochSums:
         return cls([v.to(device) for v in state["losses"]], list(state["sizes"]))
 
 
+def _update(ctx: Context) -> None:
+    """The optimizer step at the end of an accumulation group (gradients clipped, fp16 unscaled first)."""
+    if ctx.scaler is not None:
+        if ctx.grad_clip:
+            ctx.scaler.unscale_(ctx.optimizer)
+            torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        if ctx.grad_clip:
+            torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
+        ctx.optimizer.step()
+    if ctx.step_scheduler:
+        ctx.scheduler.step()
+
+
 def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: EpochSums,
                     on_step: Callable[[int, EpochSums], bool] | None = None) -> int:
     """Train over one epoch's batches from start_step. Returns the next step index.
@@ -132,18 +160,7 @@ def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: Ep
             else:
                 objective.backward()
         if last:
-            if ctx.scaler is not None:
-                if ctx.grad_clip:
-                    ctx.scaler.unscale_(ctx.optimizer)
-                    torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
-                ctx.scaler.step(ctx.optimizer)
-                ctx.scaler.update()
-            else:
-                if ctx.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
-                ctx.optimizer.step()
-            if ctx.step_scheduler:
-                ctx.scheduler.step()
+            _update(ctx)
         sums.losses.append(loss.detach())
         sums.sizes.append(x.shape[0])
         step += 1
@@ -153,18 +170,20 @@ def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: Ep
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool | str,
-             autocast: Callable[[], Any] = nullcontext, channels_last: bool = False,
-             device: torch.device | None = None, all_reduce: Callable[[torch.Tensor], None] | None = None,
-             ) -> dict[str, float]:
-    """Loss and metrics over a split, in eval mode. One host sync at the end.
+def evaluate(model: nn.Module, loss_fn: nn.Module, batches, task: Task | str, forward: Forward | None = None,
+             all_reduce: Callable[[torch.Tensor], None] | None = None) -> dict[str, float]:
+    """Loss and the task's metrics over a split, in eval mode: exactly ``task.metrics(outputs, "")``
+    (``nnctl.tasks.Task``, or its name). One host sync at the end.
 
-    ``classification``: True or "classification" (accuracy, and top5_accuracy when the output
-    has more than 5 classes), "multilabel" (accuracy: the share of labels whose logit's sign
-    matches the 0/1 target), False or "regression" (mse, mae).
+    Class scores (classification): accuracy, and top5_accuracy when the output has more than 5
+    classes; labels (multilabel): accuracy, the share of labels whose logit's sign matches the 0/1
+    target; values (regression, reconstruction): mse, mae (per sample over its elements).
+    ``forward``: autocast, channels_last and the device (default: none, no, the model's).
     all_reduce (distributed runs) sums the totals of every rank's shard in place.
     """
-    task = {True: "classification", False: "regression"}.get(classification, classification)
+    task = Task(task)
+    forward = forward or Forward()
+    autocast, channels_last, device = forward.autocast, forward.channels_last, forward.device
     was_training = model.training
     model.eval()
     if device is None:
@@ -179,12 +198,12 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
                 out = model(x)
             out = out.float()
             sums[0] += loss_fn(out, y).to(sums.dtype) * x.shape[0]
-            if task == "classification":
+            if task.answer == "classes":
                 sums[1] += (out.argmax(dim=1) == y).sum()
-                if out.dim() == 2 and out.shape[1] > 5:
+                if out.dim() == 2 and "top5_accuracy" in task.metrics(out.shape[1], prefix=""):
                     sums[4] += (out.topk(5, dim=1).indices == y.unsqueeze(1)).any(dim=1).sum()
                     sums[5] += x.shape[0]
-            elif task == "multilabel":
+            elif task.answer == "labels":
                 sums[1] += ((out > 0) == (y > 0.5)).to(sums.dtype).reshape(x.shape[0], -1).mean(dim=1).sum()
             else:
                 diff = (out - y.to(out.dtype)).to(sums.dtype).reshape(x.shape[0], -1)
@@ -198,12 +217,7 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, classification: bool
     loss, second, third, n, top5, n5 = sums.tolist()
     if n == 0:
         return {}
-    result = {"loss": loss / n}
-    if task in ("classification", "multilabel"):
-        result["accuracy"] = second / n
-        if n5:
-            result["top5_accuracy"] = top5 / n5
-    else:
-        result["mse"] = second / n
-        result["mae"] = third / n
-    return result
+    values = {"loss": loss / n, "accuracy": second / n, "top5_accuracy": top5 / n5 if n5 else None,
+              "mse": second / n, "mae": third / n}
+    # the task's metrics, top-5 accuracy where it was counted (on any rank: all_reduce summed n5)
+    return {name: values[name] for name in task.metrics(math.inf, prefix="") if values[name] is not None}

@@ -26,17 +26,34 @@ no checkpoint and only nnctl's files), so a failure never pushes it to a ``-2`` 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
+import torch
+import yaml
 from nnctl import checking as CHK
-from nnctl.errors import CheckpointError, UsageError
+from nnctl.config import loader as CL
+from nnctl.config import schema as C
+from nnctl.data import loading as D
+from nnctl.errors import CheckpointError, ConfigError, UsageError
+from nnctl.model import freeze as F
+from nnctl.model import plan as M
+from nnctl.model import weights as W
+from nnctl.runs import checkpoint as K
+from nnctl.runs import tensorboard as TB
+from nnctl.runs.status import StatusRecorder, state_of_exception
+from nnctl.training import distributed as DIST
+from nnctl.training import trainer as T
+from nnctl.training.policy import monitor_for
+from nnctl.training.signals import Interrupted
 from nnctl.runs.rundir import RunDir
 from nnctl.seeds import rank_seed
 from nnctl.runs.claim import Claim, claim_existing, claim_new
 from nnctl.runs.plots import plot_quietly
 from nnctl.optim import losses
 from nnctl.model.tv import pretrained_preprocessing
+from nnctl.runs import records as RS
+from nnctl import files as files
 
 # config keys a resume may change without --force
 # (data.cache and data.preload change no batch: a cache hit equals a fresh decode, and both data paths
@@ -56,8 +73,6 @@ class ResumeSource:
 
 
 def resume_source(resume: str | os.PathLike, out: str | os.PathLike | None) -> ResumeSource:
-    from nnctl.runs import records as RS
-    from nnctl import files as files
 
     p = Path(resume)
     if p.is_dir():
@@ -105,6 +120,48 @@ class RunResult:
         return self.fit.best
 
 
+@dataclass
+class Request:
+    """What train() was asked, once its own checks passed: the one argument of _train_locked."""
+
+    cfg: Any  # the checked config (None: the resumed checkpoint's, checked in _train_locked)
+    doc: Any
+    checked: Any  # the check pipeline's result for cfg
+    overrides: list[str]
+    out: str | None
+    source: ResumeSource | None  # what --resume names
+    init: str | None
+    partial: bool
+    force: bool
+    on_event: Callable | None
+    say: Callable[[str], None]
+    dist: Any  # distributed.Dist
+    claim: Claim | None  # the lock of the run folder a resume continues in (rank 0)
+
+
+@dataclass
+class RunSpec:
+    """One run made ready to fit (built by _train_locked): the one argument of _fit_recorded and _fit."""
+
+    cfg: Any
+    doc: Any
+    model: Any
+    plan: Any
+    state: dict | None  # the checkpoint resumed from (its full training state), or None
+    run_dir: Path
+    claim: Claim | None  # released when the run ends well (the caller abandons it on a failure)
+    continuing: bool  # the run continues in its own folder
+    freezing: dict | None
+    init_report: str | None
+    notes: list[str]
+    dev: Any  # torch.device
+    dist: Any  # distributed.Dist
+    on_event: Callable | None
+    say: Callable[[str], None]
+    source_name: str = ""  # the checkpoint a new run starts from
+    overrides: list[str] = field(default_factory=list)
+
+
 def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: str | None = None,
           resume: str | None = None, init: str | None = None, partial: bool = False, force: bool = False,
           epochs: int | None = None, seed: int | None = None, device: str | None = None,
@@ -140,7 +197,6 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
             and RunDir(out).last.exists()):
         resume, init = out, None
 
-    from nnctl.training import distributed as DIST
 
     dist = dist or DIST.dist_from_env()
     source = resume_source(resume, out) if resume else None
@@ -148,26 +204,19 @@ def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: 
     if source is not None and source.continue_in is not None and dist.main:
         claim = claim_existing(source.continue_in)  # locked before the checkpoint is read
     try:
-        return _train_locked(cfg, doc, checked, overrides, out, source, init, partial, force, on_event, say,
-                             dist, claim)
+        return _train_locked(Request(cfg, doc, checked, overrides, out, source, init, partial, force, on_event,
+                                     say, dist, claim))
     except BaseException:
         if claim is not None:
             claim.release()
         raise
 
 
-def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, force, on_event, say, dist,
-                  claim: Claim | None) -> RunResult:
-    """``checked``: the check pipeline's result for the config file (None: the checkpoint's config, checked here)."""
-    from nnctl.config import loader as CL
-    from nnctl import files as files
-    from nnctl.runs import checkpoint as K
-    from nnctl.config import schema as C
-    from nnctl.model import freeze as F
-    from nnctl.model import weights as W
-    from nnctl.model import plan as M
-    from nnctl.training import distributed as DIST
-
+def _train_locked(req: Request) -> RunResult:
+    """The run folder is locked (or not yet claimed): check a resume, build the model, pick the device,
+    freeze, claim a new run's folder, then fit with the run's record."""
+    cfg, doc, checked, overrides, source, force, dist = (req.cfg, req.doc, req.checked, req.overrides, req.source,
+                                                         req.force, req.dist)
     state = None
     if source is not None:
         state = K.load(source.checkpoint)
@@ -199,152 +248,139 @@ def _train_locked(cfg, doc, checked, overrides, out, source, init, partial, forc
             raise CheckpointError(f"{source.checkpoint} holds another model's weights: "
                                   f"{W.mismatch_text(plan, missing, unexpected, wrong, 4)}")
 
-    dev = DIST.select_device(cfg.train.device)
-    if dist.enabled and dev.type == "cuda":
-        import torch
-
-        if dist.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {dist.local_rank} has no GPU: this machine has "
-                             f"{torch.cuda.device_count()}; use --nproc-per-node {torch.cuda.device_count()}")
-        dev = torch.device("cuda", dist.local_rank)
-    if cfg.train.threads and dev.type == "cpu":
-        import torch
-
-        torch.set_num_threads(cfg.train.threads)
-    DIST.init_distributed(dist, dev)
-    freezing = None
-    init_report = None
-    if state is not None:
-        freezing = state.get("freeze")
-        if freezing:
-            F.apply(model, freezing)
-    else:
-        if init:
-            init_report, freezing = W.init_from(model, plan, init, partial=partial)
-        freezing = F.apply_config(model, cfg.freeze, inherited=freezing)  # the config's selection wins
-    if dist.enabled and not dist.main:  # dropout and noise: a stream of its own per rank
-        if state is None:
-            import torch
-
-            torch.manual_seed(rank_seed(cfg.seed, dist.rank))
-
+    dev = _device(cfg, dist)
+    freezing, init_report = _freeze(model, plan, state, cfg.freeze, req)
+    if dist.enabled and not dist.main and state is None:  # dropout and noise: a stream of its own per rank
+        torch.manual_seed(rank_seed(cfg.seed, dist.rank))
     continuing = source is not None and source.continue_in is not None
-    if continuing:
-        run_dir = source.continue_in
-    else:
-        run_dir = None
-        if dist.main:
-            claim = claim_new(cfg.name, out)
-            run_dir = claim.folder
-        if dist.enabled:
-            run_dir = Path(dist.gather(str(run_dir) if dist.main else None)[0])
+    run_dir, claim = (source.continue_in, req.claim) if continuing else _claim_new(cfg.name, req)
+    spec = RunSpec(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes, dev,
+                   dist, req.on_event, req.say, str(source.checkpoint) if source is not None else "", overrides)
     try:
-        return _fit_recorded(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report,
-                             notes, dev, dist, on_event, say, str(source.checkpoint) if source is not None else "",
-                             overrides)
+        return _fit_recorded(spec)
     except BaseException as exc:
         if claim is not None and not continuing:
             claim.abandon(exc)  # nothing was saved: the folder is the failed run's record, reused by the next run
         raise
 
 
-def _fit(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezing, init_report, notes, dev,
-         dist, on_event, say, source_name: str = "") -> RunResult:
-    from nnctl.training import signals as SIG
-    import torch
+def _device(cfg, dist: DIST.Dist) -> torch.device:
+    """train.device, or this rank's GPU under torch.distributed; the process group joined."""
+    dev = DIST.select_device(cfg.train.device)
+    if dist.enabled and dev.type == "cuda":
+        if dist.local_rank >= torch.cuda.device_count():
+            raise UsageError(f"local rank {dist.local_rank} has no GPU: this machine has "
+                             f"{torch.cuda.device_count()}; use --nproc-per-node {torch.cuda.device_count()}")
+        dev = torch.device("cuda", dist.local_rank)
+    if cfg.train.threads and dev.type == "cpu":
+        torch.set_num_threads(cfg.train.threads)
+    DIST.init_distributed(dist, dev)
+    return dev
 
-    from nnctl.data import loading as D
-    from nnctl.training import trainer as T
-    from nnctl.errors import ConfigError
 
-    data = D.load_data(cfg, dev, rank=dist.rank, world_size=dist.world_size,
+def _freeze(model, plan, state: dict | None, selection, req: Request) -> tuple[dict | None, str | None]:
+    """(the freeze record, --init's report): a checkpoint's freezing, or --init's weights and the config's."""
+    if state is not None:
+        freezing = state.get("freeze")
+        if freezing:
+            F.apply(model, freezing)
+        return freezing, None
+    freezing = init_report = None
+    if req.init:
+        init_report, freezing = W.init_from(model, plan, req.init, partial=req.partial)
+    freezing = F.apply_config(model, selection, inherited=freezing)  # the config's selection (freeze:) wins
+    return freezing, init_report
+
+
+def _claim_new(name: str, req: Request) -> tuple[Path, Claim | None]:
+    """A new run's folder: claimed by rank 0 (--out or runs/<name>-N), its name shared with every rank."""
+    run_dir, claim = None, None
+    if req.dist.main:
+        claim = claim_new(name, req.out)
+        run_dir = claim.folder
+    if req.dist.enabled:
+        run_dir = Path(req.dist.gather(str(run_dir) if req.dist.main else None)[0])
+    return run_dir, claim
+
+
+def _fit(spec: RunSpec) -> RunResult:
+    """Load the data, check what needs the samples, tell the run's facts (rank 0), train, plot the curves."""
+    cfg, dist, run_dir = spec.cfg, spec.dist, spec.run_dir
+    data = D.load_data(cfg, spec.dev, rank=dist.rank, world_size=dist.world_size,
                        weights=pretrained_preprocessing(cfg))
-    outputs = plan.output_shape[-1] if plan.output_shape else None
+    outputs = spec.plan.output_shape[-1] if spec.plan.output_shape else None
     # what needs the samples (the check pipeline, nnctl.checking, ran everything else before the run folder)
-    problems = D.check_targets(cfg, doc, plan, data) + losses.check_loss_targets(cfg, doc, data)
+    problems = D.check_targets(cfg, spec.doc, spec.plan, data) + losses.check_loss_targets(cfg, spec.doc, data)
     if problems:
         raise ConfigError(problems)
     if dist.main:
-        threads = f", {torch.get_num_threads()} CPU threads" if dev.type == "cpu" else ""
-        say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
-                                         f"{'nccl' if dev.type == 'cuda' else 'gloo'})" if dist.enabled else ""))
-        resumed = ""
-        if state is not None:
-            step = f", step {state['step_in_epoch']}" if state.get("step_in_epoch") else ""
-            what = "resuming from" if continuing else "a new run from"
-            resumed = f" ({what} epoch {state['epoch']}{step}" + \
-                      ("" if continuing else f" of {source_name}") + ")"
-        say(f"run: {run_dir}{resumed}")
-        say(f"data: {data.description}")
-        for note in getattr(data, "notes", None) or []:
-            say(f"note: {note}")
-        n_params = sum(p.numel() for p in model.parameters())
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        say(f"model: {n_params:,} parameters ({n_train:,} trainable)")
-        for note in notes:
-            say(note)
-        if init_report:
-            say(init_report)
+        _tell(spec, data)
+    options = T.FitOptions(resume=spec.state, on_event=spec.on_event, freezing=spec.freezing, dist=dist,
+                           outputs=int(outputs) if outputs else None)
     try:
-        result = T.fit(cfg, doc, model, data, dev, run_dir, resume=state, on_event=on_event,
-                       freezing=freezing, dist=dist, outputs=int(outputs) if outputs else None)
-    except SIG.Interrupted:
+        result = T.fit(cfg, spec.model, data, spec.dev, run_dir, options)
+    except Interrupted:
         if dist.main:
             plot_quietly(run_dir, cfg.name)
         raise
     plot = plot_quietly(run_dir, cfg.name) if dist.main else None
-    if claim is not None:
-        claim.release()
+    if spec.claim is not None:
+        spec.claim.release()
     return RunResult(run_dir, result, plot, name=cfg.name)
 
 
-def _fit_recorded(cfg, doc, model, plan, state, run_dir: Path, claim, continuing, freezing, init_report, notes,
-                  dev, dist, on_event, say, source_name: str = "", overrides=()) -> RunResult:
+def _tell(spec: RunSpec, data) -> None:
+    """The run's information lines: device, run folder (and what it resumes), data, model, notes."""
+    dev, dist, state, say, model = spec.dev, spec.dist, spec.state, spec.say, spec.model
+    threads = f", {torch.get_num_threads()} CPU threads" if dev.type == "cpu" else ""
+    say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
+                                     f"{'nccl' if dev.type == 'cuda' else 'gloo'})" if dist.enabled else ""))
+    resumed = ""
+    if state is not None:
+        step = f", step {state['step_in_epoch']}" if state.get("step_in_epoch") else ""
+        what = "resuming from" if spec.continuing else "a new run from"
+        resumed = f" ({what} epoch {state['epoch']}{step}" + \
+                  ("" if spec.continuing else f" of {spec.source_name}") + ")"
+    say(f"run: {spec.run_dir}{resumed}")
+    say(f"data: {data.description}")
+    for note in getattr(data, "notes", None) or []:
+        say(f"note: {note}")
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"model: {n_params:,} parameters ({n_train:,} trainable)")
+    for note in spec.notes:
+        say(note)
+    if spec.init_report:
+        say(spec.init_report)
+
+
+def _fit_recorded(spec: RunSpec) -> RunResult:
     """_fit, with the run's record (rank 0): config.yaml first, then RUN/status.json and, with train.log:
     tensorboard, RUN/tensorboard/ follow its events; the end state (finished, interrupted, failed with the
     error) is recorded before the run lock is released."""
-    if not dist.main:
-        return _fit(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes, dev,
-                    dist, on_event, say, source_name)
-    import yaml
-
-    from nnctl import files as files
-    from nnctl.runs import checkpoint as K
-    from nnctl.config import schema as C
-    from nnctl.runs import tensorboard as TB
-    from nnctl.runs.status import StatusRecorder, state_of_exception
-
+    if not spec.dist.main:
+        return _fit(spec)
+    cfg, run_dir, state = spec.cfg, spec.run_dir, spec.state
     # before the data is loaded: a run failing there still leaves its record; a continued run's config.yaml
     # is rewritten too, so that it shows what the run now trains with (--epochs N, --set ...)
     text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
     K.atomic_write(RunDir(run_dir).config, lambda fh: fh.write(text), run_file=True)
     resume_epoch = int(state.get("epoch", 0)) if state is not None else 0
-    params = list(model.parameters())
+    params = list(spec.model.parameters())
     record = StatusRecorder(run_dir, config_name=cfg.name, epochs_total=cfg.train.epochs,
                             parameters=(sum(p.numel() for p in params),
                                         sum(p.numel() for p in params if p.requires_grad)),
-                            overrides=overrides, continuing=continuing, resume_epoch=resume_epoch,
+                            overrides=spec.overrides, continuing=spec.continuing, resume_epoch=resume_epoch,
                             best=state.get("best") if state is not None else None,
-                            source="" if continuing else source_name)
+                            source="" if spec.continuing else spec.source_name)
     record.begin()
     board = None
-
-    def events(event) -> None:
-        from nnctl.training import policy as POL
-        if event.kind == "epoch_end" and record.monitor is None and event.row is not None:
-            record.set_monitor(*POL.monitor_for(cfg, any(k.startswith("val_") for k in event.row)))
-        record.on_event(event)
-        if board is not None:
-            board.on_event(event)
-        if on_event is not None:
-            on_event(event)
-
     try:
         if TB.wanted(cfg):
-            board = TB.TensorBoardLogger(run_dir, cfg, model, dev, continuing=continuing, resume_epoch=resume_epoch,
-                                         history=(state or {}).get("history"), say=say)
-        result = _fit(cfg, doc, model, plan, state, run_dir, None, continuing, freezing, init_report, notes, dev,
-                      dist, events, say, source_name)
+            board = TB.TensorBoardLogger(run_dir, cfg, spec.model, spec.dev, continuing=spec.continuing,
+                                         resume_epoch=resume_epoch, history=(state or {}).get("history"),
+                                         say=spec.say)
+        result = _fit(replace(spec, claim=None, on_event=_recording(spec, record, board)))
     except BaseException as exc:
         end = state_of_exception(exc)
         record.end(end, error=exc)
@@ -354,6 +390,21 @@ def _fit_recorded(cfg, doc, model, plan, state, run_dir: Path, claim, continuing
     record.end("finished", result=result.fit)
     if board is not None:
         board.end("finished", result=result.fit)
-    if claim is not None:
-        claim.release()
+    if spec.claim is not None:
+        spec.claim.release()
     return result
+
+
+def _recording(spec: RunSpec, record: StatusRecorder, board) -> Callable:
+    """The fit's events, to status.json, TensorBoard (board: None without it) and spec.on_event."""
+
+    def events(event) -> None:
+        if event.kind == "epoch_end" and record.monitor is None and event.row is not None:
+            record.set_monitor(*monitor_for(spec.cfg, any(k.startswith("val_") for k in event.row)))
+        record.on_event(event)
+        if board is not None:
+            board.on_event(event)
+        if spec.on_event is not None:
+            spec.on_event(event)
+
+    return events

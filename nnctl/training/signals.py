@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterator
 from nnctl.errors import NnctlError
 
 class Interrupted(NnctlError):
@@ -41,3 +42,22 @@ class _StopFlag:
         for sig, old in self._old.items():
             signal.signal(sig, old)
         return False
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While a run starts (config, data, model; before the loop's _StopFlag takes over): SIGTERM raises
+    Interrupted (exit 143, nothing saved), cleanly. The previous handler is restored on leaving; outside
+    the main thread (where Python cannot set handlers) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum, None)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if old is None else old)  # None: not set from Python

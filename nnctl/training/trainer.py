@@ -1,13 +1,15 @@
-"""The training loop: devices, losses, optimizers, ``train_one_epoch``, ``evaluate``, ``fit``.
+"""The trainer: a ``TrainState`` and the epoch loop over it (``fit``).
 
-Read it top to bottom as torchvision's reference ``train.py``. What it keeps
-off the hot path: no per-step host synchronisation (loss sums stay on the
-device and are read once an epoch, or when a progress display asks), batches
-come preloaded on the device, ``zero_grad(set_to_none=True)``.
+``Trainer.run`` reads top to bottom as torchvision's reference ``train.py``: for each
+epoch, train one epoch -> evaluate -> the policies (diverged? a new best? stop early?,
+``policy.py``) -> save (best / last / epoch-N, one payload builder) -> metrics row ->
+event. What it keeps off the hot path: no per-step host synchronisation (loss sums stay on
+the device and are read once an epoch, or when a progress display asks), batches come
+preloaded on the device, ``zero_grad(set_to_none=True)``.
 
-Exactness: the data order of an epoch depends only on (seed, epoch), the
-global RNG state is saved in every checkpoint, and an interrupted epoch saves
-its step and running sums, so a resumed run is bit-identical on the CPU.
+Exactness: the data order of an epoch depends only on (seed, epoch), the global RNG state is
+saved in every checkpoint, and an interrupted epoch saves its step and running sums, so a
+resumed run is bit-identical on the CPU.
 """
 
 from __future__ import annotations
@@ -16,33 +18,40 @@ import copy
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
-from nnctl.runs import checkpoint as ckpt
+from torch.nn.parallel import DistributedDataParallel
+
 from nnctl.config.schema import Config, resolved
+from nnctl.data.store import LoaderStopped
 from nnctl.errors import NnctlError, UsageError
-from nnctl.config.yamlio import Document
-from nnctl.training.loop import Context, EpochSums, acc_dtype, evaluate, train_one_epoch
-from nnctl.training.distributed import Dist
-from nnctl.training.policy import Diverged, EXPLODE_FACTOR, NonFiniteLoss, NonFiniteValidation, _non_finite_inputs, _state_finite, improves, monitor_for, stopping_for
-from nnctl.training.signals import Interrupted, _StopFlag
+from nnctl.optim.losses import make_loss
 from nnctl.optim.optimizers import _resume_optimizer, make_optimizer, make_scheduler
-from nnctl.runs.rundir import RunDir
-from nnctl.seeds import rank_seed
-from nnctl.optim.losses import make_loss, task_of
+from nnctl.runs import checkpoint as ckpt
 from nnctl.runs.checkpoint import prune_epoch_checkpoints
 from nnctl.runs.metrics import write_metrics
+from nnctl.runs.rundir import RunDir
+from nnctl.seeds import rank_seed
+from nnctl.training import policy
+from nnctl.training.distributed import Dist
+from nnctl.training.loop import Context, EpochSums, acc_dtype, evaluate, train_one_epoch
+from nnctl.training.signals import Interrupted, _StopFlag
 
-# --- fit ------------------------------------------------------------------------------
+# --- what fit takes and gives ----------------------------------------------------------
+
 
 @dataclass
 class Event:
     """What fit() reports to whoever displays progress (the CLI)."""
 
-    kind: str  # "start" | "epoch_start" | "step" | "epoch_end" | "best" | "stop"
+    kind: str  # "start" | "epoch_start" | "step" | "epoch_end" | "best" | "stop" | "note"
     epoch: int = 0
     epochs: int = 0
     step: int = 0
@@ -50,6 +59,18 @@ class Event:
     sums: EpochSums | None = None
     row: dict | None = None
     message: str = ""
+
+
+@dataclass
+class FitOptions:
+    """How fit runs, beyond the config (every field optional)."""
+
+    resume: dict | None = None  # a checkpoint's payload to continue from (its full training state)
+    on_event: Callable[[Event], None] | None = None  # progress events (rank 0 only)
+    freezing: dict | None = None  # the freeze record, saved with every checkpoint
+    write_checkpoints: bool = True  # False: nothing is written (api.fit without a run folder)
+    dist: Dist | None = None  # this process's rank (default: a single process)
+    outputs: int | None = None  # the model's output width (weight: balanced, top-5); default: the data's classes
 
 
 @dataclass
@@ -65,6 +86,49 @@ class FitResult:
     final: dict = field(default_factory=dict)
 
 
+@dataclass
+class TrainState:
+    """The training state as one value: what every checkpoint saves and a resume restores.
+
+    ``epoch`` counts the finished epochs (the next one to run, 0-based); ``step_in_epoch`` the
+    steps done of that one and ``sums`` its running losses (an epoch in progress or interrupted;
+    0 and None between epochs); ``global_step`` every step of the run. ``best`` is best.pt's
+    reference ``{metric, mode, value, epoch}`` and ``best_weights`` its weights (in memory);
+    ``stopping`` is early stopping's own reference (its metric and min_delta may differ) and
+    ``bad_epochs`` its counter; ``loss_reference`` the run's first step's loss (the divergence
+    rule's scale). The random state is torch's global generators: each checkpoint captures it
+    (``Trainer.payload``) and ``Trainer.resume`` sets it back (per rank under DDP).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Any
+    best: dict
+    stopping: dict | None = None
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    sums: EpochSums | None = None
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+    loss_reference: float | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+
+
+def fit(cfg: Config, model: nn.Module, data, device: torch.device, run_dir,
+        options: FitOptions | None = None) -> FitResult:
+    """Train the model as the config says, writing checkpoints into run_dir. Returns the history.
+
+    Under torch.distributed (options.dist enabled) the model is wrapped in
+    DistributedDataParallel, losses and validation metrics are reduced across ranks, every rank
+    takes the same decisions (best, early stopping, stop on a signal), and only rank 0 writes.
+    """
+    return Trainer(cfg, model, data, device, run_dir, options or FitOptions()).run()
+
+
+# --- set-up: the model on its device, the optimizer, the loss, the step's Context -------------
+
 def _frozen_modules(model: nn.Module) -> list[nn.Module]:
     """Modules whose own parameters are all frozen (kept in eval mode during training)."""
     out = []
@@ -75,278 +139,361 @@ def _frozen_modules(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def fit(cfg: Config, doc: Document, model: nn.Module, data, device: torch.device, run_dir,
-        resume: dict | None = None, on_event: Callable[[Event], None] | None = None,
-        freezing: dict | None = None, write_checkpoints: bool = True, dist: Dist | None = None,
-        outputs: int | None = None) -> FitResult:
-    """Train the model as the config says, writing checkpoints into run_dir. Returns the history.
+def _train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
+    model.train()
+    for m in frozen:
+        m.eval()
 
-    ``outputs``: the model's output width (class scores), for ``weight: balanced``; default:
-    the data's number of classes.
 
-    Under torch.distributed (dist.enabled) the model is wrapped in DistributedDataParallel,
-    losses and validation metrics are reduced across ranks, every rank takes the same
-    decisions (best, early stopping, stop on a signal), and only rank 0 writes.
-    """
-    from pathlib import Path
+def _autocast(device: torch.device, precision: str) -> Callable[[], Any]:
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if amp_dtype is None:
+        return nullcontext
+    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
 
+
+def _runner(model: nn.Module, device: torch.device, dist: Dist, compile_: bool) -> nn.Module:
+    """What runs forward: the model, in DDP under torch.distributed, compiled with train.compile."""
+    runner = model
+    if dist.enabled:
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compile_:
+        runner = torch.compile(runner)
+    return runner
+
+
+def _loss(cfg: Config, data, device: torch.device, outputs: int | None) -> nn.Module:
+    """The config's loss; ``weight: balanced`` counts the training split's labels."""
+    labels = classes = None
+    if any(v == "balanced" for v in cfg.train.loss_args.values()):
+        labels = data.train.store.y[data.train.indices]
+        classes = outputs or data.num_classes
+    return make_loss(cfg.train, labels=labels, classes=classes).to(device)
+
+
+def _context(cfg: Config, model: nn.Module, data, device: torch.device, options: FitOptions,
+             dist: Dist) -> Context:
+    """The model on its device, the optimizer, scheduler, scaler and loss: what every step needs."""
     t = cfg.train
-    run_dir = Path(run_dir)
-    dist = dist or Dist()
-    write_checkpoints = write_checkpoints and dist.main
-    emit = (on_event or (lambda e: None)) if dist.main else (lambda e: None)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-
     model.to(device)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise UsageError("every parameter is frozen: nothing to train")
-    frozen_modules = [] if (freezing or {}).get("train_frozen_norm") else _frozen_modules(model)
-
-    def set_train_mode():
-        model.train()
-        for m in frozen_modules:
-            m.eval()
-
+    frozen = [] if (options.freezing or {}).get("train_frozen_norm") else _frozen_modules(model)
     optimizer = make_optimizer(t.optimizer, trainable)
-    steps = len(data.train)
-    updates = -(-steps // t.accumulate)  # optimizer steps an epoch
+    updates = -(-len(data.train) // t.accumulate)  # optimizer steps an epoch
     scheduler = make_scheduler(t.scheduler, optimizer, t.epochs, updates, t.scheduler_interval)
-    plateau = scheduler is not None and isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
-    if amp_dtype is not None:
-        autocast = lambda: torch.autocast(device_type=device.type, dtype=amp_dtype)
-    else:
-        autocast = nullcontext
-    runner = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+    autocast = _autocast(device, t.precision)
+    runner = _runner(model, device, dist, t.compile)
+    loss_fn = _loss(cfg, data, device, options.outputs)
+    return Context(runner, loss_fn, optimizer, scheduler, scaler, device, autocast, t.grad_clip,
+                   scheduler is not None and t.scheduler_interval == "step" and not plateau,
+                   t.channels_last, trainable, partial(_train_mode, model, frozen), t.accumulate)
 
-        runner = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        runner = torch.compile(runner)
-    task = task_of(cfg)
-    classification = task == "classification"
-    labels = classes = None
-    if any(v == "balanced" for v in t.loss_args.values()):
-        labels = data.train.store.y[data.train.indices]
-        classes = outputs or data.num_classes
-    loss_fn = make_loss(t, labels=labels, classes=classes).to(device)
-    ctx = Context(runner, loss_fn, optimizer, scheduler, scaler, device, autocast, t.grad_clip,
-                  scheduler is not None and t.scheduler_interval == "step" and not plateau,
-                  t.channels_last, classification, trainable, set_train_mode, t.accumulate)
 
-    metric, mode = monitor_for(cfg, data.val is not None)
-    watch = stopping_for(cfg, data.val is not None)
-    min_delta = t.early_stopping.min_delta if t.early_stopping is not None else 0.0
-    for name in {metric, *(watch[:1] if watch else ())}:
-        if name == "val_top5_accuracy" and (outputs or data.num_classes or 0) <= 5:
-            raise UsageError(f"{name}: top-5 accuracy needs more than 5 classes; this model has "
-                             f"{outputs or data.num_classes}")
-    history: list[dict] = []
-    best = {"metric": metric, "mode": mode, "value": None, "epoch": None}
-    # early stopping's own reference (its metric and min_delta may differ from best.pt's)
-    stopping = {"metric": watch[0], "mode": watch[1], "value": None, "epoch": None} if watch else None
-    start_epoch, start_step, global_step = 0, 0, 0
-    partial = None
-    bad_epochs = 0
-    loss_reference: float | None = None  # the run's first step loss (the divergence rule)
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        _resume_optimizer(cfg, resume.get("config") or {}, resume, optimizer, scheduler, steps)
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        start_epoch = int(resume.get("epoch", 0))
-        start_step = int(resume.get("step_in_epoch", 0))
-        global_step = int(resume.get("global_step", 0))
-        history = list(resume.get("history") or [])
-        best = dict(resume.get("best") or best)
-        bad_epochs = int(resume.get("bad_epochs", 0))
-        if watch is not None:
-            saved_stop = resume.get("stopping")
-            if saved_stop and saved_stop.get("metric") == watch[0]:
-                stopping = dict(saved_stop)
-            elif best.get("metric") == watch[0]:  # an older checkpoint: early stopping watched best.pt's metric
-                stopping = {**best, "mode": watch[1]}
-        partial = resume.get("partial")
-        loss_reference = resume.get("loss_reference")
-        if not isinstance(loss_reference, float) and history and isinstance(history[0].get("train_loss"), float):
-            loss_reference = history[0]["train_loss"]  # a checkpoint of an older nnctl: the first epoch's loss
-        ranks = resume.get("rng_ranks")
-        if dist.enabled and ranks and len(ranks) == dist.world_size:
-            ckpt.set_rng_state(ranks[dist.rank])
-        elif dist.enabled and not dist.main:  # another process count: a fresh stream per rank
-            torch.manual_seed(rank_seed(cfg.seed, dist.rank, start_epoch))
-        else:
-            ckpt.set_rng_state(resume.get("rng"))
-    best_state = None
-    best_path = str(RunDir(run_dir).best) if RunDir(run_dir).best.exists() else None
-    last_path = str(RunDir(run_dir).last)
-    resolved_cfg = resolved(cfg)
+def _check_top5(cfg: Config, names: set[str], classes: int | None) -> None:
+    for name in names:
+        if name == "val_top5_accuracy" and name not in cfg.task.metrics(classes):
+            raise UsageError(f"{name}: top-5 accuracy needs more than 5 classes; this model has {classes}")
 
-    def payload(kind: str, epoch: int, step_in_epoch: int, sums: EpochSums | None, state=None,
-                rng_ranks=None) -> dict:
-        return ckpt.make_payload(  # the one place the checkpoint's fields are assembled
-            kind, resolved_cfg, state if state is not None else model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict() if scheduler is not None else None,
-            scaler=scaler.state_dict() if scaler is not None else None,
-            epoch=epoch, step_in_epoch=step_in_epoch, global_step=global_step,
-            rng=ckpt.rng_state(), rng_ranks=rng_ranks, world_size=dist.world_size,
-            best=dict(best), bad_epochs=bad_epochs, history=list(history), freeze=freezing,
-            partial=None if sums is None else sums.state(),
-            input_shape=list(cfg.model.input_shape),
-            preprocessing=data.preprocessing.to_dict() if getattr(data, "preprocessing", None) else None,
-            loss_reference=loss_reference, stopping=dict(stopping) if stopping else None,
+
+# --- the trainer -----------------------------------------------------------------------------
+
+class Trainer:
+    """One fit: set up once (the Context, the TrainState, resumed or fresh), then ``run``."""
+
+    def __init__(self, cfg: Config, model: nn.Module, data, device: torch.device, run_dir,
+                 options: FitOptions):
+        t = cfg.train
+        self.cfg, self.data, self.device, self.freezing = cfg, data, device, options.freezing
+        self.run_dir = RunDir(run_dir)
+        self.dist = options.dist or Dist()
+        self.writes = options.write_checkpoints and self.dist.main
+        self.on_event = options.on_event if self.dist.main else None
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.ctx = _context(cfg, model, data, device, options, self.dist)
+        self.steps = len(data.train)
+        has_val = data.val is not None
+        self.metric, self.mode = policy.monitor_for(cfg, has_val)
+        watch = policy.stopping_for(cfg, has_val)
+        self.min_delta = t.early_stopping.min_delta if t.early_stopping is not None else 0.0
+        _check_top5(cfg, {self.metric, *(watch[:1] if watch else ())}, options.outputs or data.num_classes)
+        self.state = TrainState(
+            model, self.ctx.optimizer, self.ctx.scheduler, self.ctx.scaler,
+            best={"metric": self.metric, "mode": self.mode, "value": None, "epoch": None},
+            # early stopping's own reference (its metric and min_delta may differ from best.pt's)
+            stopping={"metric": watch[0], "mode": watch[1], "value": None, "epoch": None} if watch else None)
+        if options.resume is not None:
+            self.resume(options.resume, watch)
+        self.last_path = str(self.run_dir.last)
+        self.best_path = str(self.run_dir.best) if self.run_dir.best.exists() else None
+        self.resolved_cfg = resolved(cfg)
+        self.stop = _StopFlag()
+
+    def emit(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def all_reduce(self) -> Callable[[torch.Tensor], None] | None:
+        return self.dist.all_reduce if self.dist.enabled else None
+
+    # --- the epoch loop ------------------------------------------------------------------
+
+    def run(self) -> FitResult:
+        """The epochs, top to bottom. SIGINT / SIGTERM stop at a step boundary and save (Interrupted)."""
+        t, s = self.cfg.train, self.state
+        self.emit(Event("start", epochs=t.epochs, steps=self.steps, message=str(self.device)))
+        stopped_early = False
+        began = time.perf_counter()
+        with self.stop:
+            while s.epoch < t.epochs:
+                epoch, tick = s.epoch, time.perf_counter()
+                sums = self.train_epoch(epoch)  # a signal mid-epoch: last.pt at the step boundary, Interrupted
+                train_loss = self.check_divergence(epoch, sums)  # diverged: nothing is saved
+                row = self.evaluate(epoch, train_loss)  # the metrics row: train loss, validation metrics
+                self.step_scheduler(row, train_loss)
+                row["seconds"] = time.perf_counter() - tick
+                improved = self.apply_policies(epoch, row)  # a new best? early stopping's counter
+                self.save(epoch, improved)  # best.pt, last.pt, epoch-N.pt, metrics.csv
+                self.emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row,
+                                message="best" if improved else ""))
+                if self.dist.any(self.stop.signum is not None, self.device):  # a signal during validation
+                    raise Interrupted(self.stop.signum or signal.SIGTERM, self.last_path if self.writes else None)
+                if policy.stops_early(t.early_stopping, s.bad_epochs, epoch, t.epochs):
+                    stopped_early = True
+                    self.emit(Event("stop", epoch=epoch, message=self.stop_message()))
+                    break
+        return FitResult(s.history, s.best, s.best_weights, self.last_path, self.best_path, stopped_early,
+                         len(s.history), time.perf_counter() - began, s.history[-1] if s.history else {})
+
+    # --- one epoch's steps, and a stop between two of them -------------------------------------
+
+    def train_epoch(self, epoch: int) -> EpochSums:
+        """The epoch's steps from state.step_in_epoch (a resumed epoch continues its running sums)."""
+        s = self.state
+        s.sums = sums = s.sums or EpochSums()
+        self.emit(Event("epoch_start", epoch=epoch, epochs=self.cfg.train.epochs, step=s.step_in_epoch,
+                        steps=self.steps))
+        try:
+            step = train_one_epoch(self.ctx, self.data.train, epoch, s.step_in_epoch, sums, self.on_step)
+        except NnctlError as exc:
+            # a DataLoader worker killed by the same stop signal (SIGTERM to the process group): the
+            # batch was being fetched, between two steps, so the state after the last step is saved
+            if not (isinstance(exc, LoaderStopped) and self.stop.signum is not None):
+                raise
+            step = s.step_in_epoch
+        except RuntimeError as exc:
+            # torch's SIGCHLD handler saw a worker die at some point inside a step: the state is not
+            # consistent, so nothing is saved; the previous checkpoint stays
+            if self.stop.signum is None or "DataLoader worker" not in str(exc):
+                raise
+            raise Interrupted(self.stop.signum, self.last_path if self.writes and Path(self.last_path).exists()
+                              else None) from None
+        if step < self.steps:  # stopped by a signal at a step boundary
+            s.step_in_epoch = step
+            self.save_interrupted(epoch, sums)
+        return sums
+
+    def on_step(self, step: int, sums: EpochSums) -> bool:
+        """After each step: count and report it; True stops the epoch at this step boundary (a signal)."""
+        s = self.state
+        s.global_step += 1
+        s.step_in_epoch = step
+        self.emit(Event("step", epoch=s.epoch, epochs=self.cfg.train.epochs, step=step, steps=self.steps,
+                        sums=sums))
+        if self.dist.enabled:  # every rank must stop at the same step: agree every 8 steps
+            return step % 8 == 0 and self.dist.any(self.stop.signum is not None, self.device)
+        return self.stop.signum is not None
+
+    def save_interrupted(self, epoch: int, sums: EpochSums) -> None:
+        """last.pt of the epoch in progress (its step and running sums), then Interrupted."""
+        _, first_bad = sums.reduce(self.all_reduce())
+        if first_bad != -1 or not policy.state_finite(self.state.model):  # never save a diverged state
+            raise policy.NonFiniteLoss(
+                f"stopped by a signal in epoch {epoch + 1}, step {self.state.step_in_epoch}, but the training had "
+                f"diverged (a non-finite loss or weights): nothing saved. {self.last_good()}")
+        rng_ranks = self.dist.gather(ckpt.rng_state()) if self.dist.enabled else None
+        path = None
+        if self.writes:
+            ckpt.save(self.last_path, self.payload("last", rng_ranks=rng_ranks))
+            path = self.last_path
+        raise Interrupted(self.stop.signum or signal.SIGTERM, path)
+
+    def last_good(self) -> str:
+        """Where a failure leaves the run: the last good checkpoint, if one was written."""
+        if Path(self.last_path).exists():
+            return f"The last good checkpoint is {self.last_path}"
+        return "No checkpoint was written before this."
+
+    # --- after the epoch's steps: divergence, evaluation, the policies ---------------------------
+
+    def check_divergence(self, epoch: int, sums: EpochSums) -> float:
+        """The epoch's mean training loss, once the divergence rule (policy.py) has passed it."""
+        s = self.state
+        train_loss, first_bad = sums.reduce(self.all_reduce())
+        kept = self.last_good()
+        cause = policy.non_finite_loss(epoch, self.steps, train_loss, first_bad, kept)
+        if cause is None:
+            self.note_loss_reference(sums)
+            cause = policy.explosion(epoch, train_loss, s.loss_reference, kept)
+        if cause is None and not policy.state_finite(s.model):
+            cause = policy.weights_divergence(epoch, kept)
+        if cause is not None:
+            raise cause
+        return train_loss
+
+    def note_loss_reference(self, sums: EpochSums) -> None:
+        """The run's first step: the scale of its loss (the mean over the ranks), kept for the run."""
+        if self.state.loss_reference is None and sums.losses:
+            first = sums.losses[0].detach().float().reshape(1).to(acc_dtype(self.device))
+            if self.dist.enabled:
+                self.dist.all_reduce(first)
+                first /= self.dist.world_size
+            self.state.loss_reference = float(first)
+
+    def evaluate(self, epoch: int, train_loss: float) -> dict[str, Any]:
+        """The epoch's metrics row: epoch, step, train loss, the validation metrics, lr."""
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": self.state.global_step, "train_loss": train_loss}
+        if self.data.val is not None:
+            ev = evaluate(self.ctx.model, self.ctx.loss_fn, self.data.val, self.cfg.task, self.ctx.forward(),
+                          self.all_reduce())
+            row.update({f"val_{k}": v for k, v in ev.items()})
+            self.check_validation(epoch, ev)
+        stopping = self.state.stopping
+        policy.check_monitored(row, [self.metric] + ([stopping["metric"]] if stopping else []))
+        row["lr"] = self.state.optimizer.param_groups[0]["lr"]
+        return row
+
+    def check_validation(self, epoch: int, metrics: dict[str, float]) -> None:
+        """A non-finite validation metric: the data's fault or the model's (NonFiniteValidation)."""
+        if all(math.isfinite(v) for v in metrics.values()):
+            return
+        n_bad = policy.non_finite_inputs(self.data.val)
+        if self.dist.enabled:
+            n_bad = int(self.dist.any(n_bad > 0, self.device))
+        split = "test" if self.cfg.data.split == "test" else "validation"
+        where = getattr(self.data, "where", "") or self.cfg.data.source
+        raise policy.validation_divergence(metrics, epoch, split, where, n_bad, self.last_good())
+
+    def step_scheduler(self, row: dict[str, Any], train_loss: float) -> None:
+        """An epoch-interval scheduler steps once an epoch (ReduceLROnPlateau on the validation loss)."""
+        scheduler = self.state.scheduler
+        if scheduler is not None and self.cfg.train.scheduler_interval == "epoch":
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(row.get("val_loss", train_loss))
+            else:
+                scheduler.step()
+
+    def apply_policies(self, epoch: int, row: dict[str, Any]) -> bool:
+        """The epoch is done: its row joins the history, best and early stopping move on. True: a new best."""
+        s = self.state
+        s.epoch, s.step_in_epoch, s.sums = epoch + 1, 0, None
+        s.history.append(row)
+        improved = policy.improves(row.get(self.metric), s.best["value"], self.mode)
+        if improved:
+            s.best = {**s.best, "value": row[self.metric], "epoch": epoch + 1}
+            s.best_weights = copy.deepcopy(s.model.state_dict())
+        s.stopping, s.bad_epochs = policy.early_stopping(row, s.stopping, s.bad_epochs, improved, self.min_delta,
+                                                         epoch + 1)
+        return improved
+
+    def stop_message(self) -> str:
+        s = self.state
+        watched = s.stopping["metric"] if s.stopping else self.metric
+        return (f"early stopping: {watched} did not improve by more than {self.min_delta:g} for {s.bad_epochs} "
+                "epochs")
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def payload(self, kind: str, weights: dict[str, torch.Tensor] | None = None,
+                rng_ranks: list | None = None) -> dict:
+        """The checkpoint of the TrainState as it is now: the one place its fields are gathered."""
+        s = self.state
+        return ckpt.make_payload(
+            kind, self.resolved_cfg, weights if weights is not None else s.model.state_dict(),
+            optimizer=s.optimizer.state_dict(),
+            scheduler=s.scheduler.state_dict() if s.scheduler is not None else None,
+            scaler=s.scaler.state_dict() if s.scaler is not None else None,
+            epoch=s.epoch, step_in_epoch=s.step_in_epoch, global_step=s.global_step,
+            rng=ckpt.rng_state(), rng_ranks=rng_ranks, world_size=self.dist.world_size,
+            best=dict(s.best), bad_epochs=s.bad_epochs, history=list(s.history), freeze=self.freezing,
+            partial=None if s.sums is None else s.sums.state(),
+            input_shape=list(self.cfg.model.input_shape),
+            preprocessing=self.data.preprocessing.to_dict() if getattr(self.data, "preprocessing", None) else None,
+            loss_reference=s.loss_reference, stopping=dict(s.stopping) if s.stopping else None,
         )
 
-    emit(Event("start", epochs=t.epochs, steps=steps, message=str(device)))
-    stopped_early = False
-    began = time.perf_counter()
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, t.epochs):
-            tick = time.perf_counter()
-            sums = EpochSums.from_state(partial if start_step > 0 else None, device)
-            partial = None
-            emit(Event("epoch_start", epoch=epoch, epochs=t.epochs, step=start_step, steps=steps))
+    def save(self, epoch: int, improved: bool) -> None:
+        """After an epoch: best.pt (a new best), last.pt, epoch-N.pt (train.checkpoint.every), metrics.csv."""
+        rng_ranks = self.dist.gather(ckpt.rng_state()) if self.dist.enabled else None  # every rank takes part
+        if not self.writes:
+            return
+        if improved:
+            self.best_path = str(self.run_dir.best)
+            ckpt.save(self.best_path, self.payload("best", self.state.best_weights, rng_ranks))
+        ckpt.save(self.last_path, self.payload("last", rng_ranks=rng_ranks))
+        every = self.cfg.train.checkpoint.every
+        if every and (epoch + 1) % every == 0:
+            self.save_epoch_checkpoint(epoch, rng_ranks)
+        write_metrics(self.run_dir, self.state.history)
 
-            done = start_step  # steps of this epoch completed (a consistent state to save)
+    def save_epoch_checkpoint(self, epoch: int, rng_ranks: list | None) -> None:
+        target = self.run_dir.epoch(epoch + 1)
+        if target.is_symlink() or (target.exists() and not target.is_file()):
+            # never written over, never a reason to fail the epoch (last.pt is saved)
+            self.emit(Event("note", epoch=epoch, message=f"note: {target} exists and is not a regular "
+                                                         "file: this epoch's checkpoint was not kept"))
+            return
+        ckpt.save(target, self.payload("epoch", rng_ranks=rng_ranks))
+        prune_epoch_checkpoints(self.run_dir, self.cfg.train.checkpoint.keep)
 
-            def on_step(step: int, s: EpochSums) -> bool:
-                nonlocal global_step, done
-                global_step += 1
-                done = step
-                emit(Event("step", epoch=epoch, epochs=t.epochs, step=step, steps=steps, sums=s))
-                if dist.enabled:  # every rank must stop at the same step: agree every 8 steps
-                    return step % 8 == 0 and dist.any(stop.signum is not None, device)
-                return stop.signum is not None
+    # --- resuming -----------------------------------------------------------------------------
 
-            try:
-                step = train_one_epoch(ctx, data.train, epoch, start_step, sums, on_step)
-            except NnctlError as exc:
-                # a DataLoader worker killed by the same stop signal (SIGTERM to the process group): the
-                # batch was being fetched, between two steps, so the state after step `done` is saved
-                from nnctl.data.store import LoaderStopped
+    def resume(self, saved: dict, watch: tuple[str, str] | None) -> None:
+        """The TrainState from a checkpoint: weights, optimizer, counters, references, the RNG."""
+        s, cfg = self.state, self.cfg
+        s.model.load_state_dict(saved["model"])
+        _resume_optimizer(cfg, saved.get("config") or {}, saved, s.optimizer, s.scheduler, self.steps)
+        if s.scaler is not None and saved.get("scaler"):
+            s.scaler.load_state_dict(saved["scaler"])
+        s.epoch = int(saved.get("epoch", 0))
+        s.step_in_epoch = int(saved.get("step_in_epoch", 0))
+        s.global_step = int(saved.get("global_step", 0))
+        s.history = list(saved.get("history") or [])
+        s.best = dict(saved.get("best") or s.best)
+        s.bad_epochs = int(saved.get("bad_epochs", 0))
+        s.stopping = _saved_stopping(saved, s.best, watch, s.stopping)
+        # the running sums of an interrupted epoch
+        s.sums = EpochSums.from_state(saved.get("partial"), self.device) if s.step_in_epoch > 0 else None
+        s.loss_reference = _saved_loss_reference(saved, s.history)
+        ranks = saved.get("rng_ranks")
+        if self.dist.enabled and ranks and len(ranks) == self.dist.world_size:
+            ckpt.set_rng_state(ranks[self.dist.rank])
+        elif self.dist.enabled and not self.dist.main:  # another process count: a fresh stream per rank
+            torch.manual_seed(rank_seed(cfg.seed, self.dist.rank, s.epoch))
+        else:
+            ckpt.set_rng_state(saved.get("rng"))
 
-                if not (isinstance(exc, LoaderStopped) and stop.signum is not None):
-                    raise
-                step = done
-            except RuntimeError as exc:
-                # torch's SIGCHLD handler saw a worker die at some point inside a step: the state is not
-                # consistent, so nothing is saved; the previous checkpoint stays
-                if stop.signum is None or "DataLoader worker" not in str(exc):
-                    raise
-                raise Interrupted(stop.signum, last_path if write_checkpoints and Path(last_path).exists()
-                                  else None) from None
-            start_step = 0
-            if step < steps:  # stopped by a signal at a step boundary
-                _, first_bad = sums.reduce(dist.all_reduce if dist.enabled else None)
-                if first_bad != -1 or not _state_finite(model):  # never save a diverged state
-                    raise NonFiniteLoss(f"stopped by a signal in epoch {epoch + 1}, step {step}, but the training "
-                                        "had diverged (a non-finite loss or weights): nothing saved. "
-                                        + (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
-                                           else "No checkpoint was written before this."))
-                rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
-                path = None
-                if write_checkpoints:
-                    ckpt.save(last_path, payload("last", epoch, step, sums, rng_ranks=rng_ranks))
-                    path = last_path
-                raise Interrupted(stop.signum or signal.SIGTERM, path)
-            train_loss, first_bad = sums.reduce(dist.all_reduce if dist.enabled else None)
-            if first_bad != -1 or not math.isfinite(train_loss):
-                where = f"epoch {epoch + 1}" + (f", step {first_bad + 1}" if first_bad >= 0 else
-                                                 ", on another rank" if first_bad == -2 else "")
-                raise NonFiniteLoss(f"the training loss became non-finite at {where} (of {steps} steps an epoch); "
-                                    f"lower the learning rate, clip gradients (train.grad_clip) or check the data. "
-                                    + (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
-                                       else "No checkpoint was written before this."))
-            kept = (f"The last good checkpoint is {last_path}" if Path(last_path).exists()
-                    else "No checkpoint was written before this.")
-            if loss_reference is None and sums.losses:  # the first step of the run: the scale of its loss
-                first = sums.losses[0].detach().float().reshape(1).to(acc_dtype(device))
-                if dist.enabled:
-                    dist.all_reduce(first)
-                    first /= dist.world_size
-                loss_reference = float(first)
-            limit = EXPLODE_FACTOR * max(loss_reference or 0.0, 1.0)
-            if train_loss > limit:
-                raise Diverged(f"the training loss exploded at epoch {epoch + 1}: {train_loss:.4g}, over "
-                               f"{EXPLODE_FACTOR:.0e} x max(first step's loss {loss_reference:.4g}, 1); lower the "
-                               f"learning rate or clip gradients (train.grad_clip). Nothing saved. {kept}")
-            if not _state_finite(model):
-                raise Diverged(f"the weights became non-finite (NaN or infinite) during epoch {epoch + 1}, although "
-                               "every step's loss was finite (the last update overflowed); lower the learning rate "
-                               f"or clip gradients (train.grad_clip). Nothing saved. {kept}")
-            row: dict[str, Any] = {"epoch": epoch + 1, "step": global_step, "train_loss": train_loss}
-            if data.val is not None:
-                ev = evaluate(runner, ctx.loss_fn, data.val, task, autocast, t.channels_last, device,
-                              dist.all_reduce if dist.enabled else None)
-                row.update({f"val_{k}": v for k, v in ev.items()})
-                bad = [f"val_{k} {v}" for k, v in ev.items() if not math.isfinite(v)]
-                if bad:
-                    split = "test" if cfg.data.split == "test" else "validation"
-                    where = getattr(data, "where", "") or cfg.data.source
-                    n_bad = _non_finite_inputs(data.val)
-                    if dist.enabled:
-                        n_bad = int(dist.any(n_bad > 0, device))
-                    cause = (f"the {split} data holds non-finite values (NaN or infinite; {n_bad:,} in this "
-                             "process's share); clean the data" if n_bad else
-                             f"the {split} data is finite, so the model diverged (its outputs overflow although "
-                             "its weights are finite); lower the learning rate or clip gradients")
-                    raise NonFiniteValidation(f"{', '.join(bad)} at epoch {epoch + 1} on the {split} split of "
-                                              f"{where}: {cause}. Nothing saved. {kept}")
-            for name in [metric] + ([stopping["metric"]] if stopping else []):
-                if name not in row:  # a safety net behind the config's checks: never watch a missing column
-                    raise UsageError(f"the run monitors {name}, but its metrics are {', '.join(sorted(row))}: "
-                                     "set train.checkpoint.monitor / train.early_stopping.monitor to one of them")
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            if scheduler is not None and t.scheduler_interval == "epoch":
-                if plateau:
-                    scheduler.step(row.get("val_loss", train_loss))
-                else:
-                    scheduler.step()
-            row["seconds"] = time.perf_counter() - tick
-            history.append(row)
-            improved = improves(row.get(metric), best["value"], mode)
-            if improved:
-                best.update(value=row[metric], epoch=epoch + 1)
-                best_state = copy.deepcopy(model.state_dict())
-            if stopping is not None:
-                if improves(row.get(stopping["metric"]), stopping["value"], stopping["mode"], min_delta):
-                    stopping.update(value=row[stopping["metric"]], epoch=epoch + 1)
-                    bad_epochs = 0
-                else:
-                    bad_epochs += 1
-            else:
-                bad_epochs = 0 if improved else bad_epochs + 1
-            rng_ranks = dist.gather(ckpt.rng_state()) if dist.enabled else None
-            if write_checkpoints:
-                if improved:
-                    best_path = str(RunDir(run_dir).best)
-                    ckpt.save(best_path, payload("best", epoch + 1, 0, None, best_state, rng_ranks))
-                ckpt.save(last_path, payload("last", epoch + 1, 0, None, rng_ranks=rng_ranks))
-                if t.checkpoint.every and (epoch + 1) % t.checkpoint.every == 0:
-                    target = RunDir(run_dir).epoch(epoch + 1)
-                    if target.is_symlink() or (target.exists() and not target.is_file()):
-                        # never written over, never a reason to fail the epoch (last.pt is saved)
-                        emit(Event("note", epoch=epoch, message=f"note: {target} exists and is not a regular "
-                                                                 "file: this epoch's checkpoint was not kept"))
-                    else:
-                        ckpt.save(target, payload("epoch", epoch + 1, 0, None, rng_ranks=rng_ranks))
-                        prune_epoch_checkpoints(run_dir, t.checkpoint.keep)
-                write_metrics(run_dir, history)
-            emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row, message="best" if improved else ""))
-            if dist.any(stop.signum is not None, device):  # a signal during validation: the epoch is saved
-                raise Interrupted(stop.signum or signal.SIGTERM, last_path if write_checkpoints else None)
-            if t.early_stopping and bad_epochs >= t.early_stopping.patience and epoch + 1 < t.epochs:
-                stopped_early = True
-                watched = stopping["metric"] if stopping else metric
-                emit(Event("stop", epoch=epoch, message=f"early stopping: {watched} did not improve by more than "
-                                                        f"{min_delta:g} for {bad_epochs} epochs"))
-                break
-    return FitResult(history, best, best_state, last_path, best_path, stopped_early,
-                     len(history), time.perf_counter() - began, history[-1] if history else {})
+
+def _saved_stopping(saved: dict, best: dict, watch: tuple[str, str] | None, fresh: dict | None) -> dict | None:
+    """Early stopping's reference in a checkpoint (an older one: best.pt's, when it watched the same metric)."""
+    if watch is None:
+        return fresh
+    stopping = saved.get("stopping")
+    if stopping and stopping.get("metric") == watch[0]:
+        return dict(stopping)
+    if best.get("metric") == watch[0]:  # an older checkpoint: early stopping watched best.pt's metric
+        return {**best, "mode": watch[1]}
+    return fresh
+
+
+def _saved_loss_reference(saved: dict, history: list[dict]) -> float | None:
+    reference = saved.get("loss_reference")
+    if not isinstance(reference, float) and history and isinstance(history[0].get("train_loss"), float):
+        reference = history[0]["train_loss"]  # a checkpoint of an older nnctl: the first epoch's loss
+    return reference

@@ -16,6 +16,21 @@ from nnctl.errors import UsageError
 from nnctl.model import freeze as FREEZE
 from nnctl.model import plan as M
 from nnctl.model.tv import pretrained_preprocessing
+from nnctl.config.yamlio import load_file
+from nnctl.config.loader import resolve_paths
+from nnctl.config.yamlio import Document
+from nnctl.use import source as api
+from nnctl.config import structure as CS
+from nnctl.config import loader as CL
+from nnctl.config import schema as C
+from nnctl.data import loading as D
+from nnctl.model import weights as F
+from nnctl.training import distributed as DIST
+from nnctl.training import loop as LOOP
+from nnctl.optim import losses as T
+from nnctl.data.sources import has_test_split
+from nnctl.files import atomic_write, check_output
+import copy
 
 SPLITS = ("val", "train", "test", "all")
 
@@ -47,7 +62,6 @@ def _data_section(data: Any) -> dict:
     """--data: a YAML file holding a data: section (or the section itself), or a dict."""
     if isinstance(data, dict):
         return dict(data.get("data", data))
-    from nnctl.config.yamlio import load_file
 
     doc = load_file(os.fspath(data))
     if not isinstance(doc.data, dict):
@@ -56,8 +70,6 @@ def _data_section(data: Any) -> dict:
     if not isinstance(section, dict) or "source" not in section:
         raise UsageError(f"{data}: expected a data: section with a source (for example data: {{source: "
                          "image_folder, root: new_images}})")
-    from nnctl.config.loader import resolve_paths
-    from nnctl.config.yamlio import Document
 
     holder = Document({"data": dict(section)}, os.fspath(data))
     resolve_paths(holder, os.path.dirname(os.path.abspath(os.fspath(data))))  # relative to that file
@@ -67,15 +79,6 @@ def _data_section(data: Any) -> dict:
 def evaluate(source: Any, *, which: str = "best", split: str | None = None, data: Any = None,
              overrides: list[str] | None = None, init: str | None = None, partial: bool = False,
              device: str | None = None, confusion: bool = False, confusion_path: str | None = None) -> EvalResult:
-    from nnctl.use import source as api
-    from nnctl.config import structure as CS
-    from nnctl.config import loader as CL
-    from nnctl.config import schema as C
-    from nnctl.data import loading as D
-    from nnctl.model import weights as F
-    from nnctl.training import distributed as DIST
-    from nnctl.training import loop as LOOP
-    from nnctl.optim import losses as T
 
     overrides = list(overrides or [])
     if split is None:
@@ -110,7 +113,6 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     if data is not None:
         resolved["data"] = _data_section(data)
     if split == "test":
-        from nnctl.data.sources import has_test_split
 
         source_name = (resolved.get("data") or {}).get("source")
         if source_name and not has_test_split(source_name):
@@ -132,8 +134,8 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     batches = bundle.train if split in ("train", "all") else bundle.val
     if batches is None:
         raise UsageError("this data has no validation split (val_fraction 0); use --split train or all")
-    task = T.task_of(cfg)
-    classification = task == "classification"
+    task = cfg.task
+    classification = task.has_classes
     labels = None
     if any(v == "balanced" for v in cfg.train.loss_args.values()):  # the weights of the training split
         labels = bundle.train.store.y[bundle.train.indices]
@@ -187,7 +189,6 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: l
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from nnctl.files import atomic_write, check_output
 
     check_output(path, inputs, what="--confusion-out")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -218,9 +219,7 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: l
 
 def _output_width(model, cfg) -> int | None:
     """The model's number of output scores (one sample through it on the meta device), or None."""
-    import copy
 
-    import torch
 
     try:
         meta = copy.deepcopy(model).to("meta").eval()

@@ -24,6 +24,14 @@ from nnctl._version import __version__
 from nnctl.files import atomic_write
 from nnctl.errors import NnctlError, UsageError
 from nnctl.runs.rundir import EXPORT, RunDir
+from nnctl.files import check_output
+from safetensors.torch import save
+import numpy as np
+import contextlib
+import io
+import tempfile
+import warnings
+from nnctl.data.record import Preprocessing
 
 FORMATS = ("safetensors", "pt", "npz", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "onnx": ".onnx"}
@@ -89,7 +97,6 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
     The target is refused (exit 2) if it is one of ``inputs``, a file nnctl keeps in a run
     folder, or anything but a regular file.
     """
-    from nnctl.files import check_output
 
     if with_preprocess and fmt != "onnx":
         raise UsageError("--with-preprocess applies to --format onnx (the other formats hold weights only; "
@@ -113,7 +120,6 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
     path = Path(out)
     try:
         if fmt == "safetensors":
-            from safetensors.torch import save
 
             meta["shared"] = json.dumps(shared)
             blob = save(weights, metadata=meta)
@@ -121,7 +127,6 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
         elif fmt == "pt":
             atomic_write(path, lambda fh: torch.save(weights, fh), inputs)
         elif fmt == "npz":
-            import numpy as np
 
             arrays = {}
             dtypes = {}
@@ -167,13 +172,11 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, met
         raise UsageError("ONNX export needs the onnx extra: pip install 'nnctl[onnx]'") from None
     if model is None:
         raise UsageError("ONNX export needs the model")
-    import numpy as np
 
     model = model.float().eval().cpu()
     shape = tuple(state.get("input_shape") or state["config"]["model"]["input_shape"])
     notes = []
     if with_preprocess:
-        from nnctl.data.record import Preprocessing
 
         pre = Preprocessing.from_dict(state.get("preprocessing"))
         if pre is None:
@@ -184,10 +187,6 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, met
         notes.append(f"the graph takes raw values: divided by {scale:g}"
                      + (", then normalised with the recorded mean/std" if pre.mean else ""))
     dummy = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
-    import contextlib
-    import io
-    import tempfile
-    import warnings
 
     with tempfile.TemporaryDirectory() as scratch:
         onnx_file = Path(scratch) / "model.onnx"

@@ -48,6 +48,14 @@ import torch
 from nnctl.errors import NnctlError, UsageError
 from nnctl.data.decode import decode_image
 from nnctl.data.record import Preprocessing, missing_note, raw_dtype_problem
+from nnctl.tasks import Task, loss_name, task_named, task_of_config
+from nnctl.files import _kind
+import io
+from nnctl.files import read_input
+import numpy as np
+from safetensors.torch import load as st_load
+from nnctl.use import source as api
+from nnctl.training.distributed import select_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
@@ -81,10 +89,11 @@ class _Group:
     """One input (an image file, a tensors file, a tensor) and, after inference, its results.
 
     ``x`` holds its raw samples (N, ...) until they are predicted; then ``out`` the model's
-    outputs (N, ...), and for classification ``top_i`` / ``top_p`` (N, k).
+    outputs (N, ...), and for classification ``top_i`` / ``top_p`` (N, k), for multilabel
+    ``values`` (the sigmoid of each output).
     """
 
-    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p")
+    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p", "values")
 
     def __init__(self, name: str, x: torch.Tensor | None = None, *, image: bool = False,
                  error: str | None = None):
@@ -98,6 +107,7 @@ class _Group:
         self.out: torch.Tensor | None = None
         self.top_i: torch.Tensor | None = None
         self.top_p: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None  # the answers where they are not the outputs (sigmoid per label)
 
     def row_name(self, i: int) -> str:
         return self.name if self.single else f"{self.name}[{i}]"
@@ -141,12 +151,14 @@ class Predictions:
     """The answers of ``predict``, in input order.
 
     ``rows`` (a sequence of ``Prediction``, iterate or index it), ``failed`` (the rows with an
-    error), ``task``, ``top_k``, ``notes`` (what was skipped and why), ``files`` (every file
+    error), ``task`` (an ``nnctl.tasks.Task``, equal to its name: ``"classification"``, ...; how the
+    rows answer: top-k classes with probabilities, or ``values``: a sigmoid probability per label for
+    multilabel, the raw outputs for regression and reconstruction), ``top_k``, ``notes`` (what was skipped and why), ``files`` (every file
     read or tried, folder contents included: what an output must never replace), ``outputs``
     (the raw model outputs of the predicted samples, in order, or None).
     """
 
-    def __init__(self, groups: list[_Group], task: str, top_k: int, notes: list[str], files: list[str],
+    def __init__(self, groups: list[_Group], task: Task, top_k: int, notes: list[str], files: list[str],
                  class_name: Callable[[int], str]):
         self._groups = groups
         self.task = task
@@ -168,7 +180,7 @@ class Predictions:
                 for i, (c, p) in enumerate(zip(idx, prob), a):
                     yield Prediction(g.row_name(i), classes=c, names=[names[v] for v in c], probabilities=p)
             else:
-                vals = g.out[a:b].reshape(b - a, -1).tolist()
+                vals = (g.out if g.values is None else g.values)[a:b].reshape(b - a, -1).tolist()
                 for i, v in enumerate(vals, a):
                     yield Prediction(g.row_name(i), values=v)
 
@@ -203,7 +215,6 @@ def _walk(folder: Path, pattern: str | None, notes: list[str]) -> list[tuple[Pat
     A file that matches (the glob, or an image / tensors suffix) but is not a regular file (a
     FIFO, a device, a dangling link) is an input that fails, as it would be given directly.
     """
-    from nnctl.files import _kind
 
     found: list[tuple[Path, str | None]] = []
 
@@ -243,9 +254,7 @@ def _walk(folder: Path, pattern: str | None, notes: list[str]) -> list[tuple[Pat
 
 def read_tensors(path: str | os.PathLike) -> torch.Tensor:
     """A tensors file -> its samples (key ``x``, or its only tensor)."""
-    import io
 
-    from nnctl.files import read_input
 
     p = Path(path)
     data = read_input(p, "tensors file")
@@ -254,12 +263,10 @@ def read_tensors(path: str | os.PathLike) -> torch.Tensor:
         raise UsageError(f"{p}: an empty file, not a {suffix} tensors file")
     try:
         if suffix == ".npz":
-            import numpy as np
 
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 obj: Any = {k: torch.from_numpy(np.array(z[k])) for k in z.files}
         elif suffix == ".safetensors":
-            from safetensors.torch import load as st_load
 
             obj = st_load(data)
         else:
@@ -400,21 +407,21 @@ def gather(inputs: Any, pre: Preprocessing, glob: str | None = None) -> tuple[li
 
 # --- predicting ----------------------------------------------------------------------------
 
-def _record_for(model, cfg_dict: dict | None) -> tuple[Preprocessing, list[str]]:
+def _record_for(model, cfg_dict: dict | None) -> tuple[Preprocessing, Task, list[str]]:
+    """The model's preprocessing record and its task: the recorded config decides the task (a record
+    of an older nnctl says regression for a multilabel run); the record's name where there is no config."""
     meta = getattr(model, "nnctl_meta", None) or {}
     pre = meta.get("preprocessing")
     notes: list[str] = []
     cfg = meta.get("config") or cfg_dict or {}
     if not isinstance(pre, Preprocessing):
         pre = Preprocessing.from_dict(pre) if isinstance(pre, dict) else None
+    task = task_of_config(cfg) if cfg.get("train") is not None or pre is None else task_named(pre.task)
     if pre is None:
         notes.append(missing_note(meta.get("checkpoint") or "this model"))
         shape = list(((cfg.get("model") or {}).get("input_shape")) or [])
-        loss = (cfg.get("train") or {}).get("loss", "cross_entropy")
-        target = (cfg.get("data") or {}).get("target", "label")
-        task = "classification" if loss in ("cross_entropy", "nll") and target == "label" else "regression"
-        pre = Preprocessing(task=task, input_shape=shape, scale=None, image_scale=255.0)
-    return pre, notes
+        pre = Preprocessing(task=str(task), input_shape=shape, scale=None, image_scale=255.0)
+    return pre, task, notes
 
 
 
@@ -422,14 +429,12 @@ def _record_for(model, cfg_dict: dict | None) -> tuple[Preprocessing, list[str]]
 def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "best", device: str = "cpu",
             batch_size: int = 256, top_k: int = 5, glob: str | None = None,
             on_progress: Callable[[int, int], None] | None = None) -> Predictions:
-    from nnctl.use import source as api
 
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
     if isinstance(model_or_run, torch.nn.Module):
-        from nnctl.training.distributed import select_device
 
         model = model_or_run.to(select_device(device)).eval()
     else:
@@ -437,9 +442,9 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
         if problem is not None:
             raise UsageError(problem)
         model = api.load(model_or_run, which=which, device=device)
-    pre, notes = _record_for(model, None)
+    pre, task, notes = _record_for(model, None)
     cfg = (getattr(model, "nnctl_meta", None) or {}).get("config") or {}
-    loss = (cfg.get("train") or {}).get("loss", "cross_entropy")
+    loss = loss_name((cfg.get("train") or {}).get("loss", "cross_entropy"))
     groups, walk_notes, files = gather(inputs, pre, glob)
     notes += walk_notes
     dev = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -457,11 +462,11 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
                 g.outs.append(out[at:at + b - a])
                 at += b - a
                 if b == g.n:  # the group is complete: keep its results, drop its raw samples
-                    _finish(g, pre, loss, top_k)
+                    _finish(g, task, loss, top_k)
             done += len(x)
             if on_progress is not None:
                 on_progress(done, total)
-    return Predictions(groups, pre.task, top_k, notes, files, pre.class_name)
+    return Predictions(groups, task, top_k, notes, files, pre.class_name)
 
 
 def _batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Group, int, int]]]:
@@ -484,10 +489,14 @@ def _batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Grou
         yield pieces
 
 
-def _finish(g: _Group, pre: Preprocessing, loss: str, top_k: int) -> None:
+def _finish(g: _Group, task: Task, loss: str, top_k: int) -> None:
+    """The group's outputs -> its answers, as the task says (``Task.answer``): the top-k classes with
+    their probabilities, a sigmoid probability per label, or the raw values."""
     g.out = g.outs[0] if len(g.outs) == 1 else torch.cat(g.outs)
     g.outs = []
     g.x = None
-    if pre.task == "classification" and g.out.dim() == 2:
+    if task.answer == "classes" and g.out.dim() == 2:
         probs = g.out.exp() if loss == "nll" else torch.softmax(g.out, dim=1)
         g.top_p, g.top_i = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    elif task.answer == "labels":
+        g.values = torch.sigmoid(g.out)

@@ -14,6 +14,13 @@ from nnctl.config import loader as CL
 from nnctl.config import structure as CS
 from nnctl.config.yamlio import Document, load_text
 from nnctl.errors import UsageError
+from nnctl.runs import records as RS
+from nnctl.model import freeze as F
+from nnctl.model import weights as W
+from nnctl.model import plan as M
+from nnctl.runs import checkpoint as K_CHECKPOINT
+from nnctl.training.distributed import select_device
+from nnctl.data.record import Preprocessing
 
 
 WEIGHTS_ONLY_SUFFIXES = (".safetensors", ".npz", ".onnx")
@@ -95,7 +102,6 @@ class Source:
 
     @property
     def preprocessing(self):
-        from nnctl.data.record import Preprocessing
 
         return Preprocessing.from_dict((self.state or {}).get("preprocessing"))
 
@@ -114,15 +120,10 @@ def is_checkpoint_source(source: Any) -> bool:
 
 def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best") -> Source:
     """A config (path, YAML text or dict) or a checkpoint / run folder -> its model and record."""
-    from nnctl.runs import records as RS
-    from nnctl.model import freeze as F
-    from nnctl.model import weights as W
-    from nnctl.model import plan as M
 
     if which not in ("best", "last"):
         raise UsageError(f"--which must be best or last, not {which!r}")
     if is_checkpoint_source(source):
-        from nnctl.runs import checkpoint as K_CHECKPOINT
 
         path = RS.resolve(source, which)
         state = K_CHECKPOINT.load(path)
@@ -145,7 +146,6 @@ def load(run_or_checkpoint: str | os.PathLike, *, which: str = "best", device: s
     ``model.nnctl_meta``: ``{"preprocessing": Preprocessing or None, "config": dict,
     "checkpoint": path, "epoch": int, "best": dict}``.
     """
-    from nnctl.training.distributed import select_device
 
     problem = untrained_source_problem(run_or_checkpoint, "nnctl.load")
     if problem is not None:

@@ -75,6 +75,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from nnctl.data.augment.spec import SEED_SALT, _entry, _fmt, _parse_one
 from nnctl.seeds import derive
+from nnctl.errors import UsageError
+from nnctl.config.yamlio import format_path
 
 # --- the batch implementation -----------------------------------------------------------------
 
@@ -495,8 +497,6 @@ class Augment:
 
 def build(spec: list, input_shape: tuple[int, ...] | list[int] | None = None) -> Augment:
     """A ``data.augment`` list -> an ``Augment``; a UsageError listing every problem when it is wrong."""
-    from nnctl.errors import UsageError
-    from nnctl.config.yamlio import format_path
 
     shape = tuple(int(v) for v in input_shape) if input_shape else None
     if shape is not None and len(shape) != 3:

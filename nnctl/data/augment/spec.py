@@ -6,6 +6,7 @@ import inspect
 import math
 import re
 from typing import Any
+from nnctl.config.schema import suggest
 
 SEED_SALT = 0xA06
 
@@ -66,7 +67,6 @@ def _entry(value: Any) -> tuple[str, dict] | None:
 def _suggest(name: str) -> str:
     """'; did you mean X?': a supported name that holds the word's letters in order (RandomFlip ->
     RandomHorizontalFlip), else the closest by spelling."""
-    from nnctl.config.schema import suggest
 
     def within(word: str, full: str) -> bool:
         letters = iter(full.lower())
@@ -118,7 +118,6 @@ _RANGES = {
 
 def _parse_one(name: str, args: dict, shape: tuple[int, ...] | None) -> tuple[Any, list[tuple[tuple, str]]]:
     """One entry -> (the torchvision transform built from its args, or None; [(sub-path, message)])."""
-    from nnctl.config.schema import suggest
 
     if name not in SUPPORTED:
         import torchvision.transforms.v2 as T

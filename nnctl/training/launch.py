@@ -1,0 +1,143 @@
+"""Starting a run's processes: one process of a run (``train``), or N of them through
+``torch.distributed.run``, the engine behind torchrun (``launch``).
+
+``train`` is one process of a run, a plain one or a torchrun worker: SIGTERM while the run
+starts stops it cleanly (exit 143; the handler is restored afterwards), a rank that loses
+contact with another is an NnctlError that says so, and the process group the run opened is
+closed at its end.
+
+``launch`` claims the run folder (and its lock) before any worker starts, and holds it for the
+workers and their restarts (``--max-restarts``): the workers find its path in RunDir's
+``LOCKED_ENV`` and do not lock it again. The workers are ``nnctl train`` with the same options,
+so each rank runs exactly what a plain run runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch.distributed as tdist
+
+from nnctl.config import loader as CL
+from nnctl.errors import NnctlError
+from nnctl.runs import checkpoint as K
+from nnctl.runs.claim import claim_existing, claim_new
+from nnctl.runs.rundir import LOCKED_ENV
+from nnctl.training import distributed as DIST
+from nnctl.training import run as R
+from nnctl.training.signals import stop_on_sigterm
+
+_LOST = ("gloo", "NCCL", "Connection reset", "Connection closed")  # what a rank sees when another one dies
+
+
+def is_worker() -> bool:
+    """Whether torchrun started this process (LOCAL_RANK is set): its processes exist already."""
+    return "LOCAL_RANK" in os.environ
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun run, or a plain process: the one that reports and writes the run's record."""
+    return DIST.dist_from_env().main
+
+
+def train(config: str | None = None, **options) -> R.RunResult:
+    """One process of a run: ``nnctl.training.run.train`` (same options), with SIGTERM handled while it
+    starts, a lost rank reported as such, and the process group it opened closed at the end."""
+    dist = options.pop("dist", None) or DIST.dist_from_env()
+    opened = dist.enabled and not (tdist.is_available() and tdist.is_initialized())
+    try:
+        with stop_on_sigterm():
+            return R.train(config, dist=dist, **options)
+    except RuntimeError as exc:
+        text = str(exc)
+        if dist.enabled and (isinstance(exc, getattr(tdist, "DistBackendError", RuntimeError))
+                             or any(w in text for w in _LOST)):
+            raise NnctlError(f"rank {dist.rank}: lost contact with another process of the run "
+                             f"({' '.join(text.split())[:160]})") from None
+        raise
+    finally:
+        if opened:
+            DIST.close_distributed()
+
+
+def worker_args(config: str | None, *, overrides: Sequence[str] = (), out: str | None = None,
+                resume: str | None = None, init: str | None = None, partial: bool = False, force: bool = False,
+                epochs: int | None = None, seed: int | None = None, device: str | None = None) -> list[str]:
+    """The ``nnctl train`` arguments of a worker: the launcher's own, without the launch options."""
+    args = [config] if config else []
+    for flag, value in (("--device", device), ("--epochs", epochs), ("--seed", seed), ("--out", out),
+                        ("--resume", resume), ("--init", init)):
+        if value is not None:
+            args += [flag, str(value)]
+    for item in overrides:
+        args += ["--set", item]
+    if partial:
+        args.append("--partial")
+    if force:
+        args.append("--force")
+    return args
+
+
+def launch(config: str | None = None, *, nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
+           rdzv_endpoint: str | None = None, rdzv_id: str = "nnctl", max_restarts: int = 0,
+           overrides: Sequence[str] = (), out: str | None = None, resume: str | None = None, **options) -> Path:
+    """Train in ``nproc_per_node`` processes on this machine (``nnodes`` machines) through
+    torch.distributed.run; returns the run folder. ``options``: the rest of ``train``'s (init, partial,
+    force, epochs, seed, device)."""
+    overrides = list(overrides)
+    forwarded = worker_args(config, overrides=overrides, out=out, resume=resume, **options)
+    if config is not None:
+        CL.load(config, overrides)  # config mistakes surface once, here, not in N workers
+    # the launcher takes the run folder and its lock, and holds it for its workers (and their restarts)
+    source = R.resume_source(resume, out) if resume else None
+    continuing = source is not None and source.continue_in is not None
+    if continuing:
+        claim = claim_existing(source.continue_in)
+        out = str(source.continue_in)
+    else:
+        cfg, _ = CL.load(config, overrides) if config is not None else (None, None)
+        if cfg is None:
+            cfg, _ = CL.from_dict(K.load(source.checkpoint)["config"], str(source.checkpoint))
+        claim = claim_new(cfg.name, out)
+        if out is None:
+            forwarded = forwarded + ["--out", str(claim.folder)]
+        out = str(claim.folder)
+    held = os.environ.get(LOCKED_ENV)
+    os.environ[LOCKED_ENV] = os.path.abspath(out)
+    try:
+        _run_torchrun(forwarded, out, nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, max_restarts)
+    except BaseException as exc:
+        if not continuing:
+            claim.abandon(exc)  # keeps the record a worker wrote (status.json), else records this error
+        raise
+    finally:
+        claim.release()
+        if held is None:
+            os.environ.pop(LOCKED_ENV, None)
+        else:
+            os.environ[LOCKED_ENV] = held
+    return Path(out)
+
+
+def _run_torchrun(forwarded: list[str], out: str, nproc: int, nnodes: str, node_rank: int | None,
+                  endpoint: str | None, rdzv_id: str, max_restarts: int) -> None:
+    import torch.distributed.run as torchrun  # only when workers are launched (tests/test_imports.py)
+
+    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts)]
+    if endpoint:
+        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id]
+        if node_rank is not None:
+            args += ["--node-rank", str(node_rank)]
+    elif str(nnodes) == "1":
+        args += ["--standalone"]
+    else:
+        raise NnctlError("--nnodes > 1 needs --rdzv-endpoint host:port (the same on every machine)")
+    args += ["-m", "nnctl", "train", *forwarded]
+    try:
+        torchrun.run(torchrun.parse_args(args))
+    except Exception as exc:  # ChildFailedError: a worker failed or was killed
+        text = " ".join(str(exc).split())
+        raise NnctlError(f"distributed training failed: {text[:400]}"
+                         + (f"; the last checkpoint is in {out}" if out else "")) from None
