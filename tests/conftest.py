@@ -65,7 +65,8 @@ def cli():
     runner = CliRunner()
 
     def invoke(*args: str):
-        result = runner.invoke(app, list(args), catch_exceptions=False)
+        # a wide console: pytest-xdist workers get COLUMNS=80, which would wrap the tables the tests read
+        result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
         return result.exit_code, result.stdout, result.stderr
 
     return invoke
