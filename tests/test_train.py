@@ -281,7 +281,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
     target = tmp_path / "last.pt"
     script = f"""
 import os, torch
-from nnctl import checkpoint as K
+from nnctl.runs import checkpoint as K
 K.save({str(target)!r}, {{"config": {{}}, "model": {{"w": torch.ones(3)}}, "epoch": 1}})
 real = torch.save
 def dying(obj, fh, *a, **k):
