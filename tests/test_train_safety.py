@@ -4,6 +4,7 @@ silently. Real signals and real processes where it matters."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -89,6 +90,33 @@ def test_streamed_loader_leaves_the_global_rng_alone():
     for _ in data.val.epoch(0):
         pass
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_a_stopped_fit_leaves_no_dataloader_workers_behind(tmp_path):
+    """A fit stopped by a signal shuts its persistent DataLoader workers down before it raises, even
+    while the exception (and the frames it holds, the epoch's iterator among them) is still alive.
+    Left to interpreter exit, multiprocessing SIGTERMs and joins them, each worker waits out its
+    SIGTERM grace (60 s) and dies by SIGALRM, and torch's SIGCHLD handler prints a traceback after
+    nnctl's one-line message (seen in CI)."""
+    d = make(model=DROPOUT_MLP, data={"source": "digits", "preload": False, "num_workers": 2},
+             train={"epochs": 2, "batch_size": 64})
+    cfg, doc = C.from_dict(d)
+    model, _ = M.build(cfg, doc)
+    data = D.load_data(cfg, CPU)
+    before = set(multiprocessing.active_children())
+
+    def on_event(e):
+        if e.kind == "step" and (e.epoch, e.step) == (0, 3):
+            assert set(multiprocessing.active_children()) - before  # the workers are running
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SIG.Interrupted) as caught:
+        T.fit(cfg, model, data, CPU, tmp_path, T.FitOptions(on_event=on_event))
+    assert caught.value.checkpoint and caught.tb is not None
+    assert set(multiprocessing.active_children()) - before == set()
+    result = T.fit(cfg, model, data, CPU, tmp_path, T.FitOptions(resume=K.load(tmp_path / "last.pt")))
+    assert len(result.history) == 2  # the same data starts new workers
+    assert set(multiprocessing.active_children()) - before == set()
 
 
 def _start(args, cwd):

@@ -298,6 +298,16 @@ class Batches:
     def __len__(self) -> int:
         return self._len
 
+    def close(self) -> None:
+        """Shut this split's DataLoader workers down now (persistent workers otherwise live until the
+        garbage collector or the interpreter's exit; at exit, multiprocessing SIGTERMs and joins them,
+        and a worker waits out its grace period first; see _worker_term). The next epoch starts new
+        workers."""
+        it = getattr(self._loader, "_iterator", None)
+        if it is not None:
+            it._shutdown_workers()
+            self._loader._iterator = None
+
     def global_size(self, step: int) -> int:
         """Samples in batch ``step`` summed over every rank (the global batch; smaller for the last)."""
         return max(0, min(self.batch_size, len(self.indices) - step * self.batch_size))
@@ -367,3 +377,9 @@ class DataBundle:
     target_shape: tuple[int, ...] | None = None  # one sample's regression target; None for class labels
     label_range: tuple[int, int] | None = None  # (min, max) class label over both splits
     where: str = ""  # the data, for messages: "tensors file d.pt", "image_folder data/pets", "digits"
+
+    def close(self) -> None:
+        """Shut both splits' DataLoader workers down (see Batches.close); the data stays usable."""
+        for split in (self.train, self.val):
+            if split is not None:
+                split.close()

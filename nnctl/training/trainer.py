@@ -19,7 +19,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -250,7 +250,7 @@ class Trainer:
         self.emit(Event("start", epochs=t.epochs, steps=self.steps, message=str(self.device)))
         stopped_early = False
         began = time.perf_counter()
-        with self.stop:
+        with self.stop, closing(self.data):  # the data's workers end with the fit, however it ends
             while s.epoch < t.epochs:
                 epoch, tick = s.epoch, time.perf_counter()
                 sums = self.train_epoch(epoch)  # a signal mid-epoch: last.pt at the step boundary, Interrupted
