@@ -18,6 +18,11 @@ import yaml
 import nnctl
 from nnctl.locks import FileLock
 
+# One torch thread in each pytest-xdist worker and in every nnctl process a test starts: the workers already
+# use every core, and two 2-thread pools on 2 cores spend their time waiting on each other (about 10%
+# of the suite's time, measured). Set before torch is imported (nnctl imports it lazily).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
@@ -64,9 +69,9 @@ def cli():
 
     runner = CliRunner()
 
-    def invoke(*args: str):
+    def invoke(*args: str, env: dict | None = None):
         # a wide console: pytest-xdist workers get COLUMNS=80, which would wrap the tables the tests read
-        result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200"})
+        result = runner.invoke(app, list(args), catch_exceptions=False, env={"COLUMNS": "200", **(env or {})})
         return result.exit_code, result.stdout, result.stderr
 
     return invoke

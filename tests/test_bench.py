@@ -34,6 +34,9 @@ def assert_table(out: str) -> None:
     assert any(line.startswith("|--") or line.startswith("|-") for line in lines), out
 
 
+pytestmark = pytest.mark.slow  # every benchmark script once (about 70 s in all on 2 cores): .ci/run runs the slow group
+
+
 @pytest.mark.parametrize("name", ["parity.py", "tutorial.py", "startup.py", "checkpoints.py", "first_step.py"])
 def test_cpu_benchmark_runs(name):
     out = run_bench(name)

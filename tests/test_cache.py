@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from nnctl.errors import UsageError
 
 from .conftest import ROOT, make, run_cli
 from .test_train_safety import _assert_equal_states, _fit
+
+_Result = namedtuple("_Result", "returncode stdout stderr")  # the in-process cli fixture's answer, as run_cli names it
 
 CPU = torch.device("cpu")
 
@@ -274,28 +277,29 @@ def test_sigint_then_resume_with_the_cache_is_bit_identical(folder, tmp_path, pr
 
 # --- 6: nnctl cache info / clear; the config field ----------------------------------------------------
 
-def test_cache_info_and_clear_through_the_cli(folder, tmp_path):
+def test_cache_info_and_clear_through_the_cli(folder, tmp_path, cli):
+    """The cache commands in process (the CLI's own subprocess tests are elsewhere): info, --json --verify, clear."""
     D.load_data(_cfg(folder, True), CPU)
     (entry,) = K.entries()
     stray = tmp_path / "cache" / (f"{'a' * 64}.u8.tmp-999999-0000")  # what a killed writer leaves
     stray.write_bytes(b"x" * 10)
     env = {"NNCTL_CACHE_DIR": str(tmp_path / "cache")}
-    r = run_cli("cache", "info", env=env)
+    r = _Result(*cli("cache", "info", env=env))
     assert r.returncode == 0, r.stderr
     assert entry.key[:12] in r.stdout and str(folder) in r.stdout and "valid" in r.stdout and "3x8x8" in r.stdout
     assert "partial" in r.stdout
-    r = run_cli("cache", "info", "--json", "--verify", env=env)
+    r = _Result(*cli("cache", "info", "--json", "--verify", env=env))
     info = json.loads(r.stdout)
     assert {e["status"] for e in info["entries"]} == {"valid", "partial (an interrupted fill)"}
-    r = run_cli("cache", "clear", env=env)
+    r = _Result(*cli("cache", "clear", env=env))
     assert r.returncode == 2 and "--all" in r.stderr
-    r = run_cli("cache", "clear", "--root", str(tmp_path / "elsewhere"), env=env)
+    r = _Result(*cli("cache", "clear", "--root", str(tmp_path / "elsewhere"), env=env))
     assert r.returncode == 0 and "removed 0 entries" in r.stdout and entry.path.exists()
-    r = run_cli("cache", "clear", "--root", str(folder), env=env)
+    r = _Result(*cli("cache", "clear", "--root", str(folder), env=env))
     assert r.returncode == 0 and "removed 1 entry" in r.stdout and not entry.path.exists()
-    r = run_cli("cache", "clear", "--all", env=env)
+    r = _Result(*cli("cache", "clear", "--all", env=env))
     assert r.returncode == 0 and "removed 1 entry" in r.stdout and not stray.exists()
-    r = run_cli("cache", "info", env=env)
+    r = _Result(*cli("cache", "info", env=env))
     assert r.returncode == 0 and "empty" in r.stdout
     assert os.listdir(tmp_path / "cache") == []
 

@@ -31,6 +31,7 @@ def max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # torchrun with two ranks (about 20 s each on 2 cores): .ci/run runs the slow group
 def test_two_processes_match_one_and_only_rank0_writes(tmp_path):
     p = write(tmp_path, make(model=MODEL, train=TRAIN))
     one = run_cli("train", str(p), "--out", str(tmp_path / "one"), cwd=tmp_path)
@@ -75,6 +76,7 @@ def test_resume_across_process_counts(tmp_path):
     assert state["epoch"] == 3 and max_diff(ref, state["model"]) < TOL
 
 
+@pytest.mark.slow  # torchrun with two ranks (about 20 s each on 2 cores): .ci/run runs the slow group
 def test_frozen_children_under_ddp(tmp_path):
     d = make(model=MODEL, train=TRAIN)
     d["freeze"] = {"first": 2}

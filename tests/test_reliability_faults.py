@@ -297,6 +297,7 @@ def kill_loop(tmp_path: Path, d: dict, run: Path, kills: int, seed: int, in_writ
     return result
 
 
+@pytest.mark.slow  # a kill/resume loop: .ci/run runs the slow group
 def test_sigkill_inside_a_checkpoint_write_then_resume_is_bit_identical(tmp_path):
     """A kill inside a real training's checkpoint write (the CLI, not just save()); resume is exact."""
     d = _kill_config(epochs=3, size=1500)

@@ -125,6 +125,7 @@ def test_schema_o_onto_a_folder_and_a_closed_pipe(tmp_path):
 
 # --- 2: races between real processes -----------------------------------------------------------
 
+@pytest.mark.slow  # many real processes racing (tens of seconds on 2 cores): .ci/run runs the slow group
 def test_two_new_runs_at_once_never_share_a_folder(tmp_path):
     cfg = write(tmp_path, make(train={"epochs": 1}))
     procs = [subprocess.Popen([sys.executable, "-m", "nnctl", "train", str(cfg)], cwd=tmp_path,
@@ -137,6 +138,7 @@ def test_two_new_runs_at_once_never_share_a_folder(tmp_path):
         assert K.load(tmp_path / "runs" / f / "last.pt")["epoch"] == 1
 
 
+@pytest.mark.slow  # many real processes racing (tens of seconds on 2 cores): .ci/run runs the slow group
 def test_claim_new_is_atomic_under_many_processes(tmp_path):
     """16 processes claim runs/<name> at once: 16 distinct folders, none shared."""
     script = ("import sys, time; from nnctl.runs import claim as R\n"
