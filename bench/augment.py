@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
 
-    from nnctl.data.augment import ops as A
+    from nnctl.data.augment import pipeline as A
     from nnctl.data import store as D
 
     n, batch = (256, 128) if args.quick else (10_000, 128)

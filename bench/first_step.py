@@ -76,7 +76,7 @@ T0 = float(sys.argv[1])
 import torch
 from torch import nn
 from nnctl.data import sources as D  # the same digits, read the same way
-store = D._digits()
+store = D.builtin._digits()
 x = store.x.float().div_(16.0)
 y = store.y
 net = nn.Sequential(

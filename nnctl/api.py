@@ -136,10 +136,9 @@ def launch(config: Any = None, *, nproc_per_node: int, nnodes: str = "1", node_r
     ``rdzv_id`` and ``max_restarts`` are torchrun's. The run folder is claimed here and held for the
     workers; returns it. The workers report as ``nnctl train`` does (rank 0 prints)."""
     with _config_file(config) as path:
-        return LAUNCH.launch(path, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                             rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts,
-                             overrides=list(overrides), out=out, resume=resume, init=init, partial=partial,
-                             force=force, epochs=epochs, seed=seed, device=device)
+        torchrun = LAUNCH.Torchrun(nproc_per_node, str(nnodes), node_rank, rdzv_endpoint, rdzv_id, max_restarts)
+        return LAUNCH.launch(path, torchrun, overrides=list(overrides), out=out, resume=resume, init=init,
+                             partial=partial, force=force, epochs=epochs, seed=seed, device=device)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,9 @@ import torch
 import torchvision.transforms.v2 as TV
 import torchvision.transforms.v2.functional as TF
 
-from nnctl.data.augment import ops as A
+from nnctl.data.augment import colour as AC
+from nnctl.data.augment import ops as AO
+from nnctl.data.augment import pipeline as A
 from nnctl.data.augment import spec as AS
 from nnctl.runs import checkpoint as K
 from nnctl.config import loader as C
@@ -253,7 +255,7 @@ def test_hue_per_sample_equals_adjust_hue_bit_for_bit_without_torchvision_privat
     x[8:16] = (x[8:16] * 4).round() / 4         # many ties
     x[16], x[17] = 0.0, 1.0
     factor = torch.rand(32, generator=g) - 0.5
-    y = A._hue(x, factor)
+    y = AC._hue(x, factor)
     for k in range(len(x)):
         assert torch.equal(y[k], TF.adjust_hue(x[k], float(factor[k]))), k
     tree = ast.parse(inspect.getsource(A))
@@ -296,7 +298,7 @@ def test_rotation_affine_and_resized_crop_equal_torchvision_functional():
     boxes = [(1, 2, 5, 3), (0, 1, 6, 7), (2, 0, 4, 5), (3, 0, 3, 4)]  # top, left, height, width
     t, l, h, w = (torch.tensor(v) for v in zip(*boxes))
     for bilinear, mode in ((True, TV.InterpolationMode.BILINEAR), (False, TV.InterpolationMode.NEAREST)):
-        y = A._resized_crop(x, t, l, h, w, 9, 9, bilinear)
+        y = AO._resized_crop(x, t, l, h, w, 9, 9, bilinear)
         ref = torch.stack([TF.resized_crop(x[k], *box, [9, 9], interpolation=mode) for k, box in enumerate(boxes)])
         torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
     whole = A.build([{"RandomResizedCrop": {"size": 9, "scale": [1, 1], "ratio": [1, 1]}}])(x, _gen())

@@ -1,4 +1,4 @@
-"""The decoded-image cache (data.cache: true, nnctl/cache.py): exact, invalidated, shared, self-checking.
+"""The decoded-image cache (data.cache: true, nnctl/data/cache/): exact, invalidated, shared, self-checking.
 
 Real image files (PNG and JPEG, 8x8 to 16x16, 3 classes) written by each test; the cache
 folder is set through NNCTL_CACHE_DIR so that nothing touches ~/.cache.
@@ -77,7 +77,7 @@ def _no_decoding(monkeypatch) -> None:
         raise AssertionError("an image was decoded or opened although the cache holds it")
 
     monkeypatch.setattr(STORE, "decode_image", refuse)  # the one decoder, where the store calls it
-    monkeypatch.setattr(SRC, "image_size", refuse)  # the header reads of the size check
+    monkeypatch.setattr(SRC.folder, "image_size", refuse)  # the header reads of the size check
 
 
 # --- 1: a hit gives the batches of a fresh decode ------------------------------------------------
@@ -126,7 +126,7 @@ def test_a_changed_added_or_touched_file_invalidates_the_cache(folder):
     assert not torch.equal(old, new)
     again = D.load_data(_cfg(folder, True), CPU)
     assert any(n.startswith("decoded 36 images") for n in again.notes), again.notes
-    files = [p for p, _ in SRC._scan_image_folder(folder)[1]]  # the store's order is the scan's
+    files = [p for p, _ in SRC.folder._scan_image_folder(folder)[1]]  # the store's order is the scan's
     i = files.index(str(target))
     assert torch.equal(again.train.store.x[i], new) and torch.equal(first.train.store.x[i], old)
     _assert_same(_batches(D.load_data(_cfg(folder, False), CPU)), _batches(again))
@@ -184,7 +184,7 @@ def test_two_processes_filling_one_cache_end_with_one_valid_entry(folder, tmp_pa
     assert [e.status for e in entries] == ["valid"]
     assert sorted(os.listdir(tmp_path / "cache")) == sorted(f"{entries[0].key}.{s}" for s in ("json", "lock", "u8"))
     fresh = D.load_data(_cfg(folder, False), CPU).train.store
-    SRC._decode_all(fresh, 0)
+    SRC.folder._decode_all(fresh, 0)
     import hashlib
 
     assert hashlib.sha256(fresh.x.numpy().tobytes()).hexdigest() == outs[0]["sha"]
@@ -234,8 +234,8 @@ def test_a_corrupt_cache_is_detected_reported_and_rebuilt(folder, damage):
 def test_a_large_entry_is_sampled_but_a_changed_data_file_is_hashed_in_full(folder, monkeypatch):
     """Past FULL_VERIFY_BYTES only 8 chunks are hashed, unless the data file changed since it was written
     (size, mtime, inode): then all of them, so a flipped byte in an unsampled chunk is still found."""
-    monkeypatch.setattr(K, "FULL_VERIFY_BYTES", 0)
-    monkeypatch.setattr(K, "CHUNK_BYTES", 64)  # 6,912 bytes of data: 108 chunks
+    monkeypatch.setattr(K.entry, "FULL_VERIFY_BYTES", 0)
+    monkeypatch.setattr(K.entry, "CHUNK_BYTES", 64)  # 6,912 bytes of data: 108 chunks
     D.load_data(_cfg(folder, True), CPU)
     (entry,) = K.entries()
     head = json.loads(entry.path.with_suffix(".json").read_text())

@@ -205,7 +205,7 @@ def _load(d: dict):
 def test_training_cache_eval_and_predict_decode_identically(tmp_path, monkeypatch, mode, size):
     monkeypatch.setenv("NNCTL_CACHE_DIR", str(tmp_path / "cache"))
     root, expected = _folder(tmp_path)
-    files = [Path(p) for p, _ in SRC._scan_image_folder(root)[1]]  # the store's order
+    files = [Path(p) for p, _ in SRC.folder._scan_image_folder(root)[1]]  # the store's order
     want = torch.stack([_expected(expected[f.name], mode, size) for f in files])
 
     preloaded = _load(_config(root, mode, size, preload=True))
@@ -322,7 +322,7 @@ def test_a_cache_written_by_another_decoder_version_is_rebuilt_not_reused(tmp_pa
     d = _grey_config(roots["p16"])
     d["data"]["cache"] = True
     with monkeypatch.context() as m:
-        m.setattr(K, "DECODER", "PIL 13.0.0")  # what the key held before the one decoder (PIL's version alone)
+        m.setattr(K.entry, "DECODER", "PIL 13.0.0")  # what the key held before the one decoder (PIL's version alone)
         old = _load(d)
         assert any(n.startswith("decoded 24 images") for n in old.notes), old.notes
     new = _load(d)

@@ -34,7 +34,7 @@ def tensors_run(tmp_path_factory):
     from nnctl.data import sources as D
 
     tmp = tmp_path_factory.mktemp("tensors")
-    store = D._digits()
+    store = D.builtin._digits()
     torch.save({"x": store.x.clone(), "y": store.y.clone()}, tmp / "digits.pt")
     cfg = write(tmp, make(data={"source": "tensors", "path": str(tmp / "digits.pt")}, train={"epochs": 2}))
     return api.train(str(cfg), out=str(tmp / "run")).run_dir, store.x[:4].clone()

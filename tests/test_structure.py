@@ -25,25 +25,11 @@ MAX_MODULE_LINES = 500
 PARAMETER_EXEMPT = {
     "run.py:train": "the keyword signature of the public nnctl.train (api.train passes it through), "
                     "plus dist; it builds the one Request that _train_locked takes",
-    "launch.py:worker_args": "being moved out of the CLI (issue 19, item 4): torchrun's options, one "
-                             "keyword each; to be grouped in one object",
-    "launch.py:launch": "being moved out of the CLI (issue 19, item 4): torchrun's options, one keyword "
-                        "each; to be grouped in one object",
-    "launch.py:_run_torchrun": "being moved out of the CLI (issue 19, item 4): torchrun's options; to be "
-                               "grouped in one object",
 }
 # "module.py:function" -> why it may be longer than MAX_FUNCTION_LINES
 LENGTH_EXEMPT: dict[str, str] = {}
 # path under nnctl/ -> why the module may be longer than MAX_MODULE_LINES
-MODULE_EXEMPT = {
-    "data/cache.py": "the decoded cache; to become a package of several files (issue 19: 'the decoded "
-                     "cache and augmentation may be a package')",
-    "data/sources.py": "the data sources; to become data/sources/ (DESIGN.md section 8)",
-    "data/augment/ops.py": "each augmentation per sample and vectorised; a few lines over while the "
-                           "decoder moves (issue 19, item 2): split geometric / colour ops",
-    "use/predict.py": "a few lines over while the one decoder moves in (issue 19, item 2): split reading "
-                      "the inputs from making the answers",
-}
+MODULE_EXEMPT: dict[str, str] = {}
 
 
 def functions(path: Path) -> list[tuple[str, int, int]]:

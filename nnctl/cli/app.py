@@ -58,7 +58,7 @@ def check(
             raise ConfigError(rest)
         raise typer.Exit(2)
     result.refuse()  # a package the config asks for and lacks (train.log: tensorboard): exit 1, as train
-    cfg, plan, warnings = result.cfg, result.plan, result.warnings
+    plan, warnings = result.plan, result.warnings
     _warn(warnings)
     if strict and warnings:
         raise typer.Exit(2)

@@ -49,11 +49,13 @@ import re
 import warnings
 from contextlib import contextmanager
 from typing import Iterator, Union
+
 import numpy as np
 import PIL
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
+
 from nnctl.errors import NnctlError, UsageError
 from nnctl.files import open_input
 

@@ -34,16 +34,26 @@ from __future__ import annotations
 
 import math
 from typing import Any
+
 import torch
 from torch import Tensor
-from nnctl.data import record as P
+
 from nnctl.config.schema import Config
 from nnctl.config.yamlio import format_path
+from nnctl.data import record as P
+from nnctl.data.augment.pipeline import build as build_augment
+from nnctl.data.sources.folder import _decode_all, class_count
+from nnctl.data.sources.read import IMAGE_MODES, IMAGE_SOURCES, _read
+from nnctl.data.store import (
+    Batches,
+    DataBundle,
+    _iterate,
+    _loader,
+    _Store,
+    _StoreDataset,
+)
 from nnctl.errors import NnctlError, UsageError
 from nnctl.tasks import Task
-from nnctl.data.store import Batches, DataBundle, _Store, _StoreDataset, _iterate, _loader
-from nnctl.data.sources import IMAGE_MODES, IMAGE_SOURCES, _decode_all, _read, class_count
-from nnctl.data.augment.ops import build as build_augment
 
 PRELOAD_LIMIT_BYTES = 2 << 30
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
 import torch
 
 VERSION = 1

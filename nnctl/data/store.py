@@ -6,11 +6,13 @@ import math
 import signal
 from dataclasses import dataclass, field
 from typing import Any, Iterator
+
 import torch
 from torch import Tensor
+
 from nnctl.data import record as P
-from nnctl.errors import NnctlError, UsageError
 from nnctl.data.decode import decode_image
+from nnctl.errors import NnctlError, UsageError
 from nnctl.seeds import derive
 from nnctl.tasks import Task
 

@@ -32,7 +32,7 @@ from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from nnctl.model.plan import Plan
 
-__all__ = ["Row", "Summary", "summarize", "flop_counts_by_module", "draw_graph"]
+__all__ = ["Row", "Summary", "summarize", "flop_counts_by_module"]
 
 
 @dataclass

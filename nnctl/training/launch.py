@@ -15,8 +15,9 @@ so each rank runs exactly what a plain run runs.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping
 
 import torch.distributed as tdist
 
@@ -62,32 +63,61 @@ def train(config: str | None = None, **options) -> R.RunResult:
             DIST.close_distributed()
 
 
-def worker_args(config: str | None, *, overrides: Sequence[str] = (), out: str | None = None,
-                resume: str | None = None, init: str | None = None, partial: bool = False, force: bool = False,
-                epochs: int | None = None, seed: int | None = None, device: str | None = None) -> list[str]:
-    """The ``nnctl train`` arguments of a worker: the launcher's own, without the launch options."""
+# nnctl train's options a worker gets from its launcher, in order: (keyword, flag)
+_FORWARDED = (("device", "--device"), ("epochs", "--epochs"), ("seed", "--seed"), ("out", "--out"),
+              ("resume", "--resume"), ("init", "--init"))
+
+
+def worker_args(config: str | None, options: Mapping[str, Any]) -> list[str]:
+    """The ``nnctl train`` arguments of a worker: the launcher's own ``train`` options (overrides, out,
+    resume, init, partial, force, epochs, seed, device), without the launch options."""
+    unknown = set(options) - {key for key, _ in _FORWARDED} - {"overrides", "partial", "force"}
+    if unknown:
+        raise TypeError(f"launch() got unexpected options: {sorted(unknown)}")
     args = [config] if config else []
-    for flag, value in (("--device", device), ("--epochs", epochs), ("--seed", seed), ("--out", out),
-                        ("--resume", resume), ("--init", init)):
-        if value is not None:
-            args += [flag, str(value)]
-    for item in overrides:
+    for key, flag in _FORWARDED:
+        if options.get(key) is not None:
+            args += [flag, str(options[key])]
+    for item in options.get("overrides") or ():
         args += ["--set", item]
-    if partial:
-        args.append("--partial")
-    if force:
-        args.append("--force")
+    args += [flag for key, flag in (("partial", "--partial"), ("force", "--force")) if options.get(key)]
     return args
 
 
-def launch(config: str | None = None, *, nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
-           rdzv_endpoint: str | None = None, rdzv_id: str = "nnctl", max_restarts: int = 0,
-           overrides: Sequence[str] = (), out: str | None = None, resume: str | None = None, **options) -> Path:
-    """Train in ``nproc_per_node`` processes on this machine (``nnodes`` machines) through
-    torch.distributed.run; returns the run folder. ``options``: the rest of ``train``'s (init, partial,
-    force, epochs, seed, device)."""
-    overrides = list(overrides)
-    forwarded = worker_args(config, overrides=overrides, out=out, resume=resume, **options)
+@dataclass(frozen=True)
+class Torchrun:
+    """torchrun's options: processes a machine, machines (``"2"`` or ``"1:4"``), this machine's rank, the
+    rendezvous (host:port and id; needed for more than one machine) and restarts of failed workers."""
+
+    nproc_per_node: int
+    nnodes: str = "1"
+    node_rank: int | None = None
+    rdzv_endpoint: str | None = None
+    rdzv_id: str = "nnctl"
+    max_restarts: int = 0
+
+    def args(self, forwarded: list[str]) -> list[str]:
+        """torch.distributed.run's command line starting ``nnctl train <forwarded>`` in every worker."""
+        args = ["--nproc-per-node", str(self.nproc_per_node), "--nnodes", str(self.nnodes),
+                "--max-restarts", str(self.max_restarts)]
+        if self.rdzv_endpoint:
+            args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", self.rdzv_endpoint, "--rdzv-id", self.rdzv_id]
+            if self.node_rank is not None:
+                args += ["--node-rank", str(self.node_rank)]
+        elif str(self.nnodes) == "1":
+            args += ["--standalone"]
+        else:
+            raise NnctlError("--nnodes > 1 needs --rdzv-endpoint host:port (the same on every machine)")
+        return args + ["-m", "nnctl", "train", *forwarded]
+
+
+def launch(config: str | None, torchrun: Torchrun, **options) -> Path:
+    """Train in ``torchrun.nproc_per_node`` processes on this machine (``torchrun.nnodes`` machines)
+    through torch.distributed.run; returns the run folder. ``options``: ``train``'s (overrides, out,
+    resume, init, partial, force, epochs, seed, device)."""
+    overrides = list(options.get("overrides") or ())
+    out, resume = options.get("out"), options.get("resume")
+    forwarded = worker_args(config, options)
     if config is not None:
         CL.load(config, overrides)  # config mistakes surface once, here, not in N workers
     # the launcher takes the run folder and its lock, and holds it for its workers (and their restarts)
@@ -107,7 +137,7 @@ def launch(config: str | None = None, *, nproc_per_node: int, nnodes: str = "1",
     held = os.environ.get(LOCKED_ENV)
     os.environ[LOCKED_ENV] = os.path.abspath(out)
     try:
-        _run_torchrun(forwarded, out, nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_id, max_restarts)
+        _run_torchrun(torchrun.args(forwarded), out)
     except BaseException as exc:
         if not continuing:
             claim.abandon(exc)  # keeps the record a worker wrote (status.json), else records this error
@@ -121,20 +151,9 @@ def launch(config: str | None = None, *, nproc_per_node: int, nnodes: str = "1",
     return Path(out)
 
 
-def _run_torchrun(forwarded: list[str], out: str, nproc: int, nnodes: str, node_rank: int | None,
-                  endpoint: str | None, rdzv_id: str, max_restarts: int) -> None:
+def _run_torchrun(args: list[str], out: str) -> None:
     import torch.distributed.run as torchrun  # only when workers are launched (tests/test_imports.py)
 
-    args = ["--nproc-per-node", str(nproc), "--nnodes", str(nnodes), "--max-restarts", str(max_restarts)]
-    if endpoint:
-        args += ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id]
-        if node_rank is not None:
-            args += ["--node-rank", str(node_rank)]
-    elif str(nnodes) == "1":
-        args += ["--standalone"]
-    else:
-        raise NnctlError("--nnodes > 1 needs --rdzv-endpoint host:port (the same on every machine)")
-    args += ["-m", "nnctl", "train", *forwarded]
     try:
         torchrun.run(torchrun.parse_args(args))
     except Exception as exc:  # ChildFailedError: a worker failed or was killed

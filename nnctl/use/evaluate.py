@@ -6,31 +6,32 @@ statistics of the new data), so the score is the one the model would get in use.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 import torch
+
 from nnctl import checking as CHK
-from nnctl.errors import UsageError
-from nnctl.model import freeze as FREEZE
-from nnctl.model import plan as M
-from nnctl.model.tv import pretrained_preprocessing
-from nnctl.config.yamlio import load_file
-from nnctl.config.loader import resolve_paths
-from nnctl.config.yamlio import Document
-from nnctl.use import source as api
-from nnctl.config import structure as CS
 from nnctl.config import loader as CL
 from nnctl.config import schema as C
+from nnctl.config import structure as CS
+from nnctl.config.loader import resolve_paths
+from nnctl.config.yamlio import Document, load_file
 from nnctl.data import loading as D
+from nnctl.data.sources import has_test_split
+from nnctl.errors import UsageError
+from nnctl.files import atomic_write, check_output
+from nnctl.model import freeze as FREEZE
+from nnctl.model import plan as M
 from nnctl.model import weights as F
+from nnctl.model.tv import pretrained_preprocessing
+from nnctl.optim import losses as T
 from nnctl.training import distributed as DIST
 from nnctl.training import loop as LOOP
-from nnctl.optim import losses as T
-from nnctl.data.sources import has_test_split
-from nnctl.files import atomic_write, check_output
-import copy
+from nnctl.use import source as api
 
 SPLITS = ("val", "train", "test", "all")
 

@@ -14,24 +14,25 @@ independent copies: every format then loads with a plain ``load_state_dict``.
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-import torch
-from torch import nn
-from nnctl._version import __version__
-from nnctl.files import atomic_write
-from nnctl.errors import NnctlError, UsageError
-from nnctl.runs.rundir import EXPORT, RunDir
-from nnctl.files import check_output
-from safetensors.torch import save
-import numpy as np
 import contextlib
 import io
+import json
+import os
 import tempfile
 import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from nnctl._version import __version__
 from nnctl.data.record import Preprocessing
+from nnctl.errors import NnctlError, UsageError
+from nnctl.files import atomic_write, check_output
+from nnctl.runs.rundir import EXPORT, RunDir
 
 FORMATS = ("safetensors", "pt", "npz", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "onnx": ".onnx"}
@@ -166,8 +167,8 @@ class WithPreprocess(nn.Module):
 def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, meta: dict | None = None,
           with_preprocess: bool = False) -> ExportResult:
     try:
-        import onnxruntime as ort  # noqa: F401
         import onnx  # noqa: F401
+        import onnxruntime as ort  # noqa: F401
     except ImportError:
         raise UsageError("ONNX export needs the onnx extra: pip install 'nnctl[onnx]'") from None
     if model is None:

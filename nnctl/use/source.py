@@ -13,15 +13,14 @@ import torch
 from nnctl.config import loader as CL
 from nnctl.config import structure as CS
 from nnctl.config.yamlio import Document, load_text
-from nnctl.errors import UsageError
-from nnctl.runs import records as RS
-from nnctl.model import freeze as F
-from nnctl.model import weights as W
-from nnctl.model import plan as M
-from nnctl.runs import checkpoint as K_CHECKPOINT
-from nnctl.training.distributed import select_device
 from nnctl.data.record import Preprocessing
-
+from nnctl.errors import UsageError
+from nnctl.model import freeze as F
+from nnctl.model import plan as M
+from nnctl.model import weights as W
+from nnctl.runs import checkpoint as K_CHECKPOINT
+from nnctl.runs import records as RS
+from nnctl.training.distributed import select_device
 
 WEIGHTS_ONLY_SUFFIXES = (".safetensors", ".npz", ".onnx")
 

@@ -6,6 +6,7 @@ import inspect
 import math
 import re
 from typing import Any
+
 from nnctl.config.schema import suggest
 
 SEED_SALT = 0xA06

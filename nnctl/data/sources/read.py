@@ -1,0 +1,48 @@
+"""Which reader for which ``data.source``: the source's samples as one store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from nnctl.config.schema import Config
+from nnctl.data.sources.builtin import (
+    _CIFAR,
+    _MNIST_FOLDERS,
+    _cifar,
+    _digits,
+    _mnist,
+    default_root,
+)
+from nnctl.data.sources.folder import _image_folder
+from nnctl.data.sources.tensors import _synthetic, _tensors
+from nnctl.data.store import _Store
+
+IMAGE_SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder")
+
+
+def _read(cfg: Config, weights: dict | None = None) -> _Store:
+    """The source's samples; ``weights``: a torchvision model's pretrained preprocessing (images at its input size)."""
+    source = cfg.data.source
+    root = Path(os.path.expanduser(cfg.data.root)) if cfg.data.root else default_root()
+    if source == "digits":
+        return _digits()
+    if source in _MNIST_FOLDERS:
+        return _mnist(cfg, root)
+    if source in _CIFAR:
+        return _cifar(cfg, root)
+    if source == "image_folder":
+        return _image_folder(cfg, weights)
+    if source == "tensors":
+        return _tensors(cfg)
+    return _synthetic(cfg)
+
+
+# --- load_data -------------------------------------------------------------------------
+
+def has_test_split(source: str) -> bool:
+    """Sources that come with a test split of their own (data.split: test)."""
+    return source in ("mnist", "fashion_mnist", "cifar10", "cifar100")
+
+
+IMAGE_MODES = {"digits": "L", "mnist": "L", "fashion_mnist": "L", "cifar10": "RGB", "cifar100": "RGB"}
