@@ -46,8 +46,8 @@ from nnctl.errors import CheckpointError
 from nnctl.runs.status import read_status, STATES, _BIG, _is_int, _is_num, _is_str, _iso_of_mtime, _plain, read_status_checked
 from nnctl.runs.metrics import read_metrics
 from nnctl.tasks import mode_of, task_of_config
-import yaml
-from nnctl.files import read_input
+from nnctl.config.yamlio import load_file
+from nnctl.errors import ConfigError
 import re
 
 
@@ -87,16 +87,29 @@ def resolve(source: str | os.PathLike, which: str = "last") -> Path:
 
 # --- reading a run folder -------------------------------------------------------------------
 
-def _read_yaml(path: Path) -> dict | None:
+def _read_yaml(path: Path) -> tuple[dict | None, str | None]:
+    """A run's config.yaml through the one YAML reader (config.yamlio, with its limits: an alias bomb,
+    a self-referential alias, deep nesting or a huge file is refused before any object is built).
 
-
+    Returns (the mapping, None), (None, None) when there is no config.yaml, or (None, why) when it is
+    refused: a damaged file is described in one line, never fatal to a listing.
+    """
     if not path.exists():
-        return None
+        return None, None
     try:
-        data = yaml.safe_load(read_input(path, "config", limit=8 << 20).decode())
-    except Exception:  # noqa: BLE001 - a damaged file is described, never fatal to a listing
-        return None
-    return data if isinstance(data, dict) else None
+        data = load_file(str(path)).data
+    except ConfigError as exc:
+        first = exc.problems[0] if exc.problems else None
+        if first is None:
+            return None, "config.yaml unreadable"
+        where = f" at line {first.line}" if first.line is not None else ""
+        what = f" ({first.path})" if first.path else ""
+        more = len(exc.problems) - 1
+        tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+        return None, f"config.yaml unreadable{where}{what}: {' '.join(first.message.split())}{tail}"
+    if not isinstance(data, dict):
+        return None, f"config.yaml unreadable: a {type(data).__name__}, not a mapping"
+    return data, None
 
 
 def _legacy_monitor(config: dict | None, columns: Iterable[str]) -> tuple[str, str] | None:
@@ -167,7 +180,7 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     p = Path(folder)
     run = RunDir(p)
     status, bad = read_status_checked(p)
-    config = _read_yaml(run.config)
+    config, unreadable = _read_yaml(run.config)
     checkpoints = [path.name for path in (run.last, run.best) if path.exists()]
     locked = run.is_locked()
     train = (config or {}).get("train") if isinstance((config or {}).get("train"), dict) else {}
@@ -176,7 +189,7 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     info = RunInfo(name=p.name, path=str(p), state="failed", config=config, checkpoints=checkpoints,
                    config_name=name if _is_str(name, 1000) else None,
                    epochs_total=epochs if _is_int(epochs) else None)
-    info.notes = [f"status.json unreadable field {b}" for b in bad]
+    info.notes = [f"status.json unreadable field {b}" for b in bad] + ([unreadable] if unreadable else [])
     rows: list[dict] | None = None
     if status is not None:
         info.state = status.get("state") if status.get("state") in STATES else "failed"
