@@ -18,9 +18,14 @@ It runs the checks in this order and collects every problem (then the caller fai
 9. lint: warnings, when there is no problem (``nnctl.model.plan.lint``).
 
 Each package owns its own checks; this module only orders them and collects. Float bounds are
-part of the schema (loss weights, normalize) and of the optimizer's check (float32's range).
-Checks that need the samples (the labels' range, targets' shapes) stay with training
-(``nnctl.data.loading.check_targets``, ``nnctl.optim.losses.check_loss_targets``).
+the structure's: every number of the document within float32's range
+(``nnctl.config.structure.beyond_float32``), and the schema's own (loss weights, normalize).
+
+What needs the samples is :func:`check_data`, run once the data is read, before anything is
+written, by training and by ``nnctl eval`` (its own data or ``--data``): class labels against the
+model's output width, a regression target's shape against the output's
+(``nnctl.data.loading.check_targets``), and the targets the loss can use
+(``nnctl.optim.losses.check_loss_targets``).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from nnctl.config import structure as CS
 from nnctl.config.schema import Config
 from nnctl.config.yamlio import Document
 from nnctl.data.augment.spec import check as augment_problems
-from nnctl.data.loading import check_facts
+from nnctl.data.loading import check_facts, check_targets
 from nnctl.errors import ConfigError, Problem
 from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
-from nnctl.optim.losses import check_loss
+from nnctl.optim.losses import check_loss, check_loss_targets
 from nnctl.optim.optimizers import validate as validate_optimizer
 from nnctl.runs.tensorboard import MissingPackage
 from nnctl.runs.tensorboard import missing as missing_packages
@@ -122,3 +127,10 @@ def load_checked(source: str, overrides: list[str] | None = None, purpose: str =
     Checked result (``cfg``, ``doc``, ``plan``, ``warnings``).
     """
     return check(CL.load_document(source, overrides), purpose).refuse()
+
+
+def check_data(cfg: Config, doc: Document, plan_: Plan, data) -> list[Problem]:
+    """What needs the samples, once ``data`` (a ``nnctl.data.store.DataBundle``) is read: the targets
+    against the model's output (labels beyond its scores, a target of another shape) and against the
+    loss. Located problems; the caller raises ConfigError (exit 2) before writing anything."""
+    return check_targets(cfg, doc, plan_, data) + check_loss_targets(cfg, doc, data)

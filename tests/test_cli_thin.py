@@ -222,3 +222,13 @@ def test_summarize_draws_the_graph_and_names_the_summary(tmp_path):
     result = api.summarize(str(p), graph=out)
     assert result.name == "t" and "name" not in result.to_dict()
     assert out.read_text().lstrip().startswith("<?xml") and "input [1, 8, 8]" in out.read_text()
+
+
+def test_the_package_exports_exactly_the_api():
+    """`nnctl.X` is `nnctl.api.X` for every public name, and only those (the lazy list agrees with the API's)."""
+    import nnctl
+    from nnctl import api
+
+    assert [n for n in nnctl.__all__ if n != "__version__"] == api.__all__
+    for name in api.__all__:
+        assert callable(getattr(api, name)) and getattr(nnctl, name) is getattr(api, name)

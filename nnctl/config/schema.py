@@ -57,6 +57,7 @@ LOSS_ARGS = {
 }
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tensors", "synthetic")
 PRECISIONS = ("fp32", "bf16", "fp16")
+FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
 
 _Int = int
 
@@ -189,6 +190,10 @@ class DataSection(_Section):
                     raise ValueError(f"normalize.{key} must be a number or a list of finite numbers")
                 if key == "std" and any(x <= 0 for x in vals):
                     raise ValueError("normalize.std must be positive")
+                if key == "std" and any(x < FLOAT32_TINY for x in vals):
+                    # x / std in float32: a std below float32's smallest normal number divides by (almost) zero
+                    raise ValueError(f"normalize.std = {min(vals):g} is below float32's smallest normal number "
+                                     f"(about 1.2e-38): nnctl normalises in float32, where it divides by zero")
                 v[key] = [float(x) for x in vals]
             return v
         raise ValueError("expected true, false or {mean: [...], std: [...]}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import typing
@@ -95,6 +96,29 @@ def default_name(file: str) -> str:
     return name or "model"
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def beyond_float32(data: Any, path: tuple = ()) -> list[tuple[tuple, float]]:
+    """(path, value) of every number in a document whose size float32 cannot hold: nnctl computes in
+    float32 (inputs, weights, normalisation, augmentation, optimizer state), where such a number is
+    infinity, and a run would fail at its first step as "non-finite" or silently train on garbage (a
+    rotation by 1e39 degrees is a blank image). One rule for every number, wherever it is."""
+    if isinstance(data, dict):
+        return [found for k, v in data.items() for found in beyond_float32(v, path + (k,))]
+    if isinstance(data, list):
+        return [found for i, v in enumerate(data) for found in beyond_float32(v, path + (i,))]
+    if isinstance(data, int | float) and not isinstance(data, bool) and abs(data) > FLOAT32_MAX \
+            and (isinstance(data, int) or math.isfinite(data)):
+        return [(path, data)]
+    return []
+
+
+def _range_problems(doc: Document) -> list[Problem]:
+    return [doc.problem(path, f"{value:g} is beyond float32's range (about 3.4e38): nnctl computes in float32")
+            for path, value in beyond_float32(doc.data)]
+
+
 def validate(doc: Document) -> Config:
     """Validate the structure of a loaded document; raise ConfigError with every problem."""
     data = doc.data
@@ -107,20 +131,22 @@ def validate(doc: Document) -> Config:
     data = copy.deepcopy(data)
     if "name" not in data:
         data["name"] = default_name(doc.file)
+    problems: list[Problem] = _range_problems(doc)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
+        if not problems:
+            return cfg
     except ValidationError as exc:
-        problems: list[Problem] = []
         for err in exc.errors(include_url=False):
             cross = err.get("ctx", {}).get("error")
             if isinstance(cross, _CrossProblems):
                 problems.extend(doc.problem(p, m) for p, m in cross.problems)
             else:
                 problems.append(_problem_from(err, data, doc))
-        # one problem per place and message, in file order
-        unique = {(p.line, p.column, p.path, p.message): p for p in problems}
-        ordered = sorted(unique.values(), key=lambda p: (p.line or 0, p.column or 0))
-        raise ConfigError(ordered) from None
+    # one problem per place and message, in file order
+    unique = {(p.line, p.column, p.path, p.message): p for p in problems}
+    ordered = sorted(unique.values(), key=lambda p: (p.line or 0, p.column or 0))
+    raise ConfigError(ordered) from None
 
 
 def require_data(cfg: Config, doc: Document, what: str = "training") -> DataSection:

@@ -205,7 +205,21 @@ def preprocessing_record(cfg: Config, store: _Store, task: Task, mean, std) -> P
                            scale=float(store.scale) if store.scale else None,
                            mean=[float(v) for v in mean] if mean is not None else None,
                            std=[float(v) for v in std] if std is not None else None,
-                           classes=list(store.class_names) if store.class_names and task.has_classes else None)
+                           classes=list(store.class_names) if store.class_names and task.has_classes else None,
+                           data=store.fingerprint(cfg.data.root))
+
+
+def _shape_message(cfg: Config, shape: list[int], trained: bool) -> str:
+    """Samples of another shape than the model's input: the fix for a config (its input_shape) or, for a
+    trained model (a preprocessing record), the data's (image folders resize with data.image_size)."""
+    want, source = list(cfg.model.input_shape), cfg.data.source
+    if not trained:
+        return (f"data gives samples of shape {shape} but model.input_shape is {want} (source: {source}); "
+                f"set model.input_shape: {shape}")
+    fix = (f"set data.image_size: {want[-2:]} to resize the images to the model's input"
+           if source == "image_folder" and len(want) == 3 and len(shape) == 3 and want[0] == shape[0]
+           else "give data of the shape it was trained on")
+    return f"data gives samples of shape {shape}, but the trained model takes {want} (source: {source}); {fix}"
 
 
 def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1,
@@ -229,8 +243,7 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
         _map_labels(store, d.label_map, d.source)
     shape = list(store.sample_shape)
     if shape != list(cfg.model.input_shape):
-        raise UsageError(f"data gives samples of shape {shape} but model.input_shape is "
-                         f"{list(cfg.model.input_shape)} (source: {d.source}); set model.input_shape: {shape}")
+        raise UsageError(_shape_message(cfg, shape, trained=preprocessing is not None))
     if len(store) == 0:
         raise UsageError(f"{d.source} has no samples")
 

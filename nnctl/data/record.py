@@ -34,6 +34,11 @@ or float32 model-scale values.
   split), or null
 - ``classes``: the class names, index = class id (image_folder's folder names, MNIST's
   '0'..'9', Fashion-MNIST's and CIFAR's names, ``label_map``'s merged names), or null
+- ``data``: the training data's fingerprint (``_Store.fingerprint``): ``samples``, ``per_class``
+  and a ``digest`` of the samples' identities in order. The validation split is derived from the
+  data (seed, val_fraction), so ``--resume`` and ``nnctl eval`` of the run's own splits compare it
+  with the data they read (:func:`data_changes`): a file added to a class folder moves training
+  samples into "val". Null in records written before it (nothing is compared)
 
 No torch import at module level: reading a record is cheap.
 """
@@ -66,9 +71,16 @@ class Preprocessing:
     std: list[float] | None = None
     classes: list[str] | None = None
     version: int = VERSION
+    data: dict | None = None  # the training data's fingerprint (see data_changes)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def image_size(self) -> list[int] | None:
+        """``[H, W]`` a new image file is decoded to for this model (predict, eval --data): the recorded
+        resize, else the height and width of the model's input."""
+        shape = list(self.input_shape or [])
+        return list(self.resize) if self.resize else (shape[1:3] if len(shape) == 3 else None)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Preprocessing | None":
@@ -151,3 +163,20 @@ def label_map_names(names: list[str] | None, label_map: list[int]) -> list[str]:
 def missing_note(path: str) -> str:
     return (f"{path} holds no preprocessing record (written by an nnctl before 0.2): inputs are used as given, "
             "with no scaling or normalisation, and classes are shown by index")
+
+
+def data_changes(then: dict | None, now: dict | None, names: list[str] | None = None) -> str | None:
+    """How the data changed since a record's fingerprint was taken (``Preprocessing.data``), in words
+    (``names``: the class names, index = class id); None when it is the same or either side has none."""
+    if not isinstance(then, dict) or not isinstance(now, dict) or then.get("digest") == now.get("digest"):
+        return None
+    a, b = int(then.get("samples", 0)), int(now.get("samples", 0))
+    parts = [f"{b:,} samples now, {a:,} then" if a != b else f"the same {a:,} samples in number, but not the same samples"]
+    old, new = list(then.get("per_class") or []), list(now.get("per_class") or [])
+    if old and new and old != new:
+        width = max(len(old), len(new))
+        old, new = old + [0] * (width - len(old)), new + [0] * (width - len(new))
+        diffs = [f"class {names[i] if names and i < len(names) else i}: {x:,} -> {y:,}"
+                 for i, (x, y) in enumerate(zip(old, new)) if x != y]
+        parts.append(", ".join(diffs[:5]) + (f" and {len(diffs) - 5} more" if len(diffs) > 5 else ""))
+    return "; ".join(parts)

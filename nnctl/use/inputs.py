@@ -33,7 +33,7 @@ class _Group:
     ``values`` (the sigmoid of each output).
     """
 
-    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p", "values")
+    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p", "values", "bad")
 
     def __init__(self, name: str, x: torch.Tensor | None = None, *, image: bool = False,
                  error: str | None = None):
@@ -48,6 +48,7 @@ class _Group:
         self.top_i: torch.Tensor | None = None
         self.top_p: torch.Tensor | None = None
         self.values: torch.Tensor | None = None  # the answers where they are not the outputs (sigmoid per label)
+        self.bad: list[int] = []  # rows whose output is not finite: an error each, never an answer
 
     def row_name(self, i: int) -> str:
         return self.name if self.single else f"{self.name}[{i}]"
@@ -174,7 +175,7 @@ def _image_group(path: Path, pre: Preprocessing) -> _Group:
         return _Group(str(path), error="an image needs the model's input shape and colour mode, and this model "
                                        "has no preprocessing record: give tensors")
     mode = pre.color_mode if pre.color_mode in ("L", "RGB") else ("L" if shape[0] == 1 else "RGB")
-    size = pre.resize or (shape[1:3] if len(shape) == 3 else None)
+    size = pre.image_size()
     t = decode_image(path, mode, tuple(size) if size else None)
     if list(t.shape) != shape:
         return _Group(str(path), error=f"an image decodes to {list(t.shape)}; the model takes {shape}")

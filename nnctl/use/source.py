@@ -57,7 +57,10 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def config_document(config: Any, overrides: Sequence[str] = ()):
-    """A config file path, a YAML string or a dict -> its Document, with the overrides applied (not validated)."""
+    """A config file path, a YAML string or a dict -> its Document, with the overrides applied (not validated).
+
+    A file's relative paths resolve against its folder; a dict's or a YAML string's, and --set's, against
+    the current folder."""
     overrides = list(overrides)
     if isinstance(config, dict):
         doc = Document(copy.deepcopy(config), "<dict>")
@@ -67,8 +70,11 @@ def config_document(config: Any, overrides: Sequence[str] = ()):
         doc = load_text(config, "<string>")
     else:
         raise UsageError(f"a config is a path, a YAML string or a dict, not {type(config).__name__}")
+    # no file, so no file's folder: relative paths are relative to the current folder, as --set's are
+    CL.resolve_paths(doc, os.getcwd())
     if overrides:
         CL.apply_overrides(doc, overrides)
+        CL.resolve_paths(doc, os.getcwd(), only_overridden=True)
     return doc
 
 
