@@ -25,6 +25,9 @@ the resolved config. Fields (``FORMAT_VERSION`` 1):
 - ``loss_reference``: the first step's loss, the scale of the divergence rule
 - ``stopping``: early stopping's reference ``{"metric", "mode", "value", "epoch"}`` (its own
   metric and min_delta; ``bad_epochs`` counts the epochs since it last improved), or None
+- ``stopped_early``: ``{"epoch", "reason"}`` when early stopping ended the run at this epoch (the run is
+  finished: ``--resume`` refuses it, as it refuses a run that ran all its epochs), else None; a checkpoint
+  written before this field has none, and a resume decides from ``bad_epochs`` and the patience
 
 ``FIELDS`` below lists the optional fields with their types; ``make_payload`` is the one
 place a payload is assembled, and ``load`` checks every field's type.
@@ -157,6 +160,7 @@ FIELDS: dict[str, tuple[Any, tuple]] = {
     "preprocessing": (None, (dict, type(None))),  # nnctl.preprocess.Preprocessing.to_dict()
     "loss_reference": (None, (float, int, type(None))),  # the first step's loss: the divergence rule's scale
     "stopping": (None, (dict, type(None))),  # early stopping's reference: {"metric", "mode", "value", "epoch"}
+    "stopped_early": (None, (dict, type(None))),  # {"epoch", "reason"}: early stopping ended the run here
 }
 
 

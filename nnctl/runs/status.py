@@ -208,6 +208,13 @@ class StatusRecorder:
         self.monitor: tuple[str, str] | None = None
         self.written = False
 
+    @property
+    def complete(self) -> bool:
+        """The run's last checkpoint is written: its last epoch ended (epoch_end comes after the save), or
+        early stopping ended it (stop). A signal from here on leaves the run finished."""
+        s = self.status
+        return bool(s.get("stopped_early")) or int(s.get("epochs_done") or 0) >= int(s.get("epochs_total") or 1)
+
     def _seconds(self) -> float:
         return round(self.base_seconds + (time.monotonic() - self.began), 3)
 
@@ -261,7 +268,7 @@ class StatusRecorder:
 def error_record(error: BaseException) -> dict:
     message = str(error).strip() or type(error).__name__
     if isinstance(error, KeyboardInterrupt):
-        message = "interrupted (a second Ctrl-C)"
+        message = "interrupted (Ctrl-C)"
     return {"type": type(error).__name__, "message": message[:4000]}
 
 

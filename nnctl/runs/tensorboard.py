@@ -16,6 +16,18 @@ A resumed run appends to the same folder with ``purge_step`` = the checkpoint's 
 so TensorBoard drops whatever an interrupted process logged after its checkpoint. A new
 run started from another run's checkpoint first logs the history it inherits.
 
+End states (TensorBoard's hparams ``Status`` has success, failure, running and unknown, no "aborted"):
+finished -> STATUS_SUCCESS, failed -> STATUS_FAILURE, interrupted -> STATUS_UNKNOWN (neither a success nor
+a failure: the run can be resumed, and its resume records the final status).
+
+TensorBoard never stops a run: a write that fails (a full disk, a folder that cannot be made), when
+the writer is made or later, costs one note naming the folder and the run goes on without TensorBoard
+records (its checkpoints, metrics.csv and status.json are what the run needs; a disk that stays full
+stops it at the next checkpoint, with the file named). TensorBoard writes from a thread of its own
+that prints a traceback when a write fails, then hands the same error to the writer's next call;
+``_quiet_writer_threads`` silences that thread's print (only TensorBoard's writer threads), so the
+note is the one line the user sees.
+
 Event files are append-only streams of CRC-checked records (TensorBoard's own format); they
 are the one kind of file in a run folder not written through ``files.atomic_write``.
 ``torch.utils.tensorboard`` is imported only when a config asks for it; ``missing`` (a step of the
@@ -35,12 +47,39 @@ from nnctl.config.loader import flatten
 from nnctl.config.schema import resolved
 import contextlib
 import io
+import threading
 import warnings
 import torch
 
 INSTALL = "tensorboard needs the tensorboard package: pip install 'nnctl[tensorboard]'"
 EVENT_PREFIX = "events.out.tfevents."
 MAX_HPARAMS = 256
+# the run's end state -> TensorBoard's hparams Status (it has no "aborted"; see the module docstring)
+END_STATUS = {"finished": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "interrupted": "STATUS_UNKNOWN"}
+
+
+def _quiet_writer_threads() -> None:
+    """threading.excepthook without the print of TensorBoard's event-writer thread (installed once,
+    chained to the previous hook): that thread keeps its exception and the writer raises it in the
+    thread that logs, where ``TensorBoardLogger`` turns it into a note; every other thread is untouched."""
+    if getattr(threading.excepthook, "_nnctl_quiet", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and \
+                type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook._nnctl_quiet = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
 
 
 class MissingPackage(NnctlError):
@@ -133,18 +172,27 @@ class TensorBoardLogger:
         self.say = say or (lambda text: None)
         self.fresh = not event_files(run_dir)
         purge = resume_epoch + 1 if (continuing and not self.fresh) else None
-        self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge, flush_secs=30)
         self.hparams = hparams_of(resolved(cfg))
         self.last: dict = {}
         self.best: dict | None = None
         self.epochs_done = resume_epoch
         self.metrics: list[str] = []
+        self.writer = None
+        _quiet_writer_threads()
+        try:
+            self.writer = SummaryWriter(log_dir=str(self.folder), purge_step=purge, flush_secs=30)
+        except Exception as exc:  # noqa: BLE001 - a full disk costs the log, not the run (module docstring)
+            self.say(f"note: tensorboard: could not write to {self.folder} ({_reason(exc)}); the run goes on "
+                     "without TensorBoard records")
         if history:
             self.last = dict(history[-1])
             if self.fresh:  # a new folder (or TensorBoard turned on at resume): the inherited epochs first
-                for row in history:
-                    self._scalars(row)
-                self.writer.flush()
+                def inherited():
+                    for row in history:
+                        self._scalars(row)
+                    self.writer.flush()
+
+                self._guard("writing the inherited epochs", inherited)
 
     # --- safety: logging never stops the training ------------------------------------------
     def _guard(self, what: str, fn: Callable[[], None]) -> None:
@@ -153,7 +201,7 @@ class TensorBoardLogger:
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - a full disk or a TensorBoard bug costs the log, not the run
-            self.say(f"note: tensorboard: {what} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            self.say(f"note: tensorboard: {what} in {self.folder} failed ({_reason(exc)}); "
                      "no more TensorBoard records for this run")
             writer, self.writer = self.writer, None
             try:
@@ -163,7 +211,7 @@ class TensorBoardLogger:
 
     def on_event(self, event) -> None:
         kind = getattr(event, "kind", "")
-        if kind == "start" and self.fresh:
+        if kind == "start" and self.fresh and self.writer is not None:
             self._graph()
         elif kind == "epoch_end" and event.row is not None:
             row = dict(event.row)
@@ -252,8 +300,7 @@ class TensorBoardLogger:
             metrics[tag] = best["value"]
             self.writer.add_scalar(tag, best["value"], global_step=step)
         exp, ssi, _ = hparams(self.hparams, metrics)
-        status = {"finished": "STATUS_SUCCESS", "interrupted": "STATUS_ABORTED"}.get(state, "STATUS_FAILURE")
-        content = HParamsPluginData(session_end_info=SessionEndInfo(status=Status.Value(status)),
+        content = HParamsPluginData(session_end_info=SessionEndInfo(status=Status.Value(END_STATUS.get(state, "STATUS_UNKNOWN"))),
                                     version=PLUGIN_DATA_VERSION)
         sei = Summary(value=[Summary.Value(tag=SESSION_END_INFO_TAG, metadata=SummaryMetadata(
             plugin_data=SummaryMetadata.PluginData(plugin_name=PLUGIN_NAME, content=content.SerializeToString())))])

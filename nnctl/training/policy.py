@@ -145,3 +145,24 @@ def validation_divergence(metrics: dict[str, float], epoch: int, split: str, whe
              "its weights are finite); lower the learning rate or clip gradients")
     return NonFiniteValidation(f"{', '.join(bad)} at epoch {epoch + 1} on the {split} split of "
                                f"{where}: {cause}. Nothing saved. {kept}")
+
+
+# --- what a resumed run takes from its checkpoint ---------------------------------------------
+
+def saved_stopping(saved: dict, best: dict, watch: tuple[str, str] | None, fresh: dict | None) -> dict | None:
+    """Early stopping's reference in a checkpoint (an older one: best.pt's, when it watched the same metric)."""
+    if watch is None:
+        return fresh
+    stopping = saved.get("stopping")
+    if stopping and stopping.get("metric") == watch[0]:
+        return dict(stopping)
+    if best.get("metric") == watch[0]:  # an older checkpoint: early stopping watched best.pt's metric
+        return {**best, "mode": watch[1]}
+    return fresh
+
+
+def saved_loss_reference(saved: dict, history: list[dict]) -> float | None:
+    reference = saved.get("loss_reference")
+    if not isinstance(reference, float) and history and isinstance(history[0].get("train_loss"), float):
+        reference = history[0]["train_loss"]  # a checkpoint of an older nnctl: the first epoch's loss
+    return reference

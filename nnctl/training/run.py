@@ -44,8 +44,9 @@ from nnctl.runs import tensorboard as TB
 from nnctl.runs.status import StatusRecorder, state_of_exception
 from nnctl.training import distributed as DIST
 from nnctl.training import trainer as T
+from nnctl.training import policy
 from nnctl.training.policy import monitor_for
-from nnctl.training.signals import Interrupted
+from nnctl.training.signals import Interrupted, signal_of
 from nnctl.runs.rundir import RunDir
 from nnctl.seeds import rank_seed
 from nnctl.runs.claim import Claim, claim_existing, claim_new
@@ -231,9 +232,7 @@ def _train_locked(req: Request) -> RunResult:
             raise UsageError(f"the config differs from the checkpoint's in {', '.join(diff[:8])}"
                              f"{' ...' if len(diff) > 8 else ''}; resuming would not continue the same run "
                              "(use --force to resume anyway, or start a new run)")
-        if state.get("epoch", 0) >= cfg.train.epochs and not state.get("step_in_epoch"):
-            raise UsageError(f"{source.checkpoint}: the run already finished {state['epoch']} of "
-                             f"{cfg.train.epochs} epoch{'' if cfg.train.epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
+        _refuse_finished(source.checkpoint, state, cfg)
     # the check pipeline (nnctl.checking) has refused what it finds; what needs the samples follows in _fit
     # resuming: the checkpoint's weights replace any pretrained ones, so the hub cache is not needed
     model, plan = M.build(cfg, doc, pretrained=False if state is not None else None, checked=checked.plan)
@@ -262,6 +261,28 @@ def _train_locked(req: Request) -> RunResult:
         if claim is not None and not continuing:
             claim.abandon(exc)  # nothing was saved: the folder is the failed run's record, reused by the next run
         raise
+
+
+def _refuse_finished(checkpoint: Path, state: dict, cfg) -> None:
+    """A finished run is not resumed: it ran all its epochs, or early stopping ended it (the checkpoint's
+    ``stopped_early``; an older checkpoint: its ``bad_epochs`` against the patience, the trainer's own rule),
+    and would end it again at once. A larger patience or no early stopping (--force) resumes it."""
+    epoch, epochs = int(state.get("epoch", 0)), cfg.train.epochs
+    if state.get("step_in_epoch"):
+        return
+    if epoch >= epochs:
+        raise UsageError(f"{checkpoint}: the run already finished {epoch} of {epochs} epoch"
+                         f"{'' if epochs == 1 else 's'}; pass --epochs N with a larger N to train further")
+    if not policy.stops_early(cfg.train.early_stopping, int(state.get("bad_epochs", 0)), epoch - 1, epochs):
+        return
+    reason = (state.get("stopped_early") or {}).get("reason") or \
+        f"early stopping: {state.get('bad_epochs')} epochs without improvement, its patience"
+    best = RunDir(checkpoint.parent).best
+    raise UsageError(f"{checkpoint}: the run stopped early at epoch {epoch} of {epochs} ({reason}); it is "
+                     "finished, and resuming it as it is would train one more epoch and stop again. To train "
+                     "further, resume with a larger patience or without early stopping (--force --set "
+                     "train.early_stopping.patience=N), or start a new run from its weights (nnctl train "
+                     f"CONFIG --init {best if best.exists() else checkpoint})")
 
 
 def _device(cfg, dist: DIST.Dist) -> torch.device:
@@ -323,7 +344,8 @@ def _fit(spec: RunSpec) -> RunResult:
         if dist.main:
             plot_quietly(run_dir, cfg.name)
         raise
-    plot = plot_quietly(run_dir, cfg.name) if dist.main else None
+    with files.deferred_signals():  # a signal during the plot is delivered after it, not swallowed by it
+        plot = plot_quietly(run_dir, cfg.name) if dist.main else None
     if spec.claim is not None:
         spec.claim.release()
     return RunResult(run_dir, result, plot, name=cfg.name)
@@ -381,18 +403,38 @@ def _fit_recorded(spec: RunSpec) -> RunResult:
                                          resume_epoch=resume_epoch, history=(state or {}).get("history"),
                                          say=spec.say)
         result = _fit(replace(spec, claim=None, on_event=_recording(spec, record, board)))
+        record.end("finished", result=result.fit)
+        if board is not None:
+            board.end("finished", result=result.fit)
+        if spec.claim is not None:
+            spec.claim.release()
+        return result
     except BaseException as exc:
+        ended = _ended(exc, record, board, run_dir)
+        if ended is exc:
+            raise
+        raise ended from None
+
+
+def _ended(exc: BaseException, record: StatusRecorder, board, run_dir: Path) -> BaseException:
+    """The run's end state for an exception, recorded (status.json, TensorBoard); what the caller raises.
+
+    A signal after the run's last checkpoint (its last epoch's, or the one early stopping ended it at),
+    whatever it interrupted (validation, the plot, the record itself), leaves the run finished, as its
+    checkpoint says: recorded so, and raised as Interrupted(finished=True) (exit 128 + signal)."""
+    signum = signal_of(exc)
+    if signum is None or not record.complete:
         end = state_of_exception(exc)
         record.end(end, error=exc)
         if board is not None:
             board.end(end)
-        raise
-    record.end("finished", result=result.fit)
+        return exc
+    record.end("finished")
     if board is not None:
-        board.end("finished", result=result.fit)
-    if spec.claim is not None:
-        spec.claim.release()
-    return result
+        board.end("finished")
+    if isinstance(exc, Interrupted) and exc.finished:
+        return exc
+    return Interrupted(signum, str(RunDir(run_dir).last), finished=True)
 
 
 def _recording(spec: RunSpec, record: StatusRecorder, board) -> Callable:

@@ -9,15 +9,32 @@ from typing import Any, Iterator
 from nnctl.errors import NnctlError
 
 class Interrupted(NnctlError):
-    """SIGINT / SIGTERM: the run saved a checkpoint and stopped (exit 128 + signal)."""
+    """SIGINT / SIGTERM: the run saved a checkpoint and stopped (exit 128 + signal).
 
-    def __init__(self, signum: int, checkpoint: str | None):
+    ``finished``: the signal came after the run's last checkpoint (its last epoch, or the one early
+    stopping ended it at): the run is finished (status.json says so) and there is nothing to resume;
+    the process still exits 128 + signal, as it does for every signal (README, Training, "Stopping")."""
+
+    def __init__(self, signum: int, checkpoint: str | None, finished: bool = False):
         self.signum = signum
         self.exit_code = 128 + signum
         self.checkpoint = checkpoint
+        self.finished = finished
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; " + (f"saved {checkpoint}; resume with --resume" if checkpoint
-                                                   else "nothing saved"))
+        if finished:
+            text = f"stopped by {name} after the run finished: {checkpoint or 'its last checkpoint'} holds its " \
+                   "last epoch; nothing was lost and there is nothing to resume"
+        else:
+            text = f"stopped by {name}; " + (f"saved {checkpoint}; resume with --resume" if checkpoint
+                                             else "nothing saved")
+        super().__init__(text)
+
+
+def signal_of(error: BaseException) -> int | None:
+    """The signal an exception stands for: Interrupted's, SIGINT for KeyboardInterrupt, else None."""
+    if isinstance(error, Interrupted):
+        return error.signum
+    return signal.SIGINT if isinstance(error, KeyboardInterrupt) else None
 
 
 class _StopFlag:

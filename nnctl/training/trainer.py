@@ -96,7 +96,7 @@ class TrainState:
     reference ``{metric, mode, value, epoch}`` and ``best_weights`` its weights (in memory);
     ``stopping`` is early stopping's own reference (its metric and min_delta may differ) and
     ``bad_epochs`` its counter; ``loss_reference`` the run's first step's loss (the divergence
-    rule's scale). The random state is torch's global generators: each checkpoint captures it
+    rule's scale); ``stopped_early`` is set in the epoch early stopping ends the run at. The random state is torch's global generators: each checkpoint captures it
     (``Trainer.payload``) and ``Trainer.resume`` sets it back (per rank under DDP).
     """
 
@@ -114,6 +114,7 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
     loss_reference: float | None = None
     best_weights: dict[str, torch.Tensor] | None = None
+    stopped_early: dict | None = None  # {"epoch", "reason"}: early stopping ended the run (a resume refuses it)
 
 
 def fit(cfg: Config, model: nn.Module, data, device: torch.device, run_dir,
@@ -248,7 +249,6 @@ class Trainer:
         """The epochs, top to bottom. SIGINT / SIGTERM stop at a step boundary and save (Interrupted)."""
         t, s = self.cfg.train, self.state
         self.emit(Event("start", epochs=t.epochs, steps=self.steps, message=str(self.device)))
-        stopped_early = False
         began = time.perf_counter()
         with self.stop, closing(self.data):  # the data's workers end with the fit, however it ends
             while s.epoch < t.epochs:
@@ -258,17 +258,18 @@ class Trainer:
                 row = self.evaluate(epoch, train_loss)  # the metrics row: train loss, validation metrics
                 self.step_scheduler(row, train_loss)
                 row["seconds"] = time.perf_counter() - tick
-                improved = self.apply_policies(epoch, row)  # a new best? early stopping's counter
+                improved = self.apply_policies(epoch, row)  # a new best? early stopping's counter; stop early?
                 self.save(epoch, improved)  # best.pt, last.pt, epoch-N.pt, metrics.csv
                 self.emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row,
                                 message="best" if improved else ""))
+                if s.stopped_early:
+                    self.emit(Event("stop", epoch=epoch, message=s.stopped_early["reason"]))
                 if self.dist.any(self.stop.signum is not None, self.device):  # a signal during validation
-                    raise Interrupted(self.stop.signum or signal.SIGTERM, self.last_path if self.writes else None)
-                if policy.stops_early(t.early_stopping, s.bad_epochs, epoch, t.epochs):
-                    stopped_early = True
-                    self.emit(Event("stop", epoch=epoch, message=self.stop_message()))
+                    raise Interrupted(self.stop.signum or signal.SIGTERM, self.last_path if self.writes else None,
+                                      finished=bool(s.stopped_early) or s.epoch >= t.epochs)
+                if s.stopped_early:
                     break
-        return FitResult(s.history, s.best, s.best_weights, self.last_path, self.best_path, stopped_early,
+        return FitResult(s.history, s.best, s.best_weights, self.last_path, self.best_path, bool(s.stopped_early),
                          len(s.history), time.perf_counter() - began, s.history[-1] if s.history else {})
 
     # --- one epoch's steps, and a stop between two of them -------------------------------------
@@ -400,6 +401,8 @@ class Trainer:
             s.best_weights = copy.deepcopy(s.model.state_dict())
         s.stopping, s.bad_epochs = policy.early_stopping(row, s.stopping, s.bad_epochs, improved, self.min_delta,
                                                          epoch + 1)
+        if policy.stops_early(self.cfg.train.early_stopping, s.bad_epochs, epoch, self.cfg.train.epochs):
+            s.stopped_early = {"epoch": epoch + 1, "reason": self.stop_message()}  # saved: a resume refuses it
         return improved
 
     def stop_message(self) -> str:
@@ -426,6 +429,7 @@ class Trainer:
             input_shape=list(self.cfg.model.input_shape),
             preprocessing=self.data.preprocessing.to_dict() if getattr(self.data, "preprocessing", None) else None,
             loss_reference=s.loss_reference, stopping=dict(s.stopping) if s.stopping else None,
+            stopped_early=dict(s.stopped_early) if s.stopped_early else None,
         )
 
     def save(self, epoch: int, improved: bool) -> None:
@@ -467,10 +471,10 @@ class Trainer:
         s.history = list(saved.get("history") or [])
         s.best = dict(saved.get("best") or s.best)
         s.bad_epochs = int(saved.get("bad_epochs", 0))
-        s.stopping = _saved_stopping(saved, s.best, watch, s.stopping)
+        s.stopping = policy.saved_stopping(saved, s.best, watch, s.stopping)
         # the running sums of an interrupted epoch
         s.sums = EpochSums.from_state(saved.get("partial"), self.device) if s.step_in_epoch > 0 else None
-        s.loss_reference = _saved_loss_reference(saved, s.history)
+        s.loss_reference = policy.saved_loss_reference(saved, s.history)
         ranks = saved.get("rng_ranks")
         if self.dist.enabled and ranks and len(ranks) == self.dist.world_size:
             ckpt.set_rng_state(ranks[self.dist.rank])
@@ -479,21 +483,3 @@ class Trainer:
         else:
             ckpt.set_rng_state(saved.get("rng"))
 
-
-def _saved_stopping(saved: dict, best: dict, watch: tuple[str, str] | None, fresh: dict | None) -> dict | None:
-    """Early stopping's reference in a checkpoint (an older one: best.pt's, when it watched the same metric)."""
-    if watch is None:
-        return fresh
-    stopping = saved.get("stopping")
-    if stopping and stopping.get("metric") == watch[0]:
-        return dict(stopping)
-    if best.get("metric") == watch[0]:  # an older checkpoint: early stopping watched best.pt's metric
-        return {**best, "mode": watch[1]}
-    return fresh
-
-
-def _saved_loss_reference(saved: dict, history: list[dict]) -> float | None:
-    reference = saved.get("loss_reference")
-    if not isinstance(reference, float) and history and isinstance(history[0].get("train_loss"), float):
-        reference = history[0]["train_loss"]  # a checkpoint of an older nnctl: the first epoch's loss
-    return reference
