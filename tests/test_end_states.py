@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from nnctl.runs import checkpoint as K
 from tests.conftest import make, run_cli, write
@@ -244,3 +245,90 @@ def test_an_interrupted_run_records_its_hparams_with_a_status_tensorboard_knows(
         assert start.session_start_info.hparams["train.epochs"].number_value == 300
         end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
         assert end.session_end_info.status == api_pb2.Status.Value("STATUS_UNKNOWN")
+
+
+# --- defect 16: a batch whose targets are all ignore_index ------------------------------------------------
+
+def _ignore_data(tmp_path: Path, y: list[int]) -> Path:
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "d.pt"
+    torch.save({"x": torch.randn(len(y), 4, generator=g), "y": torch.tensor(y)}, path)
+    return path
+
+
+def _ignore_cfg(tmp_path: Path, path: Path, lr: float = 0.0) -> Path:
+    return write(tmp_path, make(
+        model={"input_shape": [4], "layers": [{"Linear": {"out_features": 3}}]},
+        data={"source": "tensors", "path": str(path), "val_fraction": 0.0, "normalize": False},
+        train={"loss": {"cross_entropy": {"ignore_index": 2}}, "epochs": 1, "batch_size": 2,
+               "optimizer": {"SGD": {"lr": lr}}}))
+
+
+def test_an_all_ignored_batch_counts_for_nothing_and_the_mean_is_plain_pytorchs(tmp_path):
+    # 16 samples in batches of 2, 10 of them ignored (class 2): several batches hold only ignored targets
+    y = [2, 2, 2, 0, 2, 2, 1, 2, 2, 0, 2, 1, 2, 2, 0, 1]
+    path = _ignore_data(tmp_path, y)
+    run = tmp_path / "run"
+    r = run_cli("train", str(_ignore_cfg(tmp_path, path)), "-o", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # before: "the training loss became non-finite ... lower the learning rate"
+    # lr 0: the weights never change, so the epoch's mean is plain PyTorch's over the whole split, by hand
+    state = K.load(run / "last.pt")
+    data = torch.load(path)
+    logits = data["x"] @ state["model"]["0.weight"].T + state["model"]["0.bias"]
+    by_hand = torch.nn.functional.cross_entropy(logits.double(), data["y"], ignore_index=2)
+    assert state["history"][0]["train_loss"] == pytest.approx(float(by_hand), rel=1e-6)
+    # with learning: every step finite (a zero loss, zero gradients), the same as PyTorch's mean elsewhere
+    r = run_cli("train", str(_ignore_cfg(tmp_path, path, lr=0.1)), "-o", str(tmp_path / "run2"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_loss_of_an_all_ignored_batch_is_zero_with_zero_gradients_and_otherwise_pytorchs():
+    from nnctl.optim.losses import counted, make_loss
+
+    loss_fn = make_loss({"cross_entropy": {"ignore_index": 2, "weight": [1.0, 2.0, 3.0]}})
+    out = torch.randn(4, 3, requires_grad=True)
+    y = torch.tensor([2, 0, 2, 1])
+    ref = torch.nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 3.0]), ignore_index=2)
+    assert torch.equal(loss_fn(out, y), ref(out, y)) and counted(loss_fn, y, 4) == 2
+    every = torch.tensor([2, 2, 2, 2])
+    assert torch.isnan(ref(out, every))  # plain PyTorch: 0/0
+    loss = loss_fn(out, every)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(out.grad, torch.zeros(4, 3)) and counted(loss_fn, every, 4) == 0
+
+
+def test_an_epoch_with_no_counted_target_says_so_plainly(tmp_path):
+    path = _ignore_data(tmp_path, [2] * 8)
+    r = run_cli("train", str(_ignore_cfg(tmp_path, path, lr=0.1)), "-o", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: every training target of epoch 1 (4 steps) is the loss's ignore_index: there is nothing to learn "
+        "from; check the labels and train.loss ignore_index. No checkpoint was written before this.")
+    assert "learning rate" not in r.stderr
+
+
+def test_validation_counts_only_the_kept_targets_and_says_when_there_are_none():
+    from nnctl.errors import NnctlError
+    from nnctl.optim.losses import make_loss
+    from nnctl.training.loop import evaluate
+
+    class Batches:
+        def __init__(self, parts):
+            self.parts = parts
+
+        def epoch(self, epoch):
+            yield from self.parts
+
+    g = torch.Generator().manual_seed(1)
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(6, 4, generator=g)
+    y = torch.tensor([2, 2, 0, 1, 2, 0])
+    loss_fn = make_loss({"cross_entropy": {"ignore_index": 2}})
+    got = evaluate(model, loss_fn, Batches([(x[:2], y[:2]), (x[2:], y[2:])]), "classification")
+    with torch.no_grad():
+        logits = model(x)
+    keep = y != 2
+    assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits.double(), y, ignore_index=2)))
+    assert got["accuracy"] == pytest.approx(float((logits.argmax(1)[keep] == y[keep]).double().mean()))
+    with pytest.raises(NnctlError, match=r"^every target of the 2 samples evaluated is the loss's ignore_index \(2\)"):
+        evaluate(model, loss_fn, Batches([(x[:2], y[:2])]), "classification")

@@ -35,6 +35,37 @@ def balanced_weights(labels: torch.Tensor, classes: int) -> list[float]:
     return [n / (classes * float(c)) if c > 0 else 1.0 for c in counts]
 
 
+class IgnoringLoss(nn.Module):
+    """cross_entropy / nll with ``ignore_index``: PyTorch's loss, whose mean is over the targets that are not
+    ignore_index. A batch whose targets are all ignored has no mean (PyTorch gives 0/0 = NaN): its loss is 0
+    (no gradient from it) and it counts for nothing in the epoch's mean, which weights each batch by its
+    counted targets (``counted``). Telling the two apart costs one host sync a step, only with ignore_index."""
+
+    def __init__(self, inner: nn.Module, ignore_index: int):
+        super().__init__()
+        self.inner = inner
+        self.ignore_index = ignore_index
+
+    def kept(self, y: torch.Tensor) -> torch.Tensor:
+        return y != self.ignore_index
+
+    def forward(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if bool(self.kept(y).any()):
+            return self.inner(out, y)
+        return out.sum() * 0.0  # nothing to learn from: a zero loss, zero gradients
+
+
+def kept(loss_fn: nn.Module, y: torch.Tensor) -> torch.Tensor | None:
+    """Which targets the loss counts (a bool mask; None: every one)."""
+    return loss_fn.kept(y) if isinstance(loss_fn, IgnoringLoss) else None
+
+
+def counted(loss_fn: nn.Module, y: torch.Tensor, batch: int) -> int:
+    """The targets a batch's mean loss is over: the batch size, or with ignore_index the targets kept."""
+    mask = kept(loss_fn, y)
+    return batch if mask is None else int(mask.sum())
+
+
 def make_loss(spec: Any, *, labels: torch.Tensor | None = None, classes: int | None = None) -> nn.Module:
     """The loss module of ``train.loss``: a name, ``{name: {args}}`` or a TrainSection.
 
@@ -56,7 +87,8 @@ def make_loss(spec: Any, *, labels: torch.Tensor | None = None, classes: int | N
                 value = balanced_weights(labels, classes)
             value = torch.tensor(value if isinstance(value, list) else [value], dtype=torch.float32)
         kwargs[key] = value
-    return LOSS_CLASSES[name](**kwargs)
+    loss = LOSS_CLASSES[name](**kwargs)
+    return IgnoringLoss(loss, int(kwargs["ignore_index"])) if "ignore_index" in kwargs else loss
 
 
 def check_loss(cfg: Config, doc: Document, outputs: int | None) -> list[Problem]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 import torch
 from torch import nn
+from nnctl.errors import NnctlError
+from nnctl.optim.losses import counted, kept
 from nnctl.tasks import Task
 
 # --- one epoch, evaluation ------------------------------------------------------------
@@ -54,11 +56,16 @@ def acc_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+NOTHING_COUNTED = -3  # EpochSums.reduce: every target of the epoch was the loss's ignore_index
+
+
 @dataclass
 class EpochSums:
     """The epoch's per-step losses, kept on the device; read (one sync) at the end of the epoch.
 
-    Appending the detached loss costs no kernel and no host sync per step.
+    Appending the detached loss costs no kernel and no host sync per step. ``sizes``: the targets each
+    step's mean loss is over (the batch size; with ignore_index, the targets that count, 0 for a batch with
+    none), so the epoch's mean counts only those.
     """
 
     losses: list[torch.Tensor] = field(default_factory=list)
@@ -73,7 +80,8 @@ class EpochSums:
         return float(self.losses[-1]) if self.losses else None
 
     def reduce(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> tuple[float, int]:
-        """(mean loss weighted by batch size, index of the first non-finite step or -1).
+        """(mean loss weighted by batch size, index of the first non-finite step or -1; NOTHING_COUNTED:
+        steps ran but no target counted, every one ignore_index).
 
         all_reduce (distributed runs) sums the loss and sample counts of every rank.
         """
@@ -88,6 +96,8 @@ class EpochSums:
         bad = (~torch.isfinite(values.cpu())).nonzero()
         loss_sum, seen, n_bad = totals.tolist()
         first_bad = int(bad[0]) if len(bad) else (-2 if n_bad else -1)  # -2: on another rank
+        if first_bad == -1 and not seen:
+            return math.nan, NOTHING_COUNTED
         return loss_sum / seen, first_bad
 
     def state(self) -> dict:
@@ -162,7 +172,7 @@ def train_one_epoch(ctx: Context, batches, epoch: int, start_step: int, sums: Ep
         if last:
             _update(ctx)
         sums.losses.append(loss.detach())
-        sums.sizes.append(x.shape[0])
+        sums.sizes.append(counted(ctx.loss_fn, y, x.shape[0]))
         step += 1
         if on_step is not None and on_step(step, sums) and last:
             break
@@ -188,8 +198,9 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, task: Task | str, fo
     model.eval()
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    # loss sum, correct (or squared error sum), absolute error sum, samples, top-5 correct, top-5 seen
-    sums = torch.zeros(6, device=device, dtype=acc_dtype(device))
+    # loss sum, correct (or squared error sum), absolute error sum, counted targets (samples; with
+    # ignore_index the targets kept), top-5 correct, top-5 seen, samples
+    sums = torch.zeros(7, device=device, dtype=acc_dtype(device))
     try:
         for x, y in batches.epoch(0):
             if channels_last and x.dim() == 4:
@@ -197,24 +208,32 @@ def evaluate(model: nn.Module, loss_fn: nn.Module, batches, task: Task | str, fo
             with autocast():
                 out = model(x)
             out = out.float()
-            sums[0] += loss_fn(out, y).to(sums.dtype) * x.shape[0]
+            keep = kept(loss_fn, y)
+            n_kept = x.shape[0] if keep is None else keep.sum()
+            sums[0] += loss_fn(out, y).to(sums.dtype) * n_kept
             if task.answer == "classes":
-                sums[1] += (out.argmax(dim=1) == y).sum()
+                keep = torch.ones_like(y, dtype=torch.bool) if keep is None else keep
+                sums[1] += ((out.argmax(dim=1) == y) & keep).sum()
                 if out.dim() == 2 and "top5_accuracy" in task.metrics(out.shape[1], prefix=""):
-                    sums[4] += (out.topk(5, dim=1).indices == y.unsqueeze(1)).any(dim=1).sum()
-                    sums[5] += x.shape[0]
+                    sums[4] += ((out.topk(5, dim=1).indices == y.unsqueeze(1)).any(dim=1) & keep).sum()
+                    sums[5] += n_kept
             elif task.answer == "labels":
                 sums[1] += ((out > 0) == (y > 0.5)).to(sums.dtype).reshape(x.shape[0], -1).mean(dim=1).sum()
             else:
                 diff = (out - y.to(out.dtype)).to(sums.dtype).reshape(x.shape[0], -1)
                 sums[1] += diff.pow(2).mean(dim=1).sum()
                 sums[2] += diff.abs().mean(dim=1).sum()
-            sums[3] += x.shape[0]
+            sums[3] += n_kept
+            sums[6] += x.shape[0]
     finally:
         model.train(was_training)
     if all_reduce is not None:
         all_reduce(sums)
-    loss, second, third, n, top5, n5 = sums.tolist()
+    loss, second, third, n, top5, n5, samples = sums.tolist()
+    if n == 0 and samples:
+        raise NnctlError(f"every target of the {samples:.0f} samples evaluated is the loss's ignore_index "
+                         f"({loss_fn.ignore_index}): there is nothing to measure; check the labels and "
+                         "train.loss ignore_index")
     if n == 0:
         return {}
     values = {"loss": loss / n, "accuracy": second / n, "top5_accuracy": top5 / n5 if n5 else None,

@@ -9,6 +9,7 @@ from torch import nn
 from nnctl.config.schema import Config
 from nnctl.errors import NnctlError, UsageError
 from nnctl.tasks import mode_of
+from nnctl.training.loop import NOTHING_COUNTED
 
 class Diverged(NnctlError):
     """Training diverged: a non-finite loss or weights, or an exploding loss (exit 1). Nothing is saved."""
@@ -108,9 +109,13 @@ def check_monitored(row: dict, names: list[str]) -> None:
                              "set train.checkpoint.monitor / train.early_stopping.monitor to one of them")
 
 
-def non_finite_loss(epoch: int, steps: int, train_loss: float, first_bad: int, kept: str) -> NonFiniteLoss | None:
+def non_finite_loss(epoch: int, steps: int, train_loss: float, first_bad: int, kept: str) -> NnctlError | None:
     """The divergence rule, first part: a step's loss (``first_bad``: its index; -2 on another rank; -1
-    none) or the epoch's mean is non-finite. ``kept``: where the last good checkpoint is."""
+    none) or the epoch's mean is non-finite. ``kept``: where the last good checkpoint is. An epoch whose
+    every target was the loss's ignore_index (NOTHING_COUNTED) has no mean: not a divergence, said plainly."""
+    if first_bad == NOTHING_COUNTED:
+        return NnctlError(f"every training target of epoch {epoch + 1} ({steps} steps) is the loss's ignore_index: "
+                          f"there is nothing to learn from; check the labels and train.loss ignore_index. {kept}")
     if first_bad == -1 and math.isfinite(train_loss):
         return None
     where = f"epoch {epoch + 1}" + (f", step {first_bad + 1}" if first_bad >= 0 else

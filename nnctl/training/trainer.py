@@ -41,7 +41,7 @@ from nnctl.runs.rundir import RunDir
 from nnctl.seeds import rank_seed
 from nnctl.training import policy
 from nnctl.training.distributed import Dist
-from nnctl.training.loop import Context, EpochSums, acc_dtype, evaluate, train_one_epoch
+from nnctl.training.loop import NOTHING_COUNTED, Context, EpochSums, acc_dtype, evaluate, train_one_epoch
 from nnctl.training.signals import Interrupted, _StopFlag
 
 # --- what fit takes and gives ----------------------------------------------------------
@@ -314,7 +314,7 @@ class Trainer:
     def save_interrupted(self, epoch: int, sums: EpochSums) -> None:
         """last.pt of the epoch in progress (its step and running sums), then Interrupted."""
         _, first_bad = sums.reduce(self.all_reduce())
-        if first_bad != -1 or not policy.state_finite(self.state.model):  # never save a diverged state
+        if first_bad not in (-1, NOTHING_COUNTED) or not policy.state_finite(self.state.model):  # never a diverged one
             raise policy.NonFiniteLoss(
                 f"stopped by a signal in epoch {epoch + 1}, step {self.state.step_in_epoch}, but the training had "
                 f"diverged (a non-finite loss or weights): nothing saved. {self.last_good()}")
