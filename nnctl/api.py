@@ -23,6 +23,7 @@ import yaml
 
 from nnctl.errors import ConfigError, UsageError
 from nnctl import checking as CHK
+from nnctl import files
 from nnctl.data import loading as D
 from nnctl.model import freeze as F
 from nnctl.model import plan as M
@@ -150,7 +151,7 @@ def _config_file(config: Any) -> Iterator[str | None]:
     text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
-        path.write_text(text)
+        files.atomic_write(path, lambda fh: fh.write(text.encode()))  # the one writer (issue 20)
         yield str(path)
 
 
@@ -235,8 +236,11 @@ def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Se
     result = S.summarize(src.model, src.plan, cfg.model.input_shape, depth=depth, augment=augment)
     result.name = cfg.name
     if graph is not None:
+        # never over what was read: the config (a link named g.png to it too), the checkpoint, a run's files
+        inputs = [p for p in (source, src.checkpoint) if isinstance(p, os.PathLike)
+                  or (isinstance(p, str) and not _is_yaml_text(p))]
         G.draw_graph(src.model, cfg.model.input_shape, os.fspath(graph),
-                     title=f"{cfg.name}: input {list(cfg.model.input_shape)}", plan=src.plan)
+                     title=f"{cfg.name}: input {list(cfg.model.input_shape)}", plan=src.plan, inputs=inputs)
     return result
 
 

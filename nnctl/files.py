@@ -4,8 +4,14 @@ No torch here. Every input (config, weights, checkpoint, data file) is opened
 with ``open_input``, which refuses FIFOs, devices, sockets and folders without
 blocking on them (a FIFO opened for reading would wait forever for a writer).
 Every output target is checked with ``check_output``: a target that exists and
-is not a regular file, or that is one of the command's inputs, or that is a file
-nnctl owns in a run folder, is refused (exit 2) before anything is written.
+is not a regular file, or that is one of the command's inputs, or that lies inside a
+data folder the command reads, or that is a file nnctl owns in a run folder, is
+refused (exit 2) before anything is written.
+
+This is the one writer: every file nnctl writes goes through ``atomic_write`` (pictures
+through ``save_figure``), and tests/test_one_writer.py fails on any other write in the
+package outside its short allow-list. ``display_name`` is the one way a name from the
+file system (which may hold bytes that are not UTF-8) becomes text for an output.
 """
 
 from __future__ import annotations
@@ -82,13 +88,45 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.abspath(a) == os.path.abspath(b)
 
 
+def display_name(name: object) -> str:
+    """A name from the file system as text every writer can encode (a CSV, a picture, JSON, a terminal).
+
+    POSIX names are bytes: one that is not UTF-8 (a folder named b'caf\\xe9') comes from os.listdir
+    as a str holding surrogates ('caf\\udce9'), which no UTF-8 writer accepts and matplotlib refuses.
+    Each such byte is shown as \\xNN ('caf\\\\xe9'); a valid name is returned unchanged.
+    """
+    text = str(name)
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")  # the name's own bytes (os.fsencode on POSIX)
+    except UnicodeEncodeError:  # a surrogate that is not an escaped byte: shown as \\udXXX
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether path is folder or lies anywhere under it, links and '..' resolved (realpath) on both sides."""
+    try:
+        real, root = os.path.realpath(path), os.path.realpath(folder)
+    except (OSError, ValueError):
+        return False
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
 def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str = "output",
-                 allow_run_files: bool = False) -> Path:
+                 allow_run_files: bool = False, input_dirs: tuple | list = ()) -> Path:
     """Refuse an output target that would destroy something; return it as a Path.
 
     Refused (UsageError, exit 2): an existing target that is not a regular file (a device,
     a FIFO, a folder, a symbolic link: a rename would replace it); a target that is one of
-    the command's inputs; a target that is one of the files nnctl keeps in a run folder.
+    the command's inputs; a target anywhere under one of ``input_dirs`` (a data root the
+    command reads: every file in it is an input, and a new file there would be read as data
+    next time), resolved with realpath so links and '..' do not get around it; a target that
+    is one of the files nnctl keeps in a run folder.
     """
     p = Path(path)
     try:
@@ -103,6 +141,10 @@ def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str =
     for src in inputs:
         if src is not None and (st is not None and _same(p, src) or os.path.abspath(p) == os.path.abspath(src)):
             raise UsageError(f"{what} {p}: is an input of this command; refused (choose another -o)")
+    for folder in input_dirs:
+        if folder is not None and _inside(p, folder):
+            raise UsageError(f"{what} {p}: is inside {folder}, a data folder this command reads (an input); "
+                             "refused (choose another -o)")
     if not allow_run_files and RunDir.is_own_file(p.name) and RunDir(p.parent).is_run():
         raise UsageError(f"{what} {p}: is a file nnctl keeps in the run folder {p.parent}; refused "
                          "(choose another -o)")
@@ -200,18 +242,19 @@ class deferred_signals:
         return False
 
 
-def atomic_write(path: str | os.PathLike, write, inputs: tuple | list = (), run_file: bool = False) -> None:
+def atomic_write(path: str | os.PathLike, write, inputs: tuple | list = (), run_file: bool = False,
+                 input_dirs: tuple | list = ()) -> None:
     """Call write(fileobj) on a temporary file beside path, then rename it into place.
 
     A target that exists and is not a regular file (a device, a FIFO, a folder, a link) or
-    that is one of ``inputs``, or that is one of the files nnctl keeps in a run folder
-    (unless ``run_file``: the run itself writing them) is refused (UsageError) before
-    anything is written. An I/O
+    that is one of ``inputs``, or that lies under one of ``input_dirs``, or that is one of the
+    files nnctl keeps in a run folder (unless ``run_file``: the run itself writing them) is
+    refused (UsageError) before anything is written (``check_output``). An I/O
     failure removes the temporary file, leaves any previous file at path intact and raises
     WriteError naming the file. SIGINT / SIGTERM are held until the file is in place.
     Temporary files left by a writer killed mid-write are removed.
     """
-    path = check_output(path, inputs, what="target", allow_run_files=run_file)
+    path = check_output(path, inputs, what="target", allow_run_files=run_file, input_dirs=input_dirs)
     _remove_stale_temporaries(path)
     with deferred_signals():
         _atomic_write(path, write)
@@ -249,3 +292,32 @@ def _atomic_write(path: Path, write) -> None:
             os.close(fd)
     except OSError:  # some filesystems cannot fsync a folder; the rename is still atomic
         pass
+
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+
+
+def save_figure(fig, path: str | os.PathLike, fmt: str | None = None, dpi: int = 110, inputs: tuple | list = (),
+                run_file: bool = False, input_dirs: tuple | list = ()) -> Path:
+    """A matplotlib figure written through ``atomic_write`` (never ``fig.savefig(path)``: that follows a
+    link onto an input, replaces a run's file, and blocks forever on a FIFO). ``fmt``: png, svg or pdf
+    (default: the file's suffix). The caller closes the figure."""
+    path = Path(path)
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    if fmt not in FIGURE_FORMATS:
+        raise UsageError(f"{path}: a picture's file name must end in .png, .svg or .pdf")
+    atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi), inputs, run_file=run_file,
+                 input_dirs=input_dirs)
+    return path
+
+
+def probe_writable(folder: str | os.PathLike, what: str = "folder") -> None:
+    """Refuse (UsageError) a folder nothing can be written to (read-only, no permission): an empty
+    file made and removed, before anything long-running starts."""
+    probe = Path(folder) / f".write-test-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"cannot write to the {what} {folder}: {exc.strerror or exc}") from None

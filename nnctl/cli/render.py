@@ -6,19 +6,21 @@ import json
 import os
 import sys
 
+from nnctl.files import display_name  # no torch: a file-system name as text any writer can encode
 from nnctl.runs.rundir import RunDir  # no torch: the names of a run folder's files
 
 _ANSI = None
 
 
 def _clean(text: str) -> str:
-    """One printable line: terminal escape sequences removed, other control characters shown escaped."""
+    """One printable line: terminal escape sequences removed, other control characters shown escaped, a
+    name's bytes that are not UTF-8 shown as \\xNN (``files.display_name``)."""
     global _ANSI
     if _ANSI is None:
         import re
 
         _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])")
-    text = _ANSI.sub("", str(text))
+    text = _ANSI.sub("", display_name(text))
     return "".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in text)
 
 
@@ -166,11 +168,12 @@ def _render_predictions(preds, fmt: str) -> str:
                         cells += [r.classes[i], r.names[i], f"{r.probabilities[i]:.6g}"]
                     else:
                         cells += ["", "", ""]
-                w.writerow(cells + [r.error or ""])
+                w.writerow([display_name(c) for c in cells] + [display_name(r.error or "")])
         else:
             w.writerow(["input", "values", "error"])
             for r in preds.rows:
-                w.writerow([r.input, " ".join(f"{v:.6g}" for v in (r.values or [])), r.error or ""])
+                w.writerow([display_name(r.input), " ".join(f"{v:.6g}" for v in (r.values or [])),
+                            display_name(r.error or "")])
         return buf.getvalue()
     from rich.console import Console
     from rich.table import Table
@@ -201,12 +204,15 @@ def _render_predictions(preds, fmt: str) -> str:
 
 
 def _finite(obj):
+    """JSON-ready: NaN and infinity -> null; every string through ``display_name`` (no surrogates)."""
     import math
 
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, str):
+        return display_name(obj)
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {_finite(k): _finite(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_finite(v) for v in obj]
     return obj

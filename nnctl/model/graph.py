@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 if TYPE_CHECKING:  # pragma: no cover
     from nnctl.model.plan import Plan
+from nnctl import files
 from nnctl.model.summary import summarize
 from nnctl.model.blocks import Concat, Residual
 
@@ -154,13 +155,16 @@ def _draw(ax, g: _GNode, x: float, y: float) -> tuple[tuple, tuple]:
 
 
 def draw_graph(model: nn.Module, input_shape: Any, path: str, title: str = "", max_depth: int = 0,
-               plan: "Plan | None" = None) -> str:
+               plan: "Plan | None" = None, inputs: tuple | list = ()) -> str:
     """Draw the model as a graph (PNG, SVG or PDF by the file's suffix): one box per layer with its
     output shape, Residual shortcuts and Concat branches side by side; returns the path written.
 
+    Written through ``files.save_figure`` (atomically; never over ``inputs``, the files the command
+    read, nor over a run's own files, a link, a FIFO or a device): refused before anything is drawn.
     Uses matplotlib only (headless Agg backend). ``max_depth`` limits how deep containers open
     (0: all the way down to the layers).
     """
+    files.check_output(path, inputs, what="--graph")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,9 +188,9 @@ def draw_graph(model: nn.Module, input_shape: Any, path: str, title: str = "", m
             ax.set_ylim(height - 0.4, -0.6)
             ax.axis("off")
             if title:
-                ax.text(0, -0.35, title, ha="center", va="center", fontsize=9, weight="bold")
+                ax.text(0, -0.35, files.display_name(title), ha="center", va="center", fontsize=9, weight="bold")
             _draw(ax, g, 0.0, 0.0)
-            fig.savefig(path, dpi=110)
+            files.save_figure(fig, path, dpi=110, inputs=inputs)
         finally:
             plt.close(fig)
     return path

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from nnctl import files
 from nnctl.errors import UsageError
 from nnctl.runs import tensorboard as TB
 from nnctl.runs.rundir import LOCKED_ENV, RunDir, RunLock
@@ -45,22 +46,34 @@ def _clear_stale(run: RunDir) -> None:
     TB.clear(run.path)  # RUN/tensorboard: its event files only
 
 
-def _probe_writable(folder: Path) -> None:
-    probe = folder / f".write-test-{os.getpid()}"
-    try:
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(f"cannot write to the run folder {folder}: {exc.strerror or exc}") from None
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p folder; the folders it made, outermost first (a failed claim removes them again)."""
+    missing = []
+    for parent in (folder, *folder.parents):
+        if os.path.lexists(parent):
+            break
+        missing.append(parent)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def _remove_made(folders: list[Path]) -> None:
+    """Remove the folders a failed claim made, innermost first; only if empty (never a file nnctl did not make)."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 @dataclass
 class Claim:
-    """A run folder this process holds: its lock, and whether it made the folder."""
+    """A run folder this process holds: its lock, whether it made the folder, and the parents it made."""
 
     folder: Path
     lock: RunLock | None
     created: bool = False
+    parents: list[Path] = field(default_factory=list)
 
     def release(self) -> None:
         if self.lock is not None:
@@ -84,10 +97,7 @@ class Claim:
             if self.created:
                 if self.lock is not None:
                     self.lock.release()
-                try:
-                    self.folder.rmdir()  # only if empty: never removes a file nnctl did not make
-                except OSError:
-                    pass
+                _remove_made([*self.parents, self.folder])  # only if empty: never a file nnctl did not make
         self.release()
 
 
@@ -126,25 +136,33 @@ class _Taken(Exception):
 
 
 def _claim_one(p: Path, explicit: bool) -> Claim:
+    parents: list[Path] = []
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        parents = _make_parents(p.parent)
         os.mkdir(p)
         created = True
     except FileExistsError:
         created = False
     except OSError as exc:
+        _remove_made(parents)
         raise UsageError(f"cannot write to the run folder {p}: {exc.strerror or exc}") from None
     if not created and (p.is_symlink() or not p.is_dir()):
         if explicit:
             raise UsageError(f"--out {p}: exists and is not a folder")
         raise _Taken
+    made = parents + [p] if created else parents
     try:
         lock = _lock(p)
-    except UsageError:
+    except UsageError:  # a claim that fails leaves nothing behind (only the empty folders it made go)
         if explicit:
+            _remove_made(made)
             raise
+        _remove_made([p] if created else [])  # the next name is tried in the same parent
         raise _Taken from None
-    claim = Claim(p, lock, created)
+    except BaseException:  # the lock's pid could not be written (a full disk): the lock file is gone too
+        _remove_made(made)
+        raise
+    claim = Claim(p, lock, created, parents)
     if not created:
         run = RunDir(p)
         reason = _reusable(run)
@@ -157,7 +175,7 @@ def _claim_one(p: Path, explicit: bool) -> Claim:
             raise _Taken
         _clear_stale(run)
     try:
-        _probe_writable(p)
+        files.probe_writable(p, "run folder")
     except UsageError:
         claim.abandon()
         raise

@@ -11,7 +11,7 @@ from nnctl.runs.rundir import RunDir
 from nnctl.tasks import curve_for
 import csv
 from nnctl.runs import checkpoint as K
-from nnctl.files import atomic_write, check_output
+from nnctl.files import check_output
 
 def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     """curves.png: losses (left) and the task's validation metric (right: ``Task.curve``) by epoch."""
@@ -40,11 +40,13 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
         ax2.set_xlabel("epoch")
         ax2.set_ylabel(curve.replace("_", " "))
         ax2.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(files.display_name(title))
     fig.tight_layout()
     path = RunDir(run_dir).curves
-    files.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), run_file=True)
-    plt.close(fig)
+    try:
+        files.save_figure(fig, path, "png", dpi=110, run_file=True)
+    finally:
+        plt.close(fig)
     return str(path)
 
 def plot_quietly(run_dir: Path, name: str) -> str | None:
@@ -91,7 +93,7 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compar
     height = 3.5 + 0.2 * legend_rows + 0.1
     fig, axes = plt.subplots(1, panels, figsize=(11 if panels == 2 else 7, height), squeeze=False)
     colours = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    labels = comparison.labels(width=100 if ncol == 1 else 60)
+    labels = [files.display_name(label) for label in comparison.labels(width=100 if ncol == 1 else 60)]
     from matplotlib.lines import Line2D
 
     handles = []
@@ -126,11 +128,11 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compar
     for a in axes[0]:
         a.xaxis.get_major_locator().set_params(integer=True)
     fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=9, frameon=False)
-    title = ", ".join(_unique_names([r.path for r in comparison.runs]))
+    title = files.display_name(", ".join(_unique_names([r.path for r in comparison.runs])))
     fig.suptitle("nnctl compare: " + (title if len(title) <= 110 else title[:109] + "…"), fontsize=11)
     fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1 - 0.3 / height))
     try:
-        atomic_write(out, lambda fh: fig.savefig(fh, format=fmt, dpi=100), inputs=inputs)
+        files.save_figure(fig, out, fmt, dpi=100, inputs=inputs)
     finally:
         plt.close(fig)
     comparison.plot = str(out)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Self
 
 from nnctl import locks
-from nnctl.errors import UsageError
+from nnctl.errors import NnctlError, UsageError
 
 CONFIG = "config.yaml"
 LAST = "last.pt"
@@ -156,6 +156,7 @@ class RunLock:
     """One training process a run folder: an exclusive flock on RUN/.lock holding its pid (``nnctl.locks``).
 
     The kernel drops it when the process dies; ``release`` removes the file while still holding it.
+    A pid that cannot be written (a full disk) releases the lock and removes its file (NnctlError).
     """
 
     def __init__(self, folder: str | os.PathLike | RunDir):
@@ -180,7 +181,11 @@ class RunLock:
             pid = _pid(self._lock.holder)
             raise UsageError(f"{self.folder}: another nnctl process{f' (pid {pid})' if pid else ''} is training "
                              "in this run folder; wait for it, or stop it first")
-        self._lock.write(f"{os.getpid()}\n")
+        try:
+            self._lock.write(f"{os.getpid()}\n")
+        except OSError as exc:  # a full disk, a file-size limit: let go, and leave no lock file behind
+            self._lock.release(remove=True)
+            raise NnctlError(f"cannot write the run lock {self.path}: {exc.strerror or exc}") from None
         return self
 
     def release(self) -> None:

@@ -22,8 +22,9 @@ from nnctl.config.loader import resolve_paths
 from nnctl.config.yamlio import Document, load_file
 from nnctl.data import loading as D
 from nnctl.data.sources import has_test_split
+from nnctl.data.sources.read import read_paths
 from nnctl.errors import UsageError
-from nnctl.files import atomic_write, check_output
+from nnctl.files import check_output, display_name, save_figure
 from nnctl.model import freeze as FREEZE
 from nnctl.model import plan as M
 from nnctl.model import weights as F
@@ -164,9 +165,10 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         result.per_class = per_class(matrix, names)
         target = Path(confusion_path) if confusion_path else base_dir / "eval" / f"confusion-{split}.png"
         inputs = [str(source)] + [str(p) for p in (getattr(src, "checkpoint", None), data, init) if p is not None]
-        result.confusion_png = plot_confusion(matrix, names, target, inputs,
+        data_files, data_dirs = read_paths(cfg)  # the data read: never written over, nor inside its folder
+        result.confusion_png = plot_confusion(matrix, names, target, inputs + data_files,
                                               f"{cfg.name}: {split}, {batches.num_samples:,} samples, "
-                                              f"accuracy {metrics.get('accuracy', 0):.4f}")
+                                              f"accuracy {metrics.get('accuracy', 0):.4f}", data_dirs)
     elif confusion:
         notes.append("--confusion applies to classification only")
     return result
@@ -183,16 +185,20 @@ def per_class(matrix: torch.Tensor, names: list[str]) -> list[dict]:
     return rows
 
 
-def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: list[str], title: str) -> str:
-    """A confusion-matrix PNG: counts in each cell, rows normalised for the colour, class names on the axes."""
+def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: list[str], title: str,
+                   input_dirs: list[str] = ()) -> str:
+    """A confusion-matrix PNG: counts in each cell, rows normalised for the colour, class names on the axes
+    (``display_name``: a folder name that is not UTF-8 shows its bytes as \\xNN). Never written over
+    ``inputs`` nor anywhere under ``input_dirs`` (the data folders read)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
 
-    check_output(path, inputs, what="--confusion-out")
+    check_output(path, inputs, what="--confusion-out", input_dirs=input_dirs)
     path.parent.mkdir(parents=True, exist_ok=True)
+    names = [display_name(s) for s in names]
     m = matrix.numpy()
     n = len(names)
     share = m / m.sum(axis=1, keepdims=True).clip(min=1)
@@ -211,10 +217,12 @@ def plot_confusion(matrix: torch.Tensor, names: list[str], path: Path, inputs: l
                     ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
                             color="white" if share[i, j] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(display_name(title), fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=110), inputs)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, "png", dpi=110, inputs=inputs, input_dirs=input_dirs)
+    finally:
+        plt.close(fig)
     return str(path)
 
 

@@ -38,6 +38,22 @@ def _read(cfg: Config, weights: dict | None = None) -> _Store:
     return _synthetic(cfg)
 
 
+def read_paths(cfg: Config) -> tuple[list[str], list[str]]:
+    """What ``_read`` reads from the file system, as (files, folders): a tensors file; the root of an image
+    folder or of a torchvision set. A command's outputs are never written over or inside them
+    (``files.check_output``'s inputs and input_dirs)."""
+    d = cfg.data
+    if d is None:
+        return [], []
+    if d.source == "tensors" and d.path:
+        return [os.path.expanduser(d.path)], []
+    if d.source == "image_folder":
+        return [], ([os.path.expanduser(d.root)] if d.root else [])
+    if d.source in _MNIST_FOLDERS or d.source in _CIFAR:
+        return [], [str(Path(os.path.expanduser(d.root)) if d.root else default_root())]
+    return [], []
+
+
 # --- load_data -------------------------------------------------------------------------
 
 def has_test_split(source: str) -> bool:
