@@ -41,6 +41,7 @@ from nnctl.use.source import (CHECKPOINT_SUFFIXES, Source, _is_yaml_text, config
 from nnctl.model.tv import pretrained_preprocessing
 from nnctl.data.augment.spec import describe as describe_augment
 from nnctl.config import schema as C
+from nnctl.config import yamlio
 from nnctl.runs import records as RS
 from nnctl.runs import checkpoint as K_CHECKPOINT
 from nnctl.data.record import Preprocessing
@@ -50,6 +51,10 @@ from nnctl.use import evaluate as E_EVALUATE
 from nnctl.use import export as E_EXPORT
 from nnctl.data import cache as K_CACHE
 from nnctl.runs import plots as PLOTS
+
+__all__ = ["build", "load", "load_config", "load_record", "check", "prepare", "fit", "train", "launch", "predict",
+           "evaluate", "summarize", "layer_types", "freeze", "export", "cache_info", "cache_clear", "list_runs",
+           "compare"]
 
 
 
@@ -148,7 +153,10 @@ def _config_file(config: Any) -> Iterator[str | None]:
     if config is None or isinstance(config, os.PathLike) or (isinstance(config, str) and not _is_yaml_text(config)):
         yield None if config is None else os.fspath(config)
         return
-    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    # its relative paths are relative to the current folder (config_document), never to the temporary one
+    doc = config_document(config)
+    raw = config if isinstance(config, dict) else yamlio.load_text(config, "<string>").data
+    text = config if isinstance(config, str) and doc.data == raw else yaml.safe_dump(doc.data, sort_keys=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.yaml"
         files.atomic_write(path, lambda fh: fh.write(text.encode()))  # the one writer (issue 20)

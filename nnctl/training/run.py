@@ -35,6 +35,7 @@ from nnctl import checking as CHK
 from nnctl.config import loader as CL
 from nnctl.config import schema as C
 from nnctl.data import loading as D
+from nnctl.data.record import data_changes
 from nnctl.errors import CheckpointError, ConfigError, UsageError
 from nnctl.model import freeze as F
 from nnctl.model import plan as M
@@ -161,6 +162,7 @@ class RunSpec:
     say: Callable[[str], None]
     source_name: str = ""  # the checkpoint a new run starts from
     overrides: list[str] = field(default_factory=list)
+    force: bool = False  # --resume --force: resume despite changed settings or data
 
 
 def train(config: str | None = None, *, overrides: list[str] | tuple = (), out: str | None = None,
@@ -254,7 +256,8 @@ def _train_locked(req: Request) -> RunResult:
     continuing = source is not None and source.continue_in is not None
     run_dir, claim = (source.continue_in, req.claim) if continuing else _claim_new(cfg.name, req)
     spec = RunSpec(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes, dev,
-                   dist, req.on_event, req.say, str(source.checkpoint) if source is not None else "", overrides)
+                   dist, req.on_event, req.say, str(source.checkpoint) if source is not None else "", overrides,
+                   force)
     try:
         return _fit_recorded(spec)
     except BaseException as exc:
@@ -331,9 +334,10 @@ def _fit(spec: RunSpec) -> RunResult:
                        weights=pretrained_preprocessing(cfg))
     outputs = spec.plan.output_shape[-1] if spec.plan.output_shape else None
     # what needs the samples (the check pipeline, nnctl.checking, ran everything else before the run folder)
-    problems = D.check_targets(cfg, spec.doc, spec.plan, data) + losses.check_loss_targets(cfg, spec.doc, data)
+    problems = CHK.check_data(cfg, spec.doc, spec.plan, data)
     if problems:
         raise ConfigError(problems)
+    _same_data(spec, data)
     if dist.main:
         _tell(spec, data)
     options = T.FitOptions(resume=spec.state, on_event=spec.on_event, freezing=spec.freezing, dist=dist,
@@ -349,6 +353,24 @@ def _fit(spec: RunSpec) -> RunResult:
     if spec.claim is not None:
         spec.claim.release()
     return RunResult(run_dir, result, plot, name=cfg.name)
+
+
+def _same_data(spec: RunSpec, data) -> None:
+    """A resumed run reads the data its checkpoint was trained on: the validation split is derived from
+    the data, so a file added since would move training samples into "val" (and best.pt would be chosen
+    on them). Refused, naming what changed, unless --force (then a note says it)."""
+    then = ((spec.state or {}).get("preprocessing") or {}).get("data") if spec.state is not None else None
+    now = data.preprocessing
+    change = data_changes(then, now.data if now is not None else None, now.classes if now is not None else None)
+    if change is None:
+        return
+    if not spec.force:
+        raise UsageError(f"the data changed since {spec.source_name or 'the checkpoint'} was written ({change}); "
+                         "the validation split is derived from the data, so the resumed run would validate, and "
+                         "choose best.pt, on another split with training samples in it. Restore the data, or "
+                         "start a new run from these weights (--init); --force resumes anyway")
+    data.notes.append(f"the data changed since the checkpoint ({change}); resumed anyway (--force): the "
+                      "validation split is not the one the run validated on before")
 
 
 def _tell(spec: RunSpec, data) -> None:

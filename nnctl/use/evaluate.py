@@ -21,9 +21,10 @@ from nnctl.config import structure as CS
 from nnctl.config.loader import resolve_paths
 from nnctl.config.yamlio import Document, load_file
 from nnctl.data import loading as D
+from nnctl.data.record import data_changes
 from nnctl.data.sources import has_test_split
 from nnctl.data.sources.read import read_paths
-from nnctl.errors import UsageError
+from nnctl.errors import ConfigError, UsageError
 from nnctl.files import check_output, display_name, save_figure
 from nnctl.model import freeze as FREEZE
 from nnctl.model import plan as M
@@ -78,6 +79,32 @@ def _data_section(data: Any) -> dict:
     return holder.data["data"]
 
 
+def _size_as_trained(section: dict, pre) -> None:
+    """--data of images with no data.image_size: resized to the trained model's input (its preprocessing
+    record), as ``nnctl predict`` resizes the same files, so eval and predict score the same pixels."""
+    if pre is None or section.get("source") != "image_folder" or section.get("image_size") is not None:
+        return
+    size = pre.image_size()
+    if size:
+        section["image_size"] = size
+
+
+def _same_split(pre, bundle, split: str, data: Any, notes: list[str]) -> None:
+    """The run's own splits are derived from its data: if the data changed since training (the record's
+    fingerprint), "val" may hold training samples. Refused for --split val / train; a note for all."""
+    if data is not None or pre is None or bundle.preprocessing is None or split == "test":
+        return
+    change = data_changes(pre.data, bundle.preprocessing.data, pre.classes)
+    if change is None:
+        return
+    if split == "all":
+        notes.append(f"the data changed since training ({change}): scored as it is now")
+        return
+    raise UsageError(f"the data changed since this model was trained ({change}); its {split} split is derived "
+                     "from the data, so it is no longer the split the run used (training samples would be "
+                     f"scored as {split}). Score all of it with --split all, or other data with --data")
+
+
 def evaluate(source: Any, *, which: str = "best", split: str | None = None, data: Any = None,
              overrides: list[str] | None = None, init: str | None = None, partial: bool = False,
              device: str | None = None, confusion: bool = False, confusion_path: str | None = None) -> EvalResult:
@@ -114,6 +141,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         pre, epoch, base_dir = None, None, Path(".")
     if data is not None:
         resolved["data"] = _data_section(data)
+        _size_as_trained(resolved["data"], pre)
     if split == "test":
 
         source_name = (resolved.get("data") or {}).get("source")
@@ -133,6 +161,10 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     model = src.model.to(dev).eval()
     bundle = D.load_data(cfg, dev, preprocessing=pre, augment=False,
                          weights=pretrained_preprocessing(cfg))  # scoring never augments
+    problems = CHK.check_data(cfg, doc, src.plan, bundle)  # the targets against the model, as training checks them
+    if problems:
+        raise ConfigError(problems)
+    _same_split(pre, bundle, split, data, notes)
     batches = bundle.train if split in ("train", "all") else bundle.val
     if batches is None:
         raise UsageError("this data has no validation split (val_fraction 0); use --split train or all")

@@ -109,6 +109,11 @@ class Rows(Sequence):
         return f"<{self._len} prediction rows>"
 
 
+# a sample whose output holds NaN or infinity: no class or value is an answer (the model overflowed on it)
+NOT_FINITE = ("the model's output for this sample is not finite (NaN or infinity): its input is probably far outside "
+              "the range the model was trained on")
+
+
 class Predictions:
     """The answers of ``predict``, in input order.
 
@@ -134,21 +139,29 @@ class Predictions:
         if g.error is not None:
             yield Prediction(g.name, error=g.error)
             return
+        bad = set(g.bad)
         for a in range(start, stop, _ROWS_PER_CHUNK):
             b = min(stop, a + _ROWS_PER_CHUNK)
             if g.top_i is not None:
                 names = [self._class_name(v) for v in range(g.out.shape[1])]
                 idx, prob = g.top_i[a:b].tolist(), g.top_p[a:b].tolist()
                 for i, (c, p) in enumerate(zip(idx, prob), a):
-                    yield Prediction(g.row_name(i), classes=c, names=[names[v] for v in c], probabilities=p)
+                    yield Prediction(g.row_name(i), error=NOT_FINITE) if i in bad else \
+                        Prediction(g.row_name(i), classes=c, names=[names[v] for v in c], probabilities=p)
             else:
                 vals = (g.out if g.values is None else g.values)[a:b].reshape(b - a, -1).tolist()
                 for i, v in enumerate(vals, a):
-                    yield Prediction(g.row_name(i), values=v)
+                    yield Prediction(g.row_name(i), error=NOT_FINITE) if i in bad else Prediction(g.row_name(i), values=v)
 
     @property
     def failed(self) -> list[Prediction]:
-        return [Prediction(g.name, error=g.error) for g in self._groups if g.error is not None]
+        """The inputs that could not be used, and the samples whose output is not finite."""
+        out = []
+        for g in self._groups:
+            if g.error is not None:
+                out.append(Prediction(g.name, error=g.error))
+            out += [Prediction(g.row_name(i), error=NOT_FINITE) for i in g.bad]
+        return out
 
     @property
     def outputs(self) -> torch.Tensor | None:
@@ -258,6 +271,8 @@ def _finish(g: _Group, task: Task, loss: str, top_k: int) -> None:
     g.out = g.outs[0] if len(g.outs) == 1 else torch.cat(g.outs)
     g.outs = []
     g.x = None
+    finite = torch.isfinite(g.out.reshape(len(g.out), -1)).all(dim=1)
+    g.bad = (~finite).nonzero().flatten().tolist()
     if task.answer == "classes" and g.out.dim() == 2:
         probs = g.out.exp() if loss == "nll" else torch.softmax(g.out, dim=1)
         g.top_p, g.top_i = probs.topk(min(top_k, probs.shape[1]), dim=1)
