@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -355,3 +356,159 @@ def test_a_folder_named_like_an_entry_file_never_breaks_training_or_the_cache_co
     (odd / "keep").unlink()  # an empty folder is removed
     done = K.clear(all=True)
     assert done.removed == 1 and not done.skipped and os.listdir(tmp_path / "cache") == []
+
+
+# --- 8: issue 20 --------------------------------------------------------------------------------------
+
+def _bmp_folder(root: Path) -> None:
+    """2 classes x 4 BMP images: a BMP's size depends on its dimensions only, so new pixels keep the size."""
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            rng = np.random.default_rng(10 * c + i)
+            Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(root / f"c{c}" / f"{i}.bmp")
+
+
+@pytest.mark.parametrize("how", ["cp -p", "os.utime"])
+def test_a_same_size_change_with_its_mtime_put_back_is_not_served_from_the_cache(tmp_path, monkeypatch, how):
+    """Defect 6: the key held size and mtime only; `cp -p` (or a write and os.utime) of other pixels of the
+    same size kept both, and a later run trained on the old pixels. The ctime (and inode) catch it."""
+    monkeypatch.setenv("NNCTL_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "bmp"
+    _bmp_folder(root)
+    target = root / "c0" / "1.bmp"
+    D.load_data(_cfg(root, True), CPU)
+    old = DEC.decode_image(str(target), "RGB", (8, 8))
+    other = tmp_path / "other.bmp"
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(other)
+    before = os.stat(target)
+    assert os.path.getsize(other) == before.st_size
+    os.utime(other, ns=(before.st_atime_ns, before.st_mtime_ns))
+    if how == "cp -p":
+        subprocess.run(["cp", "-p", str(other), str(target)], check=True)
+    else:
+        target.write_bytes(other.read_bytes())
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(target)
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)  # what the old key held
+    new = DEC.decode_image(str(target), "RGB", (8, 8))
+    assert not torch.equal(old, new) and int(new.max()) == 7
+    again = D.load_data(_cfg(root, True), CPU)
+    assert any(n.startswith("decoded 8 images") for n in again.notes), again.notes  # before: "using decoded cache"
+    files = [p for p, _ in SRC.folder._scan_image_folder(root)[1]]
+    assert torch.equal(again.train.store.x[files.index(str(target))], new)
+    _assert_same(_batches(D.load_data(_cfg(root, False), CPU)), _batches(again))
+    hit = D.load_data(_cfg(root, True), CPU)  # and nothing else changed: a hit
+    assert any(n.startswith("using decoded cache") for n in hit.notes), hit.notes
+
+
+def test_a_fill_starts_past_the_clock_tick_of_the_newest_change():
+    """entry.settle: decoding waits until the clock is SETTLE_NS past the newest ctime (a same-tick
+    write would keep the ctime), and never waits for a change time from a clock far ahead."""
+    now = time.time_ns()
+    K.entry.settle(now)
+    assert time.time_ns() >= now + K.entry.SETTLE_NS
+    start = time.monotonic()
+    K.entry.settle(time.time_ns() + 3_600 * 10**9)  # a skewed clock: not waited for
+    K.entry.settle(0)
+    assert time.monotonic() - start < 0.01
+
+
+def test_a_deeply_nested_header_is_corrupt_in_cache_info_and_rebuilt_by_train(folder, tmp_path):
+    """Defect 13: a header of 100,000 nested '[' was `internal error: RecursionError` in `nnctl cache info`
+    and `nnctl train`; it is a corrupt entry: info says so, train rebuilds it."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"input_shape": [3, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 3}}]},
+        "data": {"source": "image_folder", "root": str(folder), "image_size": [8, 8], "cache": True,
+                 "num_workers": 0}, "train": {"batch_size": 8, "epochs": 1}}))
+    env = {"NNCTL_CACHE_DIR": str(tmp_path / "cache")}
+    r = run_cli("train", str(cfg), "--out", str(tmp_path / "runs" / "a"), env=env)
+    assert r.returncode == 0, r.stderr
+    (entry,) = K.entries()
+    header = entry.path.with_suffix(".json")
+    header.write_text("[" * 100_000)
+    why = f"unreadable header {header.name}: nested too deeply"
+    r = run_cli("cache", "info", "--json", env=env)
+    assert r.returncode == 0 and "internal error" not in r.stderr, r.stderr
+    assert [e["status"] for e in json.loads(r.stdout)["entries"]] == [f"corrupt: {why}"]
+    r = run_cli("train", str(cfg), "--out", str(tmp_path / "runs" / "b"), env=env)
+    assert r.returncode == 0 and "internal error" not in r.stderr, r.stderr
+    out = " ".join((r.stdout + r.stderr).split())
+    assert f"{entry.key}.u8 was corrupt ({why}): rebuilt" in out, out
+    assert [e.status for e in K.entries(verify=True)] == ["valid"]
+
+
+def test_no_room_says_the_margin_and_never_zero_for_a_need(folder, tmp_path, monkeypatch):
+    """Defect 19: "(0 MiB needed, 3 MiB free)": the need is rounded up, the free space down, and the
+    margin the check keeps free is said, so the numbers add up."""
+    from nnctl.data.cache import fill
+
+    free = 3 << 20
+    monkeypatch.setattr(fill.shutil, "disk_usage", lambda d: namedtuple("U", "total used free")(free, 0, free))
+    bundle = D.load_data(_cfg(folder, True), CPU)
+    need = 36 * 3 * 8 * 8  # 6,912 bytes: 6.75 KiB
+    assert need + K.entry.FREE_MARGIN > free
+    assert (f"not enough room for the decoded cache (6.8 KiB needed and 64.0 MiB kept free, 3.0 MiB free in "
+            f"{tmp_path / 'cache'}): decoding without the cache") in bundle.notes, bundle.notes
+    assert fill._bytes(2**20 + 1, up=True) == "1.1 MiB" and fill._bytes(2**21 - 1, up=False) == "1.9 MiB"
+    assert fill._bytes(1, up=True) == "1 bytes" and fill._bytes(1536) == "1.5 KiB"
+
+
+def _signal_during_fills(tmp_path: Path, tries: list[tuple[signal.Signals, float]]) -> list[str]:
+    """Defect 12: `nnctl train` with data.cache, a fill with decode workers (PARALLEL_FROM images or more),
+    the signal sent to the process group (as Ctrl-C does) `delay` seconds after the fill's temporary file
+    appears (the workers start right after it). Every try: exit 128 + signal, status interrupted, one line
+    on stderr (no traceback, no "DataLoader worker ... stopped"), no worker left, no temporary file left."""
+    root = tmp_path / "many"
+    for c in range(2):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(K.entry.PARALLEL_FROM // 2 + 100):
+            _image(root / f"c{c}" / f"{i:03d}.png", 32, 1000 * c + i)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(json.dumps({
+        "model": {"input_shape": [3, 16, 16], "layers": ["Flatten", {"Linear": {"out_features": 2}}]},
+        "data": {"source": "image_folder", "root": str(root), "image_size": [16, 16], "cache": True,
+                 "preload": False, "num_workers": 0}, "train": {"batch_size": 32, "epochs": 1}}))
+    failures = []
+    for t, (sig, delay) in enumerate(tries):
+        cache, run = tmp_path / f"cache{t}", tmp_path / "runs" / f"t{t}"
+        env = dict(os.environ, NNCTL_CACHE_DIR=str(cache), PYTHONWARNINGS="ignore")
+        p = subprocess.Popen([sys.executable, "-m", "nnctl", "train", str(cfg), "--out", str(run)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while p.poll() is None and time.monotonic() < deadline and not (
+                cache.is_dir() and any(".u8.tmp-" in n for n in os.listdir(cache))):
+            time.sleep(0.001)
+        time.sleep(delay)
+        sent = time.monotonic()
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        _, err = p.communicate(timeout=120)
+        took = time.monotonic() - sent
+        left = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True, check=False).stdout.split()
+        status = json.loads((run / "status.json").read_text()) if (run / "status.json").exists() else {}
+        temps = [n for n in os.listdir(cache) if ".tmp-" in n] if cache.is_dir() else []
+        ok = (p.returncode == 128 + sig and status.get("state") == "interrupted" and "Traceback" not in err
+              and "DataLoader worker" not in err and len(err.strip().splitlines()) <= 2 and took < 20
+              and not left and not temps)
+        if not ok:
+            failures.append(f"{sig.name} +{delay:.3f}s: exit {p.returncode}, state {status.get('state')}, "
+                            f"{took:.1f}s, left {left} {temps}: {err[-600:]}")
+    return failures
+
+
+_MOMENTS = [0.0, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15]
+
+
+def test_a_signal_while_the_decode_workers_start_is_a_clean_interruption(tmp_path):
+    tries = [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.005), (signal.SIGINT, 0.02), (signal.SIGTERM, 0.08)]
+    assert _signal_during_fills(tmp_path, tries) == []
+
+
+@pytest.mark.slow
+def test_a_signal_at_many_moments_of_the_fill_is_a_clean_interruption(tmp_path):
+    tries = [(sig, m) for m in _MOMENTS for sig in (signal.SIGINT, signal.SIGTERM)] * 2
+    assert _signal_during_fills(tmp_path, tries) == []

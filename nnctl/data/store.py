@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -134,8 +136,76 @@ def _worker_init(worker_id: int) -> None:
     ignored, and SIGTERM ends a worker only after a grace period (see _worker_term). A worker that
     died at once would fail the main process's next batch, or its SIGCHLD handler in the middle of
     a step, where no consistent state can be saved."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C pending since the fork is dropped here
     signal.signal(signal.SIGTERM, _worker_term)
+    threading.excepthook = _worker_thread_error
+    if _STOPS_MASKABLE:  # blocked from before the fork (_HeldStops): a pending SIGTERM arrives now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)
+
+
+def _worker_thread_error(args) -> None:
+    """A worker's background thread that lost its connection (the main process stopped reading while
+    the worker was handing it a batch's shared memory) ends quietly: the main process says why it
+    stopped. Any other error is printed as Python does."""
+    if issubclass(args.exc_type, BrokenPipeError | ConnectionResetError | EOFError):
+        return
+    threading.__excepthook__(args)
+
+
+_STOPS = {signal.SIGINT, signal.SIGTERM}
+_STOPS_MASKABLE = hasattr(signal, "pthread_sigmask")
+
+
+class _HeldStops:
+    """SIGINT and SIGTERM noted instead of handled while a DataLoader of ours starts its workers or
+    hands over a batch, then raised again at once, to the handlers this process had (_iterate).
+
+    Why: a handler that raises (KeyboardInterrupt, the Interrupted of a run's start) raised the
+    exception wherever Python happened to be: inside the DataLoader half built (workers nobody shut
+    down: the exit waited out their 60 s grace), or in a ``__del__`` or a fork hook, where Python
+    prints "Exception ignored" and drops it (the stop lost: the run went on and finished). Held, it is
+    raised between batches, in _iterate. A second signal of a kind already held is not held: the
+    handlers are put back and both are raised at once (a second Ctrl-C still stops a stuck worker).
+
+    ``fork``: the signals are also blocked in this thread, so a worker forked meanwhile (it inherits
+    the mask, and this process's handlers) gets one only once _worker_init has set its own handlers.
+    Outside the main thread (where Python cannot set handlers) only the blocking is done.
+    """
+
+    def __init__(self, fork: bool):
+        self.fork = fork and _STOPS_MASKABLE
+        self.held: list[int] = []
+        self.handlers: dict[int, Any] = {}
+        self.mask = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in _STOPS:
+                self.handlers[sig] = signal.signal(sig, self._hold)
+        if self.fork:
+            self.mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)
+        return self
+
+    def _hold(self, signum, frame) -> None:
+        again = signum in self.held
+        self.held.append(signum)
+        if again:
+            self._release()
+
+    def _release(self) -> None:
+        for sig, handler in self.handlers.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self.handlers = {}
+        held, self.held = self.held, []
+        for sig in held:  # each handler runs before raise_signal returns
+            signal.raise_signal(sig)
+
+    def __exit__(self, *exc) -> bool:
+        if self.mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.mask)
+            self.mask = None
+        self._release()
+        return False
 
 
 def _loader(dataset, **kwargs) -> torch.utils.data.DataLoader:
@@ -154,10 +224,24 @@ class LoaderStopped(NnctlError):
 def _iterate(loader) -> Iterator[Any]:
     """A DataLoader's batches; a sample that could not be read is a one-line UsageError naming the file,
     and a worker process that died (a signal, out of memory) a one-line NnctlError, never a traceback."""
-    it = iter(loader)
+    ours = bool(getattr(loader, "num_workers", 0)) and loader.worker_init_fn is _worker_init
+    it = None
+    try:
+        with _HeldStops(fork=True) if ours else contextlib.nullcontext():
+            it = iter(loader)
+        yield from _batches_of(it, ours)
+    finally:  # however it ends (a signal, an error): its workers stop now, not at the interpreter's exit
+        if not getattr(loader, "persistent_workers", False) and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+def _batches_of(it, hold: bool) -> Iterator[Any]:
+    """The batches of a DataLoader iterator, its failures as nnctl errors (see _iterate); ``hold``:
+    a stop signal while waiting for a batch is raised between batches (_HeldStops)."""
     while True:
         try:
-            batch = next(it)
+            with _HeldStops(fork=False) if hold else contextlib.nullcontext():
+                batch = next(it)
         except StopIteration:
             return
         except NnctlError:  # a stop signal (Interrupted) while waiting for a batch

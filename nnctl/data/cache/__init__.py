@@ -8,17 +8,23 @@ folder larger than memory works too (it is read from disk, not decoded).
 
 Where: ``$NNCTL_CACHE_DIR``, else ``$XDG_CACHE_HOME/nnctl/decoded`` (``~/.cache/nnctl/decoded``).
 One entry per key, the sha256 of: the format version, the folder's absolute path, every
-file in the store's order with its size, modification time (ns) and class index, the
-colour mode, the target size (or "native"), the resize method and the decoder's version.
-A file added, removed, renamed or changed (size or mtime) changes the key, so a stale
-entry is simply never found; ``nnctl cache clear`` frees it.
+file in the store's order with its size, modification time (ns), change time (ctime, ns),
+inode and class index, the colour mode, the target size (or "native"), the resize method
+and the decoder's version. A file added, removed, renamed or changed changes the key, so a
+stale entry is simply never found; ``nnctl cache clear`` frees it. The ctime catches a
+change that keeps the size and restores the mtime (``cp -p``, ``rsync -a``, ``tar x``): the
+kernel sets it on every write and metadata change, and no call sets it back. A fill decodes
+only once the clock is past the newest ctime by ``entry.SETTLE_NS`` (``entry.settle``), so
+a write in the same clock tick as the previous change is caught too. What is not detected
+(a clock set back, writes beneath the filesystem, filesystems without a ctime) is in the
+README (data.cache).
 
 An entry is two files:
 
 * ``<key>.u8``: the samples, N x C x H x W uint8, C order, no header (``np.memmap`` or
   ``torch.from_file`` read it directly);
 * ``<key>.json``: the header (shape, the folder, counts, when it was made, the sha256 of
-  every 16 MiB chunk of the data, and the data file's (size, mtime_ns, inode) when it was
+  every 16 MiB chunk of the data, and the data file's (size, mtime_ns, ctime_ns, inode) when it was
   completed). Its mtime is the entry's "last used" time.
 
 Writing: under an exclusive lock (``nnctl.locks``, an flock) on ``<key>.lock``, the images are decoded in
@@ -33,7 +39,7 @@ Reading (no lock: a complete header means a complete entry; a rebuild renames ne
 into place, so a mapping already open keeps its own copy): the header is parsed and
 checked, the data file's size must match, and its chunks are hashed (two threads; sha256
 runs at about 1.2 GB/s a core) against the header, in full when the data is at most
-``FULL_VERIFY_BYTES`` (2 GiB: ~25 ms for 60 MB), otherwise when its (size, mtime, inode)
+``FULL_VERIFY_BYTES`` (2 GiB: ~25 ms for 60 MB), otherwise when its (size, mtime, ctime, inode)
 changed since it was written, or else a sample of 8 chunks (first, last and 6 spread
 between). A corrupt, truncated or unreadable entry is never used: the run prints
 ``note: decoded cache <file> was corrupt (<why>): rebuilt`` and builds it again.

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import stat as st_
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,6 +24,8 @@ FULL_VERIFY_BYTES = 2 << 30
 SAMPLED_CHUNKS = 8
 PARALLEL_FROM = 256  # files; fewer are decoded in-process (starting workers costs more)
 BATCH = 64
+FREE_MARGIN = 64 << 20  # bytes a fill leaves free on the cache's disk
+SETTLE_NS = 50_000_000  # a fill starts this long after the newest change of a file (beyond a clock tick)
 
 
 def cache_dir() -> Path:
@@ -44,19 +47,47 @@ def _decoder_version() -> str:
 def make_key(root: str | os.PathLike, files: list[str], labels: list[int], mode: str,
              size: tuple[int, int] | None) -> str:
     """The entry's name: sha256 of everything that decides its pixels (see the module docstring)."""
+    return stamp_files(root, files, labels, mode, size)[0]
+
+
+def stamp_files(root: str | os.PathLike, files: list[str], labels: list[int], mode: str,
+                size: tuple[int, int] | None) -> tuple[str, int]:
+    """(the entry's key, the newest change time of a file in ns): every file's size, mtime, ctime and inode.
+
+    ctime is what catches a copy that keeps the size and restores the mtime (``cp -p``, ``rsync -a``,
+    ``tar x``): the kernel sets it to the current time on every write and every metadata change
+    (the ``utime`` that restores the mtime included), and no call sets it back. The inode catches a
+    file replaced by a rename on a filesystem whose rename keeps the ctime.
+    """
     h = hashlib.sha256()
     head = {"format": FORMAT, "root": os.path.abspath(os.fspath(root)), "mode": mode,
             "size": list(size) if size else "native", "resize": RESIZE, "decoder": _decoder_version(),
             "count": len(files)}
     h.update(json.dumps(head, sort_keys=True).encode())
+    newest = 0
     for path, label in zip(files, labels):
         try:
             st = os.stat(path)
         except OSError as exc:
             raise UsageError(f"image {path}: cannot read: {exc.strerror or exc} (it changed while the folder "
                              "was read?)") from None
-        h.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0{int(label)}".encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+        newest = max(newest, st.st_ctime_ns)
+        h.update(f"\0{path}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\0{int(label)}"
+                 .encode("utf-8", "surrogateescape"))
+    return h.hexdigest(), newest
+
+
+def settle(newest_change_ns: int) -> None:
+    """Wait, before decoding, until the clock is past the newest file change by SETTLE_NS (50 ms at most).
+
+    The filesystem stamps ctime with a coarse clock (one tick: 1-10 ms on Linux): a file rewritten in
+    the same tick as its previous change keeps its ctime. Decoding only once the clock has moved past
+    every stamped change means any later write gets a ctime the key does not hold. A change time
+    further ahead than that (a clock set back, a network filesystem's skewed clock) is not waited for.
+    """
+    wait = newest_change_ns + SETTLE_NS - time.time_ns()
+    if 0 < wait <= SETTLE_NS:
+        time.sleep(wait / 1e9)
 
 
 def _paths(directory: Path, key: str) -> tuple[Path, Path, Path]:
@@ -95,6 +126,8 @@ def _read_header(path: Path) -> dict:
         raise
     except (UnicodeDecodeError, ValueError) as exc:
         raise _Invalid(f"unreadable header {path.name}: {type(exc).__name__}") from None
+    except RecursionError:  # e.g. 100,000 nested '[': json gives up in the middle
+        raise _Invalid(f"unreadable header {path.name}: nested too deeply") from None
     if not isinstance(head, dict):
         raise _Invalid(f"unreadable header {path.name}: not a mapping")
     try:
@@ -150,7 +183,7 @@ def _verify(fd: int, head: dict, full: bool | None = None) -> None:
     chunks = head["chunks"]
     stamp = head.get("stamp") or {}
     same = (stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns
-            and stamp.get("ino") == st.st_ino)
+            and stamp.get("ctime_ns") == st.st_ctime_ns and stamp.get("ino") == st.st_ino)
     if full is None:
         full = nbytes <= FULL_VERIFY_BYTES or not same
     n = len(chunks)

@@ -8,6 +8,7 @@ import contextvars
 import errno
 import hashlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ from nnctl.data.cache import (
 from nnctl.data.cache.entry import (
     BATCH,
     FORMAT,
+    FREE_MARGIN,
     PARALLEL_FROM,
     _decoder_version,
     _Invalid,
@@ -33,7 +35,8 @@ from nnctl.data.cache.entry import (
     _Unusable,
     _why,
     cache_dir,
-    make_key,
+    settle,
+    stamp_files,
 )
 from nnctl.data.decode import RESIZE
 from nnctl.data.store import _iterate, _loader, _StoreDataset
@@ -125,8 +128,9 @@ def _build(directory: Path, key: str, store, root: str, workers: int) -> None:
     shape = (n, *store.sample_shape)
     nbytes = _prod(shape)
     free = shutil.disk_usage(directory).free
-    if free < nbytes + (64 << 20):
-        raise _NoRoom(f"{nbytes / 2**20:,.0f} MiB needed, {free / 2**20:,.0f} MiB free in {directory}")
+    if free < nbytes + FREE_MARGIN:
+        raise _NoRoom(f"{_bytes(nbytes, up=True)} needed and {_bytes(FREE_MARGIN)} kept free, "
+                      f"{_bytes(free, up=False)} free in {directory}")
     tmp = directory / f"{key}.u8.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     progress = _PROGRESS.get()
     chunks: list[str] = []
@@ -171,7 +175,7 @@ def _build(directory: Path, key: str, store, root: str, workers: int) -> None:
         "classes": len(store.class_names or []), "mode": store.image_mode, "size": list(store.image_size),
         "resize": RESIZE, "decoder": _decoder_version(), "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "decode_seconds": round(time.perf_counter() - t0, 3), "chunk_bytes": entry.CHUNK_BYTES, "chunks": chunks,
-        "stamp": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino},
+        "stamp": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "ino": st.st_ino},
     }
     try:
         atomic_write(header, lambda f: f.write(json.dumps(head, indent=1).encode()))
@@ -203,10 +207,14 @@ def _workers(n: int) -> int:
     return max(1, min(cores, 16))
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: int, up: bool | None = None) -> str:
+    """n bytes in the largest unit it fills, to one decimal: rounded up (``up=True``: a need, never
+    shown as less than it is), down (``up=False``: what is free, never shown as more) or to nearest."""
     for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= div:
-            return f"{n / div:,.1f} {unit}"
+            tenths = n * 10 / div
+            tenths = math.ceil(tenths) if up else math.floor(tenths) if up is False else round(tenths)
+            return f"{tenths / 10:,.1f} {unit}"
     return f"{n} bytes"
 
 
@@ -229,7 +237,7 @@ def attach(store, root: str | os.PathLike, measure_size: Callable[[], tuple[int,
     directory = cache_dir()
     root = os.path.abspath(os.fspath(root))
     labels = store.y.tolist()
-    key = make_key(root, store.files, labels, store.image_mode, store.image_size)
+    key, newest_change = stamp_files(root, store.files, labels, store.image_mode, store.image_size)
     data, header, lock = _paths(directory, key)
     what = f"decoded cache {_short(data)}"
 
@@ -277,6 +285,7 @@ def attach(store, root: str | os.PathLike, measure_size: Callable[[], tuple[int,
                 size = tuple(measure_size())
                 store.image_size = size
                 store.sample_shape = (store.sample_shape[0], *size)
+            settle(newest_change)  # decode after the clock tick of the newest change (entry.settle)
             t0 = time.perf_counter()
             _build(directory, key, store, root, _workers(len(store)))
             took = time.perf_counter() - t0
