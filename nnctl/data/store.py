@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -43,6 +45,27 @@ class _Store:
     def nbytes(self) -> int:
         per = math.prod(self.sample_shape) * (self.x.element_size() if self.x is not None else 1)
         return len(self) * per + self.y.numel() * self.y.element_size()
+
+    def fingerprint(self, root: str | None = None) -> dict:
+        """What the split is derived from, in a few bytes (the record's ``data``): the sample count, the
+        samples per class (labels) and a digest of the samples' identities in order: an image folder's
+        files (their paths under ``root`` and labels; contents are the decoded cache's concern), else
+        the samples' bytes and targets. The same fingerprint, the same seed and fraction: the same split."""
+        h = hashlib.sha256()  # faster than blake2b here (SHA extensions): 150 MB in 0.15 s
+        if self.files is not None:
+            for f, label in zip(self.files, self.y.tolist()):
+                name = os.path.relpath(f, root) if root else f
+                h.update(os.fsencode(name) + b"\0" + str(label).encode() + b"\n")
+        else:
+            for t in (self.x, self.y):
+                if t is not None:
+                    t = t.detach().cpu().contiguous()
+                    h.update(str((t.dtype, tuple(t.shape))).encode())
+                    h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
+        out = {"samples": len(self), "digest": h.hexdigest()[:32]}
+        if self.y.dtype == torch.int64 and self.y.dim() == 1 and len(self.y):
+            out["per_class"] = torch.bincount(self.y.clamp_min(0)).tolist()
+        return out
 
     def sample(self, i: int) -> tuple[Tensor, Tensor]:
         x = self.x[i] if self.x is not None else decode_image(self.files[i], self.image_mode, self.image_size)
