@@ -231,12 +231,80 @@ def test_every_number_beyond_float32_is_refused_at_its_line(tmp_path):
     problems = nnctl.check(BEYOND)
     lines = sorted((p.line, p.path, p.message) for p in problems)
     assert [(line, path) for line, path, _ in lines] == [
-        (7, "data.normalize"), (7, "data.normalize.mean[2]"), (8, "data.augment[0].RandomRotation.degrees"),
+        (7, "data.normalize"), (7, "data.normalize.mean[2]"), (7, "data.normalize.std[0]"),
+        (8, "data.augment[0].RandomRotation.degrees"),
         (8, "data.augment[1].ColorJitter.brightness"), (10, "train.optimizer.Adam.lr")]
     assert "below float32's smallest normal number" in lines[0][2]
-    assert all(m == "1e+39 is beyond float32's range (about 3.4e38): nnctl computes in float32" for _, _, m in lines[1:])
+    assert "below float32's smallest number" in lines[2][2]  # 1e-300 is 0 in float32
+    assert all(m == "1e+39 is beyond float32's range (about 3.4e38): nnctl computes in float32"
+               for _, _, m in lines[1:2] + lines[3:])
     config = tmp_path / "c.yaml"
     config.write_text(BEYOND)
     r = run_cli("train", str(config), "--out", str(tmp_path / "run"))
     assert r.returncode == 2 and "c.yaml:8:" in r.stderr and not (tmp_path / "run").exists(), r.stderr
     assert nnctl.check(BEYOND.replace("1e39", "3e38").replace("1e-300", "1e-30")) == []
+
+
+# --- the outside pass after the fixes (helper report, 138 cases): D1-D4 --------------------------------
+
+def test_stdout_closed_by_its_reader_leaves_the_run_finished_and_exits_0(tmp_path):
+    """`nnctl train ... | head -4`: the record said failed (BrokenPipeError) at 1/1 with exit 0, and
+    curves.png was never written; `| head -6` exited 1 (rich's own broken-pipe exit). The run goes on
+    with stdout at /dev/null now: finished, every file written, exit 0."""
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"name": "bp", "model": {"input_shape": [1, 8, 8], "layers": [
+        "Flatten", {"Linear": {"out_features": 10}}]}, "data": {"source": "digits"}, "train": {"epochs": 2}}))
+    for lines in (4, 6):
+        run = tmp_path / f"r{lines}"
+        proc = subprocess.Popen([sys.executable, "-m", "nnctl", "train", str(config), "--out", str(run)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(lines):
+            proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves, as head does
+        err = proc.stderr.read()
+        assert proc.wait(timeout=300) == 0, err
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "finished" and status["epochs_done"] == 2, status
+        assert (run / "curves.png").exists() and err == ""
+
+
+def test_a_resume_refused_for_changed_data_leaves_the_run_record_as_it_was(tmp_path):
+    """A --resume refused because the data changed rewrote status.json to failed (epochs 2/3, a resume
+    entry for a resume that never ran) and config.yaml to 3 epochs. A refusal writes nothing now."""
+    root = _folder(tmp_path / "imgs", per=6)
+    run = tmp_path / "run"
+    nnctl.train(_image_config(root, epochs=1), out=str(run))
+    before = {name: (run / name).read_bytes() for name in ("status.json", "config.yaml", "last.pt")}
+    shutil.copy(root / "c2" / "00.png", root / "c2" / "new.png")
+    with pytest.raises(UsageError, match="the data changed since"):
+        nnctl.train(resume=str(run), epochs=3)
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_a_number_that_would_be_zero_in_float32_is_refused():
+    """lr 1e-46 and grad_clip 1e-46 trained nothing, silently (both 0 in float32)."""
+    text = ("model:\n  input_shape: [4]\n  layers: [{Linear: {out_features: 2}}]\n"
+            "train:\n  optimizer: {SGD: {lr: 1.0e-46}}\n  grad_clip: 1.0e-46\n")
+    problems = sorted((p.line, p.path, p.message) for p in nnctl.check(text))
+    assert [(line, path) for line, path, _ in problems] == [(5, "train.optimizer.SGD.lr"), (6, "train.grad_clip")]
+    assert all("below float32's smallest number" in m for _, _, m in problems)
+    assert nnctl.check(text.replace("  grad_clip: 1.0e-46\n", "").replace("1.0e-46", "0.0")) == []
+
+
+def test_gif_files_are_images_for_training_eval_and_predict_alike(tmp_path):
+    """image_folder dropped .gif files without a word while predict read them: one list of the decoder's
+    suffixes now (nnctl.data.decode.IMAGE_SUFFIXES)."""
+    root = _folder(tmp_path / "imgs", per=4)
+    for c in range(3):
+        Image.open(root / f"c{c}" / "00.png").convert("P").save(root / f"c{c}" / "g.gif")
+    run = tmp_path / "run"
+    result = nnctl.train(dict(_image_config(root, epochs=1), data={"source": "image_folder", "root": str(root),
+                                                                   "val_fraction": 0.0}), out=str(run))
+    assert K.load(run / "last.pt")["preprocessing"]["data"]["samples"] == 15 and result.history
+    assert nnctl.evaluate(str(run), split="all").samples == 15
+    preds = nnctl.predict(str(run), [str(root)])
+    assert len(preds.rows) == 15 and not preds.failed

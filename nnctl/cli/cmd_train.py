@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from nnctl.cli.common import SetOpt, app, handle_errors
+from nnctl.cli.common import SetOpt, app, handle_errors, reader_may_leave
 from nnctl.cli.progress import _Progress, _cache_progress
 from nnctl.cli.render import _clean, _console, _final_table, print_frozen
 
@@ -53,18 +53,19 @@ def train(
     main = api.is_main_process()  # under torchrun: rank 0 reports, the other ranks are quiet
     con = _console()
     fancy = con.is_terminal and main
-    progress = _Progress(con, fancy)
+    bar = _Progress(con, fancy)
+    progress = reader_may_leave(bar)  # `nnctl train | head`: the run goes on
     if not main:
         say = lambda text: None  # noqa: E731
     elif fancy:
-        say = lambda text: con.print(text, markup=False, highlight=False)  # noqa: E731
+        say = reader_may_leave(lambda text: con.print(text, markup=False, highlight=False))
     else:
-        say = lambda text: print(text, flush=True)  # noqa: E731
+        say = reader_may_leave(lambda text: print(text, flush=True))
     try:
         with _cache_progress(con if fancy else None):
             result = api.train(config_path, on_event=progress, on_message=lambda text: say(_clean(text)), **options)
     finally:
-        progress.close()
+        reader_may_leave(bar.close)()
     if main:
         _final_table(con, result)
 

@@ -26,6 +26,30 @@ app = typer.Typer(
 )
 
 
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+
+
+def reader_may_leave(fn):
+    """A callback that prints a long job's progress (``nnctl train | head``): when the reader of stdout
+    leaves, the rest of the output goes to /dev/null and the job goes on, as it would with nobody
+    watching; the job's own record (status.json, the checkpoints) says how it ended, never a pipe."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BrokenPipeError:
+            _stdout_to_devnull()
+            return None
+
+    return wrapper
+
+
 def handle_errors(fn):
     """Turn nnctl's errors into one-line messages and exit codes; never a traceback for a user mistake."""
 
@@ -40,11 +64,7 @@ def handle_errors(fn):
                 _err(p.format())
             raise typer.Exit(2) from None
         except BrokenPipeError:  # `nnctl schema | head`: the reader left; not an error of ours
-            try:
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-            except OSError:
-                pass
+            _stdout_to_devnull()
             raise typer.Exit(0) from None
         except NnctlError as exc:
             _err(f"error: {' '.join(str(exc).split())}")

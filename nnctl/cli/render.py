@@ -45,7 +45,17 @@ def _console():
     con = Console()
     if not con.is_terminal and "COLUMNS" not in os.environ:
         con = Console(width=160)  # logs and pipes: no wrapping of table cells
+    con.on_broken_pipe = lambda: _reader_left(con)  # rich's own exits 1: the reader leaving is not our failure
     return con
+
+
+def _reader_left(con) -> None:
+    """stdout's reader left (``nnctl train | head``): the console goes quiet, stdout to /dev/null."""
+    con.quiet = True
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError:
+        pass
 
 
 def _warn(problems) -> None:

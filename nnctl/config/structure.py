@@ -97,25 +97,30 @@ def default_name(file: str) -> str:
 
 
 FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_SMALLEST = 1.401298464324817e-45  # the smallest float32 above 0 (a subnormal); below it: 0
 
 
 def beyond_float32(data: Any, path: tuple = ()) -> list[tuple[tuple, float]]:
-    """(path, value) of every number in a document whose size float32 cannot hold: nnctl computes in
-    float32 (inputs, weights, normalisation, augmentation, optimizer state), where such a number is
-    infinity, and a run would fail at its first step as "non-finite" or silently train on garbage (a
+    """(path, value) of every number in a document that float32 cannot hold: beyond its range (it
+    becomes infinity) or, not 0, below its smallest number (it becomes 0: an lr of 1e-46 trains
+    nothing, silently). nnctl computes in float32 (inputs, weights, normalisation, augmentation,
+    optimizer state), where a run would fail at its first step as "non-finite" or train on garbage (a
     rotation by 1e39 degrees is a blank image). One rule for every number, wherever it is."""
     if isinstance(data, dict):
         return [found for k, v in data.items() for found in beyond_float32(v, path + (k,))]
     if isinstance(data, list):
         return [found for i, v in enumerate(data) for found in beyond_float32(v, path + (i,))]
-    if isinstance(data, int | float) and not isinstance(data, bool) and abs(data) > FLOAT32_MAX \
-            and (isinstance(data, int) or math.isfinite(data)):
+    if isinstance(data, int | float) and not isinstance(data, bool) and (isinstance(data, int) or math.isfinite(data)) \
+            and (abs(data) > FLOAT32_MAX or 0 < abs(data) < FLOAT32_SMALLEST):
         return [(path, data)]
     return []
 
 
 def _range_problems(doc: Document) -> list[Problem]:
-    return [doc.problem(path, f"{value:g} is beyond float32's range (about 3.4e38): nnctl computes in float32")
+    return [doc.problem(path, f"{value:g} is beyond float32's range (about 3.4e38): nnctl computes in float32"
+                        if abs(value) > FLOAT32_MAX else
+                        f"{value:g} is below float32's smallest number (about 1.4e-45): it would be 0 in float32, "
+                        "where nnctl computes; write 0 if 0 is meant")
             for path, value in beyond_float32(doc.data)]
 
 

@@ -65,6 +65,9 @@ MODES = ("L", "RGB")
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 RESIZE = "PIL.Image.BILINEAR"
 # 2: one decoder for every path; 16/32-bit integer images scaled by value (1: PIL's convert, saturating)
+# the files the decoder reads, by suffix (lower case): image_folder's scan, the decoded cache and predict
+# all use this one list (a .gif read by predict and dropped by training was a defect, issue 20)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DECODER_VERSION = 2
 DECODER = f"nnctl {DECODER_VERSION}, PIL {PIL.__version__}"  # what decides the pixels: in the cache's key
 

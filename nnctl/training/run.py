@@ -327,17 +327,25 @@ def _claim_new(name: str, req: Request) -> tuple[Path, Claim | None]:
     return run_dir, claim
 
 
-def _fit(spec: RunSpec) -> RunResult:
-    """Load the data, check what needs the samples, tell the run's facts (rank 0), train, plot the curves."""
-    cfg, dist, run_dir = spec.cfg, spec.dist, spec.run_dir
+def _load_checked(spec: RunSpec):
+    """The run's data, with what needs the samples checked (the check pipeline's data step, and a
+    resumed run's data against its checkpoint's): ConfigError / UsageError before anything trains."""
+    cfg, dist = spec.cfg, spec.dist
     data = D.load_data(cfg, spec.dev, rank=dist.rank, world_size=dist.world_size,
                        weights=pretrained_preprocessing(cfg))
-    outputs = spec.plan.output_shape[-1] if spec.plan.output_shape else None
-    # what needs the samples (the check pipeline, nnctl.checking, ran everything else before the run folder)
     problems = CHK.check_data(cfg, spec.doc, spec.plan, data)
     if problems:
         raise ConfigError(problems)
     _same_data(spec, data)
+    return data
+
+
+def _fit(spec: RunSpec, data=None) -> RunResult:
+    """Load and check the data (unless given), tell the run's facts (rank 0), train, plot the curves."""
+    cfg, dist, run_dir = spec.cfg, spec.dist, spec.run_dir
+    if data is None:
+        data = _load_checked(spec)
+    outputs = spec.plan.output_shape[-1] if spec.plan.output_shape else None
     if dist.main:
         _tell(spec, data)
     options = T.FitOptions(resume=spec.state, on_event=spec.on_event, freezing=spec.freezing, dist=dist,
@@ -405,6 +413,9 @@ def _fit_recorded(spec: RunSpec) -> RunResult:
     if not spec.dist.main:
         return _fit(spec)
     cfg, run_dir, state = spec.cfg, spec.run_dir, spec.state
+    # a continued run's record is rewritten only once its resume is accepted: a refusal that needs the
+    # samples (changed data, targets the model cannot use) leaves config.yaml and status.json as they were
+    data = _load_checked(spec) if spec.continuing else None
     # before the data is loaded: a run failing there still leaves its record; a continued run's config.yaml
     # is rewritten too, so that it shows what the run now trains with (--epochs N, --set ...)
     text = yaml.safe_dump(C.resolved(cfg), sort_keys=False).encode()
@@ -424,7 +435,7 @@ def _fit_recorded(spec: RunSpec) -> RunResult:
             board = TB.TensorBoardLogger(run_dir, cfg, spec.model, spec.dev, continuing=spec.continuing,
                                          resume_epoch=resume_epoch, history=(state or {}).get("history"),
                                          say=spec.say)
-        result = _fit(replace(spec, claim=None, on_event=_recording(spec, record, board)))
+        result = _fit(replace(spec, claim=None, on_event=_recording(spec, record, board)), data)
         record.end("finished", result=result.fit)
         if board is not None:
             board.end("finished", result=result.fit)

@@ -15,12 +15,11 @@ import numpy as np
 import torch
 from safetensors.torch import load as st_load
 
-from nnctl.data.decode import decode_image
+from nnctl.data.decode import IMAGE_SUFFIXES, decode_image
 from nnctl.data.record import Preprocessing, raw_dtype_problem
 from nnctl.errors import NnctlError, UsageError
 from nnctl.files import _kind, read_input
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 MAX_SAMPLES_PER_FILE = 10_000_000
 

@@ -11,12 +11,12 @@ import torch
 
 from nnctl.config.schema import Config
 from nnctl.data import cache
-from nnctl.data.decode import image_size
+from nnctl.data.decode import IMAGE_SUFFIXES, image_size
 from nnctl.data.store import _iterate, _loader, _Store, _StoreDataset
 from nnctl.errors import UsageError
 from nnctl.files import _kind as _file_kind
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the one decoder's list (nnctl.data.decode)
 
 
 _NOTES_SHOWN = 8
