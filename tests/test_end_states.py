@@ -62,6 +62,7 @@ def test_resume_refuses_an_early_stopped_run_and_touches_nothing(tmp_path):
     assert K.load(run / "last.pt")["epoch"] == 4 and _status(run)["epochs_done"] == 4
 
 
+@pytest.mark.slow  # several real runs and resumes: .ci/run runs the slow group
 def test_an_older_checkpoint_without_the_field_is_refused_by_its_counter_and_others_resume(tmp_path):
     cfg = write(tmp_path, EARLY)
     run = tmp_path / "run"
@@ -104,6 +105,7 @@ def _signal_at_the_end(tmp_path: Path, sig: int, delay: float, epochs: int = 3):
     return p.returncode, err, run
 
 
+@pytest.mark.slow  # real processes stopped at their end (about 45 s on 2 cores): .ci/run runs the slow group
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 @pytest.mark.parametrize("delay", [0.0, 0.15])
 def test_a_signal_after_the_last_checkpoint_leaves_the_run_finished(tmp_path, sig, delay):
@@ -167,6 +169,7 @@ def _fill(disk: Path, keep_kib: int) -> None:
     (disk / "fill").write_bytes(b"\0" * (200 * 1024 - keep_kib * 1024))
 
 
+@pytest.mark.slow  # a tmpfs filled by real runs: .ci/run runs the slow group
 def test_tensorboard_on_a_full_disk_is_one_note_naming_the_folder(small_disk, tmp_path):
     pytest.importorskip("tensorboard")
     cfg = write(tmp_path, TB)

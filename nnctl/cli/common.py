@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 
 import typer
 
 from nnctl._version import __version__
-from nnctl.cli.render import _err
+from nnctl.cli.render import _err, _stdout_to_devnull
 
 app = typer.Typer(
     name="nnctl",
@@ -24,14 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-def _stdout_to_devnull() -> None:
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
 
 
 def reader_may_leave(fn):

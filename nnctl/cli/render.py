@@ -52,8 +52,14 @@ def _console():
 def _reader_left(con) -> None:
     """stdout's reader left (``nnctl train | head``): the console goes quiet, stdout to /dev/null."""
     con.quiet = True
+    _stdout_to_devnull()
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null (its reader left): later prints, Python's exit flush included, go nowhere."""
     try:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
     except OSError:
         pass
 
