@@ -414,6 +414,7 @@ def test_a_fill_starts_past_the_clock_tick_of_the_newest_change():
     assert time.monotonic() - start < 0.01
 
 
+@pytest.mark.slow  # real CLI runs over a hostile header (about 15 s): .ci/run runs the slow group
 def test_a_deeply_nested_header_is_corrupt_in_cache_info_and_rebuilt_by_train(folder, tmp_path):
     """Defect 13: a header of 100,000 nested '[' was `internal error: RecursionError` in `nnctl cache info`
     and `nnctl train`; it is a corrupt entry: info says so, train rebuilds it."""
@@ -503,6 +504,7 @@ def _signal_during_fills(tmp_path: Path, tries: list[tuple[signal.Signals, float
 _MOMENTS = [0.0, 0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15]
 
 
+@pytest.mark.slow  # signals to real processes during a fill (about 14 s): .ci/run runs the slow group
 def test_a_signal_while_the_decode_workers_start_is_a_clean_interruption(tmp_path):
     tries = [(signal.SIGINT, 0.0), (signal.SIGTERM, 0.005), (signal.SIGINT, 0.02), (signal.SIGTERM, 0.08)]
     assert _signal_during_fills(tmp_path, tries) == []

@@ -247,6 +247,7 @@ def test_every_number_beyond_float32_is_refused_at_its_line(tmp_path):
 
 # --- the outside pass after the fixes (helper report, 138 cases): D1-D4 --------------------------------
 
+@pytest.mark.slow  # two real runs with a departed reader (about 15 s): .ci/run runs the slow group
 def test_stdout_closed_by_its_reader_leaves_the_run_finished_and_exits_0(tmp_path):
     """`nnctl train ... | head -4`: the record said failed (BrokenPipeError) at 1/1 with exit 0, and
     curves.png was never written; `| head -6` exited 1 (rich's own broken-pipe exit). The run goes on

@@ -210,6 +210,7 @@ SLOW_MODEL = {"input_shape": [1, 16, 16], "layers": [
     {"Linear": {"out_features": 10}}]}
 
 
+@pytest.mark.slow  # three real runs compared bit for bit (about 25 s; in-process resumes stay bit-identical in the default run: test_train_safety): .ci/run runs the slow group
 def test_resume_after_k_epochs_is_bit_identical(tmp_path):
     d = make(model=SLOW_MODEL, data=dict(SLOW_DATA, size=800),
              train={"epochs": 3, "batch_size": 32, "scheduler": {"StepLR": {"step_size": 1, "gamma": 0.9}}})

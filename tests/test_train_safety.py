@@ -180,6 +180,7 @@ def test_resume_applies_changed_hyperparameters_of_the_same_optimizer(tmp_path):
     assert saved["optimizer"]["state"] and all("momentum_buffer" in s for s in saved["optimizer"]["state"].values())
 
 
+@pytest.mark.slow  # real CLI runs and resumes (about 15 s): .ci/run runs the slow group
 def test_resume_force_new_lr_through_the_cli(tmp_path):
     p = write(tmp_path, make(train={"epochs": 1, "optimizer": {"Adam": {"lr": 0.001}}}))
     r = run_cli("train", str(p), "--out", str(tmp_path / "run"))
