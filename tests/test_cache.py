@@ -514,3 +514,20 @@ def test_a_signal_while_the_decode_workers_start_is_a_clean_interruption(tmp_pat
 def test_a_signal_at_many_moments_of_the_fill_is_a_clean_interruption(tmp_path):
     tries = [(sig, m) for m in _MOMENTS for sig in (signal.SIGINT, signal.SIGTERM)] * 2
     assert _signal_during_fills(tmp_path, tries) == []
+
+
+def test_a_header_whose_image_count_disagrees_with_its_shape_is_corrupt(folder):
+    """A header saying "images": 12 over a shape of 24 was listed as valid with 12 images by `cache info
+    --verify` while training used 24 (the outside pass, D5): the count shown must be the count used."""
+    D.load_data(_cfg(folder, True), CPU)
+    (entry,) = K.entries()
+    header = entry.path.with_suffix(".json")
+    head = json.loads(header.read_text())
+    assert head["images"] == head["shape"][0]
+    head["images"] = head["shape"][0] // 2
+    header.write_text(json.dumps(head))
+    (listed,) = K.entries(verify=True)
+    assert listed.status != "valid", listed
+    again = D.load_data(_cfg(folder, True), CPU)
+    assert any("was corrupt" in n for n in again.notes), again.notes
+    assert [e.status for e in K.entries(verify=True)] == ["valid"]

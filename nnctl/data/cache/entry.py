@@ -136,7 +136,8 @@ def _read_header(path: Path) -> dict:
         ok = (head["format"] == FORMAT and head["dtype"] == "uint8" and len(shape) == 4
               and all(v >= 1 for v in shape) and int(head["chunk_bytes"]) == CHUNK_BYTES
               and isinstance(chunks, list) and all(isinstance(c, str) and len(c) == 64 for c in chunks)
-              and len(chunks) == -(-_prod(shape) // CHUNK_BYTES))
+              and len(chunks) == -(-_prod(shape) // CHUNK_BYTES)
+              and head.get("images") == shape[0])  # the count shown must be the count used
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
