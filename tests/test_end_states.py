@@ -33,6 +33,7 @@ def _status(run: Path) -> dict:
 EARLY = make(train={"epochs": 20, "optimizer": {"SGD": {"lr": 0.0}}, "early_stopping": {"patience": 1}})
 
 
+@pytest.mark.slow  # real runs and resumes (about 20 s): .ci/run runs the slow group
 def test_resume_refuses_an_early_stopped_run_and_touches_nothing(tmp_path):
     cfg = write(tmp_path, EARLY)
     run = tmp_path / "run"

@@ -147,6 +147,7 @@ def _cli(*args: str, cwd: Path) -> tuple[int, str, str, float]:
     return proc.returncode, proc.stdout, proc.stderr, time.monotonic() - start
 
 
+@pytest.mark.slow  # real CLI listings under a time limit (about 14 s): .ci/run runs the slow group
 def test_runs_and_compare_refuse_an_alias_bomb_and_a_self_referential_alias(tmp_path):
     assert len(BOMB.encode()) < 400
     runs = tmp_path / "runs"
