@@ -157,7 +157,7 @@ def small_disk(tmp_path):
     folder.mkdir()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(folder)],
                                            capture_output=True, check=False).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
+        pytest.skip("mounting a tmpfs needs root with mount permission (CAP_SYS_ADMIN), which this process lacks")
     try:
         yield folder
     finally:
