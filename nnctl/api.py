@@ -37,7 +37,7 @@ from nnctl.model import registry as REG
 from nnctl.model import summary as S
 from nnctl.config.schema import suggest
 from nnctl.use.source import (CHECKPOINT_SUFFIXES, Source, _is_yaml_text, config_document,  # noqa: F401
-                              is_checkpoint_source, load, load_config, open_source)
+                              is_checkpoint_source, load, load_config, open_source, record_read_paths)
 from nnctl.model.tv import pretrained_preprocessing
 from nnctl.data.augment.spec import describe as describe_augment
 from nnctl.config import schema as C
@@ -244,11 +244,12 @@ def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Se
     result = S.summarize(src.model, src.plan, cfg.model.input_shape, depth=depth, augment=augment)
     result.name = cfg.name
     if graph is not None:
-        # never over what was read: the config (a link named g.png to it too), the checkpoint, a run's files
-        inputs = [p for p in (source, src.checkpoint) if isinstance(p, os.PathLike)
-                  or (isinstance(p, str) and not _is_yaml_text(p))]
+        # never over what was read (the config, a link named g.png to it too, the checkpoint, a run's
+        # files) nor inside the data folders its config names
+        inputs, input_dirs = src.read_paths()
         G.draw_graph(src.model, cfg.model.input_shape, os.fspath(graph),
-                     title=f"{cfg.name}: input {list(cfg.model.input_shape)}", plan=src.plan, inputs=inputs)
+                     title=f"{cfg.name}: input {list(cfg.model.input_shape)}", plan=src.plan, inputs=inputs,
+                     input_dirs=input_dirs)
     return result
 
 
@@ -281,18 +282,18 @@ def export(source: Any, fmt: str = "safetensors", out: str | None = None, *, whi
     if fmt not in E_EXPORT.FORMATS:
         raise UsageError(f"unknown --format {fmt!r}: choose one of {', '.join(E_EXPORT.FORMATS)}")
     src = open_source(source, which=which)
+    inputs, input_dirs = src.read_paths()  # never over what was read, nor inside a data folder
     if src.state is None:  # a config: its freshly initialised (seeded) weights, as nnctl train would start
-
         if out is None:
             raise UsageError(f"{source}: exporting a config's initial weights needs -o OUT")
         state = K_CHECKPOINT.make_payload("init", C.resolved(src.cfg), src.model.state_dict(),
                                input_shape=list(src.cfg.model.input_shape), source=os.path.basename(str(source)))
-        return E_EXPORT.export(state, src.model, fmt, out, "init", str(source), inputs=[str(source)],
-                        with_preprocess=with_preprocess)
+        return E_EXPORT.export(state, src.model, fmt, out, "init", str(source), inputs=inputs,
+                               with_preprocess=with_preprocess, input_dirs=input_dirs)
     ckpt_path = RS.resolve(source, which)
     target = out or str(E_EXPORT.default_path(ckpt_path, fmt))
-    return E_EXPORT.export(src.state, src.model, fmt, target, which, str(ckpt_path), inputs=[str(ckpt_path), str(source)],
-                    with_preprocess=with_preprocess)
+    return E_EXPORT.export(src.state, src.model, fmt, target, which, str(ckpt_path), inputs=inputs,
+                           with_preprocess=with_preprocess, input_dirs=input_dirs)
 
 
 # --- the decoded-image cache (data.cache: true) ---------------------------------------------
@@ -328,5 +329,6 @@ def compare(runs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None 
 
     comparison = RS.compare(runs)
     if out is not None:
-        PLOTS.plot_comparison(comparison, out)
+        reads = [record_read_paths(info.config) for info in comparison.runs]  # their data: never written into
+        PLOTS.plot_comparison(comparison, out, ([f for r in reads for f in r[0]], [d for r in reads for d in r[1]]))
     return comparison

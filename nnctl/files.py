@@ -117,6 +117,11 @@ def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def _choose(what: str) -> str:
+    """The advice of a refusal: the option that names the target (-o, --graph, --confusion-out)."""
+    return f"choose another {what}" if what.startswith("-") else "choose another file"
+
+
 def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str = "output",
                  allow_run_files: bool = False, input_dirs: tuple | list = ()) -> Path:
     """Refuse an output target that would destroy something; return it as a Path.
@@ -140,14 +145,14 @@ def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str =
                          "(nnctl only replaces regular files)")
     for src in inputs:
         if src is not None and (st is not None and _same(p, src) or os.path.abspath(p) == os.path.abspath(src)):
-            raise UsageError(f"{what} {p}: is an input of this command; refused (choose another -o)")
+            raise UsageError(f"{what} {p}: is an input of this command; refused ({_choose(what)})")
     for folder in input_dirs:
         if folder is not None and _inside(p, folder):
             raise UsageError(f"{what} {p}: is inside {folder}, a data folder this command reads (an input); "
-                             "refused (choose another -o)")
+                             f"refused ({_choose(what)})")
     if not allow_run_files and RunDir.is_own_file(p.name) and RunDir(p.parent).is_run():
         raise UsageError(f"{what} {p}: is a file nnctl keeps in the run folder {p.parent}; refused "
-                         "(choose another -o)")
+                         f"({_choose(what)})")
     return p
 
 

@@ -309,3 +309,39 @@ def test_gif_files_are_images_for_training_eval_and_predict_alike(tmp_path):
     assert nnctl.evaluate(str(run), split="all").samples == 15
     preds = nnctl.predict(str(run), [str(root)])
     assert len(preds.rows) == 15 and not preds.failed
+
+
+# --- the open class of 1/2: every command that opens a run keeps out of the data that run trained on -------
+
+def test_no_command_that_opens_a_run_writes_inside_the_data_it_trained_on(tmp_path, cli):
+    """summary --graph, export -o, freeze -o, compare -o, predict -o and eval --confusion-out each open a run
+    whose config names a data folder: a file written into a class folder would be read as a training image
+    by the next run (or replace one). Every one of them refuses a target there (also through a link to the
+    folder), before anything is written; the data folder is byte-for-byte as it was."""
+    from .conftest import digest_of
+
+    root = _folder(tmp_path / "imgs")
+    run, other = tmp_path / "run", tmp_path / "other"
+    config = _image_config(root, epochs=1)
+    config["model"]["layers"] = ["Flatten", {"Linear": {"out_features": 8}}, "ReLU", {"Linear": {"out_features": 3}}]
+    nnctl.train(config, out=str(run))
+    nnctl.train(config, out=str(other))
+    (tmp_path / "link").symlink_to(root)
+    before = digest_of(root)
+    image = str(root / "c0" / "00.png")
+    commands = [
+        ("summary", str(run), "--graph", str(root / "c0" / "graph.png")),
+        ("export-weights", str(run), "-o", str(root / "c1" / "w.safetensors")),
+        ("freeze", str(run), "--first", "2", "-o", str(tmp_path / "link" / "c2" / "f.pt")),
+        ("compare", str(run), str(other), "-o", str(root / "c0" / "cmp.png")),
+        ("predict", str(run), image, "--format", "csv", "-o", str(root / "c1" / "p.csv")),
+        ("eval", str(run), "--confusion", "--confusion-out", str(root / "new.png")),
+    ]
+    for args in commands:
+        code, out, err = cli(*args)
+        assert code == 2, (args, code, out, err)
+        assert "a data folder this command reads" in err and "refused (choose another" in err, (args, err)
+    assert digest_of(root) == before
+    # the same targets outside the data folder are written
+    assert cli("summary", str(run), "--graph", str(tmp_path / "g.png"))[0] == 0
+    assert cli("compare", str(run), str(other), "-o", str(tmp_path / "c.png"))[0] == 0

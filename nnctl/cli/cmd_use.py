@@ -129,8 +129,9 @@ def predict(
         from nnctl.files import atomic_write, check_output
 
         # never over an input: the arguments, and every file read inside a folder given as input
-        check_output(output, [source, *inputs, *preds.files], what="-o")
-        atomic_write(output, lambda fh: fh.write(text.encode()), [source, *inputs])
+        check_output(output, [source, *inputs, *preds.files], what="-o", input_dirs=preds.input_dirs)
+        atomic_write(output, lambda fh: fh.write(text.encode()), [source, *inputs, *preds.files],
+                     input_dirs=preds.input_dirs)
         print(f"wrote {output} ({len(preds) - len(preds.failed)} predicted, {len(preds.failed)} failed)")
     elif fmt == "table":
         con.print(text, markup=False, highlight=False, end="")

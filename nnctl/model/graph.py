@@ -155,16 +155,17 @@ def _draw(ax, g: _GNode, x: float, y: float) -> tuple[tuple, tuple]:
 
 
 def draw_graph(model: nn.Module, input_shape: Any, path: str, title: str = "", max_depth: int = 0,
-               plan: "Plan | None" = None, inputs: tuple | list = ()) -> str:
+               plan: "Plan | None" = None, inputs: tuple | list = (), input_dirs: tuple | list = ()) -> str:
     """Draw the model as a graph (PNG, SVG or PDF by the file's suffix): one box per layer with its
     output shape, Residual shortcuts and Concat branches side by side; returns the path written.
 
     Written through ``files.save_figure`` (atomically; never over ``inputs``, the files the command
-    read, nor over a run's own files, a link, a FIFO or a device): refused before anything is drawn.
+    read, nor inside ``input_dirs``, the data folders, nor over a run's own files, a link, a FIFO or a
+    device): refused before anything is drawn.
     Uses matplotlib only (headless Agg backend). ``max_depth`` limits how deep containers open
     (0: all the way down to the layers).
     """
-    files.check_output(path, inputs, what="--graph")
+    files.check_output(path, inputs, what="--graph", input_dirs=input_dirs)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -190,7 +191,7 @@ def draw_graph(model: nn.Module, input_shape: Any, path: str, title: str = "", m
             if title:
                 ax.text(0, -0.35, files.display_name(title), ha="center", va="center", fontsize=9, weight="bold")
             _draw(ax, g, 0.0, 0.0)
-            files.save_figure(fig, path, dpi=110, inputs=inputs)
+            files.save_figure(fig, path, dpi=110, inputs=inputs, input_dirs=input_dirs)
         finally:
             plt.close(fig)
     return path

@@ -183,8 +183,10 @@ def make_payload(kind: str, config: dict, model: dict[str, torch.Tensor], **fiel
     return payload
 
 
-def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list = (), run_file: bool = True) -> None:
-    """Write a checkpoint atomically. I/O failures (disk full, read-only) raise NnctlError."""
+def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list = (), run_file: bool = True,
+         input_dirs: tuple | list = ()) -> None:
+    """Write a checkpoint atomically (never over ``inputs`` nor inside ``input_dirs``: ``files.check_output``).
+    I/O failures (disk full, read-only) raise NnctlError."""
     payload = dict(payload)
     payload.setdefault("format", FORMAT)
     payload.setdefault("format_version", FORMAT_VERSION)
@@ -193,7 +195,7 @@ def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list 
     payload.pop("state_digest", None)
     payload["state_digest"] = state_digest({k: v for k, v in payload.items() if k not in DIGEST_KEYS})
     try:
-        atomic_write(path, lambda fh: torch.save(payload, fh), inputs, run_file=run_file)
+        atomic_write(path, lambda fh: torch.save(payload, fh), inputs, run_file=run_file, input_dirs=input_dirs)
     except OSError as exc:
         previous = "; the previous checkpoint is intact" if os.path.exists(path) else ""
         reason = getattr(exc, "reason", None) or exc.strerror or exc

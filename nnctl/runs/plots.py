@@ -65,17 +65,20 @@ def plot_quietly(run_dir: Path, name: str) -> str | None:
     except (OSError, ValueError, NnctlError):
         return None
 
-def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compare.png") -> str:
+def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compare.png",
+                    data: tuple[list, list] = ([], [])) -> str:
     """The runs' curves overlaid: losses (train solid, val dashed) and the monitored metric; one colour
-    a run; the legend names each run and what differs. Written atomically; never over an input."""
+    a run; the legend names each run and what differs. Written atomically; never over an input (the runs'
+    records, or ``data``: the (files, folders) of the data they trained on, nothing written inside those)."""
 
     out = Path(out_png)
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg", "pdf"):
         raise UsageError(f"-o {out}: the picture's file name must end in .png, .svg or .pdf")
     inputs = [path for run in map(RunDir, (r.path for r in comparison.runs))
-              for path in (run.metrics, run.config, run.status, run.curves)]
-    check_output(out, inputs, what="-o")
+              for path in (run.metrics, run.config, run.status, run.curves)] + list(data[0])
+    input_dirs = list(data[1])
+    check_output(out, inputs, what="-o", input_dirs=input_dirs)
 
     import matplotlib
 
@@ -132,7 +135,7 @@ def plot_comparison(comparison: Comparison, out_png: str | os.PathLike = "compar
     fig.suptitle("nnctl compare: " + (title if len(title) <= 110 else title[:109] + "…"), fontsize=11)
     fig.tight_layout(rect=(0, (0.2 * legend_rows + 0.1) / height, 1, 1 - 0.3 / height))
     try:
-        files.save_figure(fig, out, fmt, dpi=100, inputs=inputs)
+        files.save_figure(fig, out, fmt, dpi=100, inputs=inputs, input_dirs=input_dirs)
     finally:
         plt.close(fig)
     comparison.plot = str(out)

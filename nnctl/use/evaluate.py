@@ -135,7 +135,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         model, plan = M.build(checked.cfg, checked.doc, checked=checked.plan)
         report, freezing = F.init_from(model, plan, init, partial=partial)
         FREEZE.apply_config(model, checked.cfg.freeze, inherited=freezing)  # as nnctl.train applies it
-        src = api.Source(checked.cfg, checked.doc, model, plan)
+        src = api.Source(checked.cfg, checked.doc, model, plan, origin=source)
         notes.append(report)
         resolved = C.resolved(src.cfg)
         pre, epoch, base_dir = None, None, Path(".")
@@ -196,11 +196,13 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         result.confusion = matrix.tolist()
         result.per_class = per_class(matrix, names)
         target = Path(confusion_path) if confusion_path else base_dir / "eval" / f"confusion-{split}.png"
-        inputs = [str(source)] + [str(p) for p in (getattr(src, "checkpoint", None), data, init) if p is not None]
-        data_files, data_dirs = read_paths(cfg)  # the data read: never written over, nor inside its folder
-        result.confusion_png = plot_confusion(matrix, names, target, inputs + data_files,
+        # never over what was read nor inside a data folder: the data scored and the run's own training data
+        src_files, src_dirs = src.read_paths()
+        data_files, data_dirs = read_paths(cfg)
+        inputs = src_files + data_files + [os.fspath(p) for p in (data, init) if isinstance(p, (str, os.PathLike))]
+        result.confusion_png = plot_confusion(matrix, names, target, inputs,
                                               f"{cfg.name}: {split}, {batches.num_samples:,} samples, "
-                                              f"accuracy {metrics.get('accuracy', 0):.4f}", data_dirs)
+                                              f"accuracy {metrics.get('accuracy', 0):.4f}", src_dirs + data_dirs)
     elif confusion:
         notes.append("--confusion applies to classification only")
     return result

@@ -92,11 +92,12 @@ def default_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
 
 
 def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str = "last",
-           source: str = "", inputs: list | tuple = (), with_preprocess: bool = False) -> ExportResult:
+           source: str = "", inputs: list | tuple = (), with_preprocess: bool = False,
+           input_dirs: list | tuple = ()) -> ExportResult:
     """Write the checkpoint's weights in one format. `model` (with the weights loaded) is needed for onnx.
 
-    The target is refused (exit 2) if it is one of ``inputs``, a file nnctl keeps in a run
-    folder, or anything but a regular file.
+    The target is refused (exit 2) if it is one of ``inputs``, inside one of ``input_dirs`` (the data
+    folders of the run or config read), a file nnctl keeps in a run folder, or anything but a regular file.
     """
 
     if with_preprocess and fmt != "onnx":
@@ -114,7 +115,7 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
             out_path.parent.mkdir(parents=False, exist_ok=True)
         except OSError as exc:
             raise NnctlError(f"could not create {out_path.parent}: {exc.strerror or exc}") from None
-    check_output(out, inputs, what="output")
+    check_output(out, inputs, what="output", input_dirs=input_dirs)
     weights, shared = plain_state(state["model"])
     meta = metadata(state, which, source)
     notes = [f"{a} shared storage with {b}: written as an independent copy" for a, b in shared]
@@ -124,9 +125,9 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
 
             meta["shared"] = json.dumps(shared)
             blob = save(weights, metadata=meta)
-            atomic_write(path, lambda fh: fh.write(blob), inputs)
+            atomic_write(path, lambda fh: fh.write(blob), inputs, input_dirs=input_dirs)
         elif fmt == "pt":
-            atomic_write(path, lambda fh: torch.save(weights, fh), inputs)
+            atomic_write(path, lambda fh: torch.save(weights, fh), inputs, input_dirs=input_dirs)
         elif fmt == "npz":
 
             arrays = {}
@@ -139,9 +140,9 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
                 arrays[key] = t.numpy()
             meta["dtypes"] = json.dumps(dtypes)
             arrays["__nnctl_meta__"] = np.array(json.dumps(meta))
-            atomic_write(path, lambda fh: np.savez(fh, **arrays), inputs)
+            atomic_write(path, lambda fh: np.savez(fh, **arrays), inputs, input_dirs=input_dirs)
         else:
-            return _onnx(model, state, path, weights, shared, meta, with_preprocess)
+            return _onnx(model, state, path, weights, shared, meta, with_preprocess, (inputs, input_dirs))
     except OSError as exc:
         reason = getattr(exc, "reason", None) or exc.strerror or exc
         raise NnctlError(f"could not write {path}: {reason}") from None
@@ -165,7 +166,8 @@ class WithPreprocess(nn.Module):
 
 
 def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, meta: dict | None = None,
-          with_preprocess: bool = False) -> ExportResult:
+          with_preprocess: bool = False, reads: tuple = ((), ())) -> ExportResult:
+    """``reads``: the command's (inputs, input_dirs), never written over (``files.check_output``)."""
     try:
         import onnx  # noqa: F401
         import onnxruntime as ort  # noqa: F401
@@ -212,7 +214,7 @@ def _onnx(model: nn.Module | None, state: dict, path: Path, weights, shared, met
                 entry = proto.metadata_props.add()
                 entry.key, entry.value = f"nnctl.{key}", str(value)
             onnx.save(proto, str(onnx_file))
-        atomic_write(path, lambda fh: fh.write(onnx_file.read_bytes()))
+        atomic_write(path, lambda fh: fh.write(onnx_file.read_bytes()), reads[0], input_dirs=reads[1])
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -16,7 +16,6 @@ from nnctl.config import schema as C
 from nnctl.files import check_output
 from nnctl.model import freeze as F
 from nnctl.runs import checkpoint as K
-from nnctl.runs import records as RS
 from nnctl.use.source import open_source
 
 
@@ -65,7 +64,7 @@ def freeze(source: Any, *, first: int | None = None, children: Sequence[int] | N
         payload = K.make_payload("freeze", C.resolved(cfg), model.state_dict(), freeze=freezing,
                                  input_shape=list(cfg.model.input_shape), source=os.path.basename(source),
                                  preprocessing=(state or {}).get("preprocessing"))
-        inputs = [source] + ([str(RS.resolve(source, which))] if state is not None else [])
-        check_output(output, inputs, what="-o")
-        K.save(output, payload, inputs, run_file=False)
+        inputs, input_dirs = src.read_paths()  # never over what was read, nor inside a data folder
+        check_output(output, inputs, what="-o", input_dirs=input_dirs)
+        K.save(output, payload, inputs, run_file=False, input_dirs=input_dirs)
     return Frozen(cfg.name, rows, total, trainable, freezing, None if output is None else os.fspath(output))

@@ -121,7 +121,9 @@ class Predictions:
     error), ``task`` (an ``nnctl.tasks.Task``, equal to its name: ``"classification"``, ...; how the
     rows answer: top-k classes with probabilities, or ``values``: a sigmoid probability per label for
     multilabel, the raw outputs for regression and reconstruction), ``top_k``, ``notes`` (what was skipped and why), ``files`` (every file
-    read or tried, folder contents included: what an output must never replace), ``outputs``
+    read or tried, folder contents included, and the data files the model was trained on: what an
+    output must never replace), ``input_dirs`` (the folders of that training data: nothing is written
+    inside them), ``outputs``
     (the raw model outputs of the predicted samples, in order, or None).
     """
 
@@ -132,6 +134,7 @@ class Predictions:
         self.top_k = top_k
         self.notes = notes
         self.files = files
+        self.input_dirs: list[str] = []
         self._class_name = class_name
         self.rows = Rows(self)
 
@@ -242,7 +245,10 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
             done += len(x)
             if on_progress is not None:
                 on_progress(done, total)
-    return Predictions(groups, task, top_k, notes, files, pre.class_name)
+    preds = Predictions(groups, task, top_k, notes, files, pre.class_name)
+    data_files, preds.input_dirs = api.record_read_paths(cfg)  # the training data: never written over or into
+    preds.files.extend(data_files)
+    return preds
 
 
 def _batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Group, int, int]]]:

@@ -14,7 +14,8 @@ from nnctl.config import loader as CL
 from nnctl.config import structure as CS
 from nnctl.config.yamlio import Document, load_text
 from nnctl.data.record import Preprocessing
-from nnctl.errors import UsageError
+from nnctl.data.sources.read import read_paths as data_read_paths
+from nnctl.errors import NnctlError, UsageError
 from nnctl.model import freeze as F
 from nnctl.model import plan as M
 from nnctl.model import weights as W
@@ -104,11 +105,40 @@ class Source:
     plan: Any
     state: dict | None = None
     checkpoint: Path | None = None
+    origin: Any = None  # the source as given (a path, YAML text, a dict)
 
     @property
     def preprocessing(self):
 
         return Preprocessing.from_dict((self.state or {}).get("preprocessing"))
+
+    def read_paths(self) -> tuple[list[str], list[str]]:
+        """What a command that opened this source reads, as (files, folders): the config or run folder
+        given, the checkpoint, and the data its config names (a run's training data too: a picture or an
+        export written into a class folder would be read as data by the next run). Every output of such
+        a command goes through ``files.check_output(path, files, input_dirs=folders)``."""
+        given = [os.fspath(p) for p in (self.origin, self.checkpoint) if _is_path(p)]
+        data_files, data_dirs = data_read_paths(self.cfg)
+        return given + data_files, data_dirs
+
+
+def _is_path(p: Any) -> bool:
+    return isinstance(p, os.PathLike) or (isinstance(p, str) and not _is_yaml_text(p))
+
+
+def record_read_paths(config: Any) -> tuple[list[str], list[str]]:
+    """The data a run's recorded config (a dict) reads, as (files, folders), like ``Source.read_paths``;
+    a record that no longer validates: its ``data.path`` and ``data.root`` as written (refusing more,
+    never less)."""
+    if not isinstance(config, dict):
+        return [], []
+    try:
+        cfg, _ = CL.from_dict(config, "<run record>")
+    except NnctlError:
+        data = config.get("data") if isinstance(config.get("data"), dict) else {}
+        path, root = data.get("path"), data.get("root")
+        return ([path] if isinstance(path, str) else []), ([root] if isinstance(root, str) else [])
+    return data_read_paths(cfg)
 
 
 
@@ -137,11 +167,11 @@ def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best")
         W.load_weights(model, plan, state["model"], str(path))
         if state.get("freeze"):
             F.apply(model, state["freeze"])
-        return Source(cfg, doc, model, plan, state, Path(path))
+        return Source(cfg, doc, model, plan, state, Path(path), source)
     cfg, doc = load_config(source, overrides)
     model, plan = M.build(cfg, doc)
     F.apply_config(model, cfg.freeze)
-    return Source(cfg, doc, model, plan)
+    return Source(cfg, doc, model, plan, origin=source)
 
 
 

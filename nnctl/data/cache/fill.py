@@ -215,7 +215,7 @@ def _bytes(n: int, up: bool | None = None) -> str:
             tenths = n * 10 / div
             tenths = math.ceil(tenths) if up else math.floor(tenths) if up is False else round(tenths)
             return f"{tenths / 10:,.1f} {unit}"
-    return f"{n} bytes"
+    return f"{n} byte" if n == 1 else f"{n} bytes"
 
 
 def _short(path: Path) -> str:
