@@ -13,6 +13,7 @@ UsageError (the CLI's exit code 2), CheckpointError (2), NnctlError (1). Nothing
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -51,10 +52,11 @@ from nnctl.use import evaluate as E_EVALUATE
 from nnctl.use import export as E_EXPORT
 from nnctl.data import cache as K_CACHE
 from nnctl.runs import plots as PLOTS
+from nnctl.runs.tensorboard import MissingPackage
 
 __all__ = ["build", "load", "load_config", "load_record", "check", "prepare", "fit", "train", "launch", "predict",
            "evaluate", "summarize", "layer_types", "freeze", "export", "cache_info", "cache_clear", "list_runs",
-           "compare"]
+           "compare", "tune", "tune_show"]
 
 
 
@@ -130,6 +132,33 @@ def train(config: Any = None, *, overrides: Sequence[str] = (), out: str | None 
         return LAUNCH.train(path, overrides=list(overrides), out=out, resume=resume, init=init, partial=partial,
                             force=force, epochs=epochs, seed=seed, device=device, on_event=on_event,
                             on_message=on_message)
+
+
+def tune(config: Any, *, overrides: Sequence[str] = (), out: str | os.PathLike | None = None, workers: int = 1,
+         on_trial=None):
+    """Search the config's ``tune:`` section with Optuna until ``tune.trials`` trials count (or continue the
+    search in its folder): each trial a run folder ``<out>/trial-NNN`` (default out: runs/<name>-tune).
+    ``workers``: that many worker processes on this machine. ``on_trial(TrialOutcome)`` as each trial starts
+    and ends. Returns a ``TuneResult``; ``tune_show(result.folder)`` says what it found. Needs the tune extra."""
+    _require_optuna()
+    from nnctl.search import loop  # the tune extra (Optuna): imported only for a search
+
+    with _config_file(config) as path:
+        return loop.tune(path, overrides=list(overrides), out=out, workers=workers, on_trial=on_trial)
+
+
+def tune_show(folder: str | os.PathLike, *, write: bool = True, storage: str | None = None):
+    """A search's trials and its best one (its metric at its best epoch), as a ``TuneSummary``; with ``write``
+    also ``best.yaml`` and the pictures (history, importances, parallel coordinates) in the folder."""
+    _require_optuna()
+    from nnctl.search import results  # the tune extra (Optuna): imported only for a search
+
+    return results.summarize(folder, write=write, storage=storage)
+
+
+def _require_optuna() -> None:
+    if importlib.util.find_spec("optuna") is None:
+        raise MissingPackage("nnctl tune needs Optuna, which is not installed: pip install 'nnctl[tune]'")
 
 
 def launch(config: Any = None, *, nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,

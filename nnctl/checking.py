@@ -15,7 +15,10 @@ It runs the checks in this order and collects every problem (then the caller fai
 8. what training needs (``purpose="train"``): a ``data:`` section; and, for every purpose,
    the packages the config asks for (``train.log: [tensorboard]``, ``nnctl.runs.tensorboard``):
    a missing package is the environment's problem (exit 1), kept apart from the config's;
-9. lint: warnings, when there is no problem (``nnctl.model.plan.lint``).
+9. the search (a ``tune:`` section, for ``check`` and ``tune``): its metric against the task, and each
+   parameter's ends and choices through this same pipeline (:func:`check_search`): a parameter none
+   of whose values gives a valid config is refused at its line; Optuna installed (``tune`` extra);
+10. lint: warnings, when there is no problem (``nnctl.model.plan.lint``).
 
 Each package owns its own checks; this module only orders them and collects. Float bounds are
 the structure's: every number of the document within float32's range
@@ -30,10 +33,12 @@ model's output width, a regression target's shape against the output's
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 from nnctl.config import loader as CL
 from nnctl.config import structure as CS
+from nnctl.config import tune as TUNE
 from nnctl.config.schema import Config
 from nnctl.config.yamlio import Document
 from nnctl.data.augment.spec import check as augment_problems
@@ -47,7 +52,8 @@ from nnctl.runs.tensorboard import MissingPackage
 from nnctl.runs.tensorboard import missing as missing_packages
 
 # purpose -> (the activity that needs a data: section, or None; whether the training run's packages count)
-PURPOSES = {"check": (None, True), "train": ("training", True), "eval": ("evaluation", False)}
+PURPOSES = {"check": (None, True), "train": ("training", True), "eval": ("evaluation", False),
+            "tune": ("the search", True)}
 
 
 @dataclass
@@ -116,6 +122,9 @@ def check(doc: Document, purpose: str = "check") -> Checked:
                 problems += exc.problems
         if packages:
             missing = missing_packages(cfg, doc)
+        if cfg.tune is not None and purpose in ("check", "tune") and not problems:
+            problems += check_search(doc, cfg)
+            missing += TUNE.missing(cfg, doc)
     warnings_ = lint(cfg, plan_) if cfg is not None and plan_ is not None and not problems else []
     return Checked(cfg, plan_, _in_file_order(problems, doc.file), warnings_, doc, missing)
 
@@ -127,6 +136,40 @@ def load_checked(source: str, overrides: list[str] | None = None, purpose: str =
     Checked result (``cfg``, ``doc``, ``plan``, ``warnings``).
     """
     return check(CL.load_document(source, overrides), purpose).refuse()
+
+
+def check_search(doc: Document, cfg: Config) -> list[Problem]:
+    """The ``tune:`` section against the config it searches: the metric is one this task logs (and has
+    validation data for), and every parameter has at least one end or choice that passes this pipeline
+    (the others at their values in the file): otherwise its whole range is invalid, refused at its line.
+    A combination that fails at a trial is that trial's failure, with its reason."""
+    t = cfg.tune
+    problems: list[Problem] = []
+    metric = t.metric
+    if metric is not None:
+        no_val = cfg.data is not None and cfg.data.split == "fraction" and cfg.data.val_fraction == 0.0
+        if not cfg.task.could_log(metric):
+            problems.append(doc.problem(("tune", "metric"), f"a {cfg.train.loss_name} run does not log {metric}"))
+        elif metric.startswith("val_") and no_val:
+            problems.append(doc.problem(("tune", "metric"), f"{metric} needs validation data: val_fraction > 0"))
+    base = {k: v for k, v in doc.data.items() if k != "tune"}
+    for path, spec in t.params.items():
+        reasons = []
+        for value in TUNE.ends(spec):
+            trial = Document(copy.deepcopy(base), doc.file, dict(doc.marks), dict(doc.overridden))
+            try:
+                CL.apply_overrides(trial, [f"{path}={TUNE.flow(value)}"])
+            except ConfigError as exc:
+                reasons.append(exc.problems[0].message)
+                continue
+            found = check(trial, "train").problems
+            if not found:
+                break
+            reasons.append(f"{found[0].path + ': ' if found[0].path else ''}{found[0].message}")
+        else:
+            problems.append(doc.problem(("tune", "params", path), f"no value of {path} gives a valid config: "
+                                                                  f"{reasons[0]}"))
+    return problems
 
 
 def check_data(cfg: Config, doc: Document, plan_: Plan, data) -> list[Problem]:

@@ -58,3 +58,12 @@ class ConfigError(UsageError):
 
 class CheckpointError(UsageError):
     """A checkpoint or weights file that cannot be used (corrupt, hostile, mismatched)."""
+
+
+class Pruned(NnctlError):
+    """A hyperparameter search stopped this run after an epoch: its metric was not promising (Optuna's
+    pruner). The run's checkpoints up to that epoch are kept; its record's state is ``pruned``."""
+
+    def __init__(self, epoch: int, metric: str, value: float):
+        self.epoch, self.metric, self.value = epoch, metric, value
+        super().__init__(f"pruned by the search after epoch {epoch} ({metric} {value:.4g})")

@@ -29,6 +29,8 @@ LAZY_MODULES = {
     "torch.utils.tensorboard": "the tensorboard extra, only for train.log: [csv, tensorboard]",
     "torch.distributed.run": "torchrun, only when --nproc-per-node launches workers",
     "torch.utils.flop_counter": "MACs in summaries only (imports sympy)",
+    "nnctl.search": "the tune extra (Optuna, 0.4 s), only for nnctl tune and tune show",
+    "optuna": "the tune extra, only for nnctl tune and tune show",
     "torchvision": "only for configs with a torchvision model or torchvision data sets (0.5 s)",
 }
 

@@ -69,7 +69,7 @@ def check(
 
 
 # the other commands register on the same app, in the order `nnctl --help` lists them
-from nnctl.cli import cmd_inspect, cmd_train, cmd_use, cmd_runs  # noqa: E402,F401
+from nnctl.cli import cmd_inspect, cmd_train, cmd_use, cmd_runs, cmd_tune  # noqa: E402,F401
 
 
 def main() -> None:

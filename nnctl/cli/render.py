@@ -154,7 +154,7 @@ def _fmt_started(iso) -> str:
     return _esc(iso[:19].replace("T", " ")) if isinstance(iso, str) and iso else "-"
 
 
-_STATE_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "red"}
+_STATE_STYLE = {"running": "cyan", "finished": "green", "interrupted": "yellow", "failed": "red", "pruned": "magenta"}
 
 
 def _console_err():

@@ -11,20 +11,15 @@ from __future__ import annotations
 import difflib
 import math
 from typing import Any, Literal
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from nnctl.tasks import CLASSIFICATION_LOSSES, LOSSES, MONITORS, Task, mode_of, task_for
 from nnctl.config.nn_names import LAYER_NAMES
+from nnctl.config.base import _CrossProblems, _one_key, _Section  # noqa: F401  (re-exported)
+from nnctl.config.tune import TuneSection
 
 
 CORE_LAYERS = ("Conv2d", "Linear", "Dropout2d", "Dropout", "MaxPool2d", "ReLU", "Softmax", "LogSoftmax",
                "ReflectionPad2d", "InstanceNorm2d", "Flatten", "Sequential", "Residual", "BatchNorm2d")
-
-
-
-class _CrossProblems(ValueError):
-    def __init__(self, problems: list[tuple[tuple, str]]):
-        super().__init__("; ".join(m for _, m in problems))
-        self.problems = problems
 
 
 
@@ -60,34 +55,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
 
 _Int = int
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
-
-
-_EXAMPLES = {"loss": ("cross_entropy", "{label_smoothing: 0.1}"),
-             "scheduler": ("StepLR", "{step_size: 10}"),
-             "augmentation": ("RandomCrop", "{size: 32, padding: 4}")}
-
-
-def _one_key(value: Any, what: str) -> tuple[str, dict]:
-    """`Adam`, `{Adam: {lr: 0.1}}` or `{Adam: null}` -> ("Adam", {...})."""
-    example, args_example = _EXAMPLES.get(what, ("Adam", "{lr: 0.001}"))
-    kind = "name" if what == "loss" else "class name"
-    if isinstance(value, str):
-        return value, {}
-    if isinstance(value, dict) and len(value) == 1:
-        (name, args), = value.items()
-        if not isinstance(name, str):
-            raise ValueError(f"{what} name must be a {kind} such as {example}")
-        if args is None:
-            args = {}
-        if not isinstance(args, dict):
-            raise ValueError(f"the arguments of {what} {name} must be a mapping such as {args_example}")
-        return name, args
-    raise ValueError(f"expected one {what} {kind}, alone or with a mapping of its arguments, "
-                     f"such as {{{example}: {args_example}}}")
 
 
 class ModelSection(_Section):
@@ -378,6 +345,7 @@ class Config(_Section):
                                 description="how to train; every key has a default (Adam lr 1e-3, 10 epochs, "
                                             "batch 64, cross_entropy)")
     freeze: FreezeSection | None = None
+    tune: TuneSection | None = Field(None, description="what nnctl tune searches (nnctl train ignores it)")
 
     @property
     def task(self) -> Task:

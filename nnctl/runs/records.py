@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 from nnctl.errors import UsageError
-from nnctl.runs.rundir import CHECKPOINTS, RunDir
+from nnctl.runs.rundir import CHECKPOINTS, SEARCH_RECORD, RunDir
 from nnctl.config.loader import flatten
 from nnctl.errors import CheckpointError
 from nnctl.runs.status import read_status, STATES, _BIG, _is_int, _is_num, _is_str, _iso_of_mtime, _plain, read_status_checked
@@ -294,8 +294,14 @@ def _fill_differs(infos: list[RunInfo]) -> None:
             m.differs = {k: v[i] for k, v in diff.items()}
 
 
+def _run_folders(root: Path) -> list[Path]:
+    return sorted((p for p in root.iterdir() if not p.name.startswith(".") and RunDir(p).is_run()),
+                  key=lambda p: p.name)
+
+
 def list_runs(folder: str | os.PathLike = "runs") -> list[RunInfo]:
-    """The runs under a folder (its run subfolders; or the folder itself if it is a run), by start time."""
+    """The runs under a folder (its run subfolders, and the trials of a search folder in it, named
+    ``<search>/<trial>``; or the folder itself if it is a run), by start time."""
     root = Path(folder)
     if not root.exists():
         raise UsageError(f"{root}: no such folder" + (" (no run has been trained here yet: nnctl train CONFIG "
@@ -306,11 +312,16 @@ def list_runs(folder: str | os.PathLike = "runs") -> list[RunInfo]:
         folders = [root]
     else:
         try:
-            folders = sorted((p for p in root.iterdir() if not p.name.startswith(".") and RunDir(p).is_run()),
-                             key=lambda p: p.name)
+            folders = _run_folders(root)
+            # a search folder's trials (nnctl tune: runs/<name>-tune/trial-NNN), named <search>/<trial>
+            for search in sorted(p for p in root.iterdir() if (p / SEARCH_RECORD).is_file() and not p.is_symlink()):
+                folders += _run_folders(search)
         except OSError as exc:
             raise UsageError(f"{root}: cannot be read: {exc.strerror or exc}") from None
     infos = [read_run(p) for p in folders]
+    for info, p in zip(infos, folders):
+        if p.parent != root and p != root:
+            info.name = f"{p.parent.name}/{p.name}"
     infos.sort(key=lambda i: (i.started_at or "", i.name))
     _fill_differs(infos)
     return infos

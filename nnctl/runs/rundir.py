@@ -10,6 +10,9 @@ A run folder (``runs/<name>``, or ``--out``) holds, byte for byte these names:
 - ``tensorboard/``: TensorBoard event files (``train.log: [tensorboard]``)
 - ``export/``: ``nnctl export``'s default output folder (user output: not a file nnctl keeps)
 
+A search folder (``nnctl tune``: ``runs/<name>-tune/``) is not a run: it holds ``tune.json`` (its
+record, ``SEARCH_RECORD``) and one run folder a trial (``trial-007/``); ``nnctl runs`` lists them.
+
 **Is this a run** (``RunDir.is_run``, the one rule): a folder holding ``config.yaml``, a checkpoint
 (``last.pt`` / ``best.pt``) or ``status.json``. nnctl writes config.yaml right after claiming the
 folder, so every run it started has one of them; a folder of an older nnctl (no status.json), or one
@@ -47,6 +50,7 @@ CHECKPOINTS = {"last": LAST, "best": BEST}
 _EPOCH = re.compile(r"epoch-([0-9]+)\.pt")  # train.checkpoint.every: epoch-N.pt
 _MARKS = (CONFIG, LAST, BEST, STATUS)  # what makes a folder a run (module docstring)
 
+SEARCH_RECORD = "tune.json"  # a search folder's record (nnctl tune): its trials are run folders inside it
 LOCKED_ENV = "NNCTL_RUN_LOCKED"  # set by the distributed launcher, which holds the lock for its workers
 
 

@@ -12,11 +12,11 @@ from typing import Any, Callable, Iterable
 from nnctl.errors import UsageError
 from nnctl.runs.rundir import RunDir
 from nnctl.files import read_input
-from nnctl.errors import NnctlError
+from nnctl.errors import NnctlError, Pruned
 from nnctl.files import atomic_write
 from nnctl._version import __version__
 
-STATES = ("running", "finished", "interrupted", "failed")
+STATES = ("running", "finished", "interrupted", "failed", "pruned")
 STATUS_FORMAT = 1
 
 
@@ -273,9 +273,12 @@ def error_record(error: BaseException) -> dict:
 
 
 def state_of_exception(error: BaseException) -> str:
-    """interrupted for a signal (loop.Interrupted, KeyboardInterrupt), failed for anything else."""
+    """interrupted for a signal (loop.Interrupted, KeyboardInterrupt), pruned when a search stopped the run
+    (errors.Pruned), failed for anything else."""
     if isinstance(error, KeyboardInterrupt) or type(error).__name__ == "Interrupted":
         return "interrupted"
+    if isinstance(error, Pruned):
+        return "pruned"
     return "failed"
 
 
@@ -287,7 +290,7 @@ def record_failure(folder: str | os.PathLike, error: BaseException) -> bool:
     """
     folder = Path(folder)
     status = read_status(folder) or {}
-    if status.get("state") in ("failed", "interrupted", "finished"):
+    if status.get("state") in ("failed", "interrupted", "finished", "pruned"):
         return True
 
     status.setdefault("format", STATUS_FORMAT)

@@ -55,7 +55,8 @@ INSTALL = "tensorboard needs the tensorboard package: pip install 'nnctl[tensorb
 EVENT_PREFIX = "events.out.tfevents."
 MAX_HPARAMS = 256
 # the run's end state -> TensorBoard's hparams Status (it has no "aborted"; see the module docstring)
-END_STATUS = {"finished": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "interrupted": "STATUS_UNKNOWN"}
+END_STATUS = {"finished": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "interrupted": "STATUS_UNKNOWN",
+              "pruned": "STATUS_SUCCESS"}
 
 
 def _quiet_writer_threads() -> None:

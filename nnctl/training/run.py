@@ -36,7 +36,7 @@ from nnctl.config import loader as CL
 from nnctl.config import schema as C
 from nnctl.data import loading as D
 from nnctl.data.record import data_changes
-from nnctl.errors import CheckpointError, ConfigError, UsageError
+from nnctl.errors import CheckpointError, ConfigError, Pruned, UsageError
 from nnctl.model import freeze as F
 from nnctl.model import plan as M
 from nnctl.model import weights as W
@@ -352,7 +352,7 @@ def _fit(spec: RunSpec, data=None) -> RunResult:
                            outputs=int(outputs) if outputs else None)
     try:
         result = T.fit(cfg, spec.model, data, spec.dev, run_dir, options)
-    except Interrupted:
+    except (Interrupted, Pruned):  # what was trained is kept: its curves too
         if dist.main:
             plot_quietly(run_dir, cfg.name)
         raise

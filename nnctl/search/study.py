@@ -1,0 +1,241 @@
+"""A search's folder and its Optuna study: storage, sampler, pruner, and what each trial's state means.
+
+The search folder (``runs/<name>-tune/``, or ``--out``) holds ``tune.json`` (the search's record:
+the config, the study's name and storage, the metric), ``study.journal`` (the study itself, an Optuna
+journal file, unless ``tune.storage`` names a database), one run folder a trial (``trial-007/``:
+a normal nnctl run), and ``tune show``'s ``best.yaml`` and pictures.
+
+A trial counts toward ``tune.trials`` when it completed, was pruned or failed for a reason of its own
+(an invalid sampled config, a diverged run): ``counted``. A trial whose process died (SIGKILL, a lost
+machine) or was stopped by a signal is marked failed with ``nnctl.retry`` and its parameters queued
+again: it does not count, and the search runs them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from nnctl.config.schema import Config
+from nnctl.config.tune import PRUNERS, SAMPLERS  # noqa: F401  (the names nnctl's tune: section takes)
+from nnctl.errors import UsageError
+from nnctl.files import atomic_write
+from nnctl.runs.rundir import SEARCH_RECORD
+from nnctl.tasks import mode_of
+from nnctl.training.policy import monitor_for
+
+JOURNAL = "study.journal"
+BEST = "best.yaml"
+PICTURES = ("history.png", "importances.png", "parallel.png")
+RETRY = "nnctl.retry"  # a trial that does not count: its process died or was stopped (run again)
+ERROR = "nnctl.error"  # why a trial failed
+RUN = "nnctl.run"  # the trial's run folder
+BEST_EPOCH = "nnctl.best_epoch"
+HOST, PID, BEAT = "nnctl.host", "nnctl.pid", "nnctl.heartbeat"
+
+
+def trial_folder(folder: Path, number: int) -> Path:
+    return folder / f"trial-{number:03d}"
+
+
+def default_folder(name: str, base: str | os.PathLike = "runs") -> Path:
+    return Path(base) / f"{name}-tune"
+
+
+def metric_of(cfg: Config) -> tuple[str, str]:
+    """(metric, direction): tune.metric (default: the run's monitor, as best.pt's) and its direction."""
+    t = cfg.tune
+    has_val = not (cfg.data is not None and cfg.data.split == "fraction" and cfg.data.val_fraction == 0.0)
+    metric = t.metric or monitor_for(cfg, has_val)[0]
+    direction = t.direction or ("maximize" if mode_of(metric) == "max" else "minimize")
+    return metric, direction
+
+
+def storage_of(cfg: Config, folder: Path):
+    """tune.storage (a database URL, or a journal file's path) or the search folder's journal file."""
+    url = cfg.tune.storage
+    if url and "://" in url:
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:  # a driver missing, a server not reachable: the user's to fix, in one line
+            raise UsageError(f"tune.storage {redact(url)}: {' '.join(str(exc).split())[:300]}") from None
+    path = Path(url) if url else folder / JOURNAL
+    backend = optuna.storages.journal.JournalFileBackend(str(path),
+                                                         lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
+    return optuna.storages.JournalStorage(backend)
+
+
+def redact(url: str) -> str:
+    """A storage URL without its password (what records and messages show)."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    auth, host = rest.rsplit("@", 1)
+    user = auth.split(":", 1)[0]
+    return f"{scheme}://{user}{':***' if ':' in auth else ''}@{host}"
+
+
+def sampler_of(cfg: Config, space: dict) -> optuna.samplers.BaseSampler:
+    (name, args), = cfg.tune.sampler.items()
+    seed = int(args.get("seed", cfg.seed)) % (2**32)
+    startup = args.get("startup_trials")
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space, seed=seed)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, sigma0=args.get("sigma0"),
+                                            n_startup_trials=int(startup) if startup is not None else 1)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=int(startup) if startup is not None else 10)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(startup) if startup is not None else 10,
+                                      multivariate=bool(args.get("multivariate", False)))
+
+
+def pruner_of(cfg: Config) -> optuna.pruners.BasePruner:
+    (name, args), = cfg.tune.pruner.items()
+    common = {"n_startup_trials": int(args.get("startup_trials", 5)),
+              "n_warmup_steps": int(args.get("warmup_epochs", 0)),
+              "interval_steps": int(args.get("interval_epochs", 1))}
+    if name == "median":
+        return optuna.pruners.MedianPruner(**common)
+    if name == "percentile":
+        return optuna.pruners.PercentilePruner(float(args["percentile"]), **common)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=int(args.get("min_epochs", 1)),
+                                              max_resource=cfg.train.epochs,
+                                              reduction_factor=int(args.get("reduction_factor", 3)))
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(args.get("min_epochs", 1)),
+                                                      reduction_factor=int(args.get("reduction_factor", 4)),
+                                                      min_early_stopping_rate=int(args.get("min_early_stopping_rate",
+                                                                                           0)))
+    return optuna.pruners.NopPruner()
+
+
+@dataclass
+class Search:
+    """An opened search: its folder, the study, what it optimises."""
+
+    folder: Path
+    study: optuna.Study
+    metric: str
+    direction: str
+    record: dict
+
+
+def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overrides: list[str],
+                create: bool = True) -> Search:
+    """The search folder (made if ``create``), its record and its study (created, or loaded: the same
+    command continues a search). A study found with another metric or direction is refused."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    metric, direction = metric_of(cfg)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
+    record_path = folder / SEARCH_RECORD
+    old = read_record(folder) if record_path.exists() else None
+    if old is not None and (old.get("metric"), old.get("direction")) != (metric, direction):
+        raise UsageError(f"{folder}: holds a search of {old.get('metric')} ({old.get('direction')}); this config "
+                         f"searches {metric} ({direction}): give another --out")
+    storage = storage_of(cfg, folder)
+    study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler_of(cfg, space),
+                                pruner=pruner_of(cfg), direction=direction, load_if_exists=True)
+    if study.direction.name.lower() != direction:
+        raise UsageError(f"the study {cfg.name!r} in {redact(cfg.tune.storage or str(folder / JOURNAL))} "
+                         f"{study.direction.name.lower()}s; this config {direction}s {metric}")
+    record = {"format": "nnctl-tune", "config": os.path.abspath(config_path) if config_path else None,
+              "overrides": list(overrides), "study": cfg.name, "metric": metric, "direction": direction,
+              "trials": cfg.tune.trials, "storage": redact(cfg.tune.storage) if cfg.tune.storage else JOURNAL}
+    if old != record:
+        text = (json.dumps(record, indent=2) + "\n").encode()
+        atomic_write(record_path, lambda fh: fh.write(text))
+    return Search(folder, study, metric, direction, record)
+
+
+def read_record(folder: Path) -> dict:
+    path = Path(folder) / SEARCH_RECORD
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(1 << 20))
+    except FileNotFoundError:
+        raise UsageError(f"{folder}: not a search folder (no {SEARCH_RECORD}; nnctl tune CONFIG makes one)") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path}: unreadable: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != "nnctl-tune":
+        raise UsageError(f"{path}: not a search record")
+    return data
+
+
+def load_study(folder: Path, storage_url: str | None = None) -> tuple[optuna.Study, dict]:
+    """An existing search's study, for ``tune show`` (``storage_url``, else the storage its record names,
+    else its journal file)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    record = read_record(folder)
+    storage_text = storage_url or record.get("storage") or JOURNAL
+    if "://" in storage_text:
+        if "***" in storage_text:
+            raise UsageError(f"{folder}: its study is in a database with a password; give it: nnctl tune show "
+                             f"{folder} --storage URL")
+        storage: Any = storage_text
+    else:
+        path = Path(storage_text) if os.path.isabs(storage_text) else Path(folder) / storage_text
+        if not path.is_file():
+            raise UsageError(f"{folder}: its study file {path} is missing")
+        backend = optuna.storages.journal.JournalFileBackend(
+            str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
+        storage = optuna.storages.JournalStorage(backend)
+    try:
+        study = optuna.load_study(study_name=record["study"], storage=storage)
+    except KeyError:
+        raise UsageError(f"{folder}: the study {record['study']!r} is not in its storage") from None
+    return study, record
+
+
+# --- what each trial's state means ----------------------------------------------------------
+
+def counted(t: optuna.trial.FrozenTrial) -> bool:
+    """A trial that counts toward tune.trials: complete, pruned, or failed for a reason of its own."""
+    if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return t.state == TrialState.FAIL and not t.user_attrs.get(RETRY)
+
+
+def owner_alive(t: optuna.trial.FrozenTrial, stale_after: float, now: float) -> bool:
+    """Whether a RUNNING trial's process is alive: this machine's pid, else a heartbeat newer than
+    ``stale_after`` seconds (a trial of another machine)."""
+    host, pid, beat = t.user_attrs.get(HOST), t.user_attrs.get(PID), t.user_attrs.get(BEAT)
+    if host == socket.gethostname() and isinstance(pid, int):
+        if pid == os.getpid():
+            return True
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return _same_process(pid, t.user_attrs.get("nnctl.started"))
+    if isinstance(beat, (int, float)):
+        return now - beat < stale_after
+    start = t.datetime_start.timestamp() if t.datetime_start else now
+    return now - start < stale_after
+
+
+def process_start(pid: int) -> str | None:
+    """The kernel's start time of a process (a reused pid has another one), or None where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return None
+
+
+def _same_process(pid: int, started: str | None) -> bool:
+    now = process_start(pid)
+    return started is None or now is None or now == started
