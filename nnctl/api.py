@@ -13,7 +13,6 @@ UsageError (the CLI's exit code 2), CheckpointError (2), NnctlError (1). Nothing
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -53,6 +52,7 @@ from nnctl.use import export as E_EXPORT
 from nnctl.data import cache as K_CACHE
 from nnctl.runs import plots as PLOTS
 from nnctl.runs.tensorboard import MissingPackage
+from nnctl.config import tune as TUNE_CONFIG
 
 __all__ = ["build", "load", "load_config", "load_record", "check", "prepare", "fit", "train", "launch", "predict",
            "evaluate", "summarize", "layer_types", "freeze", "export", "cache_info", "cache_clear", "list_runs",
@@ -157,7 +157,7 @@ def tune_show(folder: str | os.PathLike, *, write: bool = True, storage: str | N
 
 
 def _require_optuna() -> None:
-    if importlib.util.find_spec("optuna") is None:
+    if not TUNE_CONFIG.installed("optuna"):
         raise MissingPackage("nnctl tune needs Optuna, which is not installed: pip install 'nnctl[tune]'")
 
 

@@ -139,6 +139,14 @@ def flow(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else json.dumps(value)
 
 
+def installed(module: str) -> bool:
+    """Whether a package can be imported, without importing it (a broken or blocked one: no)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def missing(cfg: Any, doc: Any) -> list:
     """[the located problem] when a search is configured and Optuna (or its sampler's package) is not
     installed, else [] (the check pipeline's environment step: exit 1, with the pip command)."""
@@ -150,7 +158,7 @@ def missing(cfg: Any, doc: Any) -> list:
     if sampler == "gp":
         needs.append(("scipy", "pip install scipy"))
     for module, command in needs:
-        if importlib.util.find_spec(module) is None:
+        if not installed(module):
             what = "nnctl tune" if module == "optuna" else f"the {sampler} sampler"
             return [doc.problem(("tune",), f"{what} needs {module}, which is not installed: {command}")]
     return []

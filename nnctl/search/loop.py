@@ -13,6 +13,7 @@ failed with ``nnctl.retry``, and its parameters are queued to run again.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -135,6 +136,7 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
                 continue
             outcome = _run_trial(search, cfg, config, overrides, trial, on_trial)
             result.outcomes.append(outcome)
+            gc.collect()  # the trial's model, optimizer and data (reference cycles) freed now: memory stays flat
 
 
 def _grid_size(cfg) -> int:
@@ -168,7 +170,7 @@ def _next_trial(search: S.Search, target: int, deadline: float | None, stale_aft
                and (S.counted(t) or t.state == TrialState.RUNNING)]
     if len(earlier) >= target:
         trial.set_user_attr(S.RETRY, "surplus: the study had its trials")
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
         return None
     return trial
 
@@ -181,7 +183,7 @@ def _retry_dead(study: optuna.Study, stale_after: float) -> None:
             continue
         try:
             optuna.trial.Trial(study, t._trial_id).set_user_attr(S.RETRY, "its process died")
-            study.tell(t.number, state=TrialState.FAIL)
+            _tell(study, t.number, state=TrialState.FAIL)
         except (RuntimeError, ValueError):  # another process got there first
             continue
         study.enqueue_trial(t.params, user_attrs={"nnctl.retry_of": t.number}, skip_if_exists=False)
@@ -195,7 +197,7 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
     try:
         values = sample(trial, cfg.tune.params)
     except BaseException:
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
         raise
     outcome = TrialOutcome(trial.number, "running", values, str(run))
     trial.set_user_attr(S.RUN, str(run))
@@ -221,7 +223,7 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
             result = RUN.train(config, overrides=[*overrides, *overrides_of(values), "tune=null"], out=str(run),
                                on_event=report)
     except Pruned as exc:
-        study.tell(trial, state=TrialState.PRUNED)
+        _tell(study, trial, state=TrialState.PRUNED)
         outcome.state, outcome.value, outcome.epoch = "pruned", exc.value, exc.epoch
     except (Interrupted, KeyboardInterrupt) as exc:
         _interrupted(study, trial, exc)
@@ -229,7 +231,7 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
     except NnctlError as exc:
         outcome.state, outcome.error = "failed", " ".join(str(exc).split())[:2000]
         trial.set_user_attr(S.ERROR, outcome.error)
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
     except BaseException:
         _interrupted(study, trial, None)
         raise
@@ -238,22 +240,32 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
         if best is None:
             outcome.state, outcome.error = "failed", f"the run logged no finite {metric}"
             trial.set_user_attr(S.ERROR, outcome.error)
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
         else:
             outcome.state, (outcome.epoch, outcome.value) = "complete", best
             trial.set_user_attr(S.BEST_EPOCH, outcome.epoch)
-            study.tell(trial, outcome.value)
+            _tell(study, trial, outcome.value)
     outcome.seconds = time.monotonic() - began
     if on_trial is not None:
         on_trial(outcome)
     return outcome
 
 
+def _tell(study: optuna.Study, trial, *args, **kwargs) -> None:
+    """study.tell, where the grid sampler's "the grid is done" (a Study.stop meant for study.optimize, raised
+    after the trial's state is stored) is not an error: the loop stops by counting trials."""
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+
+
 def _interrupted(study: optuna.Study, trial: optuna.Trial, exc: BaseException | None) -> None:
     """A trial stopped by a signal (or an internal error): it does not count; its values run again."""
     try:
         trial.set_user_attr(S.RETRY, "stopped by a signal" if exc is not None else "stopped by an internal error")
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
         study.enqueue_trial(trial.params, user_attrs={"nnctl.retry_of": trial.number}, skip_if_exists=False)
     except Exception:  # the storage itself is gone: the next start sees a dead RUNNING trial
         pass

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,9 +146,7 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
     if old is not None and (old.get("metric"), old.get("direction")) != (metric, direction):
         raise UsageError(f"{folder}: holds a search of {old.get('metric')} ({old.get('direction')}); this config "
                          f"searches {metric} ({direction}): give another --out")
-    storage = storage_of(cfg, folder)
-    study = optuna.create_study(study_name=cfg.name, storage=storage, sampler=sampler_of(cfg, space),
-                                pruner=pruner_of(cfg), direction=direction, load_if_exists=True)
+    study = _create(cfg, folder, space, direction)
     if study.direction.name.lower() != direction:
         raise UsageError(f"the study {cfg.name!r} in {redact(cfg.tune.storage or str(folder / JOURNAL))} "
                          f"{study.direction.name.lower()}s; this config {direction}s {metric}")
@@ -157,6 +157,28 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
         text = (json.dumps(record, indent=2) + "\n").encode()
         atomic_write(record_path, lambda fh: fh.write(text))
     return Search(folder, study, metric, direction, record)
+
+
+def _create(cfg: Config, folder: Path, space: dict, direction: str) -> optuna.Study:
+    """The study, created or loaded. Two machines opening an empty database at the same moment both create
+    Optuna's tables and one fails (optuna/optuna#1092): it tries again, the tables then exist."""
+    database = bool(cfg.tune.storage and "://" in cfg.tune.storage)
+    for attempt in range(6):
+        try:
+            return optuna.create_study(study_name=cfg.name, storage=storage_of(cfg, folder),
+                                       sampler=sampler_of(cfg, space), pruner=pruner_of(cfg), direction=direction,
+                                       load_if_exists=True)
+        except UsageError:
+            if not database or attempt == 5:
+                raise
+        except Exception as exc:  # sqlalchemy's IntegrityError / ProgrammingError of the lost race
+            if not database:
+                raise
+            if attempt == 5:
+                raise UsageError(f"tune.storage {redact(cfg.tune.storage)}: {' '.join(str(exc).split())[:300]}") \
+                    from None
+        time.sleep(0.2 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def read_record(folder: Path) -> dict:
