@@ -135,10 +135,13 @@ def _pictures(study: optuna.Study, folder: Path, metric: str, notes: list[str]) 
 
     done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     plots = [("history.png", ovm.plot_optimization_history, 1),
+             ("epochs.png", _intermediate, 0),  # every trial's metric by epoch: where the pruned ones stopped
              ("importances.png", ovm.plot_param_importances, 2),
              ("parallel.png", ovm.plot_parallel_coordinate, 1)]
     written = []
     for name, plot, needs in plots:
+        if needs == 0 and not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+            continue
         if len(done) < needs:
             notes.append(f"{name}: needs {needs} complete trial{'s' if needs > 1 else ''}; {len(done)} so far")
             continue
@@ -157,6 +160,17 @@ def _pictures(study: optuna.Study, folder: Path, metric: str, notes: list[str]) 
         finally:
             plt.close(fig)
     return written
+
+
+def _intermediate(study: optuna.Study, target_name: str):
+    """Optuna's intermediate-values plot, titled with the metric (its y axis says only "Intermediate Value")."""
+    from optuna.visualization import matplotlib as ovm
+
+    ax = ovm.plot_intermediate_values(study)
+    ax.set_ylabel(f"{target_name} (each epoch)")
+    ax.set_xlabel("epoch")
+    ax.set_title(f"{target_name} by epoch, every trial (pruned ones end early)")
+    return ax
 
 
 def require_search(folder: str | Path) -> Path:

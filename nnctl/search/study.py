@@ -35,7 +35,7 @@ from nnctl.training.policy import monitor_for
 
 JOURNAL = "study.journal"
 BEST = "best.yaml"
-PICTURES = ("history.png", "importances.png", "parallel.png")
+PICTURES = ("history.png", "epochs.png", "importances.png", "parallel.png")
 RETRY = "nnctl.retry"  # a trial that does not count: its process died or was stopped (run again)
 ERROR = "nnctl.error"  # why a trial failed
 RUN = "nnctl.run"  # the trial's run folder
