@@ -135,16 +135,18 @@ def train(config: Any = None, *, overrides: Sequence[str] = (), out: str | None 
 
 
 def tune(config: Any, *, overrides: Sequence[str] = (), out: str | os.PathLike | None = None, workers: int = 1,
-         on_trial=None):
+         nproc_per_node: int = 1, on_trial=None):
     """Search the config's ``tune:`` section with Optuna until ``tune.trials`` trials count (or continue the
     search in its folder): each trial a run folder ``<out>/trial-NNN`` (default out: runs/<name>-tune).
-    ``workers``: that many worker processes on this machine. ``on_trial(TrialOutcome)`` as each trial starts
+    ``workers``: that many worker processes on this machine; ``nproc_per_node``: each trial a DDP run of that
+    many processes (rank 0 reports, every rank stops together when pruned). ``on_trial(TrialOutcome)`` as each trial starts
     and ends. Returns a ``TuneResult``; ``tune_show(result.folder)`` says what it found. Needs the tune extra."""
     _require_optuna()
     from nnctl.search import loop  # the tune extra (Optuna): imported only for a search
 
     with _config_file(config) as path:
-        return loop.tune(path, overrides=list(overrides), out=out, workers=workers, on_trial=on_trial)
+        return loop.tune(path, overrides=list(overrides), out=out, workers=workers, on_trial=on_trial,
+                         nproc_per_node=nproc_per_node)
 
 
 def tune_show(folder: str | os.PathLike, *, write: bool = True, storage: str | None = None):

@@ -279,6 +279,30 @@ def test_sigterm_to_the_search_stops_it_and_the_trial_runs_again(tmp_path):
     assert read_status(S.trial_folder(folder, 0))["state"] == "interrupted"
 
 
+@pytest.mark.slow
+def test_ddp_trials_report_from_rank_0_and_stop_every_rank_when_pruned(tmp_path):
+    """--nproc-per-node 2: each trial is a two-process DDP run (gloo). Rank 0 reports each epoch to the
+    study; the pruned trial stops on both ranks after epoch 1 (torchrun sees both exit cleanly: the trial
+    is PRUNED, not FAILED) and its record says so."""
+    path = _config(tmp_path, {"trials": 2, "sampler": {"grid": {"seed": 4}},
+                              "pruner": {"percentile": {"percentile": 99, "startup_trials": 1}},
+                              "params": {"train.optimizer.Adam.lr": {"choice": [1.0e-7, 0.01]}}},
+                   epochs=3, device="cpu")
+    folder = tmp_path / "s"
+    r = subprocess.run(_tune_cmd(str(path), "--out", str(folder), "--nproc-per-node", "2"), capture_output=True,
+                       text=True, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    good, bad = _study(folder).trials  # the grid's seed 4 runs lr 0.01 first (Optuna 4-5)
+    assert good.params["train.optimizer.Adam.lr"] == "0.01" and good.state.name == "COMPLETE"
+    assert sorted(good.intermediate_values) == [1, 2, 3]  # reported by rank 0, every epoch
+    assert bad.state.name == "PRUNED" and sorted(bad.intermediate_values) == [1]
+    status = read_status(S.trial_folder(folder, bad.number))
+    assert status["state"] == "pruned" and status["epochs_done"] == 1
+    rows = (S.trial_folder(folder, bad.number) / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and "epoch 1/3" not in r.stdout  # one epoch; the trial's own lines are not printed
+    assert "trial 1: pruned after epoch 1" in r.stdout
+
+
 # --- memory over many in-process trials ------------------------------------------------------------
 
 def _rss_mib() -> float:

@@ -42,6 +42,7 @@ def train(
 ):
     """Build, train, validate and checkpoint a model."""
     from nnctl import api
+    from nnctl.errors import Pruned
 
     config_path = None if config is None else _PathArg(config)  # a path, even where it reads like YAML text
     options = dict(overrides=set_ or [], out=out, resume=resume, init=init, partial=partial, force=force,
@@ -51,22 +52,33 @@ def train(
                    rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts, **options)
         return
     main = api.is_main_process()  # under torchrun: rank 0 reports, the other ranks are quiet
+    trial = os.environ.get("NNCTL_TUNE_TRIAL")  # a DDP trial of nnctl tune: rank 0 reports to its study
     con = _console()
-    fancy = con.is_terminal and main
+    fancy = con.is_terminal and main and not trial
     bar = _Progress(con, fancy)
     progress = reader_may_leave(bar)  # `nnctl train | head`: the run goes on
-    if not main:
+    if not main or trial:  # a trial's lines are the search's to print
         say = lambda text: None  # noqa: E731
+        progress = lambda event: None  # noqa: E731
     elif fancy:
         say = reader_may_leave(lambda text: con.print(text, markup=False, highlight=False))
     else:
         say = reader_may_leave(lambda text: print(text, flush=True))
+    on_event = progress
+    if trial and main:
+        from nnctl.search.loop import remote_reporter
+
+        report = remote_reporter(trial)
+        on_event = lambda event: (progress(event), report(event))  # noqa: E731
     try:
         with _cache_progress(con if fancy else None):
-            result = api.train(config_path, on_event=progress, on_message=lambda text: say(_clean(text)), **options)
+            result = api.train(config_path, on_event=on_event, on_message=lambda text: say(_clean(text)), **options)
+    except Pruned as exc:  # the search stopped this trial, on every rank: its record says pruned
+        say(str(exc))
+        return
     finally:
         reader_may_leave(bar.close)()
-    if main:
+    if main and not trial:
         _final_table(con, result)
 
 

@@ -71,6 +71,8 @@ def tune(
     target: str = typer.Argument(..., help="A config with a tune: section; or `show` and a search folder."),
     folder: Optional[str] = typer.Argument(None, help="tune show: the search folder (runs/<name>-tune)."),
     workers: int = typer.Option(1, "--workers", help="Worker processes on this machine, all on one study."),
+    nproc_per_node: int = typer.Option(1, "--nproc-per-node", min=1, help="Each trial a DDP run of N processes "
+                                                                         "(as nnctl train --nproc-per-node)."),
     out: Optional[str] = typer.Option(None, "--out", help="The search folder (default: runs/<name>-tune)."),
     overrides: list[str] = typer.Option([], "--set", help="key.path=value, as for train (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="tune show: print the summary as JSON."),
@@ -95,7 +97,8 @@ def tune(
         raise UsageError(f"unexpected argument {folder!r}: nnctl tune CONFIG, or nnctl tune show FOLDER")
     if as_json or storage:
         raise UsageError("--json and --storage apply to nnctl tune show FOLDER")
-    result = api.tune(target, overrides=overrides, out=out, workers=workers, on_trial=_trial_line)
+    result = api.tune(target, overrides=overrides, out=out, workers=workers, nproc_per_node=nproc_per_node,
+                      on_trial=_trial_line)
     if result.stopped == "timeout":
         _err("note: tune.timeout reached: no new trial started (the same command continues the search)")
     sys.stdout.flush()

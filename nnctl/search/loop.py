@@ -14,6 +14,7 @@ failed with ``nnctl.retry``, and its parameters are queued to run again.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import signal
@@ -33,6 +34,9 @@ from nnctl import checking as CHK
 from nnctl.config.tune import choice_label, flow
 from nnctl.errors import NnctlError, Pruned, UsageError
 from nnctl.locks import FileLock
+from nnctl.runs.metrics import read_metrics
+from nnctl.runs.status import read_status
+from nnctl.training import launch as LAUNCH
 from nnctl.training import run as RUN
 from nnctl.training.signals import Interrupted, stop_on_sigterm
 from nnctl.search import study as S
@@ -40,6 +44,7 @@ from nnctl.search import study as S
 HEARTBEAT_SECONDS = 20.0
 STALE_AFTER = 120.0  # a trial of another machine without a heartbeat for this long is taken as dead
 WORKER_ENV = "NNCTL_TUNE_WORKER"  # set in the worker processes that `--workers N` starts
+TRIAL_ENV = "NNCTL_TUNE_TRIAL"  # a DDP trial's processes: the study and trial their rank 0 reports to
 
 
 @dataclass
@@ -106,11 +111,13 @@ def overrides_of(values: dict[str, Any]) -> list[str]:
 
 def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLike | None = None,
          workers: int = 1, on_trial: Callable[[TrialOutcome], None] | None = None,
-         stale_after: float = STALE_AFTER) -> TuneResult:
+         stale_after: float = STALE_AFTER, nproc_per_node: int = 1) -> TuneResult:
     """Run (or continue) the search of a config file's ``tune:`` section until ``tune.trials`` count."""
     overrides = list(overrides)
     if workers < 1:
         raise UsageError("--workers must be at least 1")
+    if nproc_per_node < 1:
+        raise UsageError("--nproc-per-node must be at least 1")
     checked = CHK.load_checked(config, overrides, purpose="tune")
     cfg = checked.cfg
     if cfg.tune is None:
@@ -121,7 +128,7 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
     search = S.open_search(cfg, folder, space_of(cfg.tune.params), config, overrides)
     result = TuneResult(folder, search.metric, search.direction)
     if workers > 1 and not os.environ.get(WORKER_ENV):
-        result.stopped = _run_workers(config, overrides, folder, workers)
+        result.stopped = _run_workers(config, overrides, folder, workers, nproc_per_node)
         return result
     deadline = time.monotonic() + cfg.tune.timeout_seconds if cfg.tune.timeout is not None else None
     target = min(cfg.tune.trials, _grid_size(cfg))
@@ -134,7 +141,7 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
             if trial is None:
                 time.sleep(1.0)  # the last trials run elsewhere: wait, in case one dies and must run again
                 continue
-            outcome = _run_trial(search, cfg, config, overrides, trial, on_trial)
+            outcome = _run_trial(search, cfg, config, overrides, trial, on_trial, nproc_per_node)
             result.outcomes.append(outcome)
             gc.collect()  # the trial's model, optimizer and data (reference cycles) freed now: memory stays flat
 
@@ -190,7 +197,7 @@ def _retry_dead(study: optuna.Study, stale_after: float) -> None:
 
 
 def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: optuna.Trial,
-               on_trial: Callable | None) -> TrialOutcome:
+               on_trial: Callable | None, nproc_per_node: int = 1) -> TrialOutcome:
     study, metric = search.study, search.metric
     began = time.monotonic()
     run = S.trial_folder(search.folder, trial.number)
@@ -203,25 +210,14 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
     trial.set_user_attr(S.RUN, str(run))
     if on_trial is not None:
         on_trial(outcome)
-    beat = _Heartbeat(trial)
-    reported: list[tuple[int, float]] = []
-
-    def report(event) -> None:
-        if event.kind != "epoch_end" or event.row is None:
-            return
-        value = event.row.get(metric)
-        epoch = int(event.row.get("epoch", event.epoch + 1))
-        if value is None or not math.isfinite(value):
-            return
-        reported.append((epoch, float(value)))
-        trial.report(float(value), epoch)
-        if epoch < event.epochs and trial.should_prune():  # after the last epoch there is nothing to save
-            raise Pruned(epoch, metric, float(value))
-
+    sets = [*overrides, *overrides_of(values), "tune=null"]
     try:
-        with beat:
-            result = RUN.train(config, overrides=[*overrides, *overrides_of(values), "tune=null"], out=str(run),
-                               on_event=report)
+        with _Heartbeat(trial):
+            if nproc_per_node > 1:
+                history = _launch_trial(search, cfg, config, sets, run, trial, nproc_per_node)
+            else:
+                history = RUN.train(config, overrides=sets, out=str(run),
+                                    on_event=reporter(trial, metric, cfg.train.epochs)).history
     except Pruned as exc:
         _tell(study, trial, state=TrialState.PRUNED)
         outcome.state, outcome.value, outcome.epoch = "pruned", exc.value, exc.epoch
@@ -236,7 +232,7 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
         _interrupted(study, trial, None)
         raise
     else:
-        best = _best(result.history, metric, search.direction)
+        best = _best(history, metric, search.direction)
         if best is None:
             outcome.state, outcome.error = "failed", f"the run logged no finite {metric}"
             trial.set_user_attr(S.ERROR, outcome.error)
@@ -249,6 +245,67 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
     if on_trial is not None:
         on_trial(outcome)
     return outcome
+
+
+def reporter(trial: optuna.Trial, metric: str, epochs: int) -> Callable:
+    """The run's on_event for a trial: the metric to Optuna after every epoch; Pruned when the pruner says
+    so (never after the last epoch: there is nothing left to save). Under DDP it runs on rank 0, and the
+    trainer stops every rank together (``Trainer.epoch_end``)."""
+
+    def report(event) -> None:
+        if event.kind != "epoch_end" or event.row is None:
+            return
+        value = event.row.get(metric)
+        epoch = int(event.row.get("epoch", event.epoch + 1))
+        if value is None or not math.isfinite(value):
+            return
+        trial.report(float(value), epoch)
+        if epoch < epochs and trial.should_prune():
+            raise Pruned(epoch, metric, float(value))
+
+    return report
+
+
+def remote_reporter(spec: str) -> Callable:
+    """``reporter`` in a DDP trial's rank 0 (``nnctl train`` started by torchrun for the search): the trial
+    named by the search in ``TRIAL_ENV``, reached through the study's storage."""
+    d = json.loads(spec)
+    storage = S.open_storage(d["storage"])
+    study = optuna.load_study(study_name=d["study"], storage=storage,
+                              pruner=S.pruner_from(d["pruner"], int(d["epochs"])))
+    return reporter(optuna.trial.Trial(study, int(d["trial_id"])), d["metric"], int(d["epochs"]))
+
+
+def _launch_trial(search: S.Search, cfg, config: str, sets: list[str], run: Path, trial: optuna.Trial,
+                  nproc_per_node: int) -> list[dict]:
+    """A trial as a DDP run (torch.distributed.run, as nnctl train --nproc-per-node): its rank 0 reports to
+    the study itself (``remote_reporter``); the outcome is read back from the run's own record."""
+    spec = {"storage": cfg.tune.storage if cfg.tune.storage and "://" in cfg.tune.storage
+            else os.path.abspath(cfg.tune.storage or search.folder / S.JOURNAL),
+            "study": search.study.study_name, "trial_id": trial._trial_id, "metric": search.metric,
+            "pruner": cfg.tune.pruner, "epochs": cfg.train.epochs}
+    old = os.environ.get(TRIAL_ENV)
+    os.environ[TRIAL_ENV] = json.dumps(spec)
+    failure = None
+    try:
+        LAUNCH.launch(config, LAUNCH.Torchrun(nproc_per_node=nproc_per_node), overrides=sets, out=str(run))
+    except NnctlError as exc:
+        failure = exc
+    finally:
+        if old is None:
+            os.environ.pop(TRIAL_ENV, None)
+        else:
+            os.environ[TRIAL_ENV] = old
+    status = read_status(run) or {}
+    history = read_metrics(run)
+    if status.get("state") == "pruned":
+        last = history[-1] if history else {}
+        raise Pruned(int(last.get("epoch", 0)), search.metric, float(last.get(search.metric, float("nan"))))
+    if status.get("state") == "finished" and failure is None:
+        return history
+    message = ((status.get("error") or {}).get("message") or (str(failure) if failure else "")
+               or f"the run ended {status.get('state') or 'without a record'}")
+    raise NnctlError(message)
 
 
 def _tell(study: optuna.Study, trial, *args, **kwargs) -> None:
@@ -307,9 +364,10 @@ class _Heartbeat:
 
 # --- several workers on this machine ---------------------------------------------------------------
 
-def _run_workers(config: str, overrides: list[str], folder: Path, workers: int) -> str:
+def _run_workers(config: str, overrides: list[str], folder: Path, workers: int, nproc_per_node: int) -> str:
     """Start the worker processes, pass SIGINT/SIGTERM on to them, wait for all; their exit says how."""
-    cmd = [sys.executable, "-m", "nnctl", "tune", os.path.abspath(config), "--out", str(folder)]
+    cmd = [sys.executable, "-m", "nnctl", "tune", os.path.abspath(config), "--out", str(folder),
+           "--nproc-per-node", str(nproc_per_node)]
     for item in overrides:
         cmd += ["--set", item]
     env = {**os.environ, WORKER_ENV: "1"}

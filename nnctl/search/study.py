@@ -64,14 +64,19 @@ def storage_of(cfg: Config, folder: Path):
     """tune.storage (a database URL, or a journal file's path) or the search folder's journal file."""
     url = cfg.tune.storage
     if url and "://" in url:
+        return open_storage(url)
+    return open_storage(str(Path(url) if url else folder / JOURNAL))
+
+
+def open_storage(where: str):
+    """A database URL's RDBStorage, or a journal file's JournalStorage (Optuna's file lock)."""
+    if "://" in where:
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(where, engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:  # a driver missing, a server not reachable: the user's to fix, in one line
-            raise UsageError(f"tune.storage {redact(url)}: {' '.join(str(exc).split())[:300]}") from None
-    path = Path(url) if url else folder / JOURNAL
-    backend = optuna.storages.journal.JournalFileBackend(str(path),
-                                                         lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
-    return optuna.storages.JournalStorage(backend)
+            raise UsageError(f"tune.storage {redact(where)}: {' '.join(str(exc).split())[:300]}") from None
+    lock = optuna.storages.journal.JournalFileOpenLock(where)
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(where, lock_obj=lock))
 
 
 def redact(url: str) -> str:
@@ -102,7 +107,12 @@ def sampler_of(cfg: Config, space: dict) -> optuna.samplers.BaseSampler:
 
 
 def pruner_of(cfg: Config) -> optuna.pruners.BasePruner:
-    (name, args), = cfg.tune.pruner.items()
+    return pruner_from(cfg.tune.pruner, cfg.train.epochs)
+
+
+def pruner_from(spec: dict, epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner of a tune.pruner entry ({name: {args}}, nnctl's argument names) for runs of ``epochs``."""
+    (name, args), = spec.items()
     common = {"n_startup_trials": int(args.get("startup_trials", 5)),
               "n_warmup_steps": int(args.get("warmup_epochs", 0)),
               "interval_steps": int(args.get("interval_epochs", 1))}
@@ -111,8 +121,7 @@ def pruner_of(cfg: Config) -> optuna.pruners.BasePruner:
     if name == "percentile":
         return optuna.pruners.PercentilePruner(float(args["percentile"]), **common)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=int(args.get("min_epochs", 1)),
-                                              max_resource=cfg.train.epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=int(args.get("min_epochs", 1)), max_resource=epochs,
                                               reduction_factor=int(args.get("reduction_factor", 3)))
     if name == "successive_halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=int(args.get("min_epochs", 1)),
@@ -152,7 +161,7 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
                          f"{study.direction.name.lower()}s; this config {direction}s {metric}")
     record = {"format": "nnctl-tune", "config": os.path.abspath(config_path) if config_path else None,
               "overrides": list(overrides), "study": cfg.name, "metric": metric, "direction": direction,
-              "trials": cfg.tune.trials, "storage": redact(cfg.tune.storage) if cfg.tune.storage else JOURNAL}
+              "trials": cfg.tune.trials, "storage": _recorded_storage(cfg.tune.storage)}
     if old != record:
         text = (json.dumps(record, indent=2) + "\n").encode()
         atomic_write(record_path, lambda fh: fh.write(text))
@@ -179,6 +188,14 @@ def _create(cfg: Config, folder: Path, space: dict, direction: str) -> optuna.St
                     from None
         time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _recorded_storage(url: str | None) -> str:
+    """What tune.json says of the storage: a URL without its password, a journal file's absolute path, or
+    the search folder's own journal (relative: the folder may move)."""
+    if not url:
+        return JOURNAL
+    return redact(url) if "://" in url else os.path.abspath(url)
 
 
 def read_record(folder: Path) -> dict:
@@ -210,9 +227,7 @@ def load_study(folder: Path, storage_url: str | None = None) -> tuple[optuna.Stu
         path = Path(storage_text) if os.path.isabs(storage_text) else Path(folder) / storage_text
         if not path.is_file():
             raise UsageError(f"{folder}: its study file {path} is missing")
-        backend = optuna.storages.journal.JournalFileBackend(
-            str(path), lock_obj=optuna.storages.journal.JournalFileOpenLock(str(path)))
-        storage = optuna.storages.JournalStorage(backend)
+        storage = open_storage(str(path))
     try:
         study = optuna.load_study(study_name=record["study"], storage=storage)
     except KeyError:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnctl.config.schema import Config, resolved
 from nnctl.data.store import LoaderStopped
-from nnctl.errors import NnctlError, UsageError
+from nnctl.errors import NnctlError, Pruned, UsageError
 from nnctl.optim.losses import make_loss
 from nnctl.optim.optimizers import _resume_optimizer, make_optimizer, make_scheduler
 from nnctl.runs import checkpoint as ckpt
@@ -260,8 +260,7 @@ class Trainer:
                 row["seconds"] = time.perf_counter() - tick
                 improved = self.apply_policies(epoch, row)  # a new best? early stopping's counter; stop early?
                 self.save(epoch, improved)  # best.pt, last.pt, epoch-N.pt, metrics.csv
-                self.emit(Event("epoch_end", epoch=epoch, epochs=t.epochs, row=row,
-                                message="best" if improved else ""))
+                self.epoch_end(epoch, row, improved)  # the event; a search's pruning stops every rank here
                 if s.stopped_early:
                     self.emit(Event("stop", epoch=epoch, message=s.stopped_early["reason"]))
                 if self.dist.any(self.stop.signum is not None, self.device):  # a signal during validation
@@ -271,6 +270,20 @@ class Trainer:
                     break
         return FitResult(s.history, s.best, s.best_weights, self.last_path, self.best_path, bool(s.stopped_early),
                          len(s.history), time.perf_counter() - began, s.history[-1] if s.history else {})
+
+    def epoch_end(self, epoch: int, row: dict, improved: bool) -> None:
+        """The epoch_end event (rank 0), after its checkpoint is saved. A hyperparameter search may answer
+        it with ``Pruned`` (its pruner stopped the trial): raised on every rank together under DDP."""
+        pruned = None
+        try:
+            self.emit(Event("epoch_end", epoch=epoch, epochs=self.cfg.train.epochs, row=row,
+                            message="best" if improved else ""))
+        except Pruned as exc:
+            pruned = exc
+        if self.dist.enabled and self.dist.any(pruned is not None, self.device):
+            raise pruned or Pruned(epoch + 1, self.metric, float(row.get(self.metric) or float("nan")))
+        if pruned is not None:
+            raise pruned
 
     # --- one epoch's steps, and a stop between two of them -------------------------------------
 
