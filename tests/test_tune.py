@@ -143,7 +143,7 @@ def test_pruning_stops_trials_and_show_reports_the_best_epoch_not_the_last(tmp_p
     assert shown["commands"]["retrain"] == f"nnctl train {folder / 'best.yaml'}"
     best = yaml.safe_load((folder / "best.yaml").read_text())
     assert "tune" not in best and best["name"] == "tq"
-    assert sorted(Path(p).name for p in shown["pictures"]) == ["history.png", "parallel.png"]  # importances: 2+
+    assert sorted(Path(p).name for p in shown["pictures"]) == ["epochs.png", "history.png", "parallel.png"]  # importances: 2+
 
 
 def test_failed_and_pruned_trials_are_told_apart_with_real_runs(tmp_path):
