@@ -176,6 +176,10 @@ def test_failed_and_pruned_trials_are_told_apart_with_real_runs(tmp_path):
         else:
             assert status["state"] == "finished" and len(rows) == 3
     ran = [t for t in trials if t.state.name != "FAIL"]
+    # nnctl runs lists a search's trials under its folder's name, with their states
+    listed = {i.name: i.state for i in nnctl.list_runs(tmp_path)}
+    assert listed == {f"search/trial-{t.number:03d}": t.state.name.lower().replace("complete", "finished")
+                      for t in ran}
     good, bad = (ran if ran[0].params["train.optimizer.Adam.lr"] == "0.01" else ran[::-1])
     # lr 1e-7 learns nothing: after a trial with lr 0.01 it is pruned at its first epoch; before one, it ran
     assert bad.state.name == ("PRUNED" if good.number < bad.number else "COMPLETE")
