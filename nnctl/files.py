@@ -16,6 +16,7 @@ file system (which may hold bytes that are not UTF-8) becomes text for an output
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import signal
@@ -86,6 +87,20 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return os.path.samefile(a, b)
     except (OSError, ValueError):
         return os.path.abspath(a) == os.path.abspath(b)
+
+
+def json_ready(obj):
+    """A value made ready for strict JSON: NaN and infinity -> null, every string through ``display_name`` (no
+    surrogates), tuples as lists; what the CLI's ``--json`` / ``--format jsonl`` and ``nnctl serve`` write."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, str):
+        return display_name(obj)
+    if isinstance(obj, dict):
+        return {json_ready(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    return obj
 
 
 def display_name(name: object) -> str:

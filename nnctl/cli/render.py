@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from nnctl.files import display_name  # no torch: a file-system name as text any writer can encode
+from nnctl.files import display_name, json_ready  # no torch: names as text any writer can encode; strict JSON
 from nnctl.runs.rundir import RunDir  # no torch: the names of a run folder's files
 
 _ANSI = None
@@ -169,7 +169,9 @@ def _render_predictions(preds, fmt: str) -> str:
 
     classification = preds.task.has_classes  # top-k classes; else values (per label, or raw)
     if fmt == "jsonl":
-        return "".join(json.dumps(_finite(r.to_dict()), allow_nan=False) + "\n" for r in preds.rows)
+        from nnctl.use.predict import jsonl_line  # the one form of a row as a JSON line (nnctl serve's too)
+
+        return "".join(jsonl_line(r) for r in preds.rows)
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -219,19 +221,8 @@ def _render_predictions(preds, fmt: str) -> str:
     return buf.file.getvalue()
 
 
-def _finite(obj):
-    """JSON-ready: NaN and infinity -> null; every string through ``display_name`` (no surrogates)."""
-    import math
-
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, str):
-        return display_name(obj)
-    if isinstance(obj, dict):
-        return {_finite(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+# JSON-ready: NaN and infinity -> null; every string through ``display_name`` (no surrogates); the library's
+_finite = json_ready
 
 
 # --- summary, layers, freeze, eval ----------------------------------------------------------

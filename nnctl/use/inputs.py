@@ -137,7 +137,7 @@ def read_tensors(path: str | os.PathLike) -> torch.Tensor:
     return obj
 
 
-def _tensor_group(name: str, t: torch.Tensor, shape: list[int]) -> _Group:
+def tensor_group(name: str, t: torch.Tensor, shape: list[int]) -> _Group:
     """A tensor -> its samples: (N, *shape) or one sample of the input shape; without a shape,
     a batch as given (2 or more dimensions) or one sample (1 dimension)."""
     problem = raw_dtype_problem(t.dtype)
@@ -166,19 +166,24 @@ def _tensor_group(name: str, t: torch.Tensor, shape: list[int]) -> _Group:
     return _Group(name, t)
 
 
-def _image_group(path: Path, pre: Preprocessing) -> _Group:
-    """An image file -> one sample decoded as training decoded its images (the one decoder,
-    ``nnctl.data.decode.decode_image``, with the record's mode and size), checked against the input shape."""
+def image_group(source: Path | bytes, pre: Preprocessing, name: str | None = None) -> _Group:
+    """An image file (or its bytes: an upload to ``nnctl serve``, named ``name``) -> one sample decoded as
+    training decoded its images (the one decoder, ``nnctl.data.decode.decode_image``, with the record's mode
+    and size), checked against the input shape; an image it cannot use is the group's error, never a raise."""
+    label = name if name is not None else str(source)
     shape = list(pre.input_shape or [])
     if not shape:
-        return _Group(str(path), error="an image needs the model's input shape and colour mode, and this model "
-                                       "has no preprocessing record: give tensors")
+        return _Group(label, error="an image needs the model's input shape and colour mode, and this model "
+                                   "has no preprocessing record: give tensors")
     mode = pre.color_mode if pre.color_mode in ("L", "RGB") else ("L" if shape[0] == 1 else "RGB")
     size = pre.image_size()
-    t = decode_image(path, mode, tuple(size) if size else None)
+    try:
+        t = decode_image(source, mode, tuple(size) if size else None, name=name)
+    except UsageError as exc:
+        return _Group(label, error=_strip(str(exc), label))
     if list(t.shape) != shape:
-        return _Group(str(path), error=f"an image decodes to {list(t.shape)}; the model takes {shape}")
-    return _Group(str(path), t.unsqueeze(0), image=True)
+        return _Group(label, error=f"an image decodes to {list(t.shape)}; the model takes {shape}")
+    return _Group(label, t.unsqueeze(0), image=True)
 
 
 def _one_input(inputs: Any) -> bool:
@@ -187,7 +192,7 @@ def _one_input(inputs: Any) -> bool:
     return type(inputs).__module__ == "numpy" and hasattr(inputs, "dtype")
 
 
-def _strip(text: str, f: Path) -> str:
+def _strip(text: str, f: Path | str) -> str:
     """A file's error without the file's name in front (the row names it): ``<f>: ``, or the
     decoder's ``cannot read image <f>: `` / ``image <f>: ``."""
     text = " ".join(str(text).split())
@@ -221,7 +226,7 @@ def gather(inputs: Any, pre: Preprocessing, glob: str | None = None) -> tuple[li
                 groups.append(_Group(f"array#{k}", error=f"not a numeric array ({' '.join(str(exc).split())[:120]})"))
                 continue
         if isinstance(inp, torch.Tensor):
-            groups.append(_tensor_group(f"tensor#{k}", inp.detach().cpu(), shape))
+            groups.append(tensor_group(f"tensor#{k}", inp.detach().cpu(), shape))
             continue
         if isinstance(inp, bytes):
             inp = os.fsdecode(inp)
@@ -244,9 +249,9 @@ def gather(inputs: Any, pre: Preprocessing, glob: str | None = None) -> tuple[li
                 continue
             try:
                 if f.suffix.lower() in TENSOR_SUFFIXES:
-                    groups.append(_tensor_group(str(f), read_tensors(f), shape))
+                    groups.append(tensor_group(str(f), read_tensors(f), shape))
                 else:
-                    groups.append(_image_group(f, pre))
+                    groups.append(image_group(f, pre))
             except UsageError as exc:
                 groups.append(_Group(str(f), error=_strip(str(exc), f)))
     return groups, notes, files

@@ -37,6 +37,7 @@ when it is read.
 from __future__ import annotations
 
 import bisect
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -45,6 +46,7 @@ import torch
 
 from nnctl.data.record import Preprocessing, missing_note
 from nnctl.errors import UsageError
+from nnctl.files import json_ready
 from nnctl.tasks import Task, loss_name, task_named, task_of_config
 from nnctl.training.distributed import select_device
 from nnctl.use import source as api
@@ -73,6 +75,12 @@ class Prediction:
         else:
             d["values"] = self.values
         return d
+
+
+def jsonl_line(row: Prediction) -> str:
+    """A row as one line of ``nnctl predict --format jsonl`` (strict JSON, ``files.json_ready``): what
+    ``nnctl serve`` answers for the same input, the same bytes."""
+    return json.dumps(json_ready(row.to_dict()), allow_nan=False) + "\n"
 
 
 class Rows(Sequence):
@@ -205,6 +213,60 @@ def _record_for(model, cfg_dict: dict | None) -> tuple[Preprocessing, Task, list
 
 
 
+@dataclass
+class Predictor:
+    """The model side of prediction: a trained model in eval mode on its device, its preprocessing record, its
+    task and loss (how an output becomes an answer). ``predict`` answers through it, and so does ``nnctl serve``
+    (its batches mix the samples of several requests: ``forward`` once, then ``deliver`` each request's slice)."""
+
+    model: torch.nn.Module
+    pre: Preprocessing
+    task: Task
+    loss: str
+    notes: list[str]
+    config: dict
+    device: torch.device
+
+    @classmethod
+    def open(cls, model_or_run: Any, *, which: str = "best", device: str = "cpu", needs: str = "predict") -> "Predictor":
+        """A model (an ``nn.Module``), a run folder or a checkpoint -> its Predictor; a config or a weights-only
+        export is refused, saying what ``needs`` (the command) needs."""
+        if isinstance(model_or_run, torch.nn.Module):
+            model = model_or_run.to(select_device(device)).eval()
+        else:
+            problem = api.untrained_source_problem(model_or_run, needs)
+            if problem is not None:
+                raise UsageError(problem)
+            model = api.load(model_or_run, which=which, device=device)
+        pre, task, notes = _record_for(model, None)
+        cfg = (getattr(model, "nnctl_meta", None) or {}).get("config") or {}
+        loss = loss_name((cfg.get("train") or {}).get("loss", "cross_entropy"))
+        dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return cls(model, pre, task, loss, notes, cfg, dev)
+
+    def forward(self, pieces: list[tuple[_Group, int, int]]) -> torch.Tensor:
+        """One forward pass over (group, start, stop) slices of the groups' raw samples, each scaled by the
+        record (``Preprocessing.from_raw``): the outputs, float32 on the CPU. Call it under inference_mode."""
+        x = torch.cat([self.pre.from_raw(g.x[a:b].to(self.device), image=g.image) for g, a, b in pieces])
+        out = self.model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.float().cpu()
+
+    def deliver(self, pieces: list[tuple[_Group, int, int]], out: torch.Tensor, top_k: int) -> None:
+        """The outputs of ``forward`` (rows in the pieces' order) back to their groups; a group whose last
+        piece this is gets its answers (``_finish``: top-k classes, a sigmoid per label, or the values)."""
+        at = 0
+        for g, a, b in pieces:
+            g.outs.append(out[at:at + b - a])
+            at += b - a
+            if b == g.n:  # the group is complete: keep its results, drop its raw samples
+                _finish(g, self.task, self.loss, top_k)
+
+    def answers(self, groups: list[_Group], top_k: int, notes: list[str] = (), files: list[str] = ()) -> Predictions:
+        return Predictions(groups, self.task, top_k, list(self.notes) + list(notes), list(files), self.pre.class_name)
+
+
 def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "best", device: str = "cpu",
             batch_size: int = 256, top_k: int = 5, glob: str | None = None,
             on_progress: Callable[[int, int], None] | None = None) -> Predictions:
@@ -213,40 +275,19 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
         raise UsageError("--batch-size must be at least 1")
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    if isinstance(model_or_run, torch.nn.Module):
-
-        model = model_or_run.to(select_device(device)).eval()
-    else:
-        problem = api.untrained_source_problem(model_or_run, "predict")
-        if problem is not None:
-            raise UsageError(problem)
-        model = api.load(model_or_run, which=which, device=device)
-    pre, task, notes = _record_for(model, None)
-    cfg = (getattr(model, "nnctl_meta", None) or {}).get("config") or {}
-    loss = loss_name((cfg.get("train") or {}).get("loss", "cross_entropy"))
-    groups, walk_notes, files = gather(inputs, pre, glob)
-    notes += walk_notes
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    predictor = Predictor.open(model_or_run, which=which, device=device)
+    groups, walk_notes, files = gather(inputs, predictor.pre, glob)
     total = sum(g.n for g in groups if g.error is None)
     done = 0
     with torch.inference_mode():
         for pieces in _batches(groups, batch_size):
-            x = torch.cat([pre.from_raw(g.x[a:b].to(dev), image=g.image) for g, a, b in pieces])
-            out = model(x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            out = out.float().cpu()
-            at = 0
-            for g, a, b in pieces:
-                g.outs.append(out[at:at + b - a])
-                at += b - a
-                if b == g.n:  # the group is complete: keep its results, drop its raw samples
-                    _finish(g, task, loss, top_k)
-            done += len(x)
+            out = predictor.forward(pieces)
+            predictor.deliver(pieces, out, top_k)
+            done += len(out)
             if on_progress is not None:
                 on_progress(done, total)
-    preds = Predictions(groups, task, top_k, notes, files, pre.class_name)
-    data_files, preds.input_dirs = api.record_read_paths(cfg)  # the training data: never written over or into
+    preds = predictor.answers(groups, top_k, walk_notes, files)
+    data_files, preds.input_dirs = api.record_read_paths(predictor.config)  # the training data: never written over or into
     preds.files.extend(data_files)
     return preds
 
