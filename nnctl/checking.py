@@ -13,7 +13,8 @@ It runs the checks in this order and collects every problem (then the caller fai
 6. augmentation names and arguments (``nnctl.data.augment.spec``);
 7. loss arguments against the model's output width (``nnctl.optim.losses``);
 8. what training needs (``purpose="train"``): a ``data:`` section; and, for every purpose,
-   the packages the config asks for (``train.log: [tensorboard]``, ``nnctl.runs.tensorboard``):
+   the packages the config asks for (``train.log: [tensorboard]`` / ``[mlflow]``: ``nnctl.runs.tensorboard``,
+   ``nnctl.runs.mlflow``):
    a missing package is the environment's problem (exit 1), kept apart from the config's;
 9. the search (a ``tune:`` section, for ``check`` and ``tune``): its metric against the task, and each
    parameter's ends and choices through this same pipeline (:func:`check_search`): a parameter none
@@ -48,6 +49,7 @@ from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
 from nnctl.optim.losses import check_loss, check_loss_targets
 from nnctl.optim.optimizers import validate as validate_optimizer
+from nnctl.runs import mlflow as MLF
 from nnctl.runs.tensorboard import MissingPackage
 from nnctl.runs.tensorboard import missing as missing_packages
 
@@ -121,7 +123,7 @@ def check(doc: Document, purpose: str = "check") -> Checked:
             except ConfigError as exc:
                 problems += exc.problems
         if packages:
-            missing = missing_packages(cfg, doc)
+            missing = missing_packages(cfg, doc) + MLF.missing(cfg, doc)
         if cfg.tune is not None and purpose in ("check", "tune") and not problems:
             problems += check_search(doc, cfg)
             missing += TUNE.missing(cfg, doc)

@@ -31,6 +31,7 @@ LAZY_MODULES = {
     "torch.utils.flop_counter": "MACs in summaries only (imports sympy)",
     "nnctl.search": "the tune extra (Optuna, 0.4 s), only for nnctl tune and tune show",
     "optuna": "the tune extra, only for nnctl tune and tune show",
+    "mlflow": "the mlflow extra (mlflow-skinny, 1.2 s to import), only for train.log: [csv, mlflow]",
     "torchvision": "only for configs with a torchvision model or torchvision data sets (0.5 s)",
 }
 

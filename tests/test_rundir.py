@@ -85,11 +85,11 @@ def test_rundir_names_are_the_files_a_real_run_writes(run):
 def test_the_names_on_disk_stay_byte_identical():
     r = RunDir("x")
     assert [p.name for p in (r.config, r.last, r.best, r.metrics, r.curves, r.status, r.lock_file,
-                             r.tensorboard, r.export_dir, r.epoch(12))] == \
+                             r.tensorboard, r.export_dir, r.epoch(12), r.mlruns, r.mlflow)] == \
         ["config.yaml", "last.pt", "best.pt", "metrics.csv", "curves.png", "status.json", ".lock", "tensorboard",
-         "export", "epoch-12.pt"]
+         "export", "epoch-12.pt", "mlruns", "mlflow.json"]
     assert set(RUN_FILES) == {"last.pt", "best.pt", "config.yaml", "metrics.csv", "curves.png", ".lock",
-                              "status.json", "tensorboard"}
+                              "status.json", "tensorboard", "mlruns", "mlflow.json"}
     for name in ("epoch-0.pt", "epoch-12.pt", *RUN_FILES):
         assert RunDir.is_own_file(name), name
     for name in ("epoch-.pt", "epoch-1.pth", "epoch-x.pt", "epoch-\u0663.pt", "export", "notes.txt", "last.pt.bak"):

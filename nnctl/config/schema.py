@@ -264,6 +264,29 @@ def _check_loss(value: Any) -> list[tuple[tuple, str]]:
     return problems
 
 
+class MlflowSection(_Section):
+    tracking_uri: str | None = Field(None, description="where MLflow records the run: a URI such as "
+                                     "http://host:5000, file:/abs/mlruns or sqlite:////abs/mlflow.db "
+                                     "(default: the file store RUN/mlruns)")
+    experiment: str | None = Field(None, min_length=1, max_length=500,
+                                   description="the MLflow experiment (default: the config's name)")
+    parent_run_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,256}$",
+                                      description="log as a child of this MLflow run (nnctl tune: the study's run)")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        """A URI, not a path: a relative path would be MLflow's (the current folder's), not the config's."""
+        scheme, colon, rest = (v or "").partition(":")
+        if v is None or v == "databricks" or (colon and len(scheme) > 1 and scheme[0].isalpha() and
+                                              all(c.isalnum() or c in "+.-" for c in scheme) and
+                                              (scheme != "file" or rest.startswith("/")) and
+                                              (scheme != "sqlite" or rest.startswith("////"))):
+            return v
+        raise ValueError("tracking_uri must be a URI with an absolute path or a host, such as file:/abs/mlruns, "
+                         f"sqlite:////abs/mlflow.db or http://host:5000, got {_describe(v)}")
+
+
 class TrainSection(_Section):
     epochs: int = Field(10, ge=1, le=1_000_000)
     batch_size: int = Field(64, ge=1, le=1 << 20)
@@ -288,10 +311,12 @@ class TrainSection(_Section):
     channels_last: bool = False
     compile: bool = Field(False, description="torch.compile the model")
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (torch.set_num_threads)")
-    log: list[Literal["csv", "tensorboard"]] = Field(
+    log: list[Literal["csv", "tensorboard", "mlflow"]] = Field(
         default_factory=lambda: ["csv"],
-        description="what the run logs: csv (metrics.csv, always written: nnctl runs and compare read it) and "
-                    "tensorboard (RUN/tensorboard/: scalars, model graph, hparams; pip install 'nnctl[tensorboard]')")
+        description="what the run logs: csv (metrics.csv, always written: nnctl runs and compare read it), "
+                    "tensorboard (RUN/tensorboard/: scalars, model graph, hparams; pip install 'nnctl[tensorboard]') "
+                    "and mlflow (params, metrics, artifacts; train.mlflow says where; pip install 'nnctl[mlflow]')")
+    mlflow: MlflowSection | None = Field(None, description="where train.log: [mlflow] records the run")
 
     @field_validator("loss")
     @classmethod

@@ -44,9 +44,11 @@ import torch
 from nnctl.errors import NnctlError
 import hashlib
 import io
+import json
 import os
 import stat
 import zipfile
+from safetensors.torch import save as safetensors_save
 from nnctl._version import __version__
 from nnctl.errors import CheckpointError
 from nnctl.files import WriteError, atomic_write, deferred_signals  # noqa: F401  (re-exported)
@@ -200,6 +202,53 @@ def save(path: str | os.PathLike, payload: dict[str, Any], inputs: tuple | list 
         previous = "; the previous checkpoint is intact" if os.path.exists(path) else ""
         reason = getattr(exc, "reason", None) or exc.strerror or exc
         raise WriteError(exc.errno, f"could not write checkpoint {path}: {reason}{previous}") from None
+
+
+# --- the checkpoint's weights as a file of their own (nnctl export-weights; MLflow's artifact) ------
+
+def plain_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
+    """CPU, contiguous, unshared copies of a state_dict; and the (name, first name) pairs that shared storage."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[tuple, str] = {}
+    shared = []
+    for key, t in state.items():
+        t = t.detach()
+        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
+            if t.numel() else None
+        if ident is not None and ident in seen:
+            shared.append((key, seen[ident]))
+        elif ident is not None:
+            seen[ident] = key
+        t = t.to("cpu").contiguous()
+        out[key] = t.clone() if ident is not None and seen[ident] != key else t  # copy only what is shared
+    return out, shared
+
+
+def weights_metadata(state: dict, which: str, source: str) -> dict[str, str]:
+    """The metadata an exported weights file carries: the config, input shape, source, epoch, preprocessing."""
+    cfg = state.get("config") or {}
+    return {
+        "format": "nnctl.weights",
+        "nnctl_version": __version__,
+        "config": json.dumps(cfg, sort_keys=False),
+        "input_shape": json.dumps(state.get("input_shape") or cfg.get("model", {}).get("input_shape")),
+        "source": os.path.basename(source),
+        "which": which,
+        "epoch": str(state.get("epoch")),
+        # the preprocessing record (nnctl.preprocess): what turns raw inputs into this model's inputs
+        "preprocessing": json.dumps(state.get("preprocessing")),
+    }
+
+
+def safetensors_bytes(weights: dict[str, torch.Tensor], meta: dict[str, str], shared: list[tuple[str, str]]) -> bytes:
+    """plain_state's weights as a safetensors file, with the metadata and the pairs that shared storage."""
+    return safetensors_save(weights, metadata={**meta, "shared": json.dumps(shared)})
+
+
+def weights_file(state: dict, which: str, source: str) -> bytes:
+    """A loaded checkpoint's weights as ``nnctl export-weights`` writes them (safetensors), in memory."""
+    weights, shared = plain_state(state["model"])
+    return safetensors_bytes(weights, weights_metadata(state, which, source), shared)
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -8,6 +8,8 @@ A run folder (``runs/<name>``, or ``--out``) holds, byte for byte these names:
 - ``status.json``: the run's own record (``runs.status``)
 - ``.lock``: the run lock (an flock, ``nnctl.locks``; it holds the holder's pid)
 - ``tensorboard/``: TensorBoard event files (``train.log: [tensorboard]``)
+- ``mlruns/``: MLflow's file store (``train.log: [mlflow]`` without ``train.mlflow.tracking_uri``; MLflow writes it)
+- ``mlflow.json``: which MLflow run records this run (its tracking URI and run id: a resume continues it)
 - ``export/``: ``nnctl export``'s default output folder (user output: not a file nnctl keeps)
 
 A search folder (``nnctl tune``: ``runs/<name>-tune/``) is not a run: it holds ``tune.json`` (its
@@ -42,10 +44,12 @@ CURVES = "curves.png"
 STATUS = "status.json"
 LOCK = ".lock"
 TENSORBOARD = "tensorboard"  # a folder of TensorBoard event files
+MLRUNS = "mlruns"  # MLflow's file store, the default tracking URI of train.log: [mlflow]
+MLFLOW = "mlflow.json"  # the MLflow run that records this run (runs.mlflow)
 EXPORT = "export"  # nnctl export's default folder: the user's outputs, not a file nnctl keeps
 
 # the files nnctl itself keeps in a run folder; no export or -o may replace them
-RUN_FILES = (LAST, BEST, CONFIG, METRICS, CURVES, LOCK, STATUS, TENSORBOARD)
+RUN_FILES = (LAST, BEST, CONFIG, METRICS, CURVES, LOCK, STATUS, TENSORBOARD, MLRUNS, MLFLOW)
 CHECKPOINTS = {"last": LAST, "best": BEST}
 _EPOCH = re.compile(r"epoch-([0-9]+)\.pt")  # train.checkpoint.every: epoch-N.pt
 _MARKS = (CONFIG, LAST, BEST, STATUS)  # what makes a folder a run (module docstring)
@@ -107,6 +111,14 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD
+
+    @property
+    def mlruns(self) -> Path:
+        return self.path / MLRUNS
+
+    @property
+    def mlflow(self) -> Path:
+        return self.path / MLFLOW
 
     @property
     def export_dir(self) -> Path:

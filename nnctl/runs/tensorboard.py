@@ -262,8 +262,9 @@ class TensorBoardLogger:
     def set_best(self, best: dict | None) -> None:
         self.best = dict(best) if best else None
 
-    def end(self, state: str, result: Any = None) -> None:
-        """The hyperparameters and the final / best metrics (HPARAMS table), then close."""
+    def end(self, state: str, result: Any = None, error: BaseException | None = None) -> None:
+        """The hyperparameters and the final / best metrics (HPARAMS table), then close (``error``: unused,
+        the loggers' shared signature; TensorBoard records no error text)."""
         if result is not None:
             if result.history:
                 self.last = dict(result.history[-1])

@@ -41,6 +41,7 @@ from nnctl.model import freeze as F
 from nnctl.model import plan as M
 from nnctl.model import weights as W
 from nnctl.runs import checkpoint as K
+from nnctl.runs import mlflow as MLF
 from nnctl.runs import tensorboard as TB
 from nnctl.runs.status import StatusRecorder, state_of_exception
 from nnctl.training import distributed as DIST
@@ -61,7 +62,8 @@ from nnctl import files as files
 # (data.cache and data.preload change no batch: a cache hit equals a fresh decode, and both data paths
 # give the same batches; tests/test_cache.py and tests/test_train_safety.py check it)
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download",
-                     "train.log", "data.cache", "data.preload"}
+                     "train.log", "data.cache", "data.preload",  # train.log, train.mlflow: where it is logged
+                     "train.mlflow", *(f"train.mlflow.{k}" for k in C.MlflowSection.model_fields)}
 
 
 # --- resume --------------------------------------------------------------------------------
@@ -408,8 +410,8 @@ def _tell(spec: RunSpec, data) -> None:
 
 def _fit_recorded(spec: RunSpec) -> RunResult:
     """_fit, with the run's record (rank 0): config.yaml first, then RUN/status.json and, with train.log:
-    tensorboard, RUN/tensorboard/ follow its events; the end state (finished, interrupted, failed with the
-    error) is recorded before the run lock is released."""
+    tensorboard / mlflow, TensorBoard and MLflow follow its events; the end state (finished, interrupted,
+    failed with the error) is recorded before the run lock is released."""
     if not spec.dist.main:
         return _fit(spec)
     cfg, run_dir, state = spec.cfg, spec.run_dir, spec.state
@@ -429,28 +431,31 @@ def _fit_recorded(spec: RunSpec) -> RunResult:
                             best=state.get("best") if state is not None else None,
                             source="" if spec.continuing else spec.source_name)
     record.begin()
-    board = None
+    loggers: list = []  # TensorBoard, MLflow: on_event(event), end(state, result=None, error=None)
     try:
         if TB.wanted(cfg):
-            board = TB.TensorBoardLogger(run_dir, cfg, spec.model, spec.dev, continuing=spec.continuing,
-                                         resume_epoch=resume_epoch, history=(state or {}).get("history"),
-                                         say=spec.say)
-        result = _fit(replace(spec, claim=None, on_event=_recording(spec, record, board)), data)
+            loggers.append(TB.TensorBoardLogger(run_dir, cfg, spec.model, spec.dev, continuing=spec.continuing,
+                                                resume_epoch=resume_epoch, history=(state or {}).get("history"),
+                                                say=spec.say))
+        if MLF.wanted(cfg):
+            loggers.append(MLF.MlflowLogger(run_dir, cfg, continuing=spec.continuing,
+                                            history=(state or {}).get("history"), say=spec.say))
+        result = _fit(replace(spec, claim=None, on_event=_recording(spec, record, loggers)), data)
         record.end("finished", result=result.fit)
-        if board is not None:
-            board.end("finished", result=result.fit)
+        for logger in loggers:
+            logger.end("finished", result=result.fit)
         if spec.claim is not None:
             spec.claim.release()
         return result
     except BaseException as exc:
-        ended = _ended(exc, record, board, run_dir)
+        ended = _ended(exc, record, loggers, run_dir)
         if ended is exc:
             raise
         raise ended from None
 
 
-def _ended(exc: BaseException, record: StatusRecorder, board, run_dir: Path) -> BaseException:
-    """The run's end state for an exception, recorded (status.json, TensorBoard); what the caller raises.
+def _ended(exc: BaseException, record: StatusRecorder, loggers: list, run_dir: Path) -> BaseException:
+    """The run's end state for an exception, recorded (status.json, TensorBoard, MLflow); what the caller raises.
 
     A signal after the run's last checkpoint (its last epoch's, or the one early stopping ended it at),
     whatever it interrupted (validation, the plot, the record itself), leaves the run finished, as its
@@ -459,26 +464,26 @@ def _ended(exc: BaseException, record: StatusRecorder, board, run_dir: Path) -> 
     if signum is None or not record.complete:
         end = state_of_exception(exc)
         record.end(end, error=exc)
-        if board is not None:
-            board.end(end)
+        for logger in loggers:
+            logger.end(end, error=exc)
         return exc
     record.end("finished")
-    if board is not None:
-        board.end("finished")
+    for logger in loggers:
+        logger.end("finished")
     if isinstance(exc, Interrupted) and exc.finished:
         return exc
     return Interrupted(signum, str(RunDir(run_dir).last), finished=True)
 
 
-def _recording(spec: RunSpec, record: StatusRecorder, board) -> Callable:
-    """The fit's events, to status.json, TensorBoard (board: None without it) and spec.on_event."""
+def _recording(spec: RunSpec, record: StatusRecorder, loggers: list) -> Callable:
+    """The fit's events, to status.json, the loggers (TensorBoard, MLflow) and spec.on_event."""
 
     def events(event) -> None:
         if event.kind == "epoch_end" and record.monitor is None and event.row is not None:
             record.set_monitor(*monitor_for(spec.cfg, any(k.startswith("val_") for k in event.row)))
         record.on_event(event)
-        if board is not None:
-            board.on_event(event)
+        for logger in loggers:
+            logger.on_event(event)
         if spec.on_event is not None:
             spec.on_event(event)
 

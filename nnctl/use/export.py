@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save
 from torch import nn
 
-from nnctl._version import __version__
 from nnctl.data.record import Preprocessing
 from nnctl.errors import NnctlError, UsageError
 from nnctl.files import atomic_write, check_output
 from nnctl.runs.rundir import EXPORT, RunDir
+from nnctl.runs.checkpoint import plain_state, safetensors_bytes
+from nnctl.runs.checkpoint import weights_metadata as metadata
 
 FORMATS = ("safetensors", "pt", "npz", "onnx")
 SUFFIX = {"safetensors": ".safetensors", "pt": ".pt", "npz": ".npz", "onnx": ".onnx"}
@@ -47,39 +47,6 @@ class ExportResult:
     shared: list[tuple[str, str]] = field(default_factory=list)
     max_abs_diff: float | None = None  # onnx: largest |onnxruntime - eager| on random input
     notes: list[str] = field(default_factory=list)
-
-
-def plain_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[tuple[str, str]]]:
-    """CPU, contiguous, unshared copies of a state_dict; and the (name, first name) pairs that shared storage."""
-    out: dict[str, torch.Tensor] = {}
-    seen: dict[tuple, str] = {}
-    shared = []
-    for key, t in state.items():
-        t = t.detach()
-        ident = (t.device.type, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) \
-            if t.numel() else None
-        if ident is not None and ident in seen:
-            shared.append((key, seen[ident]))
-        elif ident is not None:
-            seen[ident] = key
-        t = t.to("cpu").contiguous()
-        out[key] = t.clone() if ident is not None and seen[ident] != key else t  # copy only what is shared
-    return out, shared
-
-
-def metadata(state: dict, which: str, source: str) -> dict[str, str]:
-    cfg = state.get("config") or {}
-    return {
-        "format": "nnctl.weights",
-        "nnctl_version": __version__,
-        "config": json.dumps(cfg, sort_keys=False),
-        "input_shape": json.dumps(state.get("input_shape") or cfg.get("model", {}).get("input_shape")),
-        "source": os.path.basename(source),
-        "which": which,
-        "epoch": str(state.get("epoch")),
-        # the preprocessing record (nnctl.preprocess): what turns raw inputs into this model's inputs
-        "preprocessing": json.dumps(state.get("preprocessing")),
-    }
 
 
 def default_path(checkpoint: str | os.PathLike, fmt: str) -> Path:
@@ -122,9 +89,7 @@ def export(state: dict, model: nn.Module | None, fmt: str, out: str, which: str 
     path = Path(out)
     try:
         if fmt == "safetensors":
-
-            meta["shared"] = json.dumps(shared)
-            blob = save(weights, metadata=meta)
+            blob = safetensors_bytes(weights, meta, shared)
             atomic_write(path, lambda fh: fh.write(blob), inputs, input_dirs=input_dirs)
         elif fmt == "pt":
             atomic_write(path, lambda fh: torch.save(weights, fh), inputs, input_dirs=input_dirs)
