@@ -453,7 +453,7 @@ def test_no_room_says_the_margin_and_never_zero_for_a_need(folder, tmp_path, mon
     assert (f"not enough room for the decoded cache (6.8 KiB needed and 64.0 MiB kept free, 3.0 MiB free in "
             f"{tmp_path / 'cache'}): decoding without the cache") in bundle.notes, bundle.notes
     assert fill._bytes(2**20 + 1, up=True) == "1.1 MiB" and fill._bytes(2**21 - 1, up=False) == "1.9 MiB"
-    assert fill._bytes(1, up=True) == "1 bytes" and fill._bytes(1536) == "1.5 KiB"
+    assert fill._bytes(1, up=True) == "1 byte" and fill._bytes(1536) == "1.5 KiB"
 
 
 def _signal_during_fills(tmp_path: Path, tries: list[tuple[signal.Signals, float]]) -> list[str]:

@@ -28,7 +28,8 @@ def test_example_configs_check_and_summary(path, cli):
 def test_example_configs_are_headed_by_their_command():
     for path in CONFIGS:
         first = path.read_text().splitlines()[0]
-        assert first.startswith(f"# nnctl train configs/{path.name}"), path
+        command = "tune" if "\ntune:" in path.read_text() else "train"  # a search config: nnctl tune
+        assert first.startswith(f"# nnctl {command} configs/{path.name}"), path
 
 
 def test_help_version_schema_do_not_import_torch():
