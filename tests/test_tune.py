@@ -382,3 +382,26 @@ def test_two_processes_with_their_own_folders_share_one_postgresql_study(tmp_pat
         assert len(homes) == 1 and read_status(S.trial_folder(homes[0], t.number))["state"] == "finished"
     assert {t.user_attrs[S.PID] for t in counted} == {p.pid for p in procs}  # both processes ran trials
     assert not [t for t in trials if not S.counted(t) and t.user_attrs.get(S.RETRY) != "surplus: the study had its trials"]
+
+
+def test_with_mlflow_each_trial_is_a_child_run_of_the_searchs_run(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    path = _config(tmp_path, {"trials": 2, "pruner": "none", "sampler": {"random": {"seed": 0}},
+                              "params": {"train.batch_size": {"choice": [32, 64]}}}, epochs=1, log=["csv", "mlflow"])
+    folder = tmp_path / "s"
+    result = nnctl.tune(str(path), out=str(folder))
+    assert result.notes == []
+    uri, parent_id = _study(folder).user_attrs["nnctl.mlflow_run"]
+    assert uri == (folder.resolve() / "mlruns").as_uri()
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["nnctl.kind"] == "search"
+    assert parent.data.params["tune.metric"] == "val_accuracy"
+    best = max(t.value for t in _study(folder).trials)
+    assert parent.data.metrics["best/val_accuracy"] == pytest.approx(best)
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.data.params["train.batch_size"] for c in children) == sorted(
+        t.params["train.batch_size"] for t in _study(folder).trials)

@@ -174,6 +174,33 @@ def _experiment_id(client, name: str) -> str:
     return found.experiment_id
 
 
+def search_run(uri: str, experiment: str, name: str, run_id: str | None, params: dict[str, Any]) -> str:
+    """The MLflow run of a hyperparameter search (nnctl tune): its trials' runs are its children (their
+    ``train.mlflow.parent_run_id``). Created the first time (``run_id`` None) with the search's space as
+    params; an existing one is continued. Raises what MLflow raises (the caller decides what a failure costs)."""
+    _answers(uri)
+    client = _client(uri)
+    if run_id:
+        client.get_run(run_id)  # still there (MlflowException if not)
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(_experiment_id(client, experiment), run_name=name, tags={"nnctl.kind": "search"})
+    for key, value in params.items():
+        k = metric_key(key)
+        if k is not None:
+            client.log_param(run.info.run_id, k, (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM])
+    return run.info.run_id
+
+
+def end_search_run(uri: str, run_id: str, metric: str, best: float | None) -> None:
+    """The search's run ends FINISHED with ``best/<metric>``, the best trial's value (when one completed)."""
+    client = _client(uri)
+    key = metric_key(f"best/{metric}")
+    if best is not None and key is not None and math.isfinite(best):
+        client.log_metric(run_id, key, float(best))
+    client.set_terminated(run_id, "FINISHED")
+
+
 def _metrics(row: dict, timestamp: int) -> list:
     from mlflow.entities import Metric
 

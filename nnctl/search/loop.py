@@ -34,6 +34,7 @@ from nnctl import checking as CHK
 from nnctl.config.tune import choice_label, flow
 from nnctl.errors import NnctlError, Pruned, UsageError
 from nnctl.locks import FileLock
+from nnctl.runs import mlflow as MLF
 from nnctl.runs.metrics import read_metrics
 from nnctl.runs.status import read_status
 from nnctl.training import launch as LAUNCH
@@ -68,6 +69,7 @@ class TuneResult:
     direction: str
     outcomes: list[TrialOutcome] = field(default_factory=list)  # this process's trials
     stopped: str = ""  # why the search stopped: "" (every trial done), "timeout"
+    notes: list[str] = field(default_factory=list)  # what did not work and cost nothing else (MLflow away)
 
 
 def space_of(params: dict[str, dict]) -> dict[str, list]:
@@ -127,6 +129,9 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
     folder = Path(out) if out is not None else S.default_folder(cfg.name)
     search = S.open_search(cfg, folder, space_of(cfg.tune.params), config, overrides)
     result = TuneResult(folder, search.metric, search.direction)
+    mlflow = _mlflow_parent(search, cfg, result.notes) if "mlflow" in cfg.train.log else None
+    if mlflow is not None:  # every trial's MLflow run a child of the search's
+        overrides += [f"train.mlflow.tracking_uri={mlflow[0]}", f"train.mlflow.parent_run_id={mlflow[1]}"]
     if workers > 1 and not os.environ.get(WORKER_ENV):
         result.stopped = _run_workers(config, overrides, folder, workers, nproc_per_node)
         return result
@@ -137,6 +142,8 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
             trial = _next_trial(search, target, deadline, stale_after)
             if isinstance(trial, str):
                 result.stopped = trial if trial != "done" else ""
+                if mlflow is not None and trial == "done":
+                    _mlflow_end(search, mlflow, result.notes)
                 return result
             if trial is None:
                 time.sleep(1.0)  # the last trials run elsewhere: wait, in case one dies and must run again
@@ -144,6 +151,39 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
             outcome = _run_trial(search, cfg, config, overrides, trial, on_trial, nproc_per_node)
             result.outcomes.append(outcome)
             gc.collect()  # the trial's model, optimizer and data (reference cycles) freed now: memory stays flat
+
+
+MLFLOW_RUN = "nnctl.mlflow_run"  # the study's user attribute: [tracking URI, the search's MLflow run id]
+
+
+def _mlflow_parent(search: S.Search, cfg, notes: list[str]) -> tuple[str, str] | None:
+    """(tracking URI, run id) of the search's MLflow run, made once per study (its id is kept in the
+    study, so every worker and machine finds it); None, with a note, when MLflow cannot be reached."""
+    section = cfg.train.mlflow
+    uri = section.tracking_uri if section is not None and section.tracking_uri else \
+        (search.folder.resolve() / "mlruns").as_uri()
+    kept = search.study.user_attrs.get(MLFLOW_RUN)
+    known = kept[1] if isinstance(kept, list) and len(kept) == 2 and kept[0] == uri else None
+    params = {"tune.metric": search.metric, "tune.direction": search.direction,
+              **{f"tune.params.{k}": v for k, v in cfg.tune.params.items()}}
+    try:
+        run_id = MLF.search_run(uri, MLF.experiment_name(cfg), f"{cfg.name} search", known, params)
+    except Exception as exc:  # MLflow away: the search goes on, its trials log where their config says
+        notes.append(f"MLflow: the search's run could not be made ({' '.join(str(exc).split())[:200]}); "
+                     "trials log without a parent run")
+        return None
+    if run_id != known:
+        search.study.set_user_attr(MLFLOW_RUN, [uri, run_id])
+    return uri, run_id
+
+
+def _mlflow_end(search: S.Search, mlflow: tuple[str, str], notes: list[str]) -> None:
+    done = [t for t in search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    pick = max if search.direction == "maximize" else min
+    try:
+        MLF.end_search_run(*mlflow, search.metric, pick(t.value for t in done) if done else None)
+    except Exception as exc:
+        notes.append(f"MLflow: the search's run could not be ended ({' '.join(str(exc).split())[:200]})")
 
 
 def _grid_size(cfg) -> int:
