@@ -43,7 +43,7 @@ from nnctl.config import tune as TUNE
 from nnctl.config.schema import Config
 from nnctl.config.yamlio import Document
 from nnctl.data.augment.spec import check as augment_problems
-from nnctl.data.loading import check_facts, check_targets
+from nnctl.data.loading import check_facts, check_targets, split_problems
 from nnctl.errors import ConfigError, Problem
 from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
@@ -108,7 +108,7 @@ def check(doc: Document, purpose: str = "check") -> Checked:
     if plan_ is not None:
         problems += check_selection(plan_, sections.freeze, doc)
     if cfg is not None and plan_ is not None:
-        problems += check_facts(cfg, doc, plan_)
+        problems += check_facts(cfg, doc, plan_) + split_problems(cfg, doc) + _monitor_problems(cfg, doc, plan_)
     if sections.train is not None:
         problems += validate_optimizer(sections.train, doc)
     problems += augment_problems(doc)
@@ -138,6 +138,22 @@ def load_checked(source: str, overrides: list[str] | None = None, purpose: str =
     Checked result (``cfg``, ``doc``, ``plan``, ``warnings``).
     """
     return check(CL.load_document(source, overrides), purpose).refuse()
+
+
+def _monitor_problems(cfg: Config, doc: Document, plan_: Plan) -> list[Problem]:
+    """A monitored metric the run will not log for this model (val_top5_accuracy with 5 outputs or fewer),
+    where it is named: train.checkpoint.monitor, train.early_stopping.monitor, tune.metric."""
+    width = int(plan_.output_shape[-1]) if plan_.output_shape else None
+    if width is None:
+        return []
+    named = [(("train", "checkpoint", "monitor"), cfg.train.checkpoint.monitor)]
+    if cfg.train.early_stopping is not None:
+        named.append((("train", "early_stopping", "monitor"), cfg.train.early_stopping.monitor))
+    if cfg.tune is not None:
+        named.append((("tune", "metric"), cfg.tune.metric))
+    return [doc.problem(where, f"{metric}: top-5 accuracy needs more than 5 classes; this model has {width} "
+                               "outputs") for where, metric in named
+            if metric == "val_top5_accuracy" and metric not in cfg.task.metrics(width)]
 
 
 def check_search(doc: Document, cfg: Config) -> list[Problem]:

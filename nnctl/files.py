@@ -132,6 +132,17 @@ def _inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
 
+def refuse_inside(path: str | os.PathLike, input_dirs: tuple | list, what: str = "output",
+                  advice: str | None = None) -> None:
+    """UsageError when path is one of ``input_dirs`` or lies anywhere under one (links and '..' resolved):
+    a data folder the command reads, whose every file is an input and where a new file or folder would be
+    read as data next time (a picture as an image, a run folder as a class)."""
+    for folder in input_dirs:
+        if folder is not None and _inside(path, folder):
+            raise UsageError(f"{what} {path}: is inside {folder}, a data folder this command reads (an input); "
+                             f"refused ({advice or _choose(what)})")
+
+
 def _choose(what: str) -> str:
     """The advice of a refusal: the option that names the target (-o, --graph, --confusion-out)."""
     return f"choose another {what}" if what.startswith("-") else "choose another file"
@@ -161,10 +172,7 @@ def check_output(path: str | os.PathLike, inputs: tuple | list = (), what: str =
     for src in inputs:
         if src is not None and (st is not None and _same(p, src) or os.path.abspath(p) == os.path.abspath(src)):
             raise UsageError(f"{what} {p}: is an input of this command; refused ({_choose(what)})")
-    for folder in input_dirs:
-        if folder is not None and _inside(p, folder):
-            raise UsageError(f"{what} {p}: is inside {folder}, a data folder this command reads (an input); "
-                             f"refused ({_choose(what)})")
+    refuse_inside(p, input_dirs, what)
     if not allow_run_files and RunDir.is_own_file(p.name) and RunDir(p.parent).is_run():
         raise UsageError(f"{what} {p}: is a file nnctl keeps in the run folder {p.parent}; refused "
                          f"({_choose(what)})")

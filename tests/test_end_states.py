@@ -56,7 +56,7 @@ def test_resume_refuses_an_early_stopped_run_and_touches_nothing(tmp_path):
         assert {name: _sha(run / name) for name in before} == before
     # --epochs does not change early stopping's decision: refused the same way
     r = run_cli("train", "--resume", str(run), "--epochs", "40", cwd=tmp_path)
-    assert r.returncode == 2 and "stopped early at epoch 2 of 40" in r.stderr
+    assert r.returncode == 2 and "stopped early at epoch 2 of 20" in r.stderr  # the run's own total, not --epochs
     # a larger patience (a changed config: --force) trains on, as the message says
     r = run_cli("train", "--resume", str(run), "--force", "--set", "train.early_stopping.patience=3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -44,6 +44,7 @@ from nnctl.data import record as P
 from nnctl.data.augment.pipeline import build as build_augment
 from nnctl.data.sources.folder import _decode_all, class_count
 from nnctl.data.sources.read import IMAGE_MODES, IMAGE_SOURCES, _read
+from nnctl.data.sources.tensors import SYNTHETIC_SIZE
 from nnctl.data.store import (
     Batches,
     DataBundle,
@@ -99,7 +100,7 @@ def _split(cfg: Config, store: _Store) -> tuple[Tensor, Tensor]:
             raise UsageError(f"source {d.source} has no test split of its own; use split: fraction")
         train, val = torch.arange(store.test_start), torch.arange(store.test_start, n)
     else:
-        n_val = math.ceil(d.val_fraction * n - 1e-9) if d.val_fraction > 0 else 0
+        n_val = val_count(n, d.val_fraction)
         if n - n_val < 1:
             raise UsageError(f"{d.source} has {n} samples: too few for val_fraction {d.val_fraction}")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
@@ -359,6 +360,27 @@ def _score_problems(cfg: Config, doc, plan, what: str, classes: int, lo: int, hi
             f"{layer} gives {out[0]} class scores per sample, but the data ({what}) has class labels "
             f"{lo}..{hi} ({needed} classes): a label at or above {out[0]} has no score{hint}"))]
     return []
+
+
+def val_count(n: int, val_fraction: float) -> int:
+    """The validation samples of ``split: fraction`` out of n: ceil(val_fraction * n), as scikit-learn rounds."""
+    return math.ceil(val_fraction * n - 1e-9) if val_fraction > 0 else 0
+
+
+KNOWN_SIZES = {"digits": 1797}  # sources whose sample count is known without reading them
+
+
+def split_problems(cfg: Config, doc) -> list:
+    """A val_fraction that leaves no training sample, where the count is known before reading (the built-in
+    digits, synthetic data): refused at its line, as training would refuse it."""
+    d = cfg.data
+    if d is None or d.split != "fraction":
+        return []
+    n = KNOWN_SIZES.get(d.source) or ((d.size or SYNTHETIC_SIZE) if d.source == "synthetic" else None)
+    if n is None or n - val_count(n, d.val_fraction) >= 1:
+        return []
+    return [doc.problem(("data", "val_fraction"), f"{d.source} has {n} samples: val_fraction {d.val_fraction} "
+                                                  "leaves none to train on")]
 
 
 def check_facts(cfg: Config, doc, plan) -> list:

@@ -109,13 +109,18 @@ def _lock(folder: Path) -> RunLock | None:
     return RunDir(folder).lock()
 
 
-def claim_new(name: str, out: str | os.PathLike | None = None, base: str | os.PathLike = "runs") -> Claim:
+def claim_new(name: str, out: str | os.PathLike | None = None, base: str | os.PathLike = "runs",
+              input_dirs: tuple | list = ()) -> Claim:
     """A fresh run folder, locked: --out as given, else the first free runs/<name>, runs/<name>-2, ...
 
     A name is taken by an atomic mkdir, so two runs started at once never share a folder. An
     existing folder is used only if it is locked by this process and holds no checkpoint and no
-    foreign file (a run that stopped before its first checkpoint, or an empty folder).
+    foreign file (a run that stopped before its first checkpoint, or an empty folder). A folder inside
+    one of ``input_dirs`` (the data folders the run reads) is refused before anything is made: it would
+    be read as data (a class folder, images) by the next run.
     """
+    files.refuse_inside(Path(out) if out is not None else Path(base) / name, input_dirs,
+                        "--out" if out is not None else "the run folder", advice="give --out DIR elsewhere")
     if out is not None:
         p = Path(out)
         if p.is_symlink() or (p.exists() and not p.is_dir()):

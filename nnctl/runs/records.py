@@ -194,9 +194,15 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     if status is not None:
         info.state = status.get("state") if status.get("state") in STATES else "failed"
         if info.state == "running" and not locked:
-            info.state = "interrupted"  # killed: the kernel dropped its lock
-            info.error = {"type": "Killed", "message": "the process stopped without recording why "
-                                                       "(killed, or the machine stopped)"}
+            done, total = status.get("epochs_done"), status.get("epochs_total")
+            if status.get("stopped_early") or (_is_int(done) and _is_int(total) and done >= total):
+                # killed after its last checkpoint (epoch_end is recorded after the save): it is finished,
+                # as its checkpoint says and a --resume answers
+                info.state = "finished"
+            else:
+                info.state = "interrupted"  # killed: the kernel dropped its lock
+                info.error = {"type": "Killed", "message": "the process stopped without recording why "
+                                                           "(killed, or the machine stopped)"}
         info.config_name = status.get("config_name") or info.config_name
         info.started_at = status.get("started_at")
         info.ended_at = status.get("ended_at")

@@ -28,6 +28,8 @@ from optuna.trial import TrialState
 from nnctl.config.schema import Config
 from nnctl.config.tune import PRUNERS, SAMPLERS  # noqa: F401  (the names nnctl's tune: section takes)
 from nnctl.errors import UsageError
+from nnctl import files
+from nnctl.data.sources.read import read_paths
 from nnctl.files import atomic_write
 from nnctl.runs.rundir import SEARCH_RECORD
 from nnctl.tasks import mode_of
@@ -148,6 +150,7 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
     command continues a search). A study found with another metric or direction is refused."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, direction = metric_of(cfg)
+    files.refuse_inside(folder, read_paths(cfg)[1], "--out", advice="give --out DIR elsewhere")
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / SEARCH_RECORD

@@ -23,6 +23,7 @@ import torch.distributed as tdist
 
 from nnctl.config import loader as CL
 from nnctl.errors import NnctlError
+from nnctl.data.sources.read import read_paths
 from nnctl.runs import checkpoint as K
 from nnctl.runs.claim import claim_existing, claim_new
 from nnctl.runs.rundir import LOCKED_ENV
@@ -130,7 +131,7 @@ def launch(config: str | None, torchrun: Torchrun, **options) -> Path:
         cfg, _ = CL.load(config, overrides) if config is not None else (None, None)
         if cfg is None:
             cfg, _ = CL.from_dict(K.load(source.checkpoint)["config"], str(source.checkpoint))
-        claim = claim_new(cfg.name, out)
+        claim = claim_new(cfg.name, out, input_dirs=read_paths(cfg)[1])  # never inside the data it reads
         if out is None:
             forwarded = forwarded + ["--out", str(claim.folder)]
         out = str(claim.folder)

@@ -120,6 +120,10 @@ def non_finite_loss(epoch: int, steps: int, train_loss: float, first_bad: int, k
         return None
     where = f"epoch {epoch + 1}" + (f", step {first_bad + 1}" if first_bad >= 0 else
                                      ", on another rank" if first_bad == -2 else "")
+    if epoch == 0 and first_bad == 0:  # before any update: neither the learning rate nor clipping is the cause
+        return NonFiniteLoss(f"the training loss was non-finite at {where}, the run's first step, before any "
+                             "update: check the data (NaN or infinite values, or inputs and targets so large "
+                             f"that the loss overflows float32) and the model's output for them. {kept}")
     return NonFiniteLoss(f"the training loss became non-finite at {where} (of {steps} steps an epoch); lower the "
                          f"learning rate, clip gradients (train.grad_clip) or check the data. {kept}")
 

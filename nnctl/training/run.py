@@ -36,6 +36,7 @@ from nnctl.config import loader as CL
 from nnctl.config import schema as C
 from nnctl.data import loading as D
 from nnctl.data.record import data_changes
+from nnctl.data.sources.read import read_paths
 from nnctl.errors import CheckpointError, ConfigError, Pruned, UsageError
 from nnctl.model import freeze as F
 from nnctl.model import plan as M
@@ -256,7 +257,7 @@ def _train_locked(req: Request) -> RunResult:
     if dist.enabled and not dist.main and state is None:  # dropout and noise: a stream of its own per rank
         torch.manual_seed(rank_seed(cfg.seed, dist.rank))
     continuing = source is not None and source.continue_in is not None
-    run_dir, claim = (source.continue_in, req.claim) if continuing else _claim_new(cfg.name, req)
+    run_dir, claim = (source.continue_in, req.claim) if continuing else _claim_new(cfg, req)
     spec = RunSpec(cfg, doc, model, plan, state, run_dir, claim, continuing, freezing, init_report, notes, dev,
                    dist, req.on_event, req.say, str(source.checkpoint) if source is not None else "", overrides,
                    force)
@@ -283,7 +284,8 @@ def _refuse_finished(checkpoint: Path, state: dict, cfg) -> None:
     reason = (state.get("stopped_early") or {}).get("reason") or \
         f"early stopping: {state.get('bad_epochs')} epochs without improvement, its patience"
     best = RunDir(checkpoint.parent).best
-    raise UsageError(f"{checkpoint}: the run stopped early at epoch {epoch} of {epochs} ({reason}); it is "
+    planned = ((state.get("config") or {}).get("train") or {}).get("epochs") or epochs  # the run's own total
+    raise UsageError(f"{checkpoint}: the run stopped early at epoch {epoch} of {planned} ({reason}); it is "
                      "finished, and resuming it as it is would train one more epoch and stop again. To train "
                      "further, resume with a larger patience or without early stopping (--force --set "
                      "train.early_stopping.patience=N), or start a new run from its weights (nnctl train "
@@ -318,11 +320,11 @@ def _freeze(model, plan, state: dict | None, selection, req: Request) -> tuple[d
     return freezing, init_report
 
 
-def _claim_new(name: str, req: Request) -> tuple[Path, Claim | None]:
+def _claim_new(cfg, req: Request) -> tuple[Path, Claim | None]:
     """A new run's folder: claimed by rank 0 (--out or runs/<name>-N), its name shared with every rank."""
     run_dir, claim = None, None
     if req.dist.main:
-        claim = claim_new(name, req.out)
+        claim = claim_new(cfg.name, req.out, input_dirs=read_paths(cfg)[1])  # never inside the data it reads
         run_dir = claim.folder
     if req.dist.enabled:
         run_dir = Path(req.dist.gather(str(run_dir) if req.dist.main else None)[0])

@@ -7,6 +7,7 @@ statistics of the new data), so the score is the one the model would get in use.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from nnctl import checking as CHK
 from nnctl.config import loader as CL
 from nnctl.config import schema as C
 from nnctl.config import structure as CS
+from nnctl.config.structure import FLOAT32_MAX
 from nnctl.config.loader import resolve_paths
 from nnctl.config.yamlio import Document, load_file
 from nnctl.data import loading as D
@@ -33,6 +35,7 @@ from nnctl.model.tv import pretrained_preprocessing
 from nnctl.optim import losses as T
 from nnctl.training import distributed as DIST
 from nnctl.training import loop as LOOP
+from nnctl.training import policy as POLICY
 from nnctl.use import source as api
 
 SPLITS = ("val", "train", "test", "all")
@@ -80,13 +83,16 @@ def _data_section(data: Any) -> dict:
 
 
 def _size_as_trained(section: dict, pre) -> None:
-    """--data of images with no data.image_size: resized to the trained model's input (its preprocessing
-    record), as ``nnctl predict`` resizes the same files, so eval and predict score the same pixels."""
-    if pre is None or section.get("source") != "image_folder" or section.get("image_size") is not None:
+    """--data of images with no data.image_size / data.grayscale: resized to the trained model's input and
+    converted to its colour mode (its preprocessing record), as ``nnctl predict`` does with the same files,
+    so eval and predict score the same pixels."""
+    if pre is None or section.get("source") != "image_folder":
         return
     size = pre.image_size()
-    if size:
+    if size and section.get("image_size") is None:
         section["image_size"] = size
+    if pre.color_mode in ("L", "RGB") and section.get("grayscale") is None:
+        section["grayscale"] = pre.color_mode == "L"
 
 
 def _same_split(pre, bundle, split: str, data: Any, notes: list[str]) -> None:
@@ -176,6 +182,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     outputs = _output_width(model, cfg)
     loss_fn = T.make_loss(cfg.train, labels=labels, classes=outputs or bundle.num_classes).to(dev)
     metrics = LOOP.evaluate(model, loss_fn, batches, task)
+    _refuse_non_finite(metrics, batches, split, cfg)
     result = EvalResult(split, batches.num_samples, metrics, epoch, notes=notes)
     if classification and confusion:
         names = (pre.classes if pre is not None and pre.classes else None)
@@ -206,6 +213,20 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     elif confusion:
         notes.append("--confusion applies to classification only")
     return result
+
+
+def _refuse_non_finite(metrics: dict[str, float], batches, split: str, cfg) -> None:
+    """A metric that is not a finite float32 number is no score (training's validation stops on it too):
+    NonFiniteValidation, naming whether the data holds NaN/inf or only overflows the loss."""
+    bad = [f"{k} {v:.4g}" for k, v in metrics.items() if not math.isfinite(v) or abs(v) > FLOAT32_MAX]
+    if not bad:
+        return
+    n_bad = POLICY.non_finite_inputs(batches)
+    where = (cfg.data.root or cfg.data.path or cfg.data.source) if cfg.data is not None else "the data"
+    cause = (f"the data holds {n_bad:,} non-finite values (NaN or infinite): clean the data" if n_bad else
+             "the data is finite, but the loss overflows float32 on it (inputs or targets far beyond those the "
+             "model was trained on)")
+    raise POLICY.NonFiniteValidation(f"{', '.join(bad)} on the {split} split of {where}: {cause}; no score")
 
 
 def per_class(matrix: torch.Tensor, names: list[str]) -> list[dict]:

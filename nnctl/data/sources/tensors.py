@@ -91,12 +91,15 @@ def _refuse_non_finite(path: Path, key: str, t: Tensor) -> None:
                          f"range) of {t.numel():,}, the first in sample {first}; clean the data")
 
 
+SYNTHETIC_SIZE = 1024  # synthetic's samples without data.size
+
+
 def _synthetic(cfg: Config) -> _Store:
     """Seeded random data: x ~ N(0, 1); labels uniform in [0, classes), or for a regression
     loss y = x.flatten() @ w + 0.01 * N(0, 1) with a fixed random w of shape (features, 1)."""
     d = cfg.data
     shape = tuple(d.shape or cfg.model.input_shape)
-    n = d.size or 1024
+    n = d.size or SYNTHETIC_SIZE
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn((n, *shape), generator=g)
     if cfg.task is Task.CLASSIFICATION:

@@ -1,0 +1,142 @@
+"""Issue 20, the outside pass after the fixes (helper-13's 8 findings, 138+ cases): each reproduced from the
+outside first, now closed at its owner: a run folder is an output like any other (never inside the data it
+reads), eval scores only finite float32 numbers, check knows what train refuses about monitors and splits,
+eval --data takes the trained colour mode, a run killed after its last checkpoint is finished, `nnctl runs`
+never imports torch, a first-step overflow names the data, an early-stop refusal quotes the run's own total."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import nnctl
+from nnctl.errors import UsageError
+from nnctl.runs.records import read_run
+from nnctl.training import policy as POL
+
+from .conftest import digest_of, run_cli
+
+
+def _gray_folder(root: Path) -> Path:
+    for c in range(3):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            pixels = np.random.default_rng(c * 100 + i).integers(0, 255, (8, 8), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i:02d}.png")
+    return root
+
+
+def _folder_config(tmp_path: Path, root: Path, **data) -> Path:
+    d = {"name": "a", "model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 3}}]},
+         "data": {"source": "image_folder", "root": str(root), "grayscale": True, "image_size": [8, 8], **data},
+         "train": {"epochs": 1, "batch_size": 8}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_a_run_folder_is_never_made_inside_the_data_it_reads(tmp_path):
+    """train --out imgs/c0/run put best.pt and curves.png in a class folder (the next run trained on
+    curves.png as a c0 image); --out imgs/new made a fourth class. Refused before anything is made,
+    also through a link and for a search's folder."""
+    root = _gray_folder(tmp_path / "imgs")
+    (tmp_path / "link").symlink_to(root)
+    cfg = _folder_config(tmp_path, root)
+    before = digest_of(root)
+    for out in (root / "c0" / "run", root / "new", tmp_path / "link" / "c1" / "r"):
+        r = run_cli("train", str(cfg), "--out", str(out), cwd=tmp_path)
+        assert r.returncode == 2, r.stderr
+        assert "a data folder this command reads (an input); refused (give --out DIR elsewhere)" in r.stderr
+    assert digest_of(root) == before and sorted(p.name for p in root.iterdir()) == ["c0", "c1", "c2"]
+    with pytest.raises(UsageError, match="a data folder this command reads"):
+        nnctl.train(str(cfg), out=str(root / "c2" / "r2"))
+    pytest.importorskip("optuna")
+    d = yaml.safe_load(cfg.read_text())
+    d["tune"] = {"trials": 1, "params": {"train.batch_size": {"choice": [8]}}}
+    cfg.write_text(yaml.safe_dump(d))
+    with pytest.raises(UsageError, match="a data folder this command reads"):
+        nnctl.tune(str(cfg), out=str(root / "search"))
+    assert digest_of(root) == before
+
+
+def test_eval_of_data_whose_loss_overflows_float32_gives_no_score(tmp_path):
+    """A 1-output regression evaluated on targets of 2e19 printed `loss inf  mse 4e38`, exit 0."""
+    x = torch.rand(64, 1, 8, 8)
+    torch.save({"x": x, "y": x.mean(dim=(1, 2, 3)).unsqueeze(1)}, tmp_path / "reg.pt")
+    torch.save({"x": x, "y": torch.full((64, 1), 2e19)}, tmp_path / "big.pt")
+    cfg = {"model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 1}}]},
+           "data": {"source": "tensors", "path": str(tmp_path / "reg.pt")}, "train": {"epochs": 1, "loss": "mse"}}
+    nnctl.train(cfg, out=str(tmp_path / "r"))
+    with pytest.raises(POL.NonFiniteValidation, match=r"loss inf, mse 4e\+38 on the all split of .*big.pt: the data "
+                                                      r"is finite, but the loss overflows float32 on it"):
+        nnctl.evaluate(str(tmp_path / "r"), data={"source": "tensors", "path": str(tmp_path / "big.pt")})
+    assert nnctl.evaluate(str(tmp_path / "r")).metrics["loss"] < 1  # its own data still scores
+
+
+def test_check_refuses_a_top5_monitor_and_a_split_that_train_refuses(tmp_path, cli):
+    top5 = tmp_path / "top5.yaml"
+    top5.write_text("model: {input_shape: [1,8,8], layers: [Flatten, {Linear: {out_features: 3}}]}\n"
+                    "data: {source: synthetic, size: 100, classes: 3, shape: [1,8,8]}\n"
+                    "train: {epochs: 1, checkpoint: {monitor: val_top5_accuracy}}\n")
+    vf = tmp_path / "vf.yaml"
+    vf.write_text("model: {input_shape: [1,8,8], layers: [Flatten, {Linear: {out_features: 10}}]}\n"
+                  "data: {source: digits, val_fraction: 0.9999}\n")
+    expected = {top5: "top5.yaml:3:42: train.checkpoint.monitor: val_top5_accuracy: top-5 accuracy needs more "
+                      "than 5 classes; this model has 3 outputs",
+                vf: "vf.yaml:2:38: data.val_fraction: digits has 1797 samples: val_fraction 0.9999 leaves none "
+                    "to train on"}
+    for path, line in expected.items():
+        code, out, err = cli("check", str(path))
+        assert code == 2 and err.strip().endswith(line), err
+        r = run_cli("train", str(path), "--out", str(tmp_path / "run"), cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().endswith(line), r.stderr
+        assert not (tmp_path / "run").exists()  # refused before a folder was made
+        assert [p.format().split(": ", 1)[1] for p in nnctl.check(str(path))] == [line.split(": ", 1)[1]]
+
+
+def test_eval_data_of_another_colour_mode_is_converted_as_predict_converts_it(tmp_path):
+    root = _gray_folder(tmp_path / "imgs")
+    cfg = _folder_config(tmp_path, root)
+    nnctl.train(str(cfg), out=str(tmp_path / "r"))
+    own = nnctl.evaluate(str(tmp_path / "r"), split="all")
+    other = nnctl.evaluate(str(tmp_path / "r"), data={"source": "image_folder", "root": str(root)})
+    assert other.samples == own.samples and other.metrics == own.metrics  # the same pixels, the same score
+
+
+def test_a_run_killed_after_its_last_checkpoint_is_listed_finished(tmp_path):
+    """SIGKILL after the last epoch's checkpoint left status.json `running` with epochs_done == total: nnctl
+    runs showed `interrupted 3/3` while --resume said `already finished`."""
+    run = tmp_path / "r"
+    nnctl.train({"model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 10}}]},
+                 "data": {"source": "digits"}, "train": {"epochs": 2}}, out=str(run))
+    status = json.loads((run / "status.json").read_text())
+    killed = {**status, "state": "running", "ended_at": None}  # as a SIGKILL right after the last save leaves it
+    (run / "status.json").write_text(json.dumps(killed))
+    assert read_run(run).state == "finished"
+    (run / "status.json").write_text(json.dumps({**killed, "epochs_done": 1}))
+    assert read_run(run).state == "interrupted"  # killed before its last epoch: interrupted, as before
+
+
+def test_nnctl_runs_never_imports_torch(digits_run):
+    code = ("import sys\nfrom nnctl.cli.app import main\nsys.argv = ['nnctl', 'runs', sys.argv[1], '--json']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(digits_run.parent)], capture_output=True, text=True,
+                       timeout=120)
+    assert r.stderr.strip().splitlines()[-1] == "False", r.stderr
+    assert json.loads(r.stdout)  # it listed the runs
+
+
+def test_a_non_finite_loss_at_the_first_step_names_the_data_not_the_learning_rate():
+    first = str(POL.non_finite_loss(0, 10, float("inf"), 0, "kept"))
+    assert first.startswith("the training loss was non-finite at epoch 1, step 1, the run's first step, before "
+                            "any update: check the data") and "learning rate" not in first
+    later = str(POL.non_finite_loss(0, 10, float("inf"), 3, "kept"))
+    assert "lower the learning rate" in later
