@@ -228,7 +228,7 @@ class Predictor:
     device: torch.device
 
     @classmethod
-    def open(cls, model_or_run: Any, *, which: str = "best", device: str = "cpu", needs: str = "predict") -> "Predictor":
+    def load(cls, model_or_run: Any, *, which: str = "best", device: str = "cpu", needs: str = "predict") -> "Predictor":
         """A model (an ``nn.Module``), a run folder or a checkpoint -> its Predictor; a config or a weights-only
         export is refused, saying what ``needs`` (the command) needs."""
         if isinstance(model_or_run, torch.nn.Module):
@@ -275,12 +275,12 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
         raise UsageError("--batch-size must be at least 1")
     if top_k < 1:
         raise UsageError("--top-k must be at least 1")
-    predictor = Predictor.open(model_or_run, which=which, device=device)
+    predictor = Predictor.load(model_or_run, which=which, device=device)
     groups, walk_notes, files = gather(inputs, predictor.pre, glob)
     total = sum(g.n for g in groups if g.error is None)
     done = 0
     with torch.inference_mode():
-        for pieces in _batches(groups, batch_size):
+        for pieces in batches(groups, batch_size):
             out = predictor.forward(pieces)
             predictor.deliver(pieces, out, top_k)
             done += len(out)
@@ -292,7 +292,7 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
     return preds
 
 
-def _batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Group, int, int]]]:
+def batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Group, int, int]]]:
     """Batches of at most batch_size samples, as (group, start, stop) slices of the groups' samples."""
     pieces: list[tuple[_Group, int, int]] = []
     size = 0
