@@ -27,9 +27,12 @@ def main() -> None:
         "nnctl --help": nnctl + ["--help"],
         "nnctl --version": nnctl + ["--version"],
         "nnctl check configs/digits_cnn.yaml": nnctl + ["check", config],
+        "nnctl check (a structural mistake: seed: abc)": nnctl + ["check", config, "--set", "seed=abc"],
     }
-    goals = {"nnctl --help": 0.2}
-    variants = {name: (lambda cmd=cmd: common.wall(cmd, cwd=common.ROOT)) for name, cmd in commands.items()}
+    goals = {"nnctl --help": 0.2, "nnctl check (a structural mistake: seed: abc)": 0.2}
+    refused = {"nnctl check (a structural mistake: seed: abc)"}  # exits 2, as it must
+    variants = {name: (lambda cmd=cmd, name=name: common.wall(cmd, cwd=common.ROOT, check=name not in refused))
+                for name, cmd in commands.items()}
     times = common.interleaved(variants, runs, warmup=0 if runs == 1 else 1)
     base = common.median(times['python -c "import torch"'])
     rows = []

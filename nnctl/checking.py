@@ -47,6 +47,7 @@ from nnctl.data.loading import check_facts, check_targets, split_problems
 from nnctl.errors import ConfigError, Problem
 from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
+from nnctl.model.tv import weights_problems
 from nnctl.optim.losses import check_loss, check_loss_targets
 from nnctl.optim.optimizers import validate as validate_optimizer
 from nnctl.runs import mlflow as MLF
@@ -109,6 +110,8 @@ def check(doc: Document, purpose: str = "check") -> Checked:
         problems += check_selection(plan_, sections.freeze, doc)
     if cfg is not None and plan_ is not None:
         problems += check_facts(cfg, doc, plan_) + split_problems(cfg, doc) + _monitor_problems(cfg, doc, plan_)
+    if plan_ is not None and purpose == "check":  # train and freeze build the model and refuse these there
+        problems += weights_problems(plan_, doc)  # (a resumed run or --init needs no hub file: not for train)
     if sections.train is not None:
         problems += validate_optimizer(sections.train, doc)
     problems += augment_problems(doc)

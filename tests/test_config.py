@@ -220,7 +220,10 @@ def test_lint_and_monitor_without_data():
     assert OPT.validate(cfg, doc) == []
 
 
-def test_check_reports_structural_and_shape_problems_in_one_pass(tmp_path):
+def test_check_reports_structure_first_then_shapes_and_the_api_all_in_one_pass(tmp_path):
+    """`nnctl check`: structural problems (keys, types, ranges) come without import torch (issue 24: fast);
+    the layer and shape problems, which need torch, once the structure is valid. nnctl.check() and
+    `nnctl train` (which import torch anyway) report both kinds in one pass."""
     from .conftest import run_cli
 
     p = tmp_path / "c.yaml"
@@ -231,11 +234,18 @@ def test_check_reports_structural_and_shape_problems_in_one_pass(tmp_path):
     err = r.stderr
     assert f"{p}:8:" in err and "data.sorce" in err  # structural: a broken data section
     assert f"{p}:9:" in err and "train.epochs" in err
-    assert f"{p}:6:" in err and "in_features=100" in err and "64" in err  # the shape error it used to hide
-    assert f"{p}:7:" in err and "did you mean 'Conv2d'" in err
-    assert "Adamm" in err and "did you mean 'Adam'" in err
     for line in err.strip().splitlines():
         assert re.match(rf"^{re.escape(str(p))}:\d+:\d+: \S", line), line
+    import nnctl
+
+    every = "\n".join(prob.format() for prob in nnctl.check(str(p)))
+    assert "data.sorce" in every and "train.epochs" in every
+    assert f"{p}:6:" in every and "in_features=100" in every and "64" in every  # the shape error
+    assert f"{p}:7:" in every and "did you mean 'Conv2d'" in every
+    assert "Adamm" in every and "did you mean 'Adam'" in every
+    p.write_text(p.read_text().replace("sorce", "source").replace("epochs: 0", "epochs: 1"))
+    err = run_cli("check", str(p)).stderr  # the structure fixed: the shapes, with torch
+    assert f"{p}:6:" in err and "in_features=100" in err and f"{p}:7:" in err and "did you mean 'Adam'" in err
 
 
 def test_check_function_collects_everything():

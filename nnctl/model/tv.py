@@ -384,6 +384,19 @@ def plan_torchvision(model: ModelSection, planner: Any, shape: tuple) -> tuple[N
     return root, extra
 
 
+def weights_problems(p, doc: Document) -> list:
+    """``nnctl check``'s share of what ``train`` and ``freeze`` refuse when they build the model: pretrained
+    weights the plan names that are not in the local hub cache (the file is looked for, not read)."""
+    extra = getattr(p, "torchvision", None) or {}
+    path = extra.get("weights_file")
+    if not path or os.path.isfile(path):
+        return []
+    model = doc.data.get("model") if isinstance(doc.data, dict) else None
+    name = model.get("torchvision") if isinstance(model, dict) else None
+    weights = resolve_weights(name, model.get("weights"))[0] if name else None
+    return [doc.problem(("model", "weights"), offline_weights_message(weights))] if weights is not None else []
+
+
 def offline_weights_message(weights) -> str:
     path = weights_file(weights)
     return (f"the weights {type(weights).__name__}.{weights.name} are not in the local torch hub cache: nnctl "
