@@ -14,7 +14,7 @@ from nnctl._version import __version__
 # that the two lists agree)
 __all__ = ["build", "load", "load_config", "load_record", "check", "prepare", "fit", "train", "launch", "predict",
            "evaluate", "summarize", "layer_types", "freeze", "export", "cache_info", "cache_clear", "list_runs",
-           "compare", "tune", "tune_show", "__version__"]
+           "compare", "tune", "tune_show", "serve", "serve_openapi", "__version__"]
 
 
 def __getattr__(name: str):

@@ -56,7 +56,7 @@ from nnctl.config import tune as TUNE_CONFIG
 
 __all__ = ["build", "load", "load_config", "load_record", "check", "prepare", "fit", "train", "launch", "predict",
            "evaluate", "summarize", "layer_types", "freeze", "export", "cache_info", "cache_clear", "list_runs",
-           "compare", "tune", "tune_show"]
+           "compare", "tune", "tune_show", "serve", "serve_openapi"]
 
 
 
@@ -156,6 +156,52 @@ def tune_show(folder: str | os.PathLike, *, write: bool = True, storage: str | N
     from nnctl.search import results  # the tune extra (Optuna): imported only for a search
 
     return results.summarize(folder, write=write, storage=storage)
+
+
+def serve(source: Any, *, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", which: str = "best",
+          max_batch: int = 32, max_wait_ms: float = 5.0, max_queue: int = 1024, max_body: int = 16 << 20,
+          timeout: float = 30.0, drain_timeout: float = 30.0, top_k: int = 1, token: str | None = None,
+          on_listening=None):
+    """Serve a trained run (a run folder, a checkpoint or an ``nn.Module``) over HTTP until SIGTERM or SIGINT:
+    /predict answers what ``predict`` answers, in dynamic batches (``max_batch`` samples within
+    ``max_wait_ms``); /health, /ready, /info, /metrics, a page at /. ``on_listening(url, predictor)`` once
+    the port is bound and the model loaded. Returns how it ended (``nnctl.serve.lifecycle.Served``: a drained
+    stop is a success). Needs the serve extra."""
+    _require_serve()
+    from nnctl.serve import app as SERVE_APP  # the serve extra (FastAPI, uvicorn): imported only to serve
+    from nnctl.serve import lifecycle
+
+    options = SERVE_APP.ServeOptions(host=host, port=port, device=device, which=which, max_batch=max_batch,
+                                     max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=max_body,
+                                     timeout=timeout, drain_timeout=drain_timeout, top_k=top_k, token=token,
+                                     name=_served_name(source))
+    problems = options.problems()
+    if problems:
+        raise UsageError("; ".join(problems))
+    return lifecycle.serve(source, options, on_listening)
+
+
+def serve_openapi() -> dict:
+    """The OpenAPI schema of ``nnctl serve``'s endpoints (FastAPI's), without a model. Needs the serve extra."""
+    _require_serve()
+    from nnctl.serve import app as SERVE_APP  # the serve extra (FastAPI): imported only to serve
+
+    return SERVE_APP.openapi()
+
+
+def _served_name(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        p = Path(source)
+        return p.name if p.is_dir() else f"{p.parent.name}/{p.name}"
+    return type(source).__name__
+
+
+def _require_serve() -> None:
+    from nnctl.serve import REQUIRED  # no third-party import: the list of what the extra installs
+
+    lacking = [m for m in REQUIRED if not TUNE_CONFIG.installed(m)]
+    if lacking:
+        raise MissingPackage(f"nnctl serve needs {', '.join(lacking)}, not installed: pip install 'nnctl[serve]'")
 
 
 def _require_optuna() -> None:
@@ -274,6 +320,8 @@ def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Se
     augment = describe_augment(spec) if spec else None  # the training batches' augmentation, one line
     result = S.summarize(src.model, src.plan, cfg.model.input_shape, depth=depth, augment=augment)
     result.name = cfg.name
+    pre = src.preprocessing
+    result.inputs = pre.describe() if pre is not None else None
     if graph is not None:
         # never over what was read (the config, a link named g.png to it too, the checkpoint, a run's
         # files) nor inside the data folders its config names

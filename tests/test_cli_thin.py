@@ -138,7 +138,7 @@ def test_help_lists_the_commands_in_their_order(cli):
     assert code == 0
     listed = re.findall(r"^  ([a-z][a-z-]+)\s{2,}", out.split("Commands:")[1], flags=re.M)
     assert listed == ["check", "summary", "layers", "schema", "train", "freeze", "export-weights", "eval",
-                      "predict", "runs", "compare", "tune", "cache"]
+                      "predict", "runs", "compare", "tune", "serve", "cache"]
 
 
 # --- the launcher is the library's ---------------------------------------------------------------

@@ -59,6 +59,8 @@ def check(
     plan, warnings = result.plan, result.warnings
     _warn(warnings)
     if strict and warnings:
+        _err(f"error: --strict: {len(warnings)} warning{'s' if len(warnings) > 1 else ''} above count as "
+             "errors")
         raise typer.Exit(2)
     out = list(plan.output_shape) if plan.output_shape else "?"
     print(f"ok: {config}: {len(plan.root.children)} layers, {plan.root.params:,} parameters, "

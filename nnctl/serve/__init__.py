@@ -1,0 +1,12 @@
+"""``nnctl serve``: a trained run as an HTTP service (the serve extra: FastAPI, uvicorn, prometheus-client,
+python-multipart). Imported only by ``nnctl.api.serve``, never on ``import nnctl`` or ``nnctl --help``.
+
+    app.py        the FastAPI app: endpoints, reading and checking inputs, refusals (ServeOptions)
+    batcher.py    the one inference worker: dynamic batches under torch.inference_mode
+    metrics.py    /metrics (prometheus-client)
+    page.py       the HTML page at /
+    lifecycle.py  bind the port, load once, uvicorn with its timeouts, the graceful drain
+"""
+
+# the packages the serve extra installs, by import name (nnctl.api.serve says which pip command adds them)
+REQUIRED = ("fastapi", "uvicorn", "prometheus_client", "multipart")
