@@ -549,3 +549,53 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(digits_run):
         assert proc.wait(WAIT) == 0
         out = proc.stdout.read()
         assert out.splitlines()[-1] == "stopped by SIGTERM: 3 answered", out
+
+
+# --- the page, in a real headless Chromium ------------------------------------------------------------
+
+def _chromium() -> str:
+    """Debian's chromium (.ci/run installs it); Playwright drives it, no browser download."""
+    pytest.importorskip("playwright.sync_api")
+    for path in (os.environ.get("NNCTL_CHROMIUM"), shutil.which("chromium"), shutil.which("chromium-browser")):
+        if path and os.path.exists(path):
+            return path
+    if os.environ.get("CI_REQUIRE_CHROMIUM"):
+        pytest.fail("chromium is not installed (.ci/run installs it)")
+    pytest.skip("chromium is not installed: apt-get install -y --no-install-recommends chromium")
+
+
+def test_the_page_in_chromium_uploads_a_png_and_shows_the_answer(served, pngs, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    executable = _chromium()
+    image = pngs[3]
+    want = post_files(served, [image], top_k=5).json()["predictions"][0]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 640})
+            outside = []
+            page.on("request", lambda req: outside.append(req.url) if not req.url.startswith((served, "blob:", "data:"))
+                    else None)
+            page.goto(f"{served}/", timeout=30_000)
+            page.wait_for_function("document.getElementById('info').children.length > 0", timeout=30_000)
+            assert page.inner_text("#title") == want_name(served)
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#results .row", timeout=30_000)
+            names = page.locator("#results .name").all_inner_texts()
+            probs = page.locator("#results .prob").all_inner_texts()
+            widths = page.locator("#results .fill").evaluate_all("els => els.map(e => e.style.width)")
+            status = page.inner_text("#status")
+            page.screenshot(path=str(tmp_path / "page.png"))
+        finally:
+            browser.close()
+    assert names == want["names"]
+    assert probs == [f"{p:.4f}" for p in want["probabilities"]]
+    assert [float(w.rstrip("%")) for w in widths] == pytest.approx([p * 100 for p in want["probabilities"]],
+                                                                   abs=0.051)  # each bar: its probability
+    assert status.startswith("answered in ") and outside == []
+    assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+def want_name(url: str) -> str:
+    return httpx.get(f"{url}/info").json()["name"]
