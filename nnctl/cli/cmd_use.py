@@ -42,7 +42,8 @@ def eval_(
     source: str = typer.Argument(..., help="A checkpoint or run folder (or a config, with --init)."),
     which: str = typer.Option("best", "--which", help="For a run folder: best or last."),
     split: Optional[str] = typer.Option(None, "--split", help="val (default), train, test (the dataset's own "
-                                                              "test split) or all (default with --data)."),
+                                                              "test split, or data.test_root) or all (the default "
+                                                              "for other data: --data, --set data.root=...)."),
     data: Optional[str] = typer.Option(None, "--data", help="Score on other data: a YAML file with a data: "
                                                             "section; the recorded preprocessing applies."),
     set_: Optional[list[str]] = SetOpt,
@@ -69,6 +70,7 @@ def eval_(
     if as_json:  # strict JSON: a non-finite number is null, never NaN
         print(json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False))
         return
+    print(f"scored: {result.scored}")
     head = {"split": result.split, "samples": result.samples,
             **({"epoch": result.epoch} if result.epoch is not None else {}), **result.metrics}
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in head.items()))

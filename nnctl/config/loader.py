@@ -33,7 +33,7 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 # --- paths: relative to the config file's folder --------------------------------------
 
 # every path-valued key of the config
-PATH_KEYS: tuple[tuple[str, ...], ...] = (("data", "root"), ("data", "path"))
+PATH_KEYS: tuple[tuple[str, ...], ...] = (("data", "root"), ("data", "path"), ("data", "val_root"), ("data", "test_root"))
 
 
 def _resolve_path(value: Any, base: str) -> Any:

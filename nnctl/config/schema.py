@@ -117,6 +117,9 @@ class DataSection(_Section):
     split: Literal["fraction", "test"] = Field("fraction", description="validate on a seeded fraction of the "
                                                                         "training data, or on the dataset's own test split")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    val_root: str | None = Field(None, description="image_folder: a folder of the same classes that validates "
+                                                   "(instead of val_fraction), as ImageNet's train/ and val/")
+    test_root: str | None = Field(None, description="image_folder: a folder of the same classes for split: test")
     normalize: Any = Field(None, description="true (per-channel mean/std of the training split), false, "
                                              "or {mean: [...], std: [...]}; default true for images")
     target: Literal["label", "input"] = Field("label", description="label: class labels or y; input: reconstruct the input")
@@ -400,8 +403,14 @@ class Config(_Section):
                                                   f"height, width]; model.input_shape is {self.model.input_shape}"))
         if d.source == "synthetic" and task is Task.CLASSIFICATION and not d.classes:
             problems.append((("data",), "source: synthetic with a classification loss needs classes: N"))
-        if d.split == "test" and d.source in ("tensors", "synthetic", "image_folder", "digits"):
-            problems.append((("data", "split"), f"source {d.source} has no test split of its own; use split: fraction"))
+        for key in ("val_root", "test_root"):  # a train/val(/test) layout of folders: image_folder only
+            if getattr(d, key) is not None and d.source != "image_folder":
+                problems.append((("data", key), f"{key} applies to source: image_folder, not {d.source}"))
+        if d.val_root is not None and "val_fraction" in d.model_fields_set:
+            problems.append((("data", "val_fraction"), "val_root is the validation split: remove val_fraction"))
+        if d.split == "test" and d.source in ("tensors", "synthetic", "image_folder", "digits") and not d.test_root:
+            problems.append((("data", "split"), f"source {d.source} has no test split of its own; use split: fraction"
+                                                + (", or give test_root" if d.source == "image_folder" else "")))
         no_val = d.split == "fraction" and d.val_fraction == 0.0
         watched = [(("train", "checkpoint", "monitor"), t.checkpoint.monitor)]
         if t.early_stopping is not None:
@@ -429,8 +438,11 @@ class Config(_Section):
 
 
 def resolved(cfg: Config) -> dict:
-    """The config with every default filled in, as plain data."""
-    return cfg.model_dump(mode="json")
+    """The config with every default filled in, as plain data (a val_root's run has no val_fraction)."""
+    out = cfg.model_dump(mode="json")
+    if cfg.data is not None and cfg.data.val_root is not None:
+        del out["data"]["val_fraction"]
+    return out
 
 
 def json_schema() -> dict:

@@ -42,7 +42,7 @@ from nnctl.config.schema import Config
 from nnctl.config.yamlio import format_path
 from nnctl.data import record as P
 from nnctl.data.augment.pipeline import build as build_augment
-from nnctl.data.sources.folder import _decode_all, class_count
+from nnctl.data.sources.folder import _decode_all, class_count, folder_problems, other_folder
 from nnctl.data.sources.read import IMAGE_MODES, IMAGE_SOURCES, _read
 from nnctl.data.sources.tensors import SYNTHETIC_SIZE
 from nnctl.data.store import (
@@ -85,22 +85,25 @@ def _align_classes(store: _Store, record: P.Preprocessing, source: str) -> None:
 
 
 
-def _split(cfg: Config, store: _Store) -> tuple[Tensor, Tensor]:
+def _split(cfg: Config, store: _Store, whole: bool = False) -> tuple[Tensor, Tensor]:
     """Training and validation indices into the store.
 
     ``split: fraction``: a permutation seeded by cfg.seed; the last
     ceil(val_fraction * N) samples validate (as scikit-learn rounds: 1,797 digits
-    at 0.2 -> 1,437 / 360). ``split: test``: the dataset's own test split.
+    at 0.2 -> 1,437 / 360); an image_folder's data.val_root instead: that folder's samples.
+    ``split: test``: the dataset's own test split (an image_folder's data.test_root).
+    ``whole``: every sample read trains, none validates (nnctl eval --split all).
     ``limit`` then keeps the first N training samples.
     """
     d = cfg.data
     n = len(store)
-    if d.split == "test":
-        if store.test_start is None:
-            raise UsageError(f"source {d.source} has no test split of its own; use split: fraction")
-        train, val = torch.arange(store.test_start), torch.arange(store.test_start, n)
+    held_out = store.parts[0][2] if store.parts else store.test_start if d.split == "test" else None
+    if d.split == "test" and held_out is None:
+        raise UsageError(f"source {d.source} has no test split of its own; use split: fraction")
+    if held_out is not None:
+        train, val = (torch.arange(n), torch.arange(0)) if whole else (torch.arange(held_out), torch.arange(held_out, n))
     else:
-        n_val = val_count(n, d.val_fraction)
+        n_val = 0 if whole else val_count(n, d.val_fraction)
         if n - n_val < 1:
             raise UsageError(f"{d.source} has {n} samples: too few for val_fraction {d.val_fraction}")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
@@ -225,12 +228,13 @@ def _shape_message(cfg: Config, shape: list[int], trained: bool) -> str:
 
 def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: int = 1,
               preprocessing: P.Preprocessing | None = None, augment: bool = True,
-              weights: dict | None = None) -> DataBundle:
+              weights: dict | None = None, whole: bool = False) -> DataBundle:
     """Read cfg.data and return the training (and validation) batches on ``device``.
 
     With ``world_size > 1`` each rank gets its own shard of every batch (see ``Batches``);
     train.batch_size is the global batch and must divide by world_size.
-    ``augment=False`` leaves data.augment out (scoring a model, as nnctl eval does).
+    ``augment=False`` leaves data.augment out (scoring a model, as nnctl eval does); ``whole``: every
+    sample read is in the training batches and none validates (nnctl eval --split all).
     """
     device = torch.device(device)
     d, t = cfg.data, cfg.train
@@ -257,7 +261,7 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
         raise UsageError(f"{d.source} gives float targets (y is {store.y.dtype}), not class labels, but "
                          f"train.loss is {t.loss_name}; use mse or l1, or integer labels in y")
 
-    train_idx, val_idx = _split(cfg, store)
+    train_idx, val_idx = _split(cfg, store, whole)
     weights = weights if preprocessing is None else None
     if preprocessing is not None:  # scoring other data as the model was trained: the recorded statistics
         _align_classes(store, preprocessing, d.source)
@@ -319,7 +323,8 @@ def _where(d) -> str:
     if d.source == "tensors":
         return f"tensors file {d.path}"
     if d.source == "image_folder":
-        return f"image_folder {d.root}"
+        other = other_folder(d)  # the folder read besides root: data.val_root, or test_root for split: test
+        return f"image_folder {d.root}" + (f" and data.{other[0]} {other[1]}" if other else "")
     return d.source
 
 
@@ -372,15 +377,17 @@ KNOWN_SIZES = {"digits": 1797}  # sources whose sample count is known without re
 
 def split_problems(cfg: Config, doc) -> list:
     """A val_fraction that leaves no training sample, where the count is known before reading (the built-in
-    digits, synthetic data): refused at its line, as training would refuse it."""
+    digits, synthetic data), and an image folder's data.val_root / test_root that reading would refuse
+    (not a folder, data.root itself, a class folder root lacks): at their lines, as training refuses them."""
     d = cfg.data
+    problems = [doc.problem(("data", key), message) for key, message in folder_problems(d)]
     if d is None or d.split != "fraction":
-        return []
+        return problems
     n = KNOWN_SIZES.get(d.source) or ((d.size or SYNTHETIC_SIZE) if d.source == "synthetic" else None)
     if n is None or n - val_count(n, d.val_fraction) >= 1:
-        return []
-    return [doc.problem(("data", "val_fraction"), f"{d.source} has {n} samples: val_fraction {d.val_fraction} "
-                                                  "leaves none to train on")]
+        return problems
+    return problems + [doc.problem(("data", "val_fraction"), f"{d.source} has {n} samples: val_fraction "
+                                                             f"{d.val_fraction} leaves none to train on")]
 
 
 def check_facts(cfg: Config, doc, plan) -> list:

@@ -38,7 +38,9 @@ or float32 model-scale values.
   and a ``digest`` of the samples' identities in order. The validation split is derived from the
   data (seed, val_fraction), so ``--resume`` and ``nnctl eval`` of the run's own splits compare it
   with the data they read (:func:`data_changes`): a file added to a class folder moves training
-  samples into "val". Null in records written before it (nothing is compared)
+  samples into "val". An image folder's ``data.val_root`` (or ``test_root``) has its own fingerprint
+  under that key (``samples``, ``per_class``, ``digest``), the top level being ``data.root``'s.
+  Null in records written before it (nothing is compared)
 
 No torch import at module level: reading a record is cheap.
 """
@@ -167,8 +169,23 @@ def missing_note(path: str) -> str:
 
 def data_changes(then: dict | None, now: dict | None, names: list[str] | None = None) -> str | None:
     """How the data changed since a record's fingerprint was taken (``Preprocessing.data``), in words
-    (``names``: the class names, index = class id); None when it is the same or either side has none."""
-    if not isinstance(then, dict) or not isinstance(now, dict) or then.get("digest") == now.get("digest"):
+    (``names``: the class names, index = class id); None when it is the same or either side has none.
+    An image folder's data.val_root / data.test_root is compared apart and named."""
+    if not isinstance(then, dict) or not isinstance(now, dict):
+        return None
+    found = [_change(then, now, names)]
+    for key in ("val_root", "test_root"):
+        a, b = then.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            change = _change(a, b, names)
+            found.append(f"data.{key}: {change}" if change else None)
+        elif a is not None or b is not None:
+            found.append(f"data.{key}: {'none now' if b is None else 'none then'}")
+    return "; ".join(f for f in found if f) or None
+
+
+def _change(then: dict, now: dict, names: list[str] | None) -> str | None:
+    if then.get("digest") == now.get("digest"):
         return None
     a, b = int(then.get("samples", 0)), int(now.get("samples", 0))
     parts = [f"{b:,} samples now, {a:,} then" if a != b else f"the same {a:,} samples in number, but not the same samples"]

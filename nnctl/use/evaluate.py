@@ -39,6 +39,8 @@ from nnctl.training import policy as POLICY
 from nnctl.use import source as api
 
 SPLITS = ("val", "train", "test", "all")
+# --set keys that name other data than the run's own (scored whole by default, as --data is)
+OTHER_DATA_KEYS = ("data", "data.source", "data.root", "data.path", "data.val_root", "data.test_root")
 
 
 @dataclass
@@ -52,9 +54,11 @@ class EvalResult:
     per_class: list[dict] = field(default_factory=list)
     confusion_png: str | None = None
     notes: list[str] = field(default_factory=list)
+    scored: str = ""  # which samples, in words: "all 1,996 samples of image_folder /data/test"
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"split": self.split, "samples": self.samples, "epoch": self.epoch, **self.metrics}
+        d: dict[str, Any] = {"split": self.split, "samples": self.samples, "epoch": self.epoch, **self.metrics,
+                             "scored": self.scored}
         if self.per_class:
             d["per_class"] = self.per_class
         if self.confusion is not None:
@@ -95,10 +99,10 @@ def _size_as_trained(section: dict, pre) -> None:
         section["grayscale"] = pre.color_mode == "L"
 
 
-def _same_split(pre, bundle, split: str, data: Any, notes: list[str]) -> None:
+def _same_split(pre, bundle, split: str, other: bool, notes: list[str]) -> None:
     """The run's own splits are derived from its data: if the data changed since training (the record's
     fingerprint), "val" may hold training samples. Refused for --split val / train; a note for all."""
-    if data is not None or pre is None or bundle.preprocessing is None or split == "test":
+    if other or pre is None or bundle.preprocessing is None or split == "test":
         return
     change = data_changes(pre.data, bundle.preprocessing.data, pre.classes)
     if change is None:
@@ -106,9 +110,10 @@ def _same_split(pre, bundle, split: str, data: Any, notes: list[str]) -> None:
     if split == "all":
         notes.append(f"the data changed since training ({change}): scored as it is now")
         return
-    raise UsageError(f"the data changed since this model was trained ({change}); its {split} split is derived "
-                     "from the data, so it is no longer the split the run used (training samples would be "
-                     f"scored as {split}). Score all of it with --split all, or other data with --data")
+    how = ("is the folders as they are now" if "val_root" in (pre.data or {}) else "is derived from the data")
+    raise UsageError(f"the data changed since this model was trained ({change}); its {split} split {how}, so it "
+                     f"is no longer the split the run used (training samples would be scored as {split}). Score "
+                     "all of it with --split all, or other data with --data")
 
 
 def evaluate(source: Any, *, which: str = "best", split: str | None = None, data: Any = None,
@@ -116,8 +121,9 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
              device: str | None = None, confusion: bool = False, confusion_path: str | None = None) -> EvalResult:
 
     overrides = list(overrides or [])
-    if split is None:
-        split = "all" if data is not None else "val"
+    other = data is not None or any(o.split("=", 1)[0].strip() in OTHER_DATA_KEYS for o in overrides)
+    if split is None:  # data other than the run's own is scored whole, however it is given
+        split = "all" if other else "val"
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     notes: list[str] = []
@@ -132,6 +138,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
                          "statistics are used")
         epoch = src.state.get("epoch")
         base_dir = src.checkpoint.parent
+        _other_folders(resolved, overrides)
     else:
         if init is None:
             raise UsageError(f"{source}: a config has no trained weights; give --init WEIGHTS (evaluated "
@@ -149,15 +156,13 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         resolved["data"] = _data_section(data)
         _size_as_trained(resolved["data"], pre)
     if split == "test":
-
-        source_name = (resolved.get("data") or {}).get("source")
-        if source_name and not has_test_split(source_name):
-            raise UsageError(f"--split test: {source_name} has no test split of its own; use --split val "
-                             "(the run's validation split), or --data with the data to score")
+        section = resolved.get("data") or {}
+        test_root = section.get("test_root") or any(o.startswith("data.test_root=") for o in overrides)
+        if section.get("source") and not has_test_split(section["source"], test_root):
+            folder = ", data.test_root (a folder of the same classes)" if section["source"] == "image_folder" else ""
+            raise UsageError(f"--split test: {section['source']} has no test split of its own; use --split val "
+                             f"(the run's validation split), or --data with the data to score{folder}")
         resolved.setdefault("data", {})["split"] = "test"
-    if split == "all":
-        resolved.setdefault("data", {})["val_fraction"] = 0.0
-        resolved["data"]["split"] = "fraction"
     cfg, doc = CL.from_dict(resolved, str(source))
     if overrides and api.is_checkpoint_source(source):
         CL.apply_overrides(doc, overrides)
@@ -165,12 +170,12 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     CS.require_data(cfg, doc, what="evaluation")
     dev = DIST.select_device(device or cfg.train.device)
     model = src.model.to(dev).eval()
-    bundle = D.load_data(cfg, dev, preprocessing=pre, augment=False,
+    bundle = D.load_data(cfg, dev, preprocessing=pre, augment=False, whole=split == "all",
                          weights=pretrained_preprocessing(cfg))  # scoring never augments
     problems = CHK.check_data(cfg, doc, src.plan, bundle)  # the targets against the model, as training checks them
     if problems:
         raise ConfigError(problems)
-    _same_split(pre, bundle, split, data, notes)
+    _same_split(pre, bundle, split, other, notes)
     batches = bundle.train if split in ("train", "all") else bundle.val
     if batches is None:
         raise UsageError("this data has no validation split (val_fraction 0); use --split train or all")
@@ -183,7 +188,8 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     loss_fn = T.make_loss(cfg.train, labels=labels, classes=outputs or bundle.num_classes).to(dev)
     metrics = LOOP.evaluate(model, loss_fn, batches, task)
     _refuse_non_finite(metrics, batches, split, cfg)
-    result = EvalResult(split, batches.num_samples, metrics, epoch, notes=notes)
+    result = EvalResult(split, batches.num_samples, metrics, epoch, notes=notes,
+                        scored=scored(cfg, split, batches.num_samples, len(bundle.train.store)))
     if classification and confusion:
         names = (pre.classes if pre is not None and pre.classes else None)
         n = bundle.num_classes or 0
@@ -213,6 +219,36 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     elif confusion:
         notes.append("--confusion applies to classification only")
     return result
+
+
+def _other_folders(resolved: dict, overrides: list[str]) -> None:
+    """--set data.root (or source, path) names other data: the run's val_root / test_root belong to its own
+    root and are dropped unless set too; a val_root set on a run without one takes the place of its
+    val_fraction (both at once are refused)."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    section = resolved.get("data")
+    if not isinstance(section, dict):
+        return
+    if keys & {"data", "data.source", "data.root", "data.path"}:
+        for key in ("val_root", "test_root"):
+            if f"data.{key}" not in keys:
+                section.pop(key, None)
+    if "data.val_root" in keys and "data.val_fraction" not in keys:
+        section.pop("val_fraction", None)
+
+
+def scored(cfg, split: str, samples: int, total: int) -> str:
+    """Which samples eval scored, in words: "all 1,996 samples of image_folder /data/test", "the val split
+    (400 of 2,000 samples of image_folder /data)", "the val split: all 400 samples of data.val_root /data/val"."""
+    d = cfg.data
+    if split == "all":
+        return f"all {samples:,} samples of {D._where(d)}"
+    key = {"val": "val_root", "test": "test_root"}.get(split) if d.source == "image_folder" else None
+    if key and getattr(d, key):
+        return f"the {split} split: all {samples:,} samples of data.{key} {getattr(d, key)}"
+    if split == "train" and d.source == "image_folder" and (d.val_root or d.split == "test" and d.test_root):
+        return f"the train split: {samples:,} samples of data.root {d.root}"
+    return f"the {split} split ({samples:,} of {total:,} samples of {D._where(d)})"
 
 
 def _refuse_non_finite(metrics: dict[str, float], batches, split: str, cfg) -> None:

@@ -26,14 +26,14 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _class_folders(root: Path, seen: dict[tuple[int, int], str], note) -> list[tuple[str, str]]:
+def _class_folders(root: Path, seen: dict[tuple[int, int], str], note, key: str = "root") -> list[tuple[str, str]]:
     """ImageFolder's classes: (name, path) of each sub-folder of ``root``, by name, each real folder
     once (a link to a folder already read is skipped and noted). ``seen`` gathers the folders read."""
     try:
         seen[_ident(os.stat(root))] = str(root)
         top = sorted(os.scandir(root), key=lambda e: e.name)
     except OSError as exc:
-        raise UsageError(f"data.root {root}: cannot read: {exc.strerror or exc}") from None
+        raise UsageError(f"data.{key} {root}: cannot read: {exc.strerror or exc}") from None
     classes: list[tuple[str, str]] = []
     for entry in top:
         try:
@@ -77,7 +77,7 @@ def class_count(cfg: Config) -> int | None:
         return None
 
 
-def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], list[str]]:
+def _scan_image_folder(root: Path, key: str = "root") -> tuple[list[str], list[tuple[str, int]], list[str]]:
     """ImageFolder's classes and (file, class) samples, in ImageFolder's order, read safely.
 
     Every real folder is read once: folders are identified by (st_dev, st_ino), so a symbolic link
@@ -95,9 +95,9 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], li
     def note(text: str) -> None:
         notes.append(text)
 
-    classes = _class_folders(root, seen, note)
+    classes = _class_folders(root, seen, note, key)
     if not classes:
-        raise UsageError(f"data.root {root} has no sub-folders: image_folder needs one sub-folder of images "
+        raise UsageError(f"data.{key} {root} has no sub-folders: image_folder needs one sub-folder of images "
                          "per class")
 
     found: list[list[tuple[str, list[str]]]] = [[] for _ in classes]  # per class: (folder, its image files)
@@ -177,36 +177,133 @@ def _scan_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int]], li
     return [n for n, _ in classes], samples, [f"image_folder: {n}" for n in notes]
 
 
+def other_folder(d) -> tuple[str, str] | None:
+    """The folder an image_folder reads besides data.root, as (its key, its path): data.val_root (the
+    validation split, split: fraction) or data.test_root (split: test); None when there is none."""
+    if d is None or d.source != "image_folder":
+        return None
+    key = "test_root" if d.split == "test" else "val_root"
+    return (key, getattr(d, key)) if getattr(d, key) else None
+
+
+def folder_classes(folder: Path, key: str, root: Path, classes: list[str]) -> tuple[list[int], list[str]]:
+    """The class index in ``root``'s classes of each class folder of ``folder`` (data.val_root or
+    data.test_root), matched by name, and the notes: a class folder that root does not have is an
+    error naming it; a class of root with no folder there is allowed (that split has none of it) and noted."""
+    names = [n for n, _ in _class_folders(folder, {}, lambda text: None, key)]
+    unknown = [n for n in names if n not in classes]
+    if unknown:
+        raise UsageError(f"data.{key} {folder}: class folder {unknown[0]!r} is not a class of data.root {root} "
+                         f"(its classes: {', '.join(classes[:12])}{' ...' if len(classes) > 12 else ''}); "
+                         "classes are matched by folder name: rename or remove it")
+    missing = [n for n in classes if n not in names]
+    many = len(missing) > 1
+    notes = [f"image_folder: data.{key} {folder} has no folder for class{'es' if many else ''} "
+             f"{', '.join(repr(n) for n in missing[:5])}{' ...' if len(missing) > 5 else ''}: the "
+             f"{key.removesuffix('_root')} split holds none of {'them' if many else 'it'}"] if missing else []
+    return [classes.index(n) for n in names], notes
+
+
+def _folder(path: str, key: str, root: Path | None = None) -> Path:
+    """data.root's (or, beside ``root``, data.val_root's or test_root's) folder, refused when it is not one."""
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        raise UsageError(f"data.{key} {folder} is not a folder; image_folder needs one sub-folder of images per class")
+    if root is not None and os.path.samefile(folder, root):
+        raise UsageError(f"data.{key} {folder} is data.root: its images would be training images too; "
+                         f"give a folder of other images")
+    return folder
+
+
+def folder_problems(d) -> list[tuple[str, str]]:
+    """(key, message) for each data.val_root / data.test_root that is not a folder, is data.root, or holds a
+    class folder that data.root does not have: what reading them refuses, found without opening an image."""
+    if d is None or d.source != "image_folder":
+        return []
+    root = Path(os.path.expanduser(d.root)) if d.root else None
+    root = root if root is not None and root.is_dir() else None
+    problems = []
+    for key in ("val_root", "test_root"):
+        if getattr(d, key):
+            try:
+                folder = _folder(getattr(d, key), key, root)
+                if root is not None:
+                    folder_classes(folder, key, root, [n for n, _ in _class_folders(root, {}, lambda t: None)])
+            except UsageError as exc:
+                problems.append((key, str(exc).removeprefix(f"data.{key} ")))
+    return problems
+
+
 def _image_folder(cfg: Config, weights: dict | None = None) -> _Store:
     """ImageFolder's files and classes; sizes checked from the headers, decoding left for later.
 
-    ``data.cache: true``: ``x`` is the memory-mapped decoded cache instead (nnctl/cache.py),
-    built first when missing; the size check is then needed only to build it."""
-    root = Path(os.path.expanduser(cfg.data.root))
-    if not root.is_dir():
-        raise UsageError(f"data.root {root} is not a folder; image_folder needs one sub-folder of images per class")
+    data.val_root (split: fraction) or data.test_root (split: test): that folder's samples follow
+    data.root's (``val_start`` / ``test_start``), classes matched by name (``folder_classes``).
+    ``data.cache: true``: ``x`` is the memory-mapped decoded cache instead (nnctl/cache.py), one
+    entry per folder, built first when missing; the size check is then needed only to build it."""
+    root = _folder(cfg.data.root, "root")
     class_names, samples, notes = _scan_image_folder(root)
-    files = [p for p, _ in samples]
-    y = torch.tensor([c for _, c in samples], dtype=torch.int64)
+    parts = [(root, samples)]
+    other = other_folder(cfg.data)
+    if other is not None:
+        key, folder = other[0], _folder(other[1], other[0], root)
+        index, more_notes = folder_classes(folder, key, root, class_names)
+        _, more, scan_notes = _scan_image_folder(folder, key)
+        parts.append((folder, [(p, index[c]) for p, c in more]))
+        notes += more_notes + scan_notes
     mode = "L" if cfg.data.grayscale else "RGB"
     size = None
     if cfg.data.image_size is not None:
         size = (int(cfg.data.image_size[0]), int(cfg.data.image_size[1]))
     elif weights and len(cfg.model.input_shape) == 3:  # pretrained weights: every image at the model's input size
         size = (int(cfg.model.input_shape[1]), int(cfg.model.input_shape[2]))
+    elif len(parts) > 1:  # one size for both folders
+        size = _common_size(f"{root} and {parts[1][0]}", [p for _, part in parts for p, _ in part])
+    stores = [_folder_store(cfg, folder, part, class_names, mode, size) for folder, part in parts]
+    if len(stores) == 1:
+        stores[0].notes[:0] = notes
+        return stores[0]
+    return _joined(stores, [[p for p, _ in part] for _, part in parts], other[0], str(parts[1][0]), notes)
+
+
+def _folder_store(cfg: Config, folder: Path, samples: list[tuple[str, int]], class_names: list[str], mode: str,
+                  size: tuple[int, int] | None) -> _Store:
+    """One folder's samples as a store: streamed files, or its decoded cache entry (data.cache)."""
+    files = [p for p, _ in samples]
+    y = torch.tensor([c for _, c in samples], dtype=torch.int64)
     channels = 1 if mode == "L" else 3
     store = _Store(y=y, sample_shape=(channels, *(size or ())), scale=255.0, num_classes=len(class_names),
-                   files=files, image_mode=mode, image_size=size, class_names=class_names, notes=notes)
+                   files=files, image_mode=mode, image_size=size, class_names=class_names)
     if cfg.data.cache:
-        if cache.attach(store, root, measure_size=lambda: _common_size(root, files)):
+        if cache.attach(store, folder, measure_size=lambda: _common_size(folder, files)):
             return store
     if store.image_size is None:
-        store.image_size = _common_size(root, files)
+        store.image_size = _common_size(folder, files)
         store.sample_shape = (channels, *store.image_size)
     return store
 
 
-def _common_size(root: Path, files: list[str]) -> tuple[int, int]:
+def _joined(stores: list[_Store], files: list[list[str]], key: str, folder: str, notes: list[str]) -> _Store:
+    """data.root's store and the other folder's as one: the other's samples from ``val_start`` (val_root)
+    or ``test_start`` (test_root) on. Two decoded cache entries are joined in memory (a copy)."""
+    first, second = stores
+    mapped = all(s.x is not None for s in stores)
+    joined = _Store(y=torch.cat([first.y, second.y]), sample_shape=first.sample_shape, scale=first.scale,
+                    num_classes=first.num_classes, image_mode=first.image_mode, image_size=first.image_size,
+                    class_names=first.class_names, notes=notes + first.notes + second.notes,
+                    x=torch.cat([first.x, second.x]) if mapped else None,
+                    files=None if mapped else files[0] + files[1])
+    if not mapped and any(s.x is not None for s in stores):
+        joined.notes.append("the decoded cache serves one of the two folders only: both are decoded without it")
+    joined.parts = [(key, folder, len(first))]
+    if key == "test_root":
+        joined.test_start = len(first)
+    else:
+        joined.val_start = len(first)
+    return joined
+
+
+def _common_size(root: Path | str, files: list[str]) -> tuple[int, int]:
     """The one (H, W) of every image, read from the headers; different sizes are an error."""
     sizes: dict[tuple[int, int], str] = {}
     for p in files:

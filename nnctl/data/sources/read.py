@@ -47,8 +47,8 @@ def read_paths(cfg: Config) -> tuple[list[str], list[str]]:
         return [], []
     if d.source == "tensors" and d.path:
         return [os.path.expanduser(d.path)], []
-    if d.source == "image_folder":
-        return [], ([os.path.expanduser(d.root)] if d.root else [])
+    if d.source == "image_folder":  # data.val_root and data.test_root are input folders too
+        return [], [os.path.expanduser(p) for p in (d.root, d.val_root, d.test_root) if p]
     if d.source in _MNIST_FOLDERS or d.source in _CIFAR:
         return [], [str(Path(os.path.expanduser(d.root)) if d.root else default_root())]
     return [], []
@@ -56,9 +56,9 @@ def read_paths(cfg: Config) -> tuple[list[str], list[str]]:
 
 # --- load_data -------------------------------------------------------------------------
 
-def has_test_split(source: str) -> bool:
-    """Sources that come with a test split of their own (data.split: test)."""
-    return source in ("mnist", "fashion_mnist", "cifar10", "cifar100")
+def has_test_split(source: str, test_root: str | None = None) -> bool:
+    """Sources that come with a test split of their own (data.split: test); an image_folder with a test_root."""
+    return source in ("mnist", "fashion_mnist", "cifar10", "cifar100") or bool(source == "image_folder" and test_root)
 
 
 IMAGE_MODES = {"digits": "L", "mnist": "L", "fashion_mnist": "L", "cifar10": "RGB", "cifar100": "RGB"}
