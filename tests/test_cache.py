@@ -292,8 +292,14 @@ def test_cache_info_and_clear_through_the_cli(folder, tmp_path, cli):
     r = _Result(*cli("cache", "info", "--json", "--verify", env=env))
     info = json.loads(r.stdout)
     assert {e["status"] for e in info["entries"]} == {"valid", "partial (an interrupted fill)"}
+    assert [e["verified"] for e in info["entries"] if e["status"] == "valid"] == [True]  # hashed whole
+    valid = next(e for e in info["entries"] if e["status"] == "valid")
+    assert valid["last_used"][:4].isdigit() and valid["last_used"][10] == "T"  # ISO 8601, as created_at
+    r = _Result(*cli("cache", "info", "--verify", env=env))
+    assert "valid (verified)" in r.stdout and "each chunk's SHA-256 compared with its header" in r.stdout
     r = _Result(*cli("cache", "clear", env=env))
-    assert r.returncode == 2 and "--all" in r.stderr
+    assert r.returncode == 2 and r.stderr.strip() == ("error: say which entries to remove: --all for every one, "
+                                                      "or --root DIR for those of one image folder")
     r = _Result(*cli("cache", "clear", "--root", str(tmp_path / "elsewhere"), env=env))
     assert r.returncode == 0 and "removed 0 entries" in r.stdout and entry.path.exists()
     r = _Result(*cli("cache", "clear", "--root", str(folder), env=env))

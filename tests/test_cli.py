@@ -114,7 +114,7 @@ def test_check_lint_and_strict(cli, tmp_path):
     code, out, err = cli("check", str(p))
     assert code == 0 and "warning" in err and "raw logits" in err
     code, out, err = cli("check", str(p), "--strict")
-    assert code == 2
+    assert code == 2 and "error: --strict: 1 warning above count as errors" in err
 
 
 def test_shape_mismatch_names_layer_line_and_shapes(cli, tmp_path):

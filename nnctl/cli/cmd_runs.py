@@ -73,6 +73,9 @@ def cache_info(
         print(f"decoded-image cache {directory}: empty")
         return
     print_cache(directory, found, total)
+    if verify:
+        print("--verify: every entry's data file read whole and each chunk's SHA-256 compared with its header "
+              "(without --verify: sizes and stamps, and sampled chunks of large files)")
 
 
 @cache_app.command("clear")

@@ -111,8 +111,11 @@ def _final_table(con, run) -> None:
     from nnctl.tasks import SHOWN_METRICS
 
     result, run_dir, plot = run.fit, run.run_dir, run.plot
-    name = run.name or run_dir.name
-    epochs = f"{result.epochs_run} epoch{'' if result.epochs_run == 1 else 's'}"
+    name = run_dir.name  # the run (runs/digits-cnn-2), not its config's name
+    last, first = result.epochs_run, getattr(result, "first_epoch", 1)
+    ran = last - first + 1
+    epochs = (f"{ran} epoch{'' if ran == 1 else 's'}" if first == 1 else
+              f"epoch{'s' if ran > 1 else ''} {first}{f'-{last}' if ran > 1 else ''} of {last}, resumed,")
     table = Table(title=f"{_esc(name)}: {epochs} in {result.seconds:.1f}s"
                         + (" (stopped early)" if result.stopped_early else ""), title_justify="left")
     table.add_column("")
@@ -248,6 +251,8 @@ def print_summary(result) -> None:
               f"MACs (one sample): {_fmt_int(result.total_macs)}")
     if result.augment:  # one line: the training batches' augmentation
         con.print(f"augment (training batches): {result.augment}", markup=False)
+    if result.inputs:  # a trained model: what predict and eval feed it (its preprocessing record)
+        con.print(f"inputs: {result.inputs}", markup=False)
 
 
 def print_layers(info: list[dict], one: bool) -> None:
@@ -413,5 +418,6 @@ def print_cache(directory, found: list, total: int) -> None:
     for e in found:
         used = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.last_used)) if e.last_used else ""
         table.add_row(e.key[:12], _esc(e.root or ""), _fmt_int(e.images) if e.images is not None else "",
-                      "x".join(map(str, e.shape[1:])) if e.shape else "", _fmt_bytes(e.bytes), used, _clean(e.status))
+                      "x".join(map(str, e.shape[1:])) if e.shape else "", _fmt_bytes(e.bytes), used,
+                      _clean(e.status + (" (verified)" if getattr(e, "verified", False) else "")))
     _console().print(table)

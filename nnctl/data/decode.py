@@ -154,17 +154,20 @@ def _eight_bit(img: Image.Image, label: str) -> Image.Image:
 
 
 def decode_image(source: ImageSource, mode: str, size: tuple[int, int] | list[int] | None = None, *,
-                 name: str | None = None) -> Tensor:
+                 name: str | None = None, facts: dict | None = None) -> Tensor:
     """An image (a file's path, or its bytes) -> uint8 tensor (C, H, W), C = 1 for ``L``, 3 for ``RGB``.
 
     ``size`` is (H, W): an image of another size is resized with PIL's bilinear filter. ``name``
     names the image in messages (default: the path, or ``image data`` for bytes). Raises
-    ``UsageError`` (one line) for anything that is not a readable image.
+    ``UsageError`` (one line) for anything that is not a readable image. ``facts``, when given, receives
+    the image as it was: ``mode`` (PIL's) and ``size`` (H, W), so a caller can say what it converted.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be 'L' or 'RGB', not {mode!r}")
     label = _label(source, name)
     with _opened(source, label) as img:
+        if facts is not None:
+            facts.update(mode=img.mode, size=(img.height, img.width))
         img = _eight_bit(img, label)
         if img.mode != mode:
             img = img.convert(mode)

@@ -290,6 +290,7 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     train = Batches(store, train_idx, t.batch_size, device, shuffle=True, rank=rank, world_size=world_size,
                     augment=pipeline, **common)
     val = None
+    val_total = len(val_idx)  # the whole split (the description counts both splits whole, under DDP too)
     if len(val_idx):
         if world_size > 1:
             val_idx = torch.tensor_split(val_idx, world_size)[rank]
@@ -298,10 +299,11 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
     how = f"preloaded on {device}" if preload else f"streamed by a DataLoader with {d.num_workers} workers"
     if preload and store.mapped and device.type == "cpu":
         how = "indexed in the memory-mapped decoded cache"
-    desc = f"{d.source}: {len(train_idx):,} train / {len(val_idx):,} {'test' if d.split == 'test' else 'val'} " \
+    desc = f"{d.source}: {len(train_idx):,} train / {val_total:,} {'test' if d.split == 'test' else 'val'} " \
            f"samples, {how}"
     if world_size > 1:
-        desc += f" (rank {rank} of {world_size})"
+        desc += (f" (rank {rank} of {world_size}: a 1/{world_size} share of every training batch and "
+                 f"{len(val_idx):,} of the {'test' if d.split == 'test' else 'val'} samples)")
     if pipeline is not None:
         desc += f"; augment: {pipeline.describe()}"
     record = preprocessing_record(cfg, store, task, mean, std)

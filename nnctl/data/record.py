@@ -95,6 +95,25 @@ class Preprocessing:
         except TypeError:
             return None
 
+    def describe(self) -> str:
+        """What inputs the model takes, in one line (``nnctl summary RUN``): shape, image size and colour
+        mode, scale, normalisation, classes."""
+        parts = [f"{list(self.input_shape)}"]
+        if self.is_image:
+            size = self.image_size()
+            mode = "L (one channel)" if self.color_mode == "L" else "RGB"
+            parts.append(f"images {size[1]}x{size[0]} {mode}" if size else f"images {mode}")
+            parts.append(f"image files' pixels / {self.image_scale:g}")
+        if self.scale not in (None, 1, 1.0):
+            parts.append(f"{self.source} values / {self.scale:g}")
+        if self.mean is not None and self.std is not None:
+            fmt = lambda v: "[" + ", ".join(f"{x:.4g}" for x in v) + "]"  # noqa: E731
+            parts.append(f"then normalised with mean {fmt(self.mean)}, std {fmt(self.std)}")
+        if self.classes:
+            shown = ", ".join(map(str, self.classes[:10])) + (" ..." if len(self.classes) > 10 else "")
+            parts.append(f"{len(self.classes)} classes: {shown}")
+        return "; ".join(parts)
+
     @property
     def is_image(self) -> bool:
         return self.color_mode in ("L", "RGB")

@@ -87,6 +87,7 @@ class Summary:
     warnings: list[str] = field(default_factory=list)
     augment: str | None = None  # the training batches' augmentation in one line (augment.describe), None: none
     name: str | None = None  # the config's name (nnctl summary's title; not in to_dict), None: a bare model
+    inputs: str | None = None  # a trained model's inputs, from its preprocessing record (Preprocessing.describe)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``json.dumps`` works): the same content as the table."""
@@ -104,6 +105,7 @@ class Summary:
             "total_macs": self.total_macs,
             "warnings": list(self.warnings),
             "augment": self.augment,
+            "inputs": self.inputs,
         }
 
 

@@ -63,6 +63,7 @@ from nnctl import files as files
 # (data.cache and data.preload change no batch: a cache hit equals a fresh decode, and both data paths
 # give the same batches; tests/test_cache.py and tests/test_train_safety.py check it)
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download",
+                     "data.val_root", "data.test_root",  # moved folders: the data's fingerprint guards them
                      "train.log", "data.cache", "data.preload",  # train.log, train.mlflow: where it is logged
                      "train.mlflow", *(f"train.mlflow.{k}" for k in C.MlflowSection.model_fields)}
 
@@ -404,6 +405,11 @@ def _tell(spec: RunSpec, data) -> None:
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model: {n_params:,} parameters ({n_train:,} trainable)")
+    if n_train < n_params:  # name what is frozen, as nnctl freeze does
+        rows = [r for r in F.children_rows(model.module if hasattr(model, "module") else model)
+                if r["status"] in ("frozen", "partial")]
+        say("frozen: " + ", ".join(f"{r['name']} ({r['type']}{', partly' if r['status'] == 'partial' else ''})"
+                                   for r in rows) + f"; {n_params - n_train:,} parameters")
     for note in spec.notes:
         say(note)
     if spec.init_report:

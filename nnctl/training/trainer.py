@@ -84,6 +84,7 @@ class FitResult:
     epochs_run: int = 0
     seconds: float = 0.0
     final: dict = field(default_factory=dict)
+    first_epoch: int = 1  # the first epoch this fit ran (a resumed run: the one after its checkpoint's)
 
 
 @dataclass
@@ -249,7 +250,7 @@ class Trainer:
         """The epochs, top to bottom. SIGINT / SIGTERM stop at a step boundary and save (Interrupted)."""
         t, s = self.cfg.train, self.state
         self.emit(Event("start", epochs=t.epochs, steps=self.steps, message=str(self.device)))
-        began = time.perf_counter()
+        began, first = time.perf_counter(), s.epoch + 1
         with self.stop, closing(self.data):  # the data's workers end with the fit, however it ends
             while s.epoch < t.epochs:
                 epoch, tick = s.epoch, time.perf_counter()
@@ -269,7 +270,7 @@ class Trainer:
                 if s.stopped_early:
                     break
         return FitResult(s.history, s.best, s.best_weights, self.last_path, self.best_path, bool(s.stopped_early),
-                         len(s.history), time.perf_counter() - began, s.history[-1] if s.history else {})
+                         len(s.history), time.perf_counter() - began, s.history[-1] if s.history else {}, first)
 
     def epoch_end(self, epoch: int, row: dict, improved: bool) -> None:
         """The epoch_end event (rank 0), after its checkpoint is saved. A hyperparameter search may answer

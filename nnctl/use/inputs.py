@@ -32,7 +32,8 @@ class _Group:
     ``values`` (the sigmoid of each output).
     """
 
-    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p", "values", "bad")
+    __slots__ = ("name", "x", "image", "error", "single", "n", "outs", "out", "top_i", "top_p", "values", "bad",
+                 "adapted")
 
     def __init__(self, name: str, x: torch.Tensor | None = None, *, image: bool = False,
                  error: str | None = None):
@@ -48,6 +49,7 @@ class _Group:
         self.top_p: torch.Tensor | None = None
         self.values: torch.Tensor | None = None  # the answers where they are not the outputs (sigmoid per label)
         self.bad: list[int] = []  # rows whose output is not finite: an error each, never an answer
+        self.adapted: list[str] = []  # what was changed so the model takes it (resized from 28x28 to 8x8, ...)
 
     def row_name(self, i: int) -> str:
         return self.name if self.single else f"{self.name}[{i}]"
@@ -177,13 +179,37 @@ def image_group(source: Path | bytes, pre: Preprocessing, name: str | None = Non
                                    "has no preprocessing record: give tensors")
     mode = pre.color_mode if pre.color_mode in ("L", "RGB") else ("L" if shape[0] == 1 else "RGB")
     size = pre.image_size()
+    facts: dict = {}
     try:
-        t = decode_image(source, mode, tuple(size) if size else None, name=name)
+        t = decode_image(source, mode, tuple(size) if size else None, name=name, facts=facts)
     except UsageError as exc:
         return _Group(label, error=_strip(str(exc), label))
     if list(t.shape) != shape:
         return _Group(label, error=f"an image decodes to {list(t.shape)}; the model takes {shape}")
-    return _Group(label, t.unsqueeze(0), image=True)
+    group = _Group(label, t.unsqueeze(0), image=True)
+    h, w = facts.get("size") or (t.shape[-2], t.shape[-1])
+    if (h, w) != tuple(t.shape[-2:]):
+        group.adapted.append(f"resized from {w}x{h} to {t.shape[-1]}x{t.shape[-2]}, the size the model was "
+                             "trained on")
+    if facts.get("mode") and _channels(facts["mode"]) != mode:
+        group.adapted.append(f"converted from {facts['mode']} to {mode}, the colour mode the model was trained on")
+    return group
+
+
+def _channels(pil_mode: str) -> str:
+    """The mode an image's channels make: L for one channel (1, L, I;16, I, F, LA), RGB for colour."""
+    return "L" if pil_mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F") else "RGB"
+
+
+def adapted_notes(groups: list) -> list[str]:
+    """One note per kind of change made to images so the model can take them (issue 24: 28x28 MNIST PNGs
+    given to the 8x8 digits model were resized without a word): how many, from what to what."""
+    counts: dict[str, int] = {}
+    for g in groups:
+        for change in getattr(g, "adapted", ()):
+            counts[change] = counts.get(change, 0) + 1
+    images = sum(1 for g in groups if g.image)
+    return [f"{n} of {images} image{'s' if images > 1 else ''}: {change}" for change, n in counts.items()]
 
 
 def _one_input(inputs: Any) -> bool:
@@ -254,4 +280,4 @@ def gather(inputs: Any, pre: Preprocessing, glob: str | None = None) -> tuple[li
                     groups.append(image_group(f, pre))
             except UsageError as exc:
                 groups.append(_Group(str(f), error=_strip(str(exc), f)))
-    return groups, notes, files
+    return groups, notes + adapted_notes(groups), files

@@ -21,6 +21,7 @@ from nnctl.model import plan as M
 from nnctl.model import weights as W
 from nnctl.runs import checkpoint as K_CHECKPOINT
 from nnctl.runs import records as RS
+from nnctl.runs.rundir import RunDir
 from nnctl.training.distributed import select_device
 
 WEIGHTS_ONLY_SUFFIXES = (".safetensors", ".npz", ".onnx")
@@ -142,6 +143,18 @@ def record_read_paths(config: Any) -> tuple[list[str], list[str]]:
 
 
 
+def _with_lines(doc, folder: Path):
+    """A checkpoint's config located at the lines of its run's config.yaml, when that file holds the same
+    config (nnctl summary RUN's line column, problems at their lines); else the document as it is."""
+    try:
+        on_disk = CL.load_file(str(RunDir(folder).config)) if RunDir(folder).config.is_file() else None
+    except NnctlError:
+        return doc
+    if on_disk is None or on_disk.data != doc.data:
+        return doc
+    return Document(doc.data, str(RunDir(folder).config), on_disk.marks, doc.overridden)
+
+
 def is_checkpoint_source(source: Any) -> bool:
     if not isinstance(source, (str, os.PathLike)):
         return False
@@ -163,6 +176,7 @@ def open_source(source: Any, overrides: Sequence[str] = (), which: str = "best")
         path = RS.resolve(source, which)
         state = K_CHECKPOINT.load(path)
         cfg, doc = CL.from_dict(state["config"], str(path))
+        doc = _with_lines(doc, Path(path).parent)
         model, plan = M.build(cfg, doc, pretrained=False)  # the checkpoint's weights are loaded next
         W.load_weights(model, plan, state["model"], str(path))
         if state.get("freeze"):

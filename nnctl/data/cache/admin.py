@@ -4,6 +4,7 @@ entries (all, or those of one folder), with the stray temporaries of killed fill
 from __future__ import annotations
 
 import os
+import time
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,12 +40,18 @@ class Entry:
     bytes: int = 0                  # on disk, data + header + temporaries
     last_used: float | None = None  # the header's mtime (epoch seconds)
     created_at: str | None = None
+    verified: bool = False  # cache info --verify: the whole data file hashed and found equal to the header
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"key": self.key, "path": str(self.path), "status": self.status, "root": self.root,
-                "images": self.images, "shape": self.shape, "bytes": self.bytes, "last_used": self.last_used,
-                "created_at": self.created_at}
+                "images": self.images, "shape": self.shape, "bytes": self.bytes,
+                "last_used": _iso(self.last_used), "created_at": self.created_at, "verified": self.verified}
+
+
+def _iso(seconds: float | None) -> str | None:
+    """Epoch seconds as ISO 8601 in local time with its offset: the form of created_at beside it."""
+    return None if seconds is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(seconds))
 
 
 def _regular(p: Path) -> bool:
@@ -88,6 +95,7 @@ def entries(directory: str | os.PathLike | None = None, verify: bool = False) ->
                 with open_input(data, "cache data file", error=_Invalid) as fh:
                     if verify:
                         _verify(fh.fileno(), head, full=True)
+                        e.verified = True  # every chunk's SHA-256 equals the header's
                     else:
                         nbytes = _prod(head["shape"])
                         if os.fstat(fh.fileno()).st_size != nbytes:
@@ -118,7 +126,8 @@ def clear(root: str | os.PathLike | None = None, all: bool = False,
           directory: str | os.PathLike | None = None) -> Cleared:
     """Remove every entry (``all``), or those of one image folder (``root``); skip entries being built."""
     if not all and root is None:
-        raise UsageError("say which entries to remove: --all, or --root DIR for one image folder's")
+        raise UsageError("say which entries to remove: --all for every one, or --root DIR for those of one "
+                         "image folder")
     d = Path(directory) if directory is not None else cache_dir()
     result = Cleared(directory=d)
     want = os.path.abspath(os.path.expanduser(os.fspath(root))) if root is not None else None

@@ -1,0 +1,67 @@
+"""Issue 24, points 3-7, as a new user met them: predict says when it adapts inputs, summary RUN shows what
+inputs a model takes and the YAML lines, the run log names frozen children and the epochs a resume ran,
+the DDP data line counts whole splits, and the cache commands speak whole sentences."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+from PIL import Image
+
+import nnctl
+
+from .conftest import make, run_cli, write
+
+
+def test_predict_says_once_how_many_images_it_resized_or_converted_and_from_what(digits_run, tmp_path, cli):
+    """28x28 PNGs given to the 8x8 digits model were resized without a word (all answered "4")."""
+    for i in range(3):
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (28, 28), dtype=np.uint8)).save(tmp_path / f"m{i}.png")
+    Image.fromarray(np.random.default_rng(9).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "same.png")
+    files = [str(tmp_path / n) for n in ("m0.png", "m1.png", "m2.png", "rgb.png", "same.png")]
+    preds = nnctl.predict(str(digits_run), files)
+    assert preds.notes == ["3 of 5 images: resized from 28x28 to 8x8, the size the model was trained on",
+                           "1 of 5 images: converted from RGB to L, the colour mode the model was trained on"]
+    code, out, err = cli("predict", str(digits_run), *files)
+    assert code == 0 and err.count("note: 3 of 5 images: resized from 28x28 to 8x8") == 1
+    assert not nnctl.predict(str(digits_run), files[-1:]).notes  # an image as trained: nothing to say
+
+
+def test_summary_of_a_run_shows_its_inputs_and_the_lines_of_its_config(digits_run):
+    s = nnctl.summarize(str(digits_run))
+    assert s.inputs.startswith("[1, 8, 8]; images 8x8 L (one channel); image files' pixels / 255; digits values / 16;"
+                               " then normalised with mean [")
+    assert s.inputs.endswith("10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9") and s.to_dict()["inputs"] == s.inputs
+    lines = [r.line for r in s.rows]
+    assert all(isinstance(n, int) and n > 0 for n in lines)  # the run's config.yaml lines (the column was empty)
+    text = (digits_run / "config.yaml").read_text().splitlines()
+    assert "Linear" in text[s.rows[-1].line - 1] or "Linear" in text[s.rows[-1].line]
+
+
+def test_the_run_log_names_frozen_children_and_the_epochs_a_resume_ran(tmp_path):
+    cfg = write(tmp_path, make(train={"epochs": 2}, model={"input_shape": [1, 8, 8], "layers": [
+        "Flatten", {"Linear": {"out_features": 16}}, "ReLU", {"Linear": {"out_features": 10}}]},
+        freeze={"first": 2}))
+    r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "model: 1,210 parameters (170 trainable)" in r.stdout
+    assert "frozen: 1 (Linear); 1,040 parameters" in r.stdout
+    assert "run: 2 epochs in" in r.stdout  # the run's folder name, not the config's
+    r = run_cli("train", "--resume", str(tmp_path / "run"), "--epochs", "4", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "run: epochs 3-4 of 4, resumed, in" in r.stdout  # was "4 epochs in" for the 2 it ran
+
+
+def test_the_ddp_data_line_counts_whole_splits(tmp_path):
+    from nnctl.data.loading import load_data
+    from nnctl.config.loader import from_dict
+    import torch
+
+    cfg, _ = from_dict(make(train={"epochs": 1}))
+    one = load_data(cfg, torch.device("cpu")).description
+    two = load_data(cfg, torch.device("cpu"), rank=1, world_size=2).description
+    assert one.startswith("digits: 1,437 train / 360 val samples")
+    assert two.startswith("digits: 1,437 train / 360 val samples") and two.endswith(
+        "(rank 1 of 2: a 1/2 share of every training batch and 180 of the val samples)")
