@@ -167,7 +167,9 @@ def test_a_class_missing_from_the_val_folder_is_allowed_with_a_note(layout, cli)
            "holds none of it" in out
     loss, accuracy, n = _by_hand(layout / "run", layout / "val")
     assert n == 10  # ant and cat, labelled by name: cat is still class 2
-    assert float(_last_row(layout / "run")["val_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    row = _last_row(layout / "run")
+    assert float(row["val_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    assert float(row["val_loss"]) == pytest.approx(loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("bad", ["train", "nowhere"])
@@ -205,7 +207,7 @@ def test_a_file_added_to_the_val_folder_is_noticed_by_eval_and_resume(layout):
     assert "data.val_root: 16 samples now" in nnctl.evaluate(str(run), split="all").notes[0]
     best = (run / "best.pt").read_bytes()
     r = run_cli("train", "--resume", str(run), "--epochs", "3")
-    assert r.returncode == 2 and f"the data changed since" in r.stderr, r.stderr
+    assert r.returncode == 2 and "the data changed since" in r.stderr, r.stderr
     assert "data.val_root: 16 samples now, 15 then; class ant: 5 -> 6" in r.stderr
     assert (run / "best.pt").read_bytes() == best and K.load(run / "last.pt")["epoch"] == 2
 

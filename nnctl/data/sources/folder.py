@@ -198,9 +198,10 @@ def folder_classes(folder: Path, key: str, root: Path, classes: list[str]) -> tu
                          "classes are matched by folder name: rename or remove it")
     missing = [n for n in classes if n not in names]
     many = len(missing) > 1
-    notes = [f"image_folder: data.{key} {folder} has no folder for class{'es' if many else ''} "
-             f"{', '.join(repr(n) for n in missing[:5])}{' ...' if len(missing) > 5 else ''}: the "
-             f"{key.removesuffix('_root')} split holds none of {'them' if many else 'it'}"] if missing else []
+    note = (f"image_folder: data.{key} {folder} has no folder for class{'es' if many else ''} "
+            f"{', '.join(repr(n) for n in missing[:5])}{' ...' if len(missing) > 5 else ''}: the "
+            f"{key.removesuffix('_root')} split holds none of {'them' if many else 'it'}")
+    notes = [note] if missing else []
     return [classes.index(n) for n in names], notes
 
 
@@ -274,9 +275,8 @@ def _folder_store(cfg: Config, folder: Path, samples: list[tuple[str, int]], cla
     channels = 1 if mode == "L" else 3
     store = _Store(y=y, sample_shape=(channels, *(size or ())), scale=255.0, num_classes=len(class_names),
                    files=files, image_mode=mode, image_size=size, class_names=class_names)
-    if cfg.data.cache:
-        if cache.attach(store, folder, measure_size=lambda: _common_size(folder, files)):
-            return store
+    if cfg.data.cache and cache.attach(store, folder, measure_size=lambda: _common_size(folder, files)):
+        return store
     if store.image_size is None:
         store.image_size = _common_size(folder, files)
         store.sample_shape = (channels, *store.image_size)
