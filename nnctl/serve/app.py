@@ -240,13 +240,17 @@ class Server:
 
     async def predict(self, request: Request, top_k: int | None, fmt: str) -> Response:
         self.not_ready_refusal()
-        body = await self.read_body(request)
-        groups, body_k = await self.inputs(request, body)
-        k = top_k or body_k or self.options.top_k
+        self.batcher.coming(+1)  # the worker may wait for this one while it is read and decoded
         try:
-            job = self.batcher.submit(groups, k)
-        except QueueFull as exc:
-            raise Refused(503, f"busy: {exc}; try again") from None
+            body = await self.read_body(request)
+            groups, body_k = await self.inputs(request, body)
+            k = top_k or body_k or self.options.top_k
+            try:
+                job = self.batcher.submit(groups, k)
+            except QueueFull as exc:
+                raise Refused(503, f"busy: {exc}; try again") from None
+        finally:
+            self.batcher.coming(-1)
         try:
             async with asyncio.timeout(self.options.timeout):
                 await asyncio.shield(job.future)

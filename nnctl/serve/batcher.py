@@ -2,7 +2,8 @@
 
 A request's samples (``nnctl.use.inputs._Group`` objects, decoded and checked before they queue) wait
 in a bounded queue. The worker takes the first waiting request, then keeps taking whole requests for up
-to ``max_wait`` seconds or until ``max_batch`` samples, runs ONE forward pass over all of them under
+to ``max_wait`` seconds or until ``max_batch`` samples (it waits only while more requests are on their
+way: read or decoded by the app, ``coming``; a lone request is answered at once), runs ONE forward pass over all of them under
 ``torch.inference_mode()`` (``Predictor.forward``: the recorded preprocessing, the model in eval mode, so
 BatchNorm and Dropout answer a sample the same in any batch), and hands each request its slice
 (``Predictor.deliver``, with the request's own top-k). A request of more than ``max_batch`` samples is
@@ -78,12 +79,20 @@ class Batcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._coming = 0  # requests the app is reading or decoding: worth waiting for
         self._thread = threading.Thread(target=self._run, name="nnctl-serve-inference", daemon=True)
 
     # --- the event loop's side ---------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+
+    def coming(self, change: int) -> None:
+        """A request starts being read (+1), or is queued or refused (-1): the worker waits for more only
+        while some are coming."""
+        with self._cond:
+            self._coming += change
+            self._cond.notify()
 
     def submit(self, groups: list[_Group], top_k: int) -> Job:
         """Queue a request (called on the event loop); QueueFull when max_queue requests wait already."""
@@ -147,7 +156,7 @@ class Batcher:
             while size < self.max_batch:
                 if not self._queue:
                     left = deadline - time.perf_counter()
-                    if left <= 0 or self._stopping:
+                    if left <= 0 or self._stopping or self._coming <= 0:
                         break
                     self._cond.wait(left)
                     continue
