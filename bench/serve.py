@@ -107,10 +107,14 @@ def free_port() -> int:
 
 
 def start_server(run: Path, max_batch: int) -> tuple[subprocess.Popen, int]:
+    """`nnctl serve` in a subprocess (not waited for: start two, then wait_ready each)."""
     port = free_port()
     cmd = [sys.executable, "-m", "nnctl", "serve", str(run), "--port", str(port), "--max-batch", str(max_batch),
            "--max-wait-ms", "5"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), port
+
+
+def wait_ready(proc: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -118,7 +122,7 @@ def start_server(run: Path, max_batch: int) -> tuple[subprocess.Popen, int]:
         try:
             status, _ = asyncio.run(_one(port, b"GET /ready HTTP/1.1\r\nHost: b\r\n\r\n"))
             if status == 200:
-                return proc, port
+                return
         except OSError:
             pass
         time.sleep(0.2)
@@ -199,6 +203,8 @@ def measure(name: str, run: Path, shape: list[int], folder: Path, args) -> tuple
     servers = {"batching (--max-batch 32)": start_server(run, 32), "--max-batch 1": start_server(run, 1)}
     results: dict[tuple[str, int], list] = {}
     try:
+        for proc, port in servers.values():
+            wait_ready(proc, port)
         for port_proc in servers.values():  # warm each server's connection handling and decoder
             asyncio.run(load(port_proc[1], requests, 8, 64))
         order = list(servers)

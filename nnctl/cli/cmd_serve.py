@@ -77,4 +77,5 @@ def serve(
                        max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=_bytes(max_body), timeout=timeout,
                        drain_timeout=drain_timeout, top_k=top_k, token=token, on_listening=listening)
     how = f"stopped by {served.stopped_by}" if served.stopped_by else "stopped"
-    print(f"{how}: {served.answered} predict requests answered in {served.batches} batches", flush=True)
+    requests = f"{served.answered} predict request{'' if served.answered == 1 else 's'}"
+    print(f"{how}: {requests} answered in {served.batches} batch{'' if served.batches == 1 else 'es'}", flush=True)
