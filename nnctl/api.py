@@ -165,11 +165,11 @@ def serve(source: Any, *, host: str = "127.0.0.1", port: int = 8000, device: str
     """Serve a trained run (a run folder, a checkpoint or an ``nn.Module``) over HTTP until SIGTERM or SIGINT:
     /predict answers what ``predict`` answers, in dynamic batches (``max_batch`` samples within
     ``max_wait_ms``); /health, /ready, /info, /metrics, a page at /. ``on_listening(url, predictor)`` once
-    the port is bound and the model loaded. Returns how it ended (``nnctl.serve.lifecycle.Served``: a drained
+    the port is bound and the model loaded. Returns how it ended (``nnctl.serving.lifecycle.Served``: a drained
     stop is a success). Needs the serve extra."""
     _require_serve()
-    from nnctl.serve import app as SERVE_APP  # the serve extra (FastAPI, uvicorn): imported only to serve
-    from nnctl.serve import lifecycle
+    from nnctl.serving import app as SERVE_APP  # the serve extra (FastAPI, uvicorn): imported only to serve
+    from nnctl.serving import lifecycle
 
     options = SERVE_APP.ServeOptions(host=host, port=port, device=device, which=which, max_batch=max_batch,
                                      max_wait_ms=max_wait_ms, max_queue=max_queue, max_body=max_body,
@@ -184,7 +184,7 @@ def serve(source: Any, *, host: str = "127.0.0.1", port: int = 8000, device: str
 def serve_openapi() -> dict:
     """The OpenAPI schema of ``nnctl serve``'s endpoints (FastAPI's), without a model. Needs the serve extra."""
     _require_serve()
-    from nnctl.serve import app as SERVE_APP  # the serve extra (FastAPI): imported only to serve
+    from nnctl.serving import app as SERVE_APP  # the serve extra (FastAPI): imported only to serve
 
     return SERVE_APP.openapi()
 
@@ -197,7 +197,7 @@ def _served_name(source: Any) -> str:
 
 
 def _require_serve() -> None:
-    from nnctl.serve import REQUIRED  # no third-party import: the list of what the extra installs
+    from nnctl.serving import REQUIRED  # no third-party import: the list of what the extra installs
 
     lacking = [m for m in REQUIRED if not TUNE_CONFIG.installed(m)]
     if lacking:

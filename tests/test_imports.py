@@ -33,7 +33,7 @@ LAZY_MODULES = {
     "optuna": "the tune extra, only for nnctl tune and tune show",
     "mlflow": "the mlflow extra (mlflow-skinny, 1.2 s to import), only for train.log: [csv, mlflow]",
     "torchvision": "only for configs with a torchvision model or torchvision data sets (0.5 s)",
-    "nnctl.serve": "the serve extra (FastAPI, uvicorn, prometheus-client: 0.5 s), only for nnctl serve",
+    "nnctl.serving": "the serve extra (FastAPI, uvicorn, prometheus-client: 0.5 s), only for nnctl serve",
 }
 
 

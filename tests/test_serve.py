@@ -37,8 +37,8 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("prometheus_client")
 
-from nnctl.serve import lifecycle  # noqa: E402  (after the extra's check)
-from nnctl.serve.app import ServeOptions, build  # noqa: E402
+from nnctl.serving import lifecycle  # noqa: E402  (after the extra's check)
+from nnctl.serving.app import ServeOptions, build  # noqa: E402
 from nnctl.use.predict import Predictor  # noqa: E402
 
 WAIT = 60  # seconds: the longest any test waits for a server to come up
@@ -599,3 +599,12 @@ def test_the_page_in_chromium_uploads_a_png_and_shows_the_answer(served, pngs, t
 
 def want_name(url: str) -> str:
     return httpx.get(f"{url}/info").json()["name"]
+
+
+def test_the_serving_package_never_hides_the_function():
+    """nnctl/serving/, not nnctl/serve/: importing a submodule sets the package's attribute of its name, which
+    would replace the public function nnctl.serve by a module."""
+    from nnctl import api
+
+    assert "nnctl.serving.app" in sys.modules  # imported above
+    assert nnctl.serve is api.serve and callable(nnctl.serve)

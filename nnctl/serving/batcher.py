@@ -28,7 +28,7 @@ import torch
 from nnctl.use.inputs import _Group
 from nnctl.use.predict import Predictor, batches
 
-from nnctl.serve.metrics import Metrics
+from nnctl.serving.metrics import Metrics
 
 
 class QueueFull(Exception):

@@ -1,4 +1,5 @@
-"""``nnctl serve``: a trained run as an HTTP service (the serve extra: FastAPI, uvicorn, prometheus-client,
+"""``nnctl serve``: a trained run as an HTTP service (the package is ``serving``: no submodule shares a name with a
+public function, and ``nnctl.serve`` is the function) (the serve extra: FastAPI, uvicorn, prometheus-client,
 python-multipart). Imported only by ``nnctl.api.serve``, never on ``import nnctl`` or ``nnctl --help``.
 
     app.py        the FastAPI app: endpoints, reading and checking inputs, refusals (ServeOptions)

@@ -7,7 +7,7 @@ tensor of the recorded input shape or a batch of them, as ``nnctl.predict`` take
 prints for the same input (``nnctl.use.predict.jsonl_line``), or those lines themselves with
 ``?format=jsonl``. Images are decoded by the one decoder (``nnctl.use.inputs.image_group``) and JSON
 parsed in a thread pool, never on the event loop; the samples then queue for the one inference worker
-(``nnctl.serve.batcher``).
+(``nnctl.serving.batcher``).
 
 Refusals, each a JSON ``{"detail": "<one line>"}``: 401 without the token (``--token``; every endpoint
 but /health and the page, which holds nothing and asks for the token); 413 for a body over ``max_body``
@@ -39,9 +39,9 @@ from nnctl.files import json_ready
 from nnctl.use.inputs import _Group, image_group, tensor_group
 from nnctl.use.predict import Predictor, jsonl_line
 
-from nnctl.serve import page
-from nnctl.serve.batcher import Batcher, InferenceFailed, QueueFull
-from nnctl.serve.metrics import CONTENT_TYPE, Metrics
+from nnctl.serving import page
+from nnctl.serving.batcher import Batcher, InferenceFailed, QueueFull
+from nnctl.serving.metrics import CONTENT_TYPE, Metrics
 
 MiB = 1 << 20
 OPEN_PATHS = ("/health", "/")  # no token needed: alive or not, and the page (it holds no data)

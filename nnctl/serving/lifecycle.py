@@ -31,7 +31,7 @@ import uvicorn
 from nnctl.errors import NnctlError
 from nnctl.use.predict import Predictor
 
-from nnctl.serve.app import ServeOptions, build
+from nnctl.serving.app import ServeOptions, build
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
