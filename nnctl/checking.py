@@ -44,6 +44,7 @@ from nnctl.config.schema import Config
 from nnctl.config.yamlio import Document
 from nnctl.data.augment.spec import check as augment_problems
 from nnctl.data.loading import check_facts, check_targets, split_problems
+from nnctl.data.sources.folder import root_problem
 from nnctl.errors import ConfigError, Problem
 from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
@@ -125,6 +126,9 @@ def check(doc: Document, purpose: str = "check") -> Checked:
                 CS.require_data(cfg, doc, what=needs_data)
             except ConfigError as exc:
                 problems += exc.problems
+            missing_root = root_problem(cfg.data) if purpose in ("train", "tune") else None
+            if missing_root:  # refused before a run folder is made (nnctl check: a template may name it later)
+                problems.append(doc.problem(("data", "root"), missing_root))
         if packages:
             missing = missing_packages(cfg, doc) + MLF.missing(cfg, doc)
         if cfg.tune is not None and purpose in ("check", "tune") and not problems:

@@ -67,12 +67,14 @@ def test_the_ddp_data_line_counts_whole_splits(tmp_path):
         "(rank 1 of 2: a 1/2 share of every training batch and 180 of the val samples)")
 
 
-def test_check_refuses_an_image_folder_root_that_is_not_a_folder_as_train_does(tmp_path, cli):
+def test_train_refuses_an_image_folder_root_that_is_not_a_folder_before_making_a_run_folder(tmp_path, cli):
+    """At its line, before anything is written. `nnctl check` passes it: the shipped configs are templates
+    whose root comes with --set data.root=... (tests/test_cli.py checks them)."""
     cfg = tmp_path / "c.yaml"
     cfg.write_text("model: {input_shape: [1,8,8], layers: [Flatten, {Linear: {out_features: 3}}]}\n"
                    "data: {source: image_folder, root: nope}\n")
     line = f"c.yaml:2:36: data.root: {tmp_path / 'nope'} is not a folder; image_folder needs one sub-folder of images per class"
     code, out, err = cli("check", str(cfg))
-    assert code == 2 and err.strip().endswith(line), err
+    assert code == 0, err
     r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().endswith(line) and not (tmp_path / "run").exists()

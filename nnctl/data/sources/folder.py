@@ -216,17 +216,24 @@ def _folder(path: str, key: str, root: Path | None = None) -> Path:
     return folder
 
 
+def root_problem(d) -> str | None:
+    """What reading refuses first about an image folder's data.root (not a folder), or None. Training's
+    check (before a run folder is made); ``nnctl check`` leaves it out: shipped configs are templates whose
+    root is given with --set data.root=..."""
+    if d is None or d.source != "image_folder" or not d.root:
+        return None
+    root = Path(os.path.expanduser(d.root))
+    return None if root.is_dir() else f"{root} is not a folder; image_folder needs one sub-folder of images per class"
+
+
 def folder_problems(d) -> list[tuple[str, str]]:
-    """(key, message) for data.root when it is not a folder, and each data.val_root / data.test_root that is
-    not a folder, is data.root, or holds a class folder that data.root does not have: what reading them
-    refuses, found without opening an image."""
+    """(key, message) for each data.val_root / data.test_root that is not a folder, is data.root, or holds a
+    class folder that data.root does not have: what reading them refuses, found without opening an image."""
     if d is None or d.source != "image_folder":
         return []
     root = Path(os.path.expanduser(d.root)) if d.root else None
+    root = root if root is not None and root.is_dir() else None
     problems = []
-    if root is not None and not root.is_dir():  # what reading refuses first (check said ok: issue 24)
-        problems.append(("root", f"{root} is not a folder; image_folder needs one sub-folder of images per class"))
-        root = None
     for key in ("val_root", "test_root"):
         if getattr(d, key):
             try:
