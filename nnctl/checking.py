@@ -45,7 +45,9 @@ from nnctl.config.yamlio import Document
 from nnctl.data.augment.spec import check as augment_problems
 from nnctl.data.loading import check_facts, check_targets, split_problems
 from nnctl.data.sources.folder import root_problem
-from nnctl.errors import ConfigError, Problem
+from nnctl.data.sources.read import read_paths
+from nnctl import files
+from nnctl.errors import ConfigError, Problem, UsageError
 from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
 from nnctl.model.tv import weights_problems
@@ -129,6 +131,14 @@ def check(doc: Document, purpose: str = "check") -> Checked:
             missing_root = root_problem(cfg.data) if purpose in ("train", "tune") else None
             if missing_root:  # refused before a run folder is made (nnctl check: a template may name it later)
                 problems.append(doc.problem(("data", "root"), missing_root))
+        store = MLF.local_store(cfg.train.mlflow.tracking_uri) if cfg.train.mlflow is not None else None
+        if store is not None and MLF.wanted(cfg):  # MLflow's files inside a data folder would be read as data
+            try:
+                files.refuse_inside(store, read_paths(cfg)[1], "train.mlflow.tracking_uri",
+                                    advice="give MLflow a store outside the data")
+            except UsageError as exc:
+                problems.append(doc.problem(("train", "mlflow", "tracking_uri"),
+                                            str(exc).removeprefix("train.mlflow.tracking_uri ")))
         if packages:
             missing = missing_packages(cfg, doc) + MLF.missing(cfg, doc)
         if cfg.tune is not None and purpose in ("check", "tune") and not problems:

@@ -7,6 +7,8 @@ never imports torch, a first-step overflow names the data, an early-stop refusal
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ import yaml
 from PIL import Image
 
 import nnctl
-from nnctl.errors import UsageError
+from nnctl.errors import ConfigError, UsageError
 from nnctl.runs.records import read_run
 from nnctl.training import policy as POL
 
@@ -140,3 +142,119 @@ def test_a_non_finite_loss_at_the_first_step_names_the_data_not_the_learning_rat
                             "any update: check the data") and "learning rate" not in first
     later = str(POL.non_finite_loss(0, 10, float("inf"), 3, "kept"))
     assert "lower the learning rate" in later
+
+
+# --- the re-check after those fixes (helper-18: ~130 cases; 3/1/2/2/5 found), each closed at its owner ------
+
+def _search_config(tmp_path: Path, root: Path, **tune) -> Path:
+    d = {"name": "s", "model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 3}}]},
+         "data": {"source": "image_folder", "root": str(root), "grayscale": True, "image_size": [8, 8]},
+         "train": {"epochs": 1, "batch_size": 8},
+         "tune": {"trials": 2, "sampler": {"random": {"seed": 0}}, "pruner": "none",
+                  "params": {"train.optimizer.Adam.lr": {"float": [1e-4, 3e-2], "log": True}}, **tune}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_a_search_never_writes_into_a_folder_it_did_not_make_nor_into_any_searched_data(tmp_path):
+    pytest.importorskip("optuna")
+    root = _gray_folder(tmp_path / "imgs")
+    other = _gray_folder(tmp_path / "imgs2")
+    cfg = _search_config(tmp_path, root)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "best.yaml").write_text("my own notes\n")
+    with pytest.raises(UsageError, match="holds other files and no search"):
+        nnctl.tune(str(cfg), out=str(mine))
+    assert os.listdir(mine) == ["best.yaml"] and (mine / "best.yaml").read_text() == "my own notes\n"
+    d = yaml.safe_load(cfg.read_text())
+    d["tune"]["params"] = {"data.root": {"choice": [str(root), str(other)]}}
+    cfg.write_text(yaml.safe_dump(d))
+    before = digest_of(other)
+    with pytest.raises(UsageError, match="a data folder this command reads"):
+        nnctl.tune(str(cfg), out=str(other / "search"))  # a root only the search space names
+    assert digest_of(other) == before
+
+
+def test_tune_show_refuses_a_damaged_search_folder_in_one_line(tmp_path, cli):
+    pytest.importorskip("optuna")
+    root = _gray_folder(tmp_path / "imgs")
+    folder = tmp_path / "s"
+    nnctl.tune(str(_search_config(tmp_path, root)), out=str(folder))
+    cases = {"fifo": "is a FIFO (named pipe), not a regular search record; refused",
+             "deep": "tune.json: unreadable",
+             "png": "is not an Optuna journal"}
+    for name, message in cases.items():
+        copy = tmp_path / name
+        shutil.copytree(folder, copy)
+        record = copy / "tune.json"
+        if name == "fifo":
+            record.unlink()
+            os.mkfifo(record)
+        elif name == "deep":
+            record.write_text("[" * 100_000 + "]" * 100_000)
+        else:
+            data = json.loads(record.read_text())
+            record.write_text(json.dumps({**data, "storage": str(root / "c0" / "00.png")}))
+        code, out, err = cli("tune", "show", str(copy))
+        assert code == 2 and message in err and "internal error" not in err, (name, err)
+    assert not list(root.rglob("*.lock"))  # Optuna's journal lock never made beside a data file
+
+
+def test_a_continued_search_samples_new_values_and_refuses_another_config(tmp_path):
+    pytest.importorskip("optuna")
+    root = _gray_folder(tmp_path / "imgs")
+    cfg = _search_config(tmp_path, root)
+    folder = tmp_path / "s"
+    first = nnctl.tune(str(cfg), out=str(folder))
+    more = nnctl.tune(str(cfg), out=str(folder), overrides=["tune.trials=3"])
+    old = {o.params["train.optimizer.Adam.lr"] for o in first.outcomes}
+    assert len(more.outcomes) == 1 and more.outcomes[0].params["train.optimizer.Adam.lr"] not in old
+    with pytest.raises(UsageError, match=r"its trials trained another config \(it differs in train.epochs\)"):
+        nnctl.tune(str(cfg), out=str(folder), overrides=["tune.trials=4", "train.epochs=2"])
+
+
+def test_an_mlflow_store_inside_the_data_is_refused_at_its_line(tmp_path):
+    pytest.importorskip("mlflow")
+    root = _gray_folder(tmp_path / "imgs")
+    cfg = _folder_config(tmp_path, root)
+    sets = ["train.log=[csv, mlflow]", f"train.mlflow.tracking_uri=file:{root}/mlruns"]
+    problems = nnctl.check(str(cfg), overrides=sets)
+    assert [p.path for p in problems] == ["train.mlflow.tracking_uri"]
+    assert "is inside" in problems[0].message and "a data folder this command reads" in problems[0].message
+    with pytest.raises(ConfigError):
+        nnctl.train(str(cfg), overrides=sets, out=str(tmp_path / "r"))
+    assert sorted(p.name for p in root.iterdir()) == ["c0", "c1", "c2"]
+
+
+def test_an_optimizer_update_beyond_float32_is_one_line_not_an_internal_error(tmp_path):
+    root = _gray_folder(tmp_path / "imgs")
+    r = run_cli("train", str(_folder_config(tmp_path, root)), "--set", "train.optimizer.Adam.lr=1e38",
+                "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert r.returncode == 1 and "internal error" not in r.stderr
+    assert "the optimizer's update overflowed float32 (Adam, lr 1e+38" in r.stderr
+
+
+def test_an_early_stopped_run_killed_after_its_last_epoch_is_listed_finished(tmp_path):
+    """The status written with the epoch early stopping ends the run at says so (was: `interrupted 2/5`)."""
+    run = tmp_path / "r"
+    nnctl.train({"model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 10}}]},
+                 "data": {"source": "digits"}, "train": {"epochs": 5, "early_stopping": {
+                     "monitor": "val_loss", "patience": 1, "min_delta": 100}}}, out=str(run))
+    status = json.loads((run / "status.json").read_text())
+    assert status["stopped_early"] is True and status["epochs_done"] == 2
+    # as a SIGKILL right after the epoch_end write leaves it: running, no stop reason yet
+    (run / "status.json").write_text(json.dumps({**status, "state": "running", "stop_reason": None}))
+    assert read_run(run).state == "finished"
+
+
+@pytest.mark.slow
+def test_a_refused_resume_under_ddp_is_one_line_exit_2(tmp_path):
+    run = tmp_path / "r"
+    nnctl.train({"model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 10}}]},
+                 "data": {"source": "digits"}, "train": {"epochs": 1, "device": "cpu"}}, out=str(run))
+    r = run_cli("train", "--resume", str(run), "--nproc-per-node", "2", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: {run}/last.pt: the run already finished 1 of 1 epoch; pass --epochs N "
+                                "with a larger N to train further")

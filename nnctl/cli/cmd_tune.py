@@ -38,7 +38,7 @@ def _trial_line(outcome) -> None:
 def _print_summary(s) -> None:
     counts = s.counts
     done = sum(counts.get(k, 0) for k in ("complete", "pruned", "failed"))
-    order = ("complete", "pruned", "failed", "retried", "running", "waiting")
+    order = ("complete", "pruned", "failed", "retried", "running", "died", "waiting")
     tally = ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k))
     print(_clean(f"search {s.folder}: {s.metric} ({s.direction}), {done} of {s.target} trials done ({tally or 'none'})"))
     if s.trials:
@@ -46,7 +46,7 @@ def _print_summary(s) -> None:
         for t in s.trials:
             value = f"{t.value:.4f}" if t.value is not None else "-"
             epoch = f"epoch {t.epoch}" if t.epoch is not None else ""
-            tail = f"  {t.error}" if t.error and t.state in ("failed", "retried") else ""
+            tail = f"  {t.error}" if t.error and t.state in ("failed", "retried", "died") else ""
             print(_clean(f"  {t.number:>{width}}  {t.state:<8} {value:>8}  {epoch:<9} {_params_text(t.params)}"
                          f"{tail[:200]}"))
     if s.best is None:

@@ -49,6 +49,7 @@ import ssl
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -94,6 +95,18 @@ def tracking_uri(cfg, run_dir: str | Path) -> str:
     if section is not None and section.tracking_uri:
         return section.tracking_uri
     return RunDir(Path(run_dir).resolve()).mlruns.as_uri()
+
+
+def local_store(uri: str | None) -> Path | None:
+    """The local path a tracking URI writes to (file:/..., sqlite:////...), None for a server or nothing."""
+    if not uri:
+        return None
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme == "file":
+        return Path(urllib.request.url2pathname(parsed.path))
+    if parsed.scheme == "sqlite" and uri.startswith("sqlite:////"):
+        return Path(uri[len("sqlite:///"):])
+    return None
 
 
 def experiment_name(cfg) -> str:

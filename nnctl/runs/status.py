@@ -238,6 +238,8 @@ class StatusRecorder:
             row = dict(event.row)
             self.status["epochs_done"] = int(row.get("epoch", event.epoch + 1))
             self.status["last"] = _plain(row)
+            if getattr(event, "stopped", False):  # written with this epoch: a kill from here leaves it finished
+                self.status["stopped_early"] = True
             if getattr(event, "message", "") == "best" and self.monitor is not None:
                 metric, mode = self.monitor
                 self.status["best"] = {"metric": metric, "mode": mode, "value": _plain(row.get(metric)),
@@ -247,6 +249,7 @@ class StatusRecorder:
         elif kind == "stop":
             self.status["stopped_early"] = True
             self.status["stop_reason"] = event.message or "early stopping"
+            self.write()
 
     def end(self, state: str, error: BaseException | None = None, result: Any = None) -> None:
         s = self.status

@@ -31,6 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nnctl import checking as CHK
+from nnctl.config import loader as CL
 from nnctl.config.tune import choice_label, flow
 from nnctl.errors import NnctlError, Pruned, UsageError
 from nnctl.locks import FileLock
@@ -44,7 +45,7 @@ from nnctl.search import study as S
 
 HEARTBEAT_SECONDS = 20.0
 STALE_AFTER = 120.0  # a trial of another machine without a heartbeat for this long is taken as dead
-WORKER_ENV = "NNCTL_TUNE_WORKER"  # set in the worker processes that `--workers N` starts
+WORKER_ENV = S.WORKER_INDEX  # set in the worker processes that `--workers N` starts (1, 2, ...)
 TRIAL_ENV = "NNCTL_TUNE_TRIAL"  # a DDP trial's processes: the study and trial their rank 0 reports to
 
 
@@ -137,6 +138,19 @@ def tune(config: str, *, overrides: list[str] | tuple = (), out: str | os.PathLi
         return result
     deadline = time.monotonic() + cfg.tune.timeout_seconds if cfg.tune.timeout is not None else None
     target = min(cfg.tune.trials, _grid_size(cfg))
+    try:
+        return _search(search, cfg, config, overrides, result, target, deadline, stale_after, on_trial,
+                       nproc_per_node, mlflow)
+    except Interrupted as exc:  # the trial's own message says "resume with --resume": a search runs it again
+        stopped = Interrupted(exc.signum, None)
+        stopped.args = (f"stopped by {signal.Signals(exc.signum).name}: the running trial is marked to run "
+                        "again; the same nnctl tune command continues the search",)
+        raise stopped from None
+
+
+def _search(search, cfg, config, overrides, result, target, deadline, stale_after, on_trial, nproc_per_node,
+            mlflow) -> TuneResult:
+    """The worker's loop: trials one after another until the study has its trials (or the timeout)."""
     with stop_on_sigterm():
         while True:
             trial = _next_trial(search, target, deadline, stale_after)
@@ -252,6 +266,9 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
         on_trial(outcome)
     sets = [*overrides, *overrides_of(values), "tune=null"]
     try:
+        # the sampled config with its search (tune.metric against this trial's model: a top-5 metric of a
+        # 3-output trial) through the check pipeline: its refusal is the trial's failure, before any folder
+        CHK.check(CL.load_document(config, [*overrides, *overrides_of(values)]), "train").refuse()
         with _Heartbeat(trial):
             if nproc_per_node > 1:
                 history = _launch_trial(search, cfg, config, sets, run, trial, nproc_per_node)
@@ -410,8 +427,8 @@ def _run_workers(config: str, overrides: list[str], folder: Path, workers: int, 
            "--nproc-per-node", str(nproc_per_node)]
     for item in overrides:
         cmd += ["--set", item]
-    env = {**os.environ, WORKER_ENV: "1"}
-    procs = [subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL) for _ in range(workers)]
+    procs = [subprocess.Popen(cmd, env={**os.environ, WORKER_ENV: str(i + 1)}, stdin=subprocess.DEVNULL)
+             for i in range(workers)]  # each worker its own stream of the seeded sampler (study.WORKER_INDEX)
     got: list[int] = []
 
     def forward(signum, frame):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from nnctl.errors import ConfigError, UsageError
 from nnctl.runs.rundir import RunDir
 from nnctl.search import study as S
 
+STALE_AFTER = 120.0  # as the search loop's (a trial of another machine without a heartbeat this long)
 STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 
@@ -25,7 +27,7 @@ STATE_NAMES = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", Tri
 @dataclass
 class TrialRow:
     number: int
-    state: str  # complete | pruned | failed | retried (did not count: run again) | running | waiting
+    state: str  # complete | pruned | failed | retried (did not count: run again) | running | died | waiting
     value: float | None  # complete: the metric at its best epoch; pruned: at its last reported epoch
     epoch: int | None
     params: dict[str, Any]
@@ -75,10 +77,14 @@ class TuneSummary:
                 "trials": [t.to_dict() for t in self.trials]}
 
 
-def _row(t: optuna.trial.FrozenTrial) -> TrialRow:
+def _row(t: optuna.trial.FrozenTrial, now: float | None = None) -> TrialRow:
     state = STATE_NAMES.get(t.state, t.state.name.lower())
     if t.state == TrialState.FAIL and t.user_attrs.get(S.RETRY):
         state = "retried"
+    if t.state == TrialState.RUNNING and not S.owner_alive(t, STALE_AFTER, now or time.time()):
+        row = TrialRow(t.number, "died", None, None, dict(t.params), t.user_attrs.get(S.RUN),
+                       "its process is gone (killed?): the next nnctl tune of this search runs it again")
+        return row
     value, epoch = t.value, t.user_attrs.get(S.BEST_EPOCH)
     if t.state == TrialState.PRUNED and t.intermediate_values:
         epoch = max(t.intermediate_values)

@@ -25,7 +25,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from nnctl.config.schema import Config
+from nnctl.config.loader import flatten
+from nnctl.config.schema import Config, resolved
 from nnctl.config.tune import PRUNERS, SAMPLERS  # noqa: F401  (the names nnctl's tune: section takes)
 from nnctl.errors import UsageError
 from nnctl import files
@@ -36,6 +37,7 @@ from nnctl.tasks import mode_of
 from nnctl.training.policy import monitor_for
 
 JOURNAL = "study.journal"
+WORKER_INDEX = "NNCTL_TUNE_WORKER"  # 1, 2, ... in the worker processes of --workers N (unset: the process itself)
 BEST = "best.yaml"
 PICTURES = ("history.png", "epochs.png", "importances.png", "parallel.png")
 RETRY = "nnctl.retry"  # a trial that does not count: its process died or was stopped (run again)
@@ -91,9 +93,12 @@ def redact(url: str) -> str:
     return f"{scheme}://{user}{':***' if ':' in auth else ''}@{host}"
 
 
-def sampler_of(cfg: Config, space: dict) -> optuna.samplers.BaseSampler:
+def sampler_of(cfg: Config, space: dict, stream: int = 0) -> optuna.samplers.BaseSampler:
+    """tune.sampler, seeded with its seed (default: the config's). ``stream``: which of its random streams, 0
+    for a new search in one process; a continued search or another worker takes another (``open_search``), so
+    it never repeats the values its first trials were sampled with."""
     (name, args), = cfg.tune.sampler.items()
-    seed = int(args.get("seed", cfg.seed)) % (2**32)
+    seed = (int(args.get("seed", cfg.seed)) + 1_000_003 * stream) % (2**32)
     startup = args.get("startup_trials")
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -150,21 +155,37 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
     command continues a search). A study found with another metric or direction is refused."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, direction = metric_of(cfg)
-    files.refuse_inside(folder, read_paths(cfg)[1], "--out", advice="give --out DIR elsewhere")
+    files.refuse_inside(folder, read_paths(cfg)[1] + searched_folders(cfg), "--out", advice="give --out DIR elsewhere")
+    refuse_foreign(folder)
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     record_path = folder / SEARCH_RECORD
-    old = read_record(folder) if record_path.exists() else None
+    old = read_record(folder) if record_path.exists() or record_path.is_symlink() else None
     if old is not None and (old.get("metric"), old.get("direction")) != (metric, direction):
         raise UsageError(f"{folder}: holds a search of {old.get('metric')} ({old.get('direction')}); this config "
                          f"searches {metric} ({direction}): give another --out")
+    if old is not None and old.get("study") != cfg.name:
+        raise UsageError(f"{folder}: holds the search of {old.get('study')!r}; this config is {cfg.name!r}: give "
+                         "another --out")
+    searched = _searched_config(cfg)
+    if old is not None and isinstance(old.get("searched"), dict) and old["searched"] != searched:
+        changed = sorted(k for k in set(flatten(old["searched"])) | set(flatten(searched))
+                         if flatten(old["searched"]).get(k) != flatten(searched).get(k))
+        raise UsageError(f"{folder}: its trials trained another config (it differs in {', '.join(changed[:6])}"
+                         f"{' ...' if len(changed) > 6 else ''}); continuing would rank trials of two configs "
+                         "together: give another --out (tune.trials and tune.timeout may change)")
     study = _create(cfg, folder, space, direction)
+    # a continued search (trials already in the study) or a second worker: another stream of the seeded
+    # sampler, else it would draw its first values again (still the same for the same study and worker)
+    stream = len(study.get_trials(deepcopy=False)) * 7919 + int(os.environ.get(WORKER_INDEX, "0") or 0)
+    if stream:
+        study.sampler = sampler_of(cfg, space, stream)
     if study.direction.name.lower() != direction:
         raise UsageError(f"the study {cfg.name!r} in {redact(cfg.tune.storage or str(folder / JOURNAL))} "
                          f"{study.direction.name.lower()}s; this config {direction}s {metric}")
     record = {"format": "nnctl-tune", "config": os.path.abspath(config_path) if config_path else None,
               "overrides": list(overrides), "study": cfg.name, "metric": metric, "direction": direction,
-              "trials": cfg.tune.trials, "storage": _recorded_storage(cfg.tune.storage)}
+              "trials": cfg.tune.trials, "storage": _recorded_storage(cfg.tune.storage), "searched": searched}
     if old != record:
         text = (json.dumps(record, indent=2) + "\n").encode()
         atomic_write(record_path, lambda fh: fh.write(text))
@@ -193,6 +214,23 @@ def _create(cfg: Config, folder: Path, space: dict, direction: str) -> optuna.St
     raise AssertionError("unreachable")
 
 
+RUN_ONLY = ("train.device", "train.threads", "data.num_workers", "data.cache", "data.preload", "data.download",
+            "train.log", "train.mlflow")
+
+
+def _searched_config(cfg: Config) -> dict:
+    """The resolved config a search's trials train, but for what may change between runs of the search
+    (tune.trials, tune.timeout, and where and how fast it runs: device, threads, workers, cache, logging):
+    a continued search must train the same."""
+    data = resolved(cfg)
+    data["tune"] = {k: v for k, v in (data.get("tune") or {}).items() if k not in ("trials", "timeout")}
+    for key in RUN_ONLY:  # where and how fast it runs, not what it trains
+        section, _, name = key.partition(".")
+        if name and "." not in name and isinstance(data.get(section), dict):
+            data[section].pop(name, None)
+    return data
+
+
 def _recorded_storage(url: str | None) -> str:
     """What tune.json says of the storage: a URL without its password, a journal file's absolute path, or
     the search folder's own journal (relative: the folder may move)."""
@@ -202,17 +240,48 @@ def _recorded_storage(url: str | None) -> str:
 
 
 def read_record(folder: Path) -> dict:
+    """tune.json, read as every input is (a regular file only: a FIFO never blocks; at most 1 MiB), its fields
+    checked; anything else is "not a search record" (UsageError), never an internal error."""
     path = Path(folder) / SEARCH_RECORD
+    if not os.path.lexists(path):
+        raise UsageError(f"{folder}: not a search folder (no {SEARCH_RECORD}; nnctl tune CONFIG makes one)")
+    raw = files.read_input(path, "search record", limit=1 << 20)
     try:
-        with open(path, "rb") as fh:
-            data = json.loads(fh.read(1 << 20))
-    except FileNotFoundError:
-        raise UsageError(f"{folder}: not a search folder (no {SEARCH_RECORD}; nnctl tune CONFIG makes one)") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: unreadable: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != "nnctl-tune":
-        raise UsageError(f"{path}: not a search record")
+        if len(raw) > 1 << 20:
+            raise ValueError("over 1 MiB")
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise UsageError(f"{path}: unreadable: {' '.join(str(exc).split())[:200] or type(exc).__name__}") from None
+    fields_ok = isinstance(data, dict) and data.get("format") == "nnctl-tune" and all(
+        isinstance(data.get(k), str) for k in ("study", "metric", "direction", "storage"))
+    if not fields_ok:
+        raise UsageError(f"{path}: not a search record (nnctl tune writes it; its fields are damaged)")
     return data
+
+
+def searched_folders(cfg: Config) -> list[str]:
+    """The data folders a trial may read beyond the config's own: the choices of a searched data.root,
+    data.val_root or data.test_root (relative to the current folder, as --set's values are)."""
+    out = []
+    for path, spec in cfg.tune.params.items():
+        if path in ("data.root", "data.val_root", "data.test_root") and "choice" in spec:
+            out += [os.path.abspath(os.path.expanduser(v)) for v in spec["choice"] if isinstance(v, str)]
+    return out
+
+
+def refuse_foreign(folder: Path) -> None:
+    """--out of a search: a new folder, an empty one, or a search folder (continued); never another folder,
+    whose files a search would mix with its own (best.yaml, pictures) or replace (nnctl never writes into a
+    folder it did not make)."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise UsageError(f"--out {folder}: exists and is not a folder")
+    if (folder / SEARCH_RECORD).exists() or (folder / SEARCH_RECORD).is_symlink():
+        return
+    if any(True for _ in folder.iterdir()):
+        raise UsageError(f"--out {folder}: is a folder that holds other files and no search ({SEARCH_RECORD}); "
+                         "nnctl never writes into a folder it did not make: give a new or empty folder")
 
 
 def load_study(folder: Path, storage_url: str | None = None) -> tuple[optuna.Study, dict]:
@@ -228,13 +297,21 @@ def load_study(folder: Path, storage_url: str | None = None) -> tuple[optuna.Stu
         storage: Any = storage_text
     else:
         path = Path(storage_text) if os.path.isabs(storage_text) else Path(folder) / storage_text
-        if not path.is_file():
+        if not path.exists():
             raise UsageError(f"{folder}: its study file {path} is missing")
-        storage = open_storage(str(path))
+        with files.open_input(path, "study journal") as fh:  # a FIFO, a device or a folder: refused, never read
+            head = fh.read(1)
+        if head not in (b"", b"{"):  # an Optuna journal is JSON lines: never open (nor lock beside) another file
+            raise UsageError(f"{folder}: its study file {path} is not an Optuna journal")
     try:
+        if "://" not in storage_text:
+            storage = open_storage(str(path))
         study = optuna.load_study(study_name=record["study"], storage=storage)
     except KeyError:
         raise UsageError(f"{folder}: the study {record['study']!r} is not in its storage") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # not an Optuna journal (or damaged)
+        raise UsageError(f"{folder}: its study file {storage_text} is not an Optuna journal "
+                         f"({' '.join(str(exc).split())[:160]})") from None
     return study, record
 
 

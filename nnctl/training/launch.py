@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import torch.distributed as tdist
 
+from nnctl import checking as CHK
 from nnctl.config import loader as CL
 from nnctl.errors import NnctlError
 from nnctl.data.sources.read import read_paths
@@ -123,6 +124,10 @@ def launch(config: str | None, torchrun: Torchrun, **options) -> Path:
         CL.load(config, overrides)  # config mistakes surface once, here, not in N workers
     # the launcher takes the run folder and its lock, and holds it for its workers (and their restarts)
     source = R.resume_source(resume, out) if resume else None
+    if source is not None:  # a refused resume (finished, changed config): one line here, not N workers failing
+        checked = CHK.load_checked(config, overrides, purpose="train") if config is not None else None
+        R.accepted_resume(source, checked.cfg if checked else None, checked.doc if checked else None, checked,
+                          overrides, bool(options.get("force")))
     continuing = source is not None and source.continue_in is not None
     if continuing:
         claim = claim_existing(source.continue_in)

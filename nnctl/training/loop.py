@@ -122,7 +122,15 @@ def _update(ctx: Context) -> None:
     else:
         if ctx.grad_clip:
             torch.nn.utils.clip_grad_norm_(ctx.trainable, ctx.grad_clip)
-        ctx.optimizer.step()
+        try:
+            ctx.optimizer.step()
+        except RuntimeError as exc:  # Adam's lr / bias correction beyond float32 (lr 1e38): the arithmetic
+            if "overflow" not in str(exc):
+                raise
+            lr = ctx.optimizer.param_groups[0].get("lr")
+            raise NnctlError(f"the optimizer's update overflowed float32 ({type(ctx.optimizer).__name__}, lr "
+                             f"{lr:g}: {' '.join(str(exc).split())[:120]}); lower the learning rate. Nothing "
+                             "saved for this step") from None
     if ctx.step_scheduler:
         ctx.scheduler.step()
 

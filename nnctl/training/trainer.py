@@ -59,6 +59,7 @@ class Event:
     sums: EpochSums | None = None
     row: dict | None = None
     message: str = ""
+    stopped: bool = False  # epoch_end: early stopping ends the run at this epoch (its checkpoint says so)
 
 
 @dataclass
@@ -278,7 +279,7 @@ class Trainer:
         pruned = None
         try:
             self.emit(Event("epoch_end", epoch=epoch, epochs=self.cfg.train.epochs, row=row,
-                            message="best" if improved else ""))
+                            message="best" if improved else "", stopped=bool(self.state.stopped_early)))
         except Pruned as exc:
             pruned = exc
         if self.dist.enabled and self.dist.any(pruned is not None, self.device):
