@@ -78,3 +78,17 @@ def test_train_refuses_an_image_folder_root_that_is_not_a_folder_before_making_a
     assert code == 0, err
     r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().endswith(line) and not (tmp_path / "run").exists()
+
+
+def test_predict_says_when_tensor_inputs_are_far_from_the_training_datas_scale(digits_run):
+    """Inputs on another scale were answered with confidence, silently (issue 24, point 4)."""
+    import torch
+
+    assert nnctl.predict(str(digits_run), torch.rand(5, 1, 8, 8)).notes == []  # the model's scale: 0..1
+    raw = torch.randint(0, 17, (5, 1, 8, 8), dtype=torch.uint8)
+    assert nnctl.predict(str(digits_run), raw).notes == []  # raw digits values, divided by 16 as in training
+    (note,) = nnctl.predict(str(digits_run), torch.rand(5, 1, 8, 8) * 255).notes
+    assert note.startswith("1 tensor input: values far from the training data's: after the recorded scaling and "
+                           "normalisation their mean is ")
+    assert note.endswith("were they scaled as the training data was (the training data's values were divided "
+                         "by 16)?")

@@ -277,6 +277,7 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
         raise UsageError("--top-k must be at least 1")
     predictor = Predictor.load(model_or_run, which=which, device=device)
     groups, walk_notes, files = gather(inputs, predictor.pre, glob)
+    scaled = scale_notes(groups, predictor.pre)  # before the loop: answered groups drop their raw samples
     total = sum(g.n for g in groups if g.error is None)
     done = 0
     with torch.inference_mode():
@@ -286,10 +287,32 @@ def predict(model_or_run: Any, inputs: Iterable[Any] | Any, *, which: str = "bes
             done += len(out)
             if on_progress is not None:
                 on_progress(done, total)
-    preds = predictor.answers(groups, top_k, walk_notes, files)
+    preds = predictor.answers(groups, top_k, walk_notes + scaled, files)
     data_files, preds.input_dirs = api.record_read_paths(predictor.config)  # the training data: never written over or into
     preds.files.extend(data_files)
     return preds
+
+
+def scale_notes(groups: list[_Group], pre: Preprocessing, limit: int = 4096) -> list[str]:
+    """A note when tensor inputs are far from the training data's scale (issue 24: inputs on another scale
+    are answered with confidence, silently): after the record's scaling and normalisation the training data
+    has a mean near 0 and a standard deviation near 1; inputs whose mean is beyond 5 or whose deviation is
+    beyond 10 (or under 0.05) were most likely not scaled as it was. Looked at on up to ``limit`` samples."""
+    if pre.mean is None or pre.std is None:
+        return []
+    tensors = [g for g in groups if g.error is None and not g.image and g.x is not None]
+    if not tensors:
+        return []
+    with torch.inference_mode():
+        x = torch.cat([pre.from_raw(g.x[:limit]).float().flatten() for g in tensors])[: limit * 1024]
+    mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+    if abs(mean) <= 5 and 0.05 <= std <= 10:
+        return []
+    scale = f" (the training data's values were divided by {pre.scale:g})" if pre.scale not in (None, 1, 1.0) else ""
+    return [f"{len(tensors)} tensor input{'s' if len(tensors) > 1 else ''}: values far from the training data's: "
+            f"after the recorded scaling and normalisation their mean is {mean:.3g} and standard deviation "
+            f"{std:.3g}, where the training data's are about 0 and 1; were they scaled as the training data "
+            f"was{scale}?"]
 
 
 def batches(groups: list[_Group], batch_size: int) -> Iterator[list[tuple[_Group, int, int]]]:
