@@ -195,6 +195,7 @@ def test_val_fraction_and_val_root_together_are_refused_at_the_line():
         (7, "data.val_root", "val_root applies to source: image_folder, not digits")]
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_a_file_added_to_the_val_folder_is_noticed_by_eval_and_resume(layout):
     run = layout / "run"
     nnctl.train(_config({"root": str(layout / "train"), "val_root": str(layout / "val")}, epochs=2), out=str(run))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import nnctl
@@ -40,6 +41,7 @@ def test_summary_of_a_run_shows_its_inputs_and_the_lines_of_its_config(digits_ru
     assert "Linear" in text[s.rows[-1].line - 1] or "Linear" in text[s.rows[-1].line]
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_the_run_log_names_frozen_children_and_the_epochs_a_resume_ran(tmp_path):
     cfg = write(tmp_path, make(train={"epochs": 2}, model={"input_shape": [1, 8, 8], "layers": [
         "Flatten", {"Linear": {"out_features": 16}}, "ReLU", {"Linear": {"out_features": 10}}]},
@@ -67,6 +69,7 @@ def test_the_ddp_data_line_counts_whole_splits(tmp_path):
         "(rank 1 of 2: a 1/2 share of every training batch and 180 of the val samples)")
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_train_refuses_an_image_folder_root_that_is_not_a_folder_before_making_a_run_folder(tmp_path, cli):
     """At its line, before anything is written. `nnctl check` passes it: the shipped configs are templates
     whose root comes with --set data.root=... (tests/test_cli.py checks them)."""

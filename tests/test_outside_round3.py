@@ -45,6 +45,7 @@ def _folder_config(tmp_path: Path, root: Path, **data) -> Path:
     return path
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_a_run_folder_is_never_made_inside_the_data_it_reads(tmp_path):
     """train --out imgs/c0/run put best.pt and curves.png in a class folder (the next run trained on
     curves.png as a c0 image); --out imgs/new made a fourth class. Refused before anything is made,
@@ -83,6 +84,7 @@ def test_eval_of_data_whose_loss_overflows_float32_gives_no_score(tmp_path):
     assert nnctl.evaluate(str(tmp_path / "r")).metrics["loss"] < 1  # its own data still scores
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_check_refuses_a_top5_monitor_and_a_split_that_train_refuses(tmp_path, cli):
     top5 = tmp_path / "top5.yaml"
     top5.write_text("model: {input_shape: [1,8,8], layers: [Flatten, {Linear: {out_features: 3}}]}\n"
@@ -228,6 +230,7 @@ def test_an_mlflow_store_inside_the_data_is_refused_at_its_line(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["c0", "c1", "c2"]
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_an_optimizer_update_beyond_float32_is_one_line_not_an_internal_error(tmp_path):
     root = _gray_folder(tmp_path / "imgs")
     r = run_cli("train", str(_folder_config(tmp_path, root)), "--set", "train.optimizer.Adam.lr=1e38",

@@ -47,6 +47,7 @@ WORKER = textwrap.dedent(f"""
 """)
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_one_study_from_two_processes_at_once(postgres_url, tmp_path):  # noqa: F811
     optuna = pytest.importorskip("optuna")
     barrier = tmp_path / "barrier"

@@ -507,6 +507,7 @@ def test_the_token_is_needed_everywhere_but_health_and_the_page(trained):
         assert r.status_code == 200
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_the_token_from_the_environment(digits_run):
     good = {"Authorization": "Bearer from-env"}
     with cli_server(digits_run, env={"NNCTL_SERVE_TOKEN": "from-env"}, headers=good) as (url, _):

@@ -331,6 +331,7 @@ def test_thirty_trials_in_one_process_do_not_grow_its_memory(tmp_path):
 
 # --- without Optuna --------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_without_optuna_tune_names_the_pip_command_and_writes_nothing(tmp_path):
     path = _config(tmp_path, {"trials": 2, "params": {"train.batch_size": {"choice": [32, 64]}}})
     block = ("import sys, importlib.abc\n"
