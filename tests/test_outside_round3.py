@@ -126,7 +126,10 @@ def test_a_run_killed_after_its_last_checkpoint_is_listed_finished(tmp_path):
     (run / "status.json").write_text(json.dumps(killed))
     assert read_run(run).state == "finished"
     (run / "status.json").write_text(json.dumps({**killed, "epochs_done": 1}))
-    assert read_run(run).state == "interrupted"  # killed before its last epoch: interrupted, as before
+    assert read_run(run).state == "finished"  # its record one epoch behind, but metrics.csv holds both epochs
+    rows = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(rows[:2]) + "\n")  # killed before its last epoch's save
+    assert read_run(run).state == "interrupted"  # interrupted, as before
 
 
 def test_nnctl_runs_never_imports_torch(digits_run):
@@ -261,3 +264,35 @@ def test_a_refused_resume_under_ddp_is_one_line_exit_2(tmp_path):
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == (f"error: {run}/last.pt: the run already finished 1 of 1 epoch; pass --epochs N "
                                 "with a larger N to train further")
+
+
+def test_a_fifo_journal_and_a_database_inside_the_data_are_refused_by_tune(tmp_path):
+    pytest.importorskip("optuna")
+    root = _gray_folder(tmp_path / "imgs")
+    cfg = _search_config(tmp_path, root)
+    folder = tmp_path / "s"
+    nnctl.tune(str(cfg), out=str(folder))
+    (folder / "study.journal").unlink()
+    os.mkfifo(folder / "study.journal")
+    with pytest.raises(UsageError, match="is a FIFO"):  # was: a hang
+        nnctl.tune(str(cfg), out=str(folder))
+    with pytest.raises(UsageError, match=r"tune.storage .*x.db: is inside .*a data folder this command reads"):
+        nnctl.tune(str(cfg), out=str(tmp_path / "s2"), overrides=[f"tune.storage=sqlite:///{root}/c0/x.db"])
+    assert not (root / "c0" / "x.db").exists()
+
+
+def test_a_run_killed_between_its_early_stop_checkpoint_and_its_record_is_finished(tmp_path):
+    """The narrow window: last.pt (with stopped_early) and metrics.csv written, the epoch's status not yet;
+    the status says where early stopping ends the run (stopping_at, recorded before the save)."""
+    run = tmp_path / "r"
+    nnctl.train({"model": {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 10}}]},
+                 "data": {"source": "digits"}, "train": {"epochs": 5, "early_stopping": {
+                     "monitor": "val_loss", "patience": 1, "min_delta": 100}}}, out=str(run))
+    status = json.loads((run / "status.json").read_text())
+    assert status["stopping_at"] == 2
+    killed = {**status, "state": "running", "epochs_done": 1, "stopped_early": False, "stop_reason": None}
+    (run / "status.json").write_text(json.dumps(killed))
+    assert read_run(run).state == "finished"  # metrics.csv holds 2 epochs: the checkpoint of epoch 2 is written
+    rows = (run / "metrics.csv").read_text().splitlines()
+    (run / "metrics.csv").write_text("\n".join(rows[:2]) + "\n")  # killed before epoch 2's save: interrupted
+    assert read_run(run).state == "interrupted"

@@ -194,8 +194,11 @@ def read_run(folder: str | os.PathLike) -> RunInfo:
     if status is not None:
         info.state = status.get("state") if status.get("state") in STATES else "failed"
         if info.state == "running" and not locked:
-            done, total = status.get("epochs_done"), status.get("epochs_total")
-            if status.get("stopped_early") or (_is_int(done) and _is_int(total) and done >= total):
+            done, total, stopping = status.get("epochs_done"), status.get("epochs_total"), status.get("stopping_at")
+            saved = len(read_metrics(p))  # metrics.csv is written after the epoch's checkpoints: epochs saved
+            done = max(done, saved) if _is_int(done) else saved
+            if status.get("stopped_early") or (_is_int(total) and done >= total) or \
+                    (_is_int(stopping) and saved >= stopping):
                 # killed after its last checkpoint (epoch_end is recorded after the save): it is finished,
                 # as its checkpoint says and a --resume answers
                 info.state = "finished"

@@ -246,6 +246,9 @@ class StatusRecorder:
                                        "epoch": int(row.get("epoch", event.epoch + 1))}
             self.status["wall_seconds"] = self._seconds()
             self.write()
+        elif kind == "stopping":  # early stopping ends the run at this epoch, whose checkpoint comes next
+            self.status["stopping_at"] = int(event.epoch) + 1
+            self.write()
         elif kind == "stop":
             self.status["stopped_early"] = True
             self.status["stop_reason"] = event.message or "early stopping"

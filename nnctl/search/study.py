@@ -79,8 +79,21 @@ def open_storage(where: str):
             return optuna.storages.RDBStorage(where, engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:  # a driver missing, a server not reachable: the user's to fix, in one line
             raise UsageError(f"tune.storage {redact(where)}: {' '.join(str(exc).split())[:300]}") from None
+    if os.path.lexists(where):  # an input like any other: a FIFO, a device or a folder refused, never opened
+        with files.open_input(where, "study journal") as fh:
+            if fh.read(1) not in (b"", b"{"):  # JSON lines: never open (nor lock beside) another file
+                raise UsageError(f"{where}: is not an Optuna journal")
     lock = optuna.storages.journal.JournalFileOpenLock(where)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(where, lock_obj=lock))
+
+
+def storage_file(url: str | None, folder: Path) -> Path:
+    """The local file a search's study is written to: its journal, or an sqlite database's file."""
+    if url and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    if url and "://" in url:
+        return folder / JOURNAL  # a server's database: nothing local but the folder
+    return Path(url) if url else folder / JOURNAL
 
 
 def redact(url: str) -> str:
@@ -155,7 +168,10 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
     command continues a search). A study found with another metric or direction is refused."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, direction = metric_of(cfg)
-    files.refuse_inside(folder, read_paths(cfg)[1] + searched_folders(cfg), "--out", advice="give --out DIR elsewhere")
+    data_dirs = read_paths(cfg)[1] + searched_folders(cfg)
+    files.refuse_inside(folder, data_dirs, "--out", advice="give --out DIR elsewhere")
+    files.refuse_inside(storage_file(cfg.tune.storage, folder), data_dirs, "tune.storage",
+                        advice="keep the study outside the data")
     refuse_foreign(folder)
     if create:
         folder.mkdir(parents=True, exist_ok=True)

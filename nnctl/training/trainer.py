@@ -51,7 +51,7 @@ from nnctl.training.signals import Interrupted, _StopFlag
 class Event:
     """What fit() reports to whoever displays progress (the CLI)."""
 
-    kind: str  # "start" | "epoch_start" | "step" | "epoch_end" | "best" | "stop" | "note"
+    kind: str  # "start" | "epoch_start" | "step" | "stopping" | "epoch_end" | "best" | "stop" | "note"
     epoch: int = 0
     epochs: int = 0
     step: int = 0
@@ -282,10 +282,8 @@ class Trainer:
                             message="best" if improved else "", stopped=bool(self.state.stopped_early)))
         except Pruned as exc:
             pruned = exc
-        if self.dist.enabled and self.dist.any(pruned is not None, self.device):
+        if self.dist.any(pruned is not None, self.device):  # one process: the flag itself
             raise pruned or Pruned(epoch + 1, self.metric, float(row.get(self.metric) or float("nan")))
-        if pruned is not None:
-            raise pruned
 
     # --- one epoch's steps, and a stop between two of them -------------------------------------
 
@@ -418,6 +416,7 @@ class Trainer:
                                                          epoch + 1)
         if policy.stops_early(self.cfg.train.early_stopping, s.bad_epochs, epoch, self.cfg.train.epochs):
             s.stopped_early = {"epoch": epoch + 1, "reason": self.stop_message()}  # saved: a resume refuses it
+            self.emit(Event("stopping", epoch=epoch))  # recorded before the save: a kill after it leaves it finished
         return improved
 
     def stop_message(self) -> str:
