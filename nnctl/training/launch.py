@@ -125,9 +125,12 @@ def launch(config: str | None, torchrun: Torchrun, **options) -> Path:
     # the launcher takes the run folder and its lock, and holds it for its workers (and their restarts)
     source = R.resume_source(resume, out) if resume else None
     if source is not None:  # a refused resume (finished, changed config): one line here, not N workers failing
-        checked = CHK.load_checked(config, overrides, purpose="train") if config is not None else None
+        sets = overrides + [f"{key}={options[name]}" for name, key in
+                            (("epochs", "train.epochs"), ("seed", "seed"), ("device", "train.device"))
+                            if options.get(name) is not None]  # as run.train turns these options into --set
+        checked = CHK.load_checked(config, sets, purpose="train") if config is not None else None
         R.accepted_resume(source, checked.cfg if checked else None, checked.doc if checked else None, checked,
-                          overrides, bool(options.get("force")))
+                          sets, bool(options.get("force")))
     continuing = source is not None and source.continue_in is not None
     if continuing:
         claim = claim_existing(source.continue_in)
