@@ -280,6 +280,8 @@ def _fit(spec: RunSpec, data=None) -> RunResult:
         raise
     with files.deferred_signals():  # a signal during the plot is delivered after it, not swallowed by it
         plot = plot_quietly(run_dir, cfg.name) if dist.main else None
+    if dist.enabled:  # every rank leaves together: none tears the process group down while rank 0 still plots
+        dist.any(False, spec.dev)
     if spec.claim is not None:
         spec.claim.release()
     return RunResult(run_dir, result, plot, name=cfg.name)
