@@ -24,9 +24,11 @@ import importlib.util
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import common
+import overhead
 
 LIGHTNING_SCRIPT = r'''
 import json, sys
@@ -70,32 +72,9 @@ trainer.fit(Net(), loader)
 assert trainer.checkpoint_callback.best_model_path or list(__import__("pathlib").Path(args["out"]).rglob("*.ckpt"))
 '''
 
-# the floor: what PyTorch alone costs for the same work (import, model, optimizer, the epochs, a checkpoint)
-HAND_SCRIPT = r'''
-import json, sys
-import torch
-from torch import nn
-
-args = json.loads(sys.argv[1])
-torch.manual_seed(args["seed"])
-if args["model"] == "mlp":
-    net = nn.Sequential(nn.Flatten(), nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 10))
-    loss_fn, opt = nn.CrossEntropyLoss(), torch.optim.Adam(net.parameters(), lr=1e-3)
-else:
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, 1), nn.ReLU(), nn.Conv2d(32, 64, 3, 1), nn.ReLU(), nn.MaxPool2d(2), nn.Dropout(0.25),
-        nn.Flatten(), nn.Linear(9216, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10), nn.LogSoftmax(dim=1))
-    loss_fn, opt = nn.NLLLoss(), torch.optim.Adadelta(net.parameters(), lr=1.0)
-d = torch.load(args["data"], weights_only=True)
-x, y = d["x"], d["y"]
-for epoch in range(args["epochs"]):
-    for idx in torch.randperm(len(x)).split(args["batch"]):
-        loss = loss_fn(net(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-torch.save({"model": net.state_dict(), "optimizer": opt.state_dict()}, args["out"] + ".pt")
-'''
+# the floor: what PyTorch alone costs for the same work (import, model, optimizer, the epochs, a checkpoint):
+# bench/overhead.py's hand-written script, which also clocks its phases
+HAND_SCRIPT = overhead.HAND_CHILD
 
 
 def main() -> None:
@@ -151,7 +130,7 @@ def main() -> None:
                 out = out_dir("hand")
                 spec = json.dumps({"model": name, "data": str(data_path), "epochs": epochs, "batch": 64,
                                    "out": str(out), "seed": 1})
-                took = common.wall([sys.executable, str(hand_script), spec], env=env, cwd=tmp)
+                took = common.wall([sys.executable, str(hand_script), repr(time.time()), spec], env=env, cwd=tmp)
                 assert Path(str(out) + ".pt").exists(), "the hand-written script wrote no checkpoint"
                 return took
 

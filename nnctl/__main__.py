@@ -1,6 +1,6 @@
 """`python -m nnctl` (and `torchrun -m nnctl`)."""
 
-from nnctl.cli.app import main
+from nnctl.cli.app import run
 
 if __name__ == "__main__":
-    main()
+    run()

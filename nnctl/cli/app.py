@@ -73,4 +73,44 @@ from nnctl.cli import cmd_inspect, cmd_train, cmd_use, cmd_runs, cmd_tune, cmd_s
 
 
 def main() -> None:
+    """The commands, as a library call: typer parses, runs the command and raises SystemExit."""
     app()
+
+
+def run() -> None:
+    """The console script and ``python -m nnctl``: ``main()``, then leave without tearing Python down.
+
+    By the time a command returns, everything it wrote is closed, fsynced and renamed into place
+    (``nnctl.files``), its worker processes are joined and its loggers closed. What is left at the
+    normal interpreter exit is destroying the ~3,000 modules torch, matplotlib and friends loaded and
+    every object they hold: 0.5-1.5 s on this project's 2-core machine, paid by every command and
+    every trial (docs/benchmarks.md, "The whole run"). So: the threads Python would join, the
+    ``atexit`` handlers it would run (multiprocessing, logging, TensorBoard, MLflow), the standard
+    streams flushed, then ``os._exit`` with the same exit code. An exception other than SystemExit
+    takes Python's normal path.
+    """
+    import atexit
+    import os
+    import sys
+    import threading
+
+    try:
+        main()
+        code = 0
+    except SystemExit as done:
+        code = done.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # SystemExit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader that left (`nnctl runs | head -1`: not an error, as in main)
+            pass
+    os._exit(code)

@@ -102,7 +102,7 @@ def tensor_digest(state: dict[str, torch.Tensor]) -> str:
         t = t.detach().to("cpu").contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
     return h.hexdigest()
 
 
@@ -122,7 +122,7 @@ def state_digest(obj: Any) -> str:
             t = x.detach().to("cpu").contiguous()
             h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
             if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself: no copy
         elif isinstance(x, dict):
             h.update(f"D{len(x)}:".encode())
             for k, v in x.items():

@@ -10,22 +10,54 @@ from nnctl.runs.records import Comparison, _unique_names
 from nnctl.runs.rundir import RunDir
 from nnctl.tasks import curve_for
 import csv
+import sys
 from nnctl.runs import checkpoint as K
 from nnctl.files import check_output
+import threading
+
+_warming: list[threading.Thread] = []  # at most one: the thread warm_up started
+
+
+def warm_up() -> None:
+    """Import matplotlib (Figure, the Agg canvas, the font list) in a daemon thread while the run trains.
+
+    The import is most of what curves.png costs at the end of a run (0.4-0.7 s on this project's
+    2-core machine, docs/benchmarks.md "The whole run"); started when training starts, it runs while
+    the training's torch kernels have released the GIL, so the curves at the end find it done. Only
+    matplotlib's own modules are imported there (never torch's, so no import lock is held in both
+    threads); the plot waits on the import lock if the thread is not done, and imports it itself if the
+    thread failed."""
+    if _warming or "matplotlib.backends.backend_agg" in sys.modules:
+        return
+    thread = threading.Thread(target=_import_matplotlib, name="nnctl-plot-warm-up", daemon=True)
+    _warming.append(thread)
+    thread.start()
+
+
+def _import_matplotlib() -> None:
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+        from matplotlib import font_manager
+
+        font_manager.findfont(font_manager.FontProperties())  # the default font's file, found and cached
+    except Exception:  # noqa: BLE001  (the plot imports it again and says what is wrong)
+        pass
+
 
 def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     """curves.png: losses (left) and the task's validation metric (right: ``Task.curve``) by epoch."""
 
     if not history:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure drawn on the Agg canvas: no pyplot (its import, backend selection and figure manager
+    # cost a run 0.1-0.3 s, and nothing here is shown on a screen)
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] for r in history]
     curve = curve_for(history[0])
-    fig, axes = plt.subplots(1, 2 if curve else 1, figsize=(10 if curve else 5.5, 3.6), squeeze=False)
+    fig = Figure(figsize=(10 if curve else 5.5, 3.6))
+    axes = fig.subplots(1, 2 if curve else 1, squeeze=False)
     ax = axes[0][0]
     for key in ("train_loss", "val_loss"):
         if key in history[0]:
@@ -43,10 +75,7 @@ def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     fig.suptitle(files.display_name(title))
     fig.tight_layout()
     path = RunDir(run_dir).curves
-    try:
-        files.save_figure(fig, path, "png", dpi=110, run_file=True)
-    finally:
-        plt.close(fig)
+    files.save_figure(fig, path, "png", dpi=110, run_file=True)
     return str(path)
 
 def plot_quietly(run_dir: Path, name: str) -> str | None:
