@@ -202,14 +202,18 @@ def test_a_file_added_to_the_val_folder_is_noticed_by_eval_and_resume(layout):
     assert nnctl.evaluate(str(run)).samples == 15
     shutil.copy(layout / "train" / "ant" / "00.png", layout / "val" / "ant" / "zz.png")  # a training image
     change = r"data.val_root: 16 samples now, 15 then; class ant: 5 -> 6"
+    # a separate val folder keeps training samples out: the message says so, not that they moved in
     with pytest.raises(UsageError, match=rf"the data changed since this model was trained \({change}\); its val "
-                                         r"split is the folders as they are now"):
+                                         r"split is the folder data.val_root as it is now, which holds other "
+                                         r"samples than the ones the run used\. Score all"):
         nnctl.evaluate(str(run))
     assert "data.val_root: 16 samples now" in nnctl.evaluate(str(run), split="all").notes[0]
     best = (run / "best.pt").read_bytes()
     r = run_cli("train", "--resume", str(run), "--epochs", "3")
     assert r.returncode == 2 and "the data changed since" in r.stderr, r.stderr
     assert "data.val_root: 16 samples now, 15 then; class ant: 5 -> 6" in r.stderr
+    assert "its val split is the folder data.val_root as it is now" in r.stderr
+    assert "training samples" not in r.stderr, r.stderr
     assert (run / "best.pt").read_bytes() == best and K.load(run / "last.pt")["epoch"] == 2
 
 
@@ -306,3 +310,25 @@ def test_config_errors_name_the_folder_keys(layout):
         nnctl.train(_config({"root": str(layout / "train"), "val_root": str(layout / "val"), "val_fraction": 0.3}),
                     out=str(layout / "run"))
     assert "val_root is the validation split: remove val_fraction" in str(info.value)
+
+
+def test_a_folder_given_for_one_split_is_what_eval_scores(layout):
+    """--set data.test_root=DIR scores that test folder (with or without --split test, on a run trained
+    without one); --set data.val_root=DIR scores that folder, never the training folder beside it (the
+    new-user pass of issue 24: both scored train + the folder, or refused the test_root they were told to give)."""
+    run = layout / "run"
+    nnctl.train(_config({"root": str(layout / "train"), "val_root": str(layout / "val")}, epochs=2), out=str(run))
+    loss, acc, n = _by_hand(run, layout / "test", "best")
+    assert n == 12
+    for split in (None, "test"):
+        r = nnctl.evaluate(str(run), split=split, overrides=[f"data.test_root={layout / 'test'}"])
+        assert (r.split, r.samples) == ("test", 12)
+        assert r.scored == f"the test split: all 12 samples of data.test_root {layout / 'test'}"
+        assert r.metrics["loss"] == pytest.approx(loss, rel=1e-5) and r.metrics["accuracy"] == pytest.approx(acc)
+    r = nnctl.evaluate(str(run), overrides=[f"data.val_root={layout / 'test'}"])
+    assert (r.split, r.samples, r.metrics["loss"]) == ("val", 12, pytest.approx(loss, rel=1e-5))
+    code = run_cli("eval", str(run), "--split", "test")
+    assert code.returncode == 2
+    assert code.stderr.strip() == ("error: --split test: image_folder has no test split of its own; score "
+                                   "--set data.test_root=DIR (a folder of the same classes), other data with "
+                                   "--data, or the run's validation split with --split val")

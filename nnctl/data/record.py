@@ -203,6 +203,18 @@ def data_changes(then: dict | None, now: dict | None, names: list[str] | None = 
     return "; ".join(f for f in found if f) or None
 
 
+def changed_split(then: dict | None, split: str = "val") -> str:
+    """What a data change does to a run's ``split`` (val or train), in words, for the messages of eval and
+    --resume: a fraction split is derived from the data, so training samples move into it; a separate
+    folder (data.val_root) keeps training samples out, but holds other samples than the run's."""
+    if isinstance(then, dict) and then.get("val_root") is not None:
+        folder = "data.val_root" if split == "val" else "data.root"
+        return (f"its {split} split is the folder {folder} as it is now, which holds other samples than the "
+                "ones the run used")
+    return (f"its {split} split is derived from the data, so training samples would now be in it" if split == "val"
+            else f"its {split} split is derived from the data, so it is no longer the samples the run trained on")
+
+
 def _change(then: dict, now: dict, names: list[str] | None) -> str | None:
     if then.get("digest") == now.get("digest"):
         return None

@@ -34,7 +34,7 @@ import yaml
 from nnctl import checking as CHK
 from nnctl.config import schema as C
 from nnctl.data import loading as D
-from nnctl.data.record import data_changes
+from nnctl.data.record import changed_split, data_changes
 from nnctl.data.sources.read import read_paths
 from nnctl.errors import CheckpointError, ConfigError, Pruned, UsageError
 from nnctl.model import freeze as F
@@ -52,7 +52,7 @@ from nnctl.training.resume import ResumeSource, accepted_resume, resume_source  
 from nnctl.runs.rundir import RunDir
 from nnctl.seeds import rank_seed
 from nnctl.runs.claim import Claim, claim_existing, claim_new
-from nnctl.runs.plots import plot_quietly
+from nnctl.runs.plots import plot_quietly, warm_up as warm_up_plots
 from nnctl.optim import losses
 from nnctl.model.tv import pretrained_preprocessing
 from nnctl import files as files
@@ -298,9 +298,8 @@ def _same_data(spec: RunSpec, data) -> None:
         return
     if not spec.force:
         raise UsageError(f"the data changed since {spec.source_name or 'the checkpoint'} was written ({change}); "
-                         "the validation split is derived from the data, so the resumed run would validate, and "
-                         "choose best.pt, on another split with training samples in it. Restore the data, or "
-                         "start a new run from these weights (--init); --force resumes anyway")
+                         f"{changed_split(then)}, and the resumed run would validate, and choose best.pt, on it. "
+                         "Restore the data, or start a new run from these weights (--init); --force resumes anyway")
     data.notes.append(f"the data changed since the checkpoint ({change}); resumed anyway (--force): the "
                       "validation split is not the one the run validated on before")
 
@@ -406,6 +405,8 @@ def _recording(spec: RunSpec, record: StatusRecorder, loggers: list) -> Callable
     """The fit's events, to status.json, the loggers (TensorBoard, MLflow) and spec.on_event."""
 
     def events(event) -> None:
+        if event.kind == "start":  # the torch side is built: matplotlib is imported while it trains
+            warm_up_plots()
         if event.kind == "epoch_end" and record.monitor is None and event.row is not None:
             record.set_monitor(*monitor_for(spec.cfg, any(k.startswith("val_") for k in event.row)))
         record.on_event(event)

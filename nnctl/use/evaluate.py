@@ -23,7 +23,7 @@ from nnctl.config.structure import FLOAT32_MAX
 from nnctl.config.loader import resolve_paths
 from nnctl.config.yamlio import Document, load_file
 from nnctl.data import loading as D
-from nnctl.data.record import data_changes
+from nnctl.data.record import changed_split, data_changes
 from nnctl.data.sources import has_test_split
 from nnctl.data.sources.read import read_paths
 from nnctl.errors import ConfigError, UsageError
@@ -110,10 +110,8 @@ def _same_split(pre, bundle, split: str, other: bool, notes: list[str]) -> None:
     if split == "all":
         notes.append(f"the data changed since training ({change}): scored as it is now")
         return
-    how = ("is the folders as they are now" if "val_root" in (pre.data or {}) else "is derived from the data")
-    raise UsageError(f"the data changed since this model was trained ({change}); its {split} split {how}, so it "
-                     f"is no longer the split the run used (training samples would be scored as {split}). Score "
-                     "all of it with --split all, or other data with --data")
+    raise UsageError(f"the data changed since this model was trained ({change}); {changed_split(pre.data, split)}. "
+                     "Score all of it with --split all, or other data with --data")
 
 
 def evaluate(source: Any, *, which: str = "best", split: str | None = None, data: Any = None,
@@ -121,9 +119,10 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
              device: str | None = None, confusion: bool = False, confusion_path: str | None = None) -> EvalResult:
 
     overrides = list(overrides or [])
-    other = data is not None or any(o.split("=", 1)[0].strip() in OTHER_DATA_KEYS for o in overrides)
-    if split is None:  # data other than the run's own is scored whole, however it is given
-        split = "all" if other else "val"
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    other = data is not None or bool(keys & set(OTHER_DATA_KEYS))
+    if split is None:
+        split = default_split(data is not None, keys)
     if split not in SPLITS:
         raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     notes: list[str] = []
@@ -159,10 +158,14 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
         section = resolved.get("data") or {}
         test_root = section.get("test_root") or any(o.startswith("data.test_root=") for o in overrides)
         if section.get("source") and not has_test_split(section["source"], test_root):
-            folder = ", data.test_root (a folder of the same classes)" if section["source"] == "image_folder" else ""
-            raise UsageError(f"--split test: {section['source']} has no test split of its own; use --split val "
-                             f"(the run's validation split), or --data with the data to score{folder}")
-        resolved.setdefault("data", {})["split"] = "test"
+            folder = ("--set data.test_root=DIR (a folder of the same classes), "
+                      if section["source"] == "image_folder" else "")
+            raise UsageError(f"--split test: {section['source']} has no test split of its own; score {folder}"
+                             "other data with --data, or the run's validation split with --split val")
+        if api.is_checkpoint_source(source):  # after the --set values: data.test_root may be one of them
+            overrides.append("data.split=test")
+        else:
+            resolved.setdefault("data", {})["split"] = "test"
     cfg, doc = CL.from_dict(resolved, str(source))
     if overrides and api.is_checkpoint_source(source):
         CL.apply_overrides(doc, overrides)
@@ -219,6 +222,19 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
     elif confusion:
         notes.append("--confusion applies to classification only")
     return result
+
+
+def default_split(data_given: bool, keys: set[str]) -> str:
+    """The split eval scores without --split: the run's own validation split; data other than the run's is
+    scored whole, however it is given (--data, --set data.root=...), except a folder given for one split:
+    --set data.test_root=DIR scores that test folder, --set data.val_root=DIR that validation folder."""
+    if not data_given and not keys & {"data", "data.source", "data.root", "data.path"}:
+        if "data.test_root" in keys:
+            return "test"
+        if "data.val_root" in keys:
+            return "val"
+        return "val"
+    return "all"
 
 
 def _other_folders(resolved: dict, overrides: list[str]) -> None:
