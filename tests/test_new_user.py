@@ -23,11 +23,31 @@ def test_predict_says_once_how_many_images_it_resized_or_converted_and_from_what
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "same.png")
     files = [str(tmp_path / n) for n in ("m0.png", "m1.png", "m2.png", "rgb.png", "same.png")]
     preds = nnctl.predict(str(digits_run), files)
-    assert preds.notes == ["3 of 5 images: resized from 28x28 to 8x8, the size the model was trained on",
-                           "1 of 5 images: converted from RGB to L, the colour mode the model was trained on"]
+    assert preds.notes == ["3 of 5 images: resized from 28x28 to 8x8, the size the model was trained on "
+                           f"(the first: {files[0]})",
+                           "1 of 5 images: converted from RGB to L, the colour mode the model was trained on "
+                           f"({files[3]})"]
     code, out, err = cli("predict", str(digits_run), *files)
     assert code == 0 and err.count("note: 3 of 5 images: resized from 28x28 to 8x8") == 1
     assert not nnctl.predict(str(digits_run), files[-1:]).notes  # an image as trained: nothing to say
+
+
+def test_predict_names_every_conversion_that_changes_an_image(digits_run, tmp_path):
+    """Every colour mode other than the model's is said, with what the conversion does (the new-user pass:
+    RGBA with its alpha dropped, P and CMYK were converted without a word), and which file."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 2), dtype=np.uint8), "LA").save(tmp_path / "la.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(rng.integers(0, 65535, (8, 8), dtype=np.uint16)).save(tmp_path / "i16.png")
+    Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(tmp_path / "l.png")
+    files = [str(tmp_path / n) for n in ("la.png", "p.png", "i16.png", "l.png")]
+    notes = nnctl.predict(str(digits_run), files).notes
+    mode = Image.open(files[2]).mode  # PIL reads a 16-bit grey PNG as I;16 or I (by version)
+    assert notes == [
+        f"1 of 4 images: converted from LA (its alpha dropped) to L, the colour mode the model was trained on ({files[0]})",
+        f"1 of 4 images: converted from P (a palette) to L, the colour mode the model was trained on ({files[1]})",
+        f"1 of 4 images: converted from {mode} ({'16' if mode.startswith('I;16') else '32'}-bit, scaled to 8) to L, "
+        f"the colour mode the model was trained on ({files[2]})"]
 
 
 def test_summary_of_a_run_shows_its_inputs_and_the_lines_of_its_config(digits_run):
@@ -95,3 +115,31 @@ def test_predict_says_when_tensor_inputs_are_far_from_the_training_datas_scale(d
                            "normalisation their mean is ")
     assert note.endswith("were they scaled as the training data was (the training data's values were divided "
                          "by 16)?")
+
+
+def test_more_class_scores_than_classes_is_a_warning_at_the_output_layer(tmp_path, cli):
+    """A Linear of width 5 for 4 class folders: check said ok and train ran without a word (the new-user
+    pass); now a warning at the layer's line, an error under --strict, and a note in the run log."""
+    rng = np.random.default_rng(0)
+    for c in "abcd":
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (4, 4), dtype=np.uint8)).save(tmp_path / "imgs" / c / f"{i}.png")
+    doc = make(model={"input_shape": [3, 4, 4], "layers": ["Flatten", {"Linear": {"out_features": 5}}]},
+               data={"source": "image_folder", "root": str(tmp_path / "imgs"), "val_fraction": 0.25},
+               train={"epochs": 1})
+    cfg = write(tmp_path, doc)
+    line, col = next((i, t.index("Linear") + 1) for i, t in enumerate(cfg.read_text().splitlines(), 1)
+                     if "- Linear" in t)  # the layer's item: where every problem of a layer is reported
+    warning = (f"{cfg}:{line}:{col}: warning: model.layers[1]: the model's output layer model.layers[1] (Linear, line "
+               f"{line}) gives 5 class scores per sample, but the data (image_folder {tmp_path / 'imgs'}) has 4 "
+               "classes: score 4 is never a target; set out_features: 4")
+    code, out, err = cli("check", str(cfg))
+    assert code == 0 and warning in err.splitlines(), err
+    code, out, err = cli("check", str(cfg), "--strict")
+    assert code == 2 and warning in err.splitlines(), err
+    r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 0 and "warning: model.layers[1]: the model's output layer" in r.stderr + r.stdout
+    doc["model"]["layers"][1] = {"Linear": {"out_features": 4}}
+    code, out, err = cli("check", str(write(tmp_path, doc)))
+    assert code == 0 and "warning" not in err, err

@@ -415,6 +415,28 @@ def check_facts(cfg: Config, doc, plan) -> list:
     return _score_problems(cfg, doc, plan, _where(d), classes, lo, hi)
 
 
+def score_warnings(cfg: Config, doc, plan) -> list:
+    """More class scores than the data has classes, where the classes are known without reading a sample
+    (an image folder's sub-folders, a built-in set): the scores beyond them are never a target, so training
+    only pushes them down; legal (room for classes to come), so a warning at the output layer, not an error."""
+    d = cfg.data
+    if d is None or d.target == "input" or plan is None or not plan.output_shape or not cfg.task.has_classes:
+        return []
+    classes = class_count(cfg)
+    out = tuple(int(v) for v in plan.output_shape)
+    if classes is None or len(out) != 1:
+        return []
+    needed = max(d.label_map) + 1 if d.label_map else classes
+    if out[0] <= needed:
+        return []
+    path, layer = _output_place(doc, plan)
+    node = _output_layer(plan)
+    hint = f"; set out_features: {needed}" if node is not None and node.type_name == "Linear" else ""
+    extra = f"score {needed} is" if out[0] == needed + 1 else f"scores {needed}..{out[0] - 1} are"
+    return [doc.problem(path, f"{layer} gives {out[0]} class scores per sample, but the data ({_where(d)}) has "
+                              f"{classes} classes: {extra} never a target{hint}")]
+
+
 def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:
     """Problems (nnctl.errors.Problem, located at the model's output layer) where the data's targets
     do not fit the model's output: class labels at or above the output width, an output that is not

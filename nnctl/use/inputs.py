@@ -18,7 +18,7 @@ from safetensors.torch import load as st_load
 from nnctl.data.decode import IMAGE_SUFFIXES, decode_image
 from nnctl.data.record import Preprocessing, raw_dtype_problem
 from nnctl.errors import NnctlError, UsageError
-from nnctl.files import _kind, read_input
+from nnctl.files import _kind, display_name, read_input
 
 TENSOR_SUFFIXES = (".pt", ".pth", ".npz", ".safetensors")
 MAX_SAMPLES_PER_FILE = 10_000_000
@@ -191,9 +191,19 @@ def image_group(source: Path | bytes, pre: Preprocessing, name: str | None = Non
     if (h, w) != tuple(t.shape[-2:]):
         group.adapted.append(f"resized from {w}x{h} to {t.shape[-1]}x{t.shape[-2]}, the size the model was "
                              "trained on")
-    if facts.get("mode") and _channels(facts["mode"]) != mode:
-        group.adapted.append(f"converted from {facts['mode']} to {mode}, the colour mode the model was trained on")
+    if facts.get("mode") and facts["mode"] != mode:  # RGBA and LA lose their alpha, 16-bit its low byte, ...
+        what = _CONVERSIONS.get(facts["mode"], "")
+        group.adapted.append(f"converted from {facts['mode']}{what} to {mode}, the colour mode the model was "
+                             "trained on")
     return group
+
+
+# what a conversion to the model's L or RGB does, said beside the mode's name
+_CONVERSIONS = {"RGBA": " (its alpha dropped)", "LA": " (its alpha dropped)", "La": " (its alpha dropped)",
+                "RGBa": " (its alpha dropped)", "PA": " (its alpha dropped)", "P": " (a palette)",
+                "CMYK": " (colours approximated)", "I;16": " (16-bit, scaled to 8)", "I;16B": " (16-bit, scaled to 8)",
+                "I;16L": " (16-bit, scaled to 8)", "I": " (32-bit, scaled to 8)", "F": " (float, scaled to 8-bit)",
+                "1": " (1-bit)", "YCbCr": "", "LAB": " (colours approximated)", "HSV": ""}
 
 
 def _channels(pil_mode: str) -> str:
@@ -205,11 +215,14 @@ def adapted_notes(groups: list) -> list[str]:
     """One note per kind of change made to images so the model can take them (issue 24: 28x28 MNIST PNGs
     given to the 8x8 digits model were resized without a word): how many, from what to what."""
     counts: dict[str, int] = {}
+    first: dict[str, str] = {}
     for g in groups:
         for change in getattr(g, "adapted", ()):
             counts[change] = counts.get(change, 0) + 1
+            first.setdefault(change, g.name)
     images = sum(1 for g in groups if g.image)
-    return [f"{n} of {images} image{'s' if images > 1 else ''}: {change}" for change, n in counts.items()]
+    return [f"{n} of {images} image{'s' if images > 1 else ''}: {change} "
+            f"({'the first: ' if n > 1 else ''}{display_name(first[change])})" for change, n in counts.items()]
 
 
 def _one_input(inputs: Any) -> bool:
