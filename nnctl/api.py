@@ -322,6 +322,8 @@ def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Se
     result.name = cfg.name
     pre = src.preprocessing
     result.inputs = pre.describe() if pre is not None else None
+    located = getattr(src.plan, "doc", None)
+    result.lines_of = located.file if located is not None and any(r.line for r in result.rows) else None
     if graph is not None:
         # never over what was read (the config, a link named g.png to it too, the checkpoint, a run's
         # files) nor inside the data folders its config names

@@ -59,6 +59,10 @@ def test_summary_of_a_run_shows_its_inputs_and_the_lines_of_its_config(digits_ru
     assert all(isinstance(n, int) and n > 0 for n in lines)  # the run's config.yaml lines (the column was empty)
     text = (digits_run / "config.yaml").read_text().splitlines()
     assert "Linear" in text[s.rows[-1].line - 1] or "Linear" in text[s.rows[-1].line]
+    # and it says which file the lines are in (the new-user pass read them against the file it trained from)
+    assert s.lines_of == str(digits_run / "config.yaml") and s.to_dict()["lines_of"] == s.lines_of
+    r = run_cli("summary", str(digits_run))
+    assert r.returncode == 0 and f"line: in {digits_run / 'config.yaml'}" in r.stdout.splitlines(), r.stdout
 
 
 @pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)

@@ -253,6 +253,8 @@ def print_summary(result) -> None:
         con.print(f"augment (training batches): {result.augment}", markup=False)
     if result.inputs:  # a trained model: what predict and eval feed it (its preprocessing record)
         con.print(f"inputs: {result.inputs}", markup=False)
+    if result.lines_of:  # a run's rows are at the lines of its config.yaml, not of the file it was trained from
+        con.print(f"line: in {display_name(result.lines_of)}", markup=False)
 
 
 def print_layers(info: list[dict], one: bool) -> None:

@@ -88,6 +88,7 @@ class Summary:
     augment: str | None = None  # the training batches' augmentation in one line (augment.describe), None: none
     name: str | None = None  # the config's name (nnctl summary's title; not in to_dict), None: a bare model
     inputs: str | None = None  # a trained model's inputs, from its preprocessing record (Preprocessing.describe)
+    lines_of: str | None = None  # the YAML file the rows' line numbers are in (a run's: RUN/config.yaml)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``json.dumps`` works): the same content as the table."""
@@ -106,6 +107,7 @@ class Summary:
             "warnings": list(self.warnings),
             "augment": self.augment,
             "inputs": self.inputs,
+            "lines_of": self.lines_of,
         }
 
 
