@@ -349,3 +349,14 @@ def test_optimizer_argument_beyond_float32_is_a_located_error(tmp_path):
     p = write(tmp_path, make(train={"optimizer": {"SGD": {"lr": 1e300}}}))
     r = run_cli("check", str(p))
     assert r.returncode == 2 and "beyond float32's range" in r.stderr and "internal error" not in r.stderr
+
+
+def test_suggestions_count_two_swapped_letters_as_one_edit():
+    """`Adma` suggested Adamax (difflib's ratio prefers the longer name); the fewest edits win now."""
+    from nnctl.config.schema import suggest
+
+    optimizers = ["Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "LBFGS", "NAdam", "RAdam", "RMSprop", "SGD"]
+    assert suggest("Adma", optimizers) == "; did you mean 'Adam'?"
+    assert suggest("SDG", optimizers) == "; did you mean 'SGD'?"
+    assert suggest("Adamxa", optimizers) == "; did you mean 'Adamax'?"
+    assert suggest("Lienar", ["Linear", "LazyLinear", "Bilinear"]) == "; did you mean 'Linear'?"
