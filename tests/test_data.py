@@ -166,6 +166,20 @@ def test_shape_mismatch():
         load_data(make_cfg(input_shape=(1, 28, 28)), CPU)
 
 
+def test_train_reports_a_shape_mismatch_at_the_input_shape_line(tmp_path):
+    """nnctl train: the samples' shape against model.input_shape, at that key's line (it had no file:line)."""
+    from .conftest import run_cli
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: g\nmodel:\n  input_shape: [3, 8, 8]\n  layers: [Flatten, {Linear: {out_features: 10}}]\n"
+                   "data: {source: digits}\ntrain: {epochs: 1}\n")
+    r = run_cli("train", str(cfg), "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"{cfg}:3:16: model.input_shape: data gives samples of shape [1, 8, 8] but "
+                                "model.input_shape is [3, 8, 8] (source: digits); set model.input_shape: [1, 8, 8]")
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_loss_does_not_fit_labels():
     with pytest.raises(UsageError, match="class labels but train.loss is mse"):
         load_data(make_cfg(train={"loss": "mse"}), CPU)

@@ -213,6 +213,16 @@ def preprocessing_record(cfg: Config, store: _Store, task: Task, mean, std) -> P
                            data=store.fingerprint(cfg.data.root))
 
 
+class ShapeMismatch(UsageError):
+    """The data's samples are not the shape the model takes; ``key``: the config key the fix is at
+    (model.input_shape for a config, data.image_size for a trained image model), so that a caller holding
+    the YAML document reports it at that line (nnctl train: the check pipeline's ``located``)."""
+
+    def __init__(self, message: str, key: tuple[str, ...]):
+        super().__init__(message)
+        self.key = key
+
+
 def _shape_message(cfg: Config, shape: list[int], trained: bool) -> str:
     """Samples of another shape than the model's input: the fix for a config (its input_shape) or, for a
     trained model (a preprocessing record), the data's (image folders resize with data.image_size)."""
@@ -248,7 +258,7 @@ def load_data(cfg: Config, device: torch.device, *, rank: int = 0, world_size: i
         _map_labels(store, d.label_map, d.source)
     shape = list(store.sample_shape)
     if shape != list(cfg.model.input_shape):
-        raise UsageError(_shape_message(cfg, shape, trained=preprocessing is not None))
+        raise ShapeMismatch(_shape_message(cfg, shape, trained=preprocessing is not None), ("model", "input_shape"))
     if len(store) == 0:
         raise UsageError(f"{d.source} has no samples")
 

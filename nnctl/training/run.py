@@ -253,8 +253,11 @@ def _load_checked(spec: RunSpec):
     """The run's data, with what needs the samples checked (the check pipeline's data step, and a
     resumed run's data against its checkpoint's): ConfigError / UsageError before anything trains."""
     cfg, dist = spec.cfg, spec.dist
-    data = D.load_data(cfg, spec.dev, rank=dist.rank, world_size=dist.world_size,
-                       weights=pretrained_preprocessing(cfg))
+    try:
+        data = D.load_data(cfg, spec.dev, rank=dist.rank, world_size=dist.world_size,
+                           weights=pretrained_preprocessing(cfg))
+    except D.ShapeMismatch as exc:  # at the line of the key to change, as the check pipeline reports
+        raise ConfigError([spec.doc.problem(exc.key, str(exc))]) from None
     problems = CHK.check_data(cfg, spec.doc, spec.plan, data)
     if problems:
         raise ConfigError(problems)
