@@ -285,3 +285,18 @@ def test_prepare_refuses_what_train_refuses():
         "(its children: 0, 1, 2, 3)"]
     with pytest.raises(nnctl.errors.ConfigError, match="no data: section: training needs one"):
         api.prepare({"model": CNN})
+
+
+def test_a_softmax_without_dim_is_one_warning_in_nnctls_words(tmp_path, cli):
+    """PyTorch's own deprecation warning and nnctl's lint said the same thing twice for one line (the
+    new-user pass counted three warnings for one Softmax); now once, with the fix, wherever the layer is."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: sm\nmodel:\n  input_shape: [1, 8, 8]\n  layers:\n    - Flatten\n    - Linear: [64, 10]\n"
+                   "    - Softmax\n    - Linear: [10, 10]\n    - LogSoftmax\ndata: {source: digits}\ntrain: {loss: nll}\n")
+    code, out, err = cli("check", str(cfg))
+    assert code == 0, err
+    assert err.splitlines() == [
+        f"{cfg}:7:7: warning: model.layers[2].Softmax: Softmax without dim: PyTorch guesses the dimension "
+        "(deprecated); write Softmax: {dim: 1}",
+        f"{cfg}:9:7: warning: model.layers[4].LogSoftmax: LogSoftmax without dim: PyTorch guesses the dimension "
+        "(deprecated); write LogSoftmax: {dim: 1}"]

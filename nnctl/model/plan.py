@@ -374,7 +374,12 @@ class _Planner:
                 self.fail(tpath, f"{where} cannot take an input of shape {list(shape)}: {_short(exc)}")
                 return node, None
         for w in caught:
-            self.warnings.append(self.doc.problem(tpath, f"warning from {cls.__name__}: {w.message}"))
+            if "Implicit dimension choice" in str(w.message):  # said once, in nnctl's words, with the fix
+                text = (f"{cls.__name__} without dim: PyTorch guesses the dimension (deprecated); write "
+                        f"{cls.__name__}: {{dim: 1}}")
+            else:
+                text = f"warning from {cls.__name__}: {w.message}"
+            self.warnings.append(self.doc.problem(tpath, text))
         if not isinstance(out, torch.Tensor):
             self.fail(tpath, f"{cls.__name__} returns {type(out).__name__}, not a tensor: it cannot be a child "
                              "of a Sequential")
@@ -469,9 +474,6 @@ def lint(cfg: Config, p: Plan) -> list[Problem]:
     if loss == "nll" and last.type_name not in ("LogSoftmax",):
         warn(last, "loss nll (NLLLoss) expects log-probabilities: end the model with LogSoftmax: {dim: 1}, "
                    "or use cross_entropy on raw logits")
-    if last.type_name in ("Softmax", "LogSoftmax") and last.kwargs.get("dim") is None:
-        warn(last, f"{last.type_name} without dim: PyTorch guesses the dimension (deprecated); write "
-                   f"{last.type_name}: {{dim: 1}}")
     if last.type_name.startswith("Dropout") or last.type_name.startswith("AlphaDropout"):
         warn(last, f"{last.type_name} is the last layer: it drops outputs, not features; move it before the last "
                    "Linear/Conv layer")
