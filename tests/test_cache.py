@@ -537,3 +537,16 @@ def test_a_header_whose_image_count_disagrees_with_its_shape_is_corrupt(folder):
     again = D.load_data(_cfg(folder, True), CPU)
     assert any("was corrupt" in n for n in again.notes), again.notes
     assert [e.status for e in K.entries(verify=True)] == ["valid"]
+
+
+def test_an_entry_of_a_folder_that_changed_since_is_listed_as_superseded(folder):
+    """After a file of the folder changed, the next run decodes a new entry; the old one is intact but no
+    run reads it again: `cache info` said "valid" for both (the new-user pass), now "superseded by KEY"."""
+    D.load_data(_cfg(folder, True, True, 0), CPU)
+    old = K.entries()[0]
+    image = next(folder.rglob("*.png"))
+    image.write_bytes(image.read_bytes())  # the same bytes, written again: a new ctime, so a new key
+    D.load_data(_cfg(folder, True, True, 0), CPU)
+    listed = {e.key: e.status for e in K.entries()}
+    new = next(k for k in listed if k != old.key)
+    assert listed == {new: "valid", old.key: f"superseded by {new[:12]} (the folder changed since)"}

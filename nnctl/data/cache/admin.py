@@ -33,7 +33,7 @@ class Entry:
 
     key: str
     path: Path                      # the data file
-    status: str                     # valid | corrupt: why | incomplete | building | partial (killed writer)
+    status: str                     # valid | superseded by KEY | corrupt: why | incomplete | building | partial
     root: str | None = None
     images: int | None = None
     shape: list[int] | None = None
@@ -109,8 +109,28 @@ def entries(directory: str | os.PathLike | None = None, verify: bool = False) ->
             else:
                 e.status = "partial (an interrupted fill)" if temps else "incomplete (no header)"
         out.append(e)
+    _mark_superseded(out)
     out.sort(key=lambda e: -(e.last_used or 0))
     return out
+
+
+def _mark_superseded(found: list[Entry]) -> None:
+    """An older entry of the same folder and shape as a newer one: the folder changed between them (a key
+    holds every file's size, times and inode, and a changed ctime cannot be set back), so no run reads it
+    again. Intact, but "superseded", so that `cache info` does not show it as in use; `cache clear --root`
+    frees it."""
+    newest: dict[tuple, Entry] = {}
+    for e in found:
+        if e.status != "valid" or e.root is None or e.shape is None:
+            continue
+        group = (e.root, tuple(e.shape))
+        keep = newest.get(group)
+        if keep is None or (e.created_at or "", e.last_used or 0) > (keep.created_at or "", keep.last_used or 0):
+            newest[group] = e
+    for e in found:
+        keep = newest.get((e.root, tuple(e.shape or ())))
+        if e.status == "valid" and keep is not None and keep is not e:
+            e.status = f"superseded by {keep.key[:12]} (the folder changed since)"
 
 
 @dataclass
