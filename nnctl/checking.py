@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from nnctl.config import loader as CL
 from nnctl.config import structure as CS
@@ -205,6 +206,13 @@ def check_search(doc: Document, cfg: Config) -> list[Problem]:
         else:
             problems.append(doc.problem(("tune", "params", path), f"no value of {path} gives a valid config: "
                                                                   f"{reasons[0]}"))
+    server = bool(t.storage) and "://" in t.storage and not t.storage.startswith("sqlite:///")
+    if t.storage and not server and cfg.data is not None:  # a study file inside the data would be read as data
+        try:
+            files.refuse_inside(TUNE.storage_file(t.storage, Path(".")), read_paths(cfg)[1] + TUNE.searched_folders(cfg),
+                                "tune.storage", advice="keep the study outside the data")
+        except UsageError as exc:
+            problems.append(doc.problem(("tune", "storage"), str(exc).removeprefix("tune.storage ")))
     return problems
 
 

@@ -143,6 +143,35 @@ def refuse_inside(path: str | os.PathLike, input_dirs: tuple | list, what: str =
                              f"refused ({advice or _choose(what)})")
 
 
+def check_out_folder(path: str | os.PathLike, what: str = "--out") -> Path:
+    """A folder nnctl makes or continues in (a run's --out, a search's --out): refused (UsageError, exit 2)
+    when the name is a symbolic link (nnctl never writes through one), exists and is not a folder, has a
+    parent that is a file, or has a component longer than the file system allows, each said as it is
+    (an OSError of these, raised later, said "Not a directory" or "File name too long" with exit 1)."""
+    p = Path(path)
+    for part in p.parts:
+        if len(os.fsencode(part)) > _NAME_MAX:
+            raise UsageError(f"{what} {p}: the name {display_name(part)[:40]}... is {len(os.fsencode(part))} bytes "
+                             f"long; a file system allows {_NAME_MAX}")
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        st = None
+    except NotADirectoryError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode):
+        raise UsageError(f"{what} {p}: is a symbolic link; nnctl never writes through one: give the folder itself")
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {p}: exists and is not a folder")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UsageError(f"{what} {p}: {parent} is a file, not a folder")
+    return p
+
+
+_NAME_MAX = 255  # bytes of one name in a path: ext4, xfs, btrfs, tmpfs (os.pathconf's PC_NAME_MAX)
+
+
 def _choose(what: str) -> str:
     """The advice of a refusal: the option that names the target (-o, --graph, --confusion-out)."""
     return f"choose another {what}" if what.startswith("-") else "choose another file"

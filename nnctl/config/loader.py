@@ -59,6 +59,16 @@ def resolve_paths(doc: Document, base: str, only_overridden: bool = False) -> No
             cur = cur.get(k) if isinstance(cur, dict) else None
         if isinstance(cur, dict) and keys[-1] in cur:
             cur[keys[-1]] = _resolve_path(cur[keys[-1]], base)
+    # a search's choices for those keys are paths of the same file: resolved as the key itself would be
+    params = (data.get("tune") or {}).get("params") if isinstance(data.get("tune"), dict) else None
+    if not isinstance(params, dict):
+        return
+    for keys in PATH_KEYS:
+        name = ".".join(keys)
+        spec = params.get(name)
+        from_set = any(p in doc.overridden for p in (("tune",), ("tune", "params"), ("tune", "params", name)))
+        if only_overridden == from_set and isinstance(spec, dict) and isinstance(spec.get("choice"), list):
+            spec["choice"] = [_resolve_path(v, base) for v in spec["choice"]]
 
 
 # --- overrides: --set train.optimizer.Adam.lr=0.01 ---------------------------------

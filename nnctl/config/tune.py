@@ -21,7 +21,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -269,3 +271,28 @@ def _choice(value: Any, known: dict[str, tuple[str, ...]], what: str) -> tuple[s
         elif key == "reduction_factor" and v < 2:
             raise ValueError("reduction_factor must be 2 or more")
     return name, dict(args)
+
+
+# --- what a search reads and writes on this machine (checked by nnctl check and by nnctl tune) ----------
+
+JOURNAL = "study.journal"  # the study's file in the search folder when tune.storage is not given
+
+
+def storage_file(url: str | None, folder: Path) -> Path:
+    """The local file a search's study is written to: its journal, or an sqlite database's file."""
+    if url and url.startswith("sqlite:///"):
+        return Path(url[len("sqlite:///"):])
+    if url and "://" in url:
+        return folder / JOURNAL  # a server's database: nothing local but the folder
+    return Path(url) if url else folder / JOURNAL
+
+
+def searched_folders(cfg) -> list[str]:
+    """The data folders a trial may read beyond the config's own: the choices of a searched data.root,
+    data.val_root or data.test_root (absolute: the loader resolved them against the config file's folder,
+    as the key itself, or against the current folder for a --set value)."""
+    out = []
+    for path, spec in cfg.tune.params.items():
+        if path in ("data.root", "data.val_root", "data.test_root") and "choice" in spec:
+            out += [os.path.abspath(os.path.expanduser(v)) for v in spec["choice"] if isinstance(v, str)]
+    return out

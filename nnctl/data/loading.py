@@ -223,6 +223,17 @@ class ShapeMismatch(UsageError):
         self.key = key
 
 
+def data_fingerprint(cfg: Config) -> dict:
+    """The data's fingerprint as a run records it (``Preprocessing.data``: samples, per class, a digest), from
+    the source's listing or bytes as ``load_data`` reads them, without decoding an image or filling the
+    decoded cache: what a continued search compares its trials' data against (nnctl tune)."""
+    d = cfg.data.model_copy(update={"cache": False})
+    store = _read(cfg.model_copy(update={"data": d}), None)
+    if d.label_map is not None:
+        _map_labels(store, d.label_map, d.source)
+    return store.fingerprint(d.root)
+
+
 def _shape_message(cfg: Config, shape: list[int], trained: bool) -> str:
     """Samples of another shape than the model's input: the fix for a config (its input_shape) or, for a
     trained model (a preprocessing record), the data's (image folders resize with data.image_size)."""

@@ -40,7 +40,9 @@ or float32 model-scale values.
   with the data they read (:func:`data_changes`): a file added to a class folder moves training
   samples into "val". An image folder's ``data.val_root`` (or ``test_root``) has its own fingerprint
   under that key (``samples``, ``per_class``, ``digest``), the top level being ``data.root``'s.
-  Null in records written before it (nothing is compared)
+  An image folder's digest is of its files' names and labels (``"by": "files"``) however the run
+  held them (streamed, preloaded or from the decoded cache: one fingerprint for one folder); other
+  sources' of their bytes. Null in records written before it (nothing is compared)
 
 No torch import at module level: reading a record is cheap.
 """
@@ -217,6 +219,11 @@ def changed_split(then: dict | None, split: str = "val") -> str:
 
 def _change(then: dict, now: dict, names: list[str] | None) -> str | None:
     if then.get("digest") == now.get("digest"):
+        return None
+    if then.get("by") != now.get("by") and (then.get("samples"), then.get("per_class")) == \
+            (now.get("samples"), now.get("per_class")):
+        # a record from before image folders were always hashed by their files (a preloaded or cached
+        # folder's digest was of its pixels): two kinds of digest, so only the counts can be compared
         return None
     a, b = int(then.get("samples", 0)), int(now.get("samples", 0))
     parts = [f"{b:,} samples now, {a:,} then" if a != b else f"the same {a:,} samples in number, but not the same samples"]

@@ -33,6 +33,7 @@ class _Store:
     num_classes: int | None = None
     test_start: int | None = None   # samples from here on are the dataset's own test split
     files: list[str] | None = None  # image_folder, streamed
+    names: list[str] | None = None  # image_folder's files, kept when decoded or cached: what its fingerprint hashes
     image_mode: str = "RGB"
     image_size: tuple[int, int] | None = None  # (H, W) to resize to
     class_names: list[str] | None = None  # index = class id (the preprocessing record's `classes`)
@@ -58,8 +59,9 @@ class _Store:
     def _fingerprint(self, start: int, end: int, root: str | None) -> dict:
         h = hashlib.sha256()  # faster than blake2b here (SHA extensions): 150 MB in 0.15 s
         x, y = (self.x[start:end] if self.x is not None else None), self.y[start:end]
-        if self.files is not None:
-            for f, label in zip(self.files[start:end], y.tolist()):
+        names = self.names if self.names is not None else self.files
+        if names is not None:  # image files: their names and labels, however they are held (streamed,
+            for f, label in zip(names[start:end], y.tolist()):  # decoded, or from the decoded cache)
                 name = os.path.relpath(f, root) if root else f
                 h.update(os.fsencode(name) + b"\0" + str(label).encode() + b"\n")
         else:
@@ -68,7 +70,7 @@ class _Store:
                     t = t.detach().cpu().contiguous()
                     h.update(str((t.dtype, tuple(t.shape))).encode())
                     h.update(t.view(torch.uint8).reshape(-1).numpy() if t.numel() else b"")
-        out = {"samples": len(y), "digest": h.hexdigest()[:32]}
+        out = {"samples": len(y), "digest": h.hexdigest()[:32], **({"by": "files"} if names is not None else {})}
         if y.dtype == torch.int64 and y.dim() == 1 and len(y):
             out["per_class"] = torch.bincount(y.clamp_min(0)).tolist()
         return out

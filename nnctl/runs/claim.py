@@ -119,13 +119,12 @@ def claim_new(name: str, out: str | os.PathLike | None = None, base: str | os.Pa
     one of ``input_dirs`` (the data folders the run reads) is refused before anything is made: it would
     be read as data (a class folder, images) by the next run.
     """
+    if out is not None:
+        files.check_out_folder(out)
     files.refuse_inside(Path(out) if out is not None else Path(base) / name, input_dirs,
                         "--out" if out is not None else "the run folder", advice="give --out DIR elsewhere")
     if out is not None:
-        p = Path(out)
-        if p.is_symlink() or (p.exists() and not p.is_dir()):
-            raise UsageError(f"--out {p}: exists and is not a folder")
-        return _claim_one(p, explicit=True)
+        return _claim_one(Path(out), explicit=True)
     root = Path(base)
     for i in range(1, 100_000):
         p = root / (name if i == 1 else f"{name}-{i}")

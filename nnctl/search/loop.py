@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 
 from nnctl import checking as CHK
 from nnctl.config import loader as CL
+from nnctl.config import structure as CS
 from nnctl.config.tune import choice_label, flow
 from nnctl.errors import NnctlError, Pruned, UsageError
 from nnctl.locks import FileLock
@@ -265,6 +266,14 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
     if on_trial is not None:
         on_trial(outcome)
     sets = [*overrides, *overrides_of(values), "tune=null"]
+    trial_cfg = _valid_config(config, [*overrides, *overrides_of(values)])
+    if trial_cfg is not None and trial_cfg.data is not None:
+        try:  # the data its earlier trials trained on, unchanged: else the search stops here
+            S.refuse_changed_data(search, trial_cfg)
+        except BaseException as exc:
+            trial.set_user_attr(S.ERROR, " ".join(str(exc).split())[:2000])
+            _tell(study, trial, state=TrialState.FAIL)
+            raise
     try:
         # the sampled config with its search (tune.metric against this trial's model: a top-5 metric of a
         # 3-output trial) through the check pipeline: its refusal is the trial's failure, before any folder
@@ -276,6 +285,8 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
                 history = RUN.train(config, overrides=sets, out=str(run),
                                     on_event=reporter(trial, metric, cfg.train.epochs)).history
     except Pruned as exc:
+        if trial_cfg is not None and trial_cfg.data is not None:
+            S.note_data(trial, trial_cfg, run)
         _tell(study, trial, state=TrialState.PRUNED)
         outcome.state, outcome.value, outcome.epoch = "pruned", exc.value, exc.epoch
     except (Interrupted, KeyboardInterrupt) as exc:
@@ -297,11 +308,21 @@ def _run_trial(search: S.Search, cfg, config: str, overrides: list[str], trial: 
         else:
             outcome.state, (outcome.epoch, outcome.value) = "complete", best
             trial.set_user_attr(S.BEST_EPOCH, outcome.epoch)
+            if trial_cfg is not None and trial_cfg.data is not None:
+                S.note_data(trial, trial_cfg, run)
             _tell(study, trial, outcome.value)
     outcome.seconds = time.monotonic() - began
     if on_trial is not None:
         on_trial(outcome)
     return outcome
+
+
+def _valid_config(config: str, sets: list[str]):
+    """The trial's config, or None when it is not valid (the check pipeline then says why: a failed trial)."""
+    try:
+        return CS.validate(CL.load_document(config, sets))
+    except NnctlError:
+        return None
 
 
 def reporter(trial: optuna.Trial, metric: str, epochs: int) -> Callable:

@@ -18,7 +18,8 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,11 @@ from optuna.trial import TrialState
 
 from nnctl.config.loader import flatten
 from nnctl.config.schema import Config, resolved
+from nnctl.data.loading import data_fingerprint
+from nnctl.data.record import data_changes
+from nnctl.runs import checkpoint as K
 from nnctl.config.tune import PRUNERS, SAMPLERS  # noqa: F401  (the names nnctl's tune: section takes)
+from nnctl.config.tune import JOURNAL, searched_folders, storage_file  # noqa: F401  (also used as S.*)
 from nnctl.errors import UsageError
 from nnctl import files
 from nnctl.data.sources.read import read_paths
@@ -36,7 +41,6 @@ from nnctl.runs.rundir import SEARCH_RECORD
 from nnctl.tasks import mode_of
 from nnctl.training.policy import monitor_for
 
-JOURNAL = "study.journal"
 WORKER_INDEX = "NNCTL_TUNE_WORKER"  # 1, 2, ... in the worker processes of --workers N (unset: the process itself)
 BEST = "best.yaml"
 PICTURES = ("history.png", "epochs.png", "importances.png", "parallel.png")
@@ -85,15 +89,6 @@ def open_storage(where: str):
                 raise UsageError(f"{where}: is not an Optuna journal")
     lock = optuna.storages.journal.JournalFileOpenLock(where)
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(where, lock_obj=lock))
-
-
-def storage_file(url: str | None, folder: Path) -> Path:
-    """The local file a search's study is written to: its journal, or an sqlite database's file."""
-    if url and url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///"):])
-    if url and "://" in url:
-        return folder / JOURNAL  # a server's database: nothing local but the folder
-    return Path(url) if url else folder / JOURNAL
 
 
 def redact(url: str) -> str:
@@ -160,6 +155,7 @@ class Search:
     metric: str
     direction: str
     record: dict
+    data_checked: set = field(default_factory=set)  # data sections found unchanged since earlier trials
 
 
 def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overrides: list[str],
@@ -169,6 +165,7 @@ def open_search(cfg: Config, folder: Path, space: dict, config_path: str, overri
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metric, direction = metric_of(cfg)
     data_dirs = read_paths(cfg)[1] + searched_folders(cfg)
+    files.check_out_folder(folder)
     files.refuse_inside(folder, data_dirs, "--out", advice="give --out DIR elsewhere")
     files.refuse_inside(storage_file(cfg.tune.storage, folder), data_dirs, "tune.storage",
                         advice="keep the study outside the data")
@@ -247,6 +244,49 @@ def _searched_config(cfg: Config) -> dict:
     return data
 
 
+DATA = "data"  # a trial's user attribute: {"section": digest of its data: section, "fingerprint": its data's}
+
+
+def _data_section(cfg: Config) -> str:
+    data = resolved(cfg).get("data") or {}
+    for key in ("num_workers", "cache", "preload", "download"):  # how it is read, not what
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def note_data(trial: optuna.Trial, cfg: Config, run: Path) -> None:
+    """After a trial trained: the fingerprint of the data it trained on (its checkpoint's record), so that a
+    continued search can tell whether the data changed since (``refuse_changed_data``)."""
+    try:
+        record = K.load(run / "last.pt").get("preprocessing") or {}
+    except Exception:  # noqa: BLE001  (no checkpoint, an unreadable one: nothing to compare later)
+        return
+    if isinstance(record.get("data"), dict):
+        trial.set_user_attr(DATA, {"section": _data_section(cfg), "fingerprint": record["data"],
+                                   "classes": record.get("classes")})
+
+
+def refuse_changed_data(search: Search, cfg: Config) -> None:
+    """A continued search whose data changed since earlier trials trained on it would rank trials of two
+    datasets together (their scores are on other validation samples): refused, naming what changed, as a
+    continued search of another config is. Read once per data section a process trains (listing or
+    bytes, never a decode: ``data_fingerprint``)."""
+    section = _data_section(cfg)
+    if section in search.data_checked:
+        return
+    for t in search.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        seen = t.user_attrs.get(DATA)
+        if isinstance(seen, dict) and seen.get("section") == section:
+            names = seen.get("classes") if isinstance(seen.get("classes"), list) else None
+            change = data_changes(seen.get("fingerprint"), data_fingerprint(cfg), names)
+            if change:
+                raise UsageError(f"{search.folder}: the data changed since trial {t.number} trained on it "
+                                 f"({change}); continuing would rank trials of two datasets together: restore "
+                                 "the data, or give another --out")
+            break
+    search.data_checked.add(section)
+
+
 def _recorded_storage(url: str | None) -> str:
     """What tune.json says of the storage: a URL without its password, a journal file's absolute path, or
     the search folder's own journal (relative: the folder may move)."""
@@ -275,24 +315,13 @@ def read_record(folder: Path) -> dict:
     return data
 
 
-def searched_folders(cfg: Config) -> list[str]:
-    """The data folders a trial may read beyond the config's own: the choices of a searched data.root,
-    data.val_root or data.test_root (relative to the current folder, as --set's values are)."""
-    out = []
-    for path, spec in cfg.tune.params.items():
-        if path in ("data.root", "data.val_root", "data.test_root") and "choice" in spec:
-            out += [os.path.abspath(os.path.expanduser(v)) for v in spec["choice"] if isinstance(v, str)]
-    return out
-
-
 def refuse_foreign(folder: Path) -> None:
     """--out of a search: a new folder, an empty one, or a search folder (continued); never another folder,
     whose files a search would mix with its own (best.yaml, pictures) or replace (nnctl never writes into a
     folder it did not make)."""
-    if not folder.exists() and not folder.is_symlink():
+    files.check_out_folder(folder)
+    if not folder.exists():
         return
-    if folder.is_symlink() or not folder.is_dir():
-        raise UsageError(f"--out {folder}: exists and is not a folder")
     if (folder / SEARCH_RECORD).exists() or (folder / SEARCH_RECORD).is_symlink():
         return
     if any(True for _ in folder.iterdir()):

@@ -284,7 +284,7 @@ def _folder_store(cfg: Config, folder: Path, samples: list[tuple[str, int]], cla
     y = torch.tensor([c for _, c in samples], dtype=torch.int64)
     channels = 1 if mode == "L" else 3
     store = _Store(y=y, sample_shape=(channels, *(size or ())), scale=255.0, num_classes=len(class_names),
-                   files=files, image_mode=mode, image_size=size, class_names=class_names)
+                   files=files, image_mode=mode, image_size=size, class_names=class_names, names=files)
     if cfg.data.cache and cache.attach(store, folder, measure_size=lambda: _common_size(folder, files)):
         return store
     if store.image_size is None:
@@ -302,7 +302,7 @@ def _joined(stores: list[_Store], files: list[list[str]], key: str, folder: str,
                     num_classes=first.num_classes, image_mode=first.image_mode, image_size=first.image_size,
                     class_names=first.class_names, notes=notes + first.notes + second.notes,
                     x=torch.cat([first.x, second.x]) if mapped else None,
-                    files=None if mapped else files[0] + files[1])
+                    files=None if mapped else files[0] + files[1], names=files[0] + files[1])
     if not mapped and any(s.x is not None for s in stores):
         joined.notes.append("the decoded cache serves one of the two folders only: both are decoded without it")
     joined.parts = [(key, folder, len(first))]
