@@ -65,3 +65,15 @@ def test_python_m_nnctl_and_a_trained_run_are_complete(tmp_path):
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = run_cli("runs", str(tmp_path), "--json")
     assert r.returncode == 0 and '"state": "finished"' in r.stdout, (r.stdout, r.stderr)
+
+
+def test_a_profiler_still_gets_its_results(tmp_path):
+    """`python -m cProfile -o OUT -m nnctl ...` writes OUT after nnctl returns: under a profiler or a tracer
+    the exit is Python's own (os._exit would have lost the profile)."""
+    out = tmp_path / "prof.out"
+    r = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(out), "-m", "nnctl", "--version"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    import pstats
+
+    assert pstats.Stats(str(out)).total_calls > 0

@@ -87,7 +87,8 @@ def run() -> None:
     every trial (docs/benchmarks.md, "The whole run"). So: the threads Python would join, the
     ``atexit`` handlers it would run (multiprocessing, logging, TensorBoard, MLflow), the standard
     streams flushed, then ``os._exit`` with the same exit code. An exception other than SystemExit
-    takes Python's normal path.
+    takes Python's normal path, and so does every exit under a profiler or a tracer (cProfile, a
+    debugger, coverage), which write their results after the program returns.
     """
     import atexit
     import os
@@ -99,6 +100,10 @@ def run() -> None:
         code = 0
     except SystemExit as done:
         code = done.code
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        # under a profiler or a debugger (python -m cProfile -m nnctl, pdb, coverage's tracer): they write
+        # their results after this returns, so the exit is Python's own
+        raise SystemExit(code)
     if code is None:
         code = 0
     elif not isinstance(code, int):  # SystemExit("message"): Python prints it and exits 1
