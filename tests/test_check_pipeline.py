@@ -300,3 +300,18 @@ def test_a_softmax_without_dim_is_one_warning_in_nnctls_words(tmp_path, cli):
         "(deprecated); write Softmax: {dim: 1}",
         f"{cfg}:9:7: warning: model.layers[4].LogSoftmax: LogSoftmax without dim: PyTorch guesses the dimension "
         "(deprecated); write LogSoftmax: {dim: 1}"]
+
+
+def test_a_scalar_meant_as_the_outputs_gets_the_hint(tmp_path, cli):
+    """`Linear: 4` is in_features=4 (PyTorch's first argument): the new-user pass got "expected
+    in_features=2352" with no word of what was meant. A list or mapping gets no hint."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  input_shape: [1, 8, 8]\n  layers:\n    - Flatten\n    - Linear: 4\n")
+    code, out, err = cli("check", str(cfg))
+    assert code == 2 and err.strip() == (
+        f"{cfg}:5:15: model.layers[1].Linear: Linear at model.layers[1]: in_features=4 but the input's last "
+        "dimension is 64 (input shape [64]); expected in_features=64; a scalar is in_features: for 4 outputs "
+        "write Linear: {out_features: 4}")
+    cfg.write_text("model:\n  input_shape: [1, 8, 8]\n  layers:\n    - Flatten\n    - Linear: [4, 3]\n")
+    code, out, err = cli("check", str(cfg))
+    assert code == 2 and err.strip().endswith("expected in_features=64")

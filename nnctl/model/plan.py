@@ -331,8 +331,13 @@ class _Planner:
                 kwargs[pname] = value
             elif kwargs[pname] != value:
                 sub = (pname,) if isinstance(args, dict) else ()
+                # `Linear: 4` meant as 4 outputs: a scalar is the first argument, in_features
+                scalar = not isinstance(args, (dict, list, tuple)) and L.params_of(cls) and \
+                    L.params_of(cls)[0].name == pname
+                hint = (f"; a scalar is {pname}: for {args!r} outputs write {cls.__name__}: "
+                        f"{{{L.params_of(cls)[1].name}: {args!r}}}" if scalar and len(L.params_of(cls)) > 1 else "")
                 self.fail(tpath + sub, f"{where}: {pname}={kwargs[pname]!r} but {reason} "
-                                       f"(input shape {list(shape)}); expected {pname}={value}")
+                                       f"(input shape {list(shape)}); expected {pname}={value}{hint}")
                 return Node("layer", cls.__name__, path, cls, kwargs, in_shape=shape), None
         missing = L.missing_required(cls, kwargs)
         if shape is None:  # an earlier layer failed: shapes are unknown from here on
