@@ -16,7 +16,8 @@ _SCHEDULER_KEYS = ("lr", "initial_lr")
 _CYCLE_KEYS = ("momentum", "betas", "max_lr", "min_lr", "max_momentum", "base_momentum")
 
 
-def _resume_optimizer(cfg: Config, saved: dict, resume: dict, optimizer, scheduler, steps: int) -> None:
+def _resume_optimizer(cfg: Config, saved: dict, resume: dict, optimizer, scheduler, steps: int,
+                      load=None) -> None:
     """Load the optimizer and scheduler state of a resumed run, with the config's hyperparameters.
 
     The rule (README, Training, Config changes): the optimizer class and the scheduler (class,
@@ -27,7 +28,8 @@ def _resume_optimizer(cfg: Config, saved: dict, resume: dict, optimizer, schedul
     With a scheduler, the learning rate (and for OneCycleLR / CyclicLR with cycle_momentum the
     momentum or betas) belongs to the scheduler: changing train.optimizer's lr is refused then.
     A schedule whose length was fixed from train.epochs (OneCycleLR's total_steps) cannot be
-    stretched: a resume with other epochs is refused.
+    stretched: a resume with other epochs is refused. ``load``: how the optimizer takes the saved
+    state (default ``optimizer.load_state_dict``; a sharded model's: ``training.sharding``).
     """
     t = cfg.train
     saved_train = (saved or {}).get("train") or {}
@@ -79,7 +81,7 @@ def _resume_optimizer(cfg: Config, saved: dict, resume: dict, optimizer, schedul
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if resume.get("optimizer"):
         try:
-            optimizer.load_state_dict(resume["optimizer"])
+            (load or optimizer.load_state_dict)(resume["optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise UsageError(f"the checkpoint's optimizer state does not fit this run's trainable parameters "
                              f"(were other parameters frozen?): {' '.join(str(exc).split())[:160]}; {fix}") from None

@@ -30,10 +30,22 @@ EXPLODE_FACTOR = 1e6
 
 
 def state_finite(model: nn.Module) -> bool:
-    """True when every floating parameter and buffer is finite (one host sync)."""
-    flags = [torch.isfinite(v).all() for v in model.state_dict().values()
-             if isinstance(v, torch.Tensor) and v.is_floating_point()]
-    return bool(torch.stack(flags).all()) if flags else True
+    """True when every floating parameter and buffer is finite (one host sync). A sharded model (FSDP2:
+    DTensor parameters) is checked shard by shard and the ranks agree (a collective: every rank calls it)."""
+    flags, sharded = [], False
+    for v in model.state_dict().values():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            if hasattr(v, "to_local"):  # a DTensor: this rank's shard
+                v, sharded = v.to_local(), True
+            flags.append(torch.isfinite(v).all())
+    finite = bool(torch.stack(flags).all()) if flags else True
+    if sharded:
+        import torch.distributed as tdist
+
+        bad = torch.tensor([0.0 if finite else 1.0], device=flags[0].device)
+        tdist.all_reduce(bad)
+        finite = float(bad) == 0.0
+    return finite
 
 
 def non_finite_inputs(batches) -> int:

@@ -55,10 +55,11 @@ def _options(**kw):
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped model's full state_dict on the CPU (a collective: every rank calls it; all get it)."""
+    """The unwrapped model's full state_dict on the CPU, on rank 0 (a collective: every rank calls it; the
+    others get {}: only rank 0 writes checkpoints, and no rank holds the whole model on its device)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=False))
+    return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -66,8 +67,8 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     parameter's index), as a one-process run's optimizer returns it (a collective: every rank calls it)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    by_name = get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True))
-    return _by_index(by_name, _names_in_order(model, optimizer))
+    by_name = get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
+    return _by_index(by_name, _names_in_order(model, optimizer)) if by_name else {}
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
@@ -110,3 +111,36 @@ def per_rank_bytes(model: nn.Module, world_size: int, strategy: str, optimizer_s
 
     return {"parameters": size(params), "gradients": size(trainable),
             "optimizer": optimizer_slots * size(trainable)}
+
+
+# --- the trainer's one way to read and write its state, sharded or not ----------------------------
+
+def model_state(model: nn.Module, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The model's full state_dict: gathered from the shards (a collective) when sharded, else its own
+    (``copy``: tensors that later steps do not change, as best.pt's weights need)."""
+    if is_sharded(model):
+        return full_model_state(model)
+    state = model.state_dict()
+    return {k: v.detach().clone() for k, v in state.items()} if copy else state
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state_dict in PyTorch's own format, gathered when the model is sharded."""
+    return full_optimizer_state(model, optimizer) if is_sharded(model) else optimizer.state_dict()
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """A full state_dict into the model, into each rank's shards when it is sharded (strict)."""
+    if not is_sharded(model):
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, state, options=_options(full_state_dict=True))
+
+
+def optimizer_loader(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """How the optimizer takes a saved state_dict (``optim.optimizers._resume_optimizer``'s ``load``)."""
+    if not is_sharded(model):
+        return optimizer.load_state_dict
+    return lambda state: load_optimizer_state(model, optimizer, state)
