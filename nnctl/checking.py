@@ -44,7 +44,7 @@ from nnctl.config import tune as TUNE
 from nnctl.config.schema import Config
 from nnctl.config.yamlio import Document
 from nnctl.data.augment.spec import check as augment_problems
-from nnctl.data.loading import check_facts, check_targets, score_warnings, split_problems
+from nnctl.data.loading import check_facts, check_targets, folder_warnings, score_warnings, split_problems
 from nnctl.data.sources.folder import root_problem
 from nnctl.data.sources.read import read_paths
 from nnctl import files
@@ -147,6 +147,8 @@ def check(doc: Document, purpose: str = "check") -> Checked:
             missing += TUNE.missing(cfg, doc)
     warnings_ = lint(cfg, plan_) + score_warnings(cfg, doc, plan_) if cfg is not None and plan_ is not None \
         and not problems else []
+    if cfg is not None and purpose == "check" and not problems:  # training notes it in its run log
+        warnings_ += folder_warnings(cfg, doc)
     return Checked(cfg, plan_, _in_file_order(problems, doc.file), warnings_, doc, missing)
 
 

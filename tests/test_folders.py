@@ -332,3 +332,16 @@ def test_a_folder_given_for_one_split_is_what_eval_scores(layout):
     assert code.stderr.strip() == ("error: --split test: image_folder has no test split of its own; score "
                                    "--set data.test_root=DIR (a folder of the same classes), other data with "
                                    "--data, or the run's validation split with --split val")
+
+
+def test_check_says_what_training_notes_of_a_class_missing_from_the_val_folder(layout, cli):
+    """`check` said plain ok where `train` noted that the val folder has no folder for a class (the
+    new-user pass): now a warning at data.val_root (an error only under --strict)."""
+    shutil.rmtree(layout / "val" / "bee")
+    cfg = write(layout, _config({"root": str(layout / "train"), "val_root": str(layout / "val")}))
+    line = next(i for i, t in enumerate(cfg.read_text().splitlines(), 1) if "val_root:" in t)
+    code, out, err = cli("check", str(cfg))
+    assert code == 0 and f"{cfg}:{line}:" in err
+    assert (f"warning: data.val_root: {layout / 'val'} has no folder for class 'bee': the val split holds none "
+            "of it") in err
+    assert cli("check", str(cfg), "--strict")[0] == 2

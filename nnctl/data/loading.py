@@ -42,7 +42,7 @@ from nnctl.config.schema import Config
 from nnctl.config.yamlio import format_path
 from nnctl.data import record as P
 from nnctl.data.augment.pipeline import build as build_augment
-from nnctl.data.sources.folder import _decode_all, class_count, folder_problems, other_folder
+from nnctl.data.sources.folder import _decode_all, class_count, folder_notes, folder_problems, other_folder
 from nnctl.data.sources.read import IMAGE_MODES, IMAGE_SOURCES, _read
 from nnctl.data.sources.tensors import SYNTHETIC_SIZE
 from nnctl.data.store import (
@@ -456,6 +456,12 @@ def score_warnings(cfg: Config, doc, plan) -> list:
     extra = f"score {needed} is" if out[0] == needed + 1 else f"scores {needed}..{out[0] - 1} are"
     return [doc.problem(path, f"{layer} gives {out[0]} class scores per sample, but the data ({_where(d)}) has "
                               f"{classes} classes: {extra} never a target{hint}")]
+
+
+def folder_warnings(cfg: Config, doc) -> list:
+    """An image folder's val_root / test_root without a folder for one of data.root's classes: allowed
+    (that split has none of it), noted by training in its run log; ``nnctl check`` says it at the key."""
+    return [doc.problem(("data", key), note) for key, note in folder_notes(cfg.data)]
 
 
 def check_targets(cfg: Config, doc, plan, data: DataBundle) -> list:

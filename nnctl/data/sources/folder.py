@@ -245,6 +245,24 @@ def folder_problems(d) -> list[tuple[str, str]]:
     return problems
 
 
+def folder_notes(d) -> list[tuple[str, str]]:
+    """(key, note) for each data.val_root / data.test_root that lacks a class folder of data.root: what
+    training notes in its run log (that split holds none of the class), for ``nnctl check`` to say too."""
+    if d is None or d.source != "image_folder" or not d.root or not os.path.isdir(os.path.expanduser(d.root)):
+        return []
+    root = Path(os.path.expanduser(d.root))
+    notes = []
+    for key in ("val_root", "test_root"):
+        if getattr(d, key) and os.path.isdir(os.path.expanduser(getattr(d, key))):
+            try:
+                classes = [n for n, _ in _class_folders(root, {}, lambda t: None)]
+                _, found = folder_classes(Path(os.path.expanduser(getattr(d, key))), key, root, classes)
+            except UsageError:  # refused by folder_problems, at its line
+                continue
+            notes += [(key, n.removeprefix("image_folder: ").removeprefix(f"data.{key} ")) for n in found]
+    return notes
+
+
 def _image_folder(cfg: Config, weights: dict | None = None) -> _Store:
     """ImageFolder's files and classes; sizes checked from the headers, decoding left for later.
 
