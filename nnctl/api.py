@@ -30,7 +30,7 @@ from nnctl.model import plan as M
 from nnctl.model import weights as W
 from nnctl.training import distributed as DIST
 from nnctl.training import launch as LAUNCH
-from nnctl.training.launch import is_main_process, is_worker  # noqa: F401  (the CLI's train asks them)
+from nnctl.training.launch import is_main_process, is_worker, set_timeout  # noqa: F401  (the CLI's train)
 from nnctl.use import freeze as FREEZE
 from nnctl.model import graph as G
 from nnctl.model import registry as REG
@@ -211,15 +211,18 @@ def _require_optuna() -> None:
 
 def launch(config: Any = None, *, nproc_per_node: int, nnodes: str = "1", node_rank: int | None = None,
            rdzv_endpoint: str | None = None, rdzv_id: str = "nnctl", max_restarts: int = 0,
-           overrides: Sequence[str] = (), out: str | None = None, resume: str | None = None,
-           init: str | None = None, partial: bool = False, force: bool = False, epochs: int | None = None,
-           seed: int | None = None, device: str | None = None) -> Path:
+           rdzv_timeout: int | None = None, overrides: Sequence[str] = (), out: str | None = None,
+           resume: str | None = None, init: str | None = None, partial: bool = False, force: bool = False,
+           epochs: int | None = None, seed: int | None = None, device: str | None = None) -> Path | None:
     """``train`` in ``nproc_per_node`` processes a machine (DistributedDataParallel), started through
     torch.distributed.run as torchrun starts them; ``nnodes``, ``node_rank``, ``rdzv_endpoint``,
-    ``rdzv_id`` and ``max_restarts`` are torchrun's. The run folder is claimed here and held for the
-    workers; returns it. The workers report as ``nnctl train`` does (rank 0 prints)."""
+    ``rdzv_id`` and ``max_restarts`` are torchrun's; ``rdzv_timeout`` (seconds) bounds the rendezvous
+    and every collective. On one machine the run folder is claimed here and held for the workers; on
+    several, global rank 0 claims it on its machine. Returns it (None: several machines, no ``out``).
+    The workers report as ``nnctl train`` does (rank 0 prints)."""
     with _config_file(config) as path:
-        torchrun = LAUNCH.Torchrun(nproc_per_node, str(nnodes), node_rank, rdzv_endpoint, rdzv_id, max_restarts)
+        torchrun = LAUNCH.Torchrun(nproc_per_node, str(nnodes), node_rank, rdzv_endpoint, rdzv_id, max_restarts,
+                                   rdzv_timeout)
         return LAUNCH.launch(path, torchrun, overrides=list(overrides), out=out, resume=resume, init=init,
                              partial=partial, force=force, epochs=epochs, seed=seed, device=device)
 

@@ -39,6 +39,9 @@ def train(
     rdzv_id: str = typer.Option("nnctl", "--rdzv-id", help="A job id shared by every machine of the run."),
     max_restarts: int = typer.Option(0, "--max-restarts", min=0, help="Restart failed workers up to N times; "
                                                                      "they resume from the last checkpoint."),
+    rdzv_timeout: Optional[int] = typer.Option(None, "--rdzv-timeout", min=1, help="Seconds the rendezvous waits "
+                                               "for every machine, and a rank for a silent one before the run "
+                                               "fails (default: torchrun's 600 and 10 minutes)."),
 ):
     """Build, train, validate and checkpoint a model."""
     from nnctl import api
@@ -49,8 +52,11 @@ def train(
                    epochs=epochs, seed=seed, device=device)
     if nproc_per_node is not None and not api.is_worker():  # the workers print; the launcher waits for them
         api.launch(config_path, nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-                   rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts, **options)
+                   rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts,
+                   rdzv_timeout=rdzv_timeout, **options)
         return
+    if rdzv_timeout is not None:  # a worker of plain torchrun: its process group's timeout
+        api.set_timeout(rdzv_timeout)
     main = api.is_main_process()  # under torchrun: rank 0 reports, the other ranks are quiet
     trial = os.environ.get("NNCTL_TUNE_TRIAL")  # a DDP trial of nnctl tune: rank 0 reports to its study
     con = _console()

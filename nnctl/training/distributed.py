@@ -94,6 +94,19 @@ def dist_from_env() -> Dist:
     return Dist(rank, world, local) if world > 1 else Dist()
 
 
+TIMEOUT_ENV = "NNCTL_DIST_TIMEOUT"  # seconds: nnctl train --rdzv-timeout, set by the launcher for its workers
+
+
+def process_group_timeout() -> datetime.timedelta:
+    """How long a collective waits for a rank that does not answer (a machine gone, a network cut)
+    before it fails: --rdzv-timeout's seconds, else 10 minutes."""
+    try:
+        seconds = float(os.environ.get(TIMEOUT_ENV) or 600)
+    except ValueError:
+        seconds = 600.0
+    return datetime.timedelta(seconds=seconds if seconds > 0 else 600)
+
+
 def init_distributed(d: Dist, device: torch.device) -> None:
     """One process group: gloo on the CPU, nccl on CUDA (one device a rank)."""
 
@@ -104,7 +117,7 @@ def init_distributed(d: Dist, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    timeout = datetime.timedelta(minutes=10)
+    timeout = process_group_timeout()
     # torchrun's store outlives a restart (--max-restarts): keys of the earlier attempt's
     # process group would be read again, so each attempt gets a prefix of its own
     store, rank, world = next(dist.rendezvous("env://", timeout=timeout))

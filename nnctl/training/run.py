@@ -47,6 +47,7 @@ from nnctl.runs.status import StatusRecorder, state_of_exception
 from nnctl.training import distributed as DIST
 from nnctl.training import trainer as T
 from nnctl.training.policy import monitor_for
+from nnctl.training.ranks import check_same_run
 from nnctl.training.signals import Interrupted, signal_of
 from nnctl.training.resume import ResumeSource, accepted_resume, resume_source  # noqa: F401  (launch uses them)
 from nnctl.runs.rundir import RunDir
@@ -194,6 +195,7 @@ def _train_locked(req: Request) -> RunResult:
                                   f"{W.mismatch_text(plan, missing, unexpected, wrong, 4)}")
 
     dev = _device(cfg, dist)
+    check_same_run(cfg, dist)  # every rank the same config and data: before a folder is claimed or a step taken
     freezing, init_report = _freeze(model, plan, state, cfg.freeze, req)
     if dist.enabled and not dist.main and state is None:  # dropout and noise: a stream of its own per rank
         torch.manual_seed(rank_seed(cfg.seed, dist.rank))
