@@ -212,6 +212,28 @@ def test_two_hosts_train_one_run_equal_to_one_process(tmp_path):
     assert abs(a["history"][-1]["val_loss"] - b["history"][-1]["val_loss"]) < 1e-4
 
 
+@pytest.mark.slow  # a one-epoch run across two network hosts, resumed in one process (about 40 s): slow group
+def test_two_hosts_then_one_process_resume_equals_one_process_throughout(tmp_path):
+    p = write(tmp_path, make(model=MODEL, train=TRAIN))
+    with _two_hosts() as names:
+        straight = run_cli("train", str(p), "--out", str(tmp_path / "straight"), cwd=tmp_path)
+        assert straight.returncode == 0, straight.stderr
+        nodes = [_node(ns, host, r, [str(p), "--out", "run", "--epochs", "1"], tmp_path)
+                 for r, (ns, (host, _)) in enumerate(zip(names, NODES))]
+        try:
+            ends = [(n, *n.communicate(timeout=180)) for n in nodes]
+        finally:
+            for node in nodes:
+                _kill(node)
+    for node, out, err in ends:
+        assert node.returncode == 0, err
+    r = run_cli("train", "--resume", str(tmp_path / "run"), "--epochs", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    state = K.load(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 3 and state["world_size"] == 1
+    assert max_diff(K.load(tmp_path / "straight" / "last.pt")["model"], state["model"]) < TOL
+
+
 def _tree(pid: int) -> list[int]:
     """pid and its descendants."""
     children: dict[int, list[int]] = {}
