@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import warnings
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -159,6 +160,8 @@ def _two_hosts():
         warnings.warn(f"two-host test skipped: network namespaces cannot be made here ({why})", stacklevel=3)
         pytest.skip(f"network namespaces cannot be made here ({why})")
     links = [f"nv{tag}{c}" for c in "ab"]
+    etc_netns = Path("/etc/netns")
+    made = not etc_netns.exists()
     try:
         _sh("ip", "netns", "add", names[1])
         _sh("ip", "link", "add", links[0], "type", "veth", "peer", "name", links[1])
@@ -168,13 +171,16 @@ def _two_hosts():
             _sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", link)
             _sh("ip", "-n", ns, "link", "set", link, "up")
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
-            Path(f"/etc/netns/{ns}/hosts").write_text(hosts)
+            (etc_netns / ns).mkdir(parents=True, exist_ok=True)
+            (etc_netns / ns / "hosts").write_text(hosts)
         yield names
     finally:
         for ns in names:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)  # its veth end goes with it
-            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
+            shutil.rmtree(etc_netns / ns, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                etc_netns.rmdir()  # only if empty: another test's namespaces may use it
 
 
 def _node(ns: str, host: str, rank: int, args: list[str], cwd: Path) -> subprocess.Popen:
