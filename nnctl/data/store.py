@@ -49,9 +49,8 @@ class _Store:
         return len(self) * per + self.y.numel() * self.y.element_size()
 
     def fingerprint(self, root: str | None = None) -> dict:
-        """What the split is derived from (the record's ``data``): sample count, samples per class and a digest
-        of the samples in order (streamed image files: their paths under ``root`` and labels; else bytes and
-        targets); an image folder's val_root / test_root (``parts``) has its own, under its key."""
+        """What the split is derived from (the record's ``data``): count, per class, a digest of the samples in
+        order (image files: paths under ``root`` and labels; else bytes); val_root / test_root's under its key."""
         key, folder, start = self.parts[0] if self.parts else (None, None, len(self))
         out = self._fingerprint(0, start, root)
         return {**out, key: self._fingerprint(start, len(self), folder)} if key else out
@@ -59,9 +58,8 @@ class _Store:
     def _fingerprint(self, start: int, end: int, root: str | None) -> dict:
         h = hashlib.sha256()  # faster than blake2b here (SHA extensions): 150 MB in 0.15 s
         x, y = (self.x[start:end] if self.x is not None else None), self.y[start:end]
-        names = self.names if self.names is not None else self.files
-        if names is not None:  # image files: their names and labels, however they are held (streamed,
-            for f, label in zip(names[start:end], y.tolist()):  # decoded, or from the decoded cache)
+        if (names := self.names if self.names is not None else self.files) is not None:  # however they are held
+            for f, label in zip(names[start:end], y.tolist()):
                 name = os.path.relpath(f, root) if root else f
                 h.update(os.fsencode(name) + b"\0" + str(label).encode() + b"\n")
         else:

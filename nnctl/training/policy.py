@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 import torch
+import torch.distributed as tdist
 from torch import nn
 from nnctl.config.schema import Config
 from nnctl.errors import NnctlError, UsageError
@@ -40,8 +41,6 @@ def state_finite(model: nn.Module) -> bool:
             flags.append(torch.isfinite(v).all())
     finite = bool(torch.stack(flags).all()) if flags else True
     if sharded:
-        import torch.distributed as tdist
-
         bad = torch.tensor([0.0 if finite else 1.0], device=flags[0].device)
         tdist.all_reduce(bad)
         finite = float(bad) == 0.0
