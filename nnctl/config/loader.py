@@ -60,7 +60,8 @@ def resolve_paths(doc: Document, base: str, only_overridden: bool = False) -> No
         if isinstance(cur, dict) and keys[-1] in cur:
             cur[keys[-1]] = _resolve_path(cur[keys[-1]], base)
     # a search's choices for those keys are paths of the same file: resolved as the key itself would be
-    params = (data.get("tune") or {}).get("params") if isinstance(data.get("tune"), dict) else None
+    tune = data.get("tune") if isinstance(data, dict) else None
+    params = tune.get("params") if isinstance(tune, dict) else None
     if not isinstance(params, dict):
         return
     for keys in PATH_KEYS:
