@@ -9,7 +9,8 @@ It runs the checks in this order and collects every problem (then the caller fai
 3. freeze selection against the planned model (``nnctl.model.freeze``);
 4. data facts known without reading a sample: the class count of a built-in source or an
    image folder against the loss and the model's output width (``nnctl.data.loading``);
-5. optimizer and scheduler classes and arguments (``nnctl.optim.optimizers``);
+5. optimizer and scheduler classes and arguments (``nnctl.optim.optimizers``), and ``train.compile``'s
+   backend among this torch's (``nnctl.model.compiling``);
 6. augmentation names and arguments (``nnctl.data.augment.spec``);
 7. loss arguments against the model's output width (``nnctl.optim.losses``);
 8. what training needs (``purpose="train"``): a ``data:`` section; and, for every purpose,
@@ -19,7 +20,9 @@ It runs the checks in this order and collects every problem (then the caller fai
 9. the search (a ``tune:`` section, for ``check`` and ``tune``): its metric against the task, and each
    parameter's ends and choices through this same pipeline (:func:`check_search`): a parameter none
    of whose values gives a valid config is refused at its line; Optuna installed (``tune`` extra);
-10. lint: warnings, when there is no problem (``nnctl.model.plan.lint``).
+10. lint: warnings, when there is no problem (``nnctl.model.plan.lint``); for ``check``, also what
+    ``train.precision`` means on this machine's device (16-mixed on a CPU runs as bf16-mixed; bfloat16
+    on a CPU without it is slow: ``nnctl.model.precision``), which training says in its run log.
 
 Each package owns its own checks; this module only orders them and collects. Float bounds are
 the structure's: every number of the document within float32's range
@@ -49,6 +52,8 @@ from nnctl.data.sources.folder import root_problem
 from nnctl.data.sources.read import read_paths
 from nnctl import files
 from nnctl.errors import ConfigError, Problem, UsageError
+from nnctl.model import compiling as COMPILE
+from nnctl.model import precision as PREC
 from nnctl.model.freeze import check_selection
 from nnctl.model.plan import Plan, lint, plan
 from nnctl.model.tv import weights_problems
@@ -118,6 +123,8 @@ def check(doc: Document, purpose: str = "check") -> Checked:
         problems += weights_problems(plan_, doc)  # (a resumed run or --init needs no hub file: not for train)
     if sections.train is not None:
         problems += validate_optimizer(sections.train, doc)
+        backend = COMPILE.backend_problem(getattr(sections.train, "compile", False))
+        problems += [doc.problem(("train", "compile", "backend"), backend)] if backend else []
     problems += augment_problems(doc)
     if cfg is not None and plan_ is not None and plan_.output_shape:
         problems += check_loss(cfg, doc, int(plan_.output_shape[-1]))
@@ -149,6 +156,9 @@ def check(doc: Document, purpose: str = "check") -> Checked:
         and not problems else []
     if cfg is not None and purpose == "check" and not problems:  # training notes it in its run log
         warnings_ += folder_warnings(cfg, doc)
+    if cfg is not None and purpose == "check" and not problems:  # training says these in its run log
+        here = PREC.resolve(cfg.train.precision, PREC.planned_device_type(cfg.train.device))
+        warnings_ += [doc.problem(("train", "precision"), text) for _, text in here.messages]
     return Checked(cfg, plan_, _in_file_order(problems, doc.file), warnings_, doc, missing)
 
 

@@ -117,7 +117,7 @@ def test_defaults_resolved():
     cfg, _ = CL.from_dict(make())
     r = C.resolved(cfg)
     assert r["train"]["optimizer"] == {"Adam": {"lr": 0.001}}
-    assert r["train"]["device"] == "auto" and r["train"]["precision"] == "fp32"
+    assert r["train"]["device"] == "auto" and r["train"]["precision"] == "32-true"  # fp32, by Lightning's name
     assert CL.from_dict(r)[0] == cfg  # a resolved config validates to itself
 
 

@@ -29,6 +29,7 @@ LAZY_MODULES = {
     "torch.utils.tensorboard": "the tensorboard extra, only for train.log: [csv, tensorboard]",
     "torch.distributed.run": "torchrun, only when --nproc-per-node launches workers",
     "torch.utils.flop_counter": "MACs in summaries only (imports sympy)",
+    "torch._dynamo": "torch.compile's machinery (2.0 s to import), only when train.compile compiles a run",
     "nnctl.search": "the tune extra (Optuna, 0.4 s), only for nnctl tune and tune show",
     "optuna": "the tune extra, only for nnctl tune and tune show",
     "mlflow": "the mlflow extra (mlflow-skinny, 1.2 s to import), only for train.log: [csv, mlflow]",

@@ -16,6 +16,7 @@ from nnctl.config.nn_names import LAYER_NAMES
 from nnctl.config.suggest import CORE_LAYERS, suggest  # noqa: F401  (re-exported)
 from nnctl.config.base import _CrossProblems, _one_key, _Section  # noqa: F401  (re-exported)
 from nnctl.config.tune import TuneSection
+from nnctl.config.compute import COMPILE_HELP, PRECISION_HELP, Compile, Precision
 
 
 def _describe(value: Any) -> str:
@@ -33,7 +34,6 @@ LOSS_ARGS = {
     "smooth_l1": ("beta",),
 }
 SOURCES = ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "image_folder", "tensors", "synthetic")
-PRECISIONS = ("fp32", "bf16", "fp16")
 FLOAT32_TINY = 1.1754943508222875e-38  # float32's smallest normal number
 
 _Int = int
@@ -290,11 +290,11 @@ class TrainSection(_Section):
     scheduler_interval: Literal["epoch", "step"] = "epoch"
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:[0-9]+)?)$",
                         description="auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
-    precision: Literal[PRECISIONS] = Field("fp32", description="fp32, or bf16 / fp16 autocast (fp16 with a grad scaler)")
+    precision: Precision = Field("32-true", description=PRECISION_HELP)
     grad_clip: float | None = Field(None, gt=0.0, description="clip the gradients' total norm to this value")
     early_stopping: EarlyStopping | None = None
     channels_last: bool = False
-    compile: bool = Field(False, description="torch.compile the model")
+    compile: Compile = Field(False, description=COMPILE_HELP)
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (torch.set_num_threads)")
     log: list[Literal["csv", "tensorboard", "mlflow"]] = Field(
         default_factory=lambda: ["csv"],

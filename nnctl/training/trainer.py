@@ -19,7 +19,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -32,6 +32,8 @@ from torch.nn.parallel import DistributedDataParallel
 from nnctl.config.schema import Config, resolved
 from nnctl.data.store import LoaderStopped
 from nnctl.errors import NnctlError, Pruned, UsageError
+from nnctl.model import compiling as COMPILE
+from nnctl.model import precision as PREC
 from nnctl.optim.losses import make_loss
 from nnctl.optim.optimizers import _resume_optimizer, make_optimizer, make_scheduler
 from nnctl.runs import checkpoint as ckpt
@@ -148,21 +150,12 @@ def _train_mode(model: nn.Module, frozen: list[nn.Module]) -> None:
         m.eval()
 
 
-def _autocast(device: torch.device, precision: str) -> Callable[[], Any]:
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if amp_dtype is None:
-        return nullcontext
-    return partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-
-
-def _runner(model: nn.Module, device: torch.device, dist: Dist, compile_: bool) -> nn.Module:
-    """What runs forward: the model, in DDP under torch.distributed, compiled with train.compile."""
-    runner = model
-    if dist.enabled:
-        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if compile_:
-        runner = torch.compile(runner)
-    return runner
+def _runner(model: nn.Module, device: torch.device, dist: Dist, compile_, dtype: torch.dtype | None) -> nn.Module:
+    """What runs forward: the model (compiled with train.compile, before DDP wraps it, as torch advises), in
+    DDP under torch.distributed, in a Runner when inputs are cast or graphs counted."""
+    inner = COMPILE.compiled(model, compile_)
+    ddp = dist.enabled and DistributedDataParallel(inner, device_ids=[device.index] if device.type == "cuda" else None)
+    return COMPILE.runner(ddp or inner, compile_, dtype)
 
 
 def _loss(cfg: Config, data, device: torch.device, outputs: int | None) -> nn.Module:
@@ -175,10 +168,13 @@ def _loss(cfg: Config, data, device: torch.device, outputs: int | None) -> nn.Mo
 
 
 def _context(cfg: Config, model: nn.Module, data, device: torch.device, options: FitOptions,
-             dist: Dist) -> Context:
-    """The model on its device, the optimizer, scheduler, scaler and loss: what every step needs."""
+             dist: Dist) -> tuple[Context, PREC.Precision]:
+    """The model on its device (in its precision), the optimizer, scheduler, scaler and loss: what every
+    step needs; and the precision as it runs on this device."""
     t = cfg.train
+    precision = PREC.resolve(t.precision, device.type)
     model.to(device)
+    PREC.cast_model(model, precision)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -189,13 +185,12 @@ def _context(cfg: Config, model: nn.Module, data, device: torch.device, options:
     updates = -(-len(data.train) // t.accumulate)  # optimizer steps an epoch
     scheduler = make_scheduler(t.scheduler, optimizer, t.epochs, updates, t.scheduler_interval)
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
-    autocast = _autocast(device, t.precision)
-    runner = _runner(model, device, dist, t.compile)
+    runner = _runner(model, device, dist, t.compile, PREC.input_dtype(precision))
     loss_fn = _loss(cfg, data, device, options.outputs)
-    return Context(runner, loss_fn, optimizer, scheduler, scaler, device, autocast, t.grad_clip,
+    return Context(runner, loss_fn, optimizer, scheduler, PREC.grad_scaler(precision, device), device,
+                   PREC.autocast(precision, device), t.grad_clip,
                    scheduler is not None and t.scheduler_interval == "step" and not plateau,
-                   t.channels_last, trainable, partial(_train_mode, model, frozen), t.accumulate)
+                   t.channels_last, trainable, partial(_train_mode, model, frozen), t.accumulate), precision
 
 
 def _check_top5(cfg: Config, names: set[str], classes: int | None) -> None:
@@ -219,7 +214,7 @@ class Trainer:
         self.on_event = options.on_event if self.dist.main else None
         if t.threads:
             torch.set_num_threads(t.threads)
-        self.ctx = _context(cfg, model, data, device, options, self.dist)
+        self.ctx, self.precision = _context(cfg, model, data, device, options, self.dist)
         self.steps = len(data.train)
         has_val = data.val is not None
         self.metric, self.mode = policy.monitor_for(cfg, has_val)
@@ -251,6 +246,8 @@ class Trainer:
         """The epochs, top to bottom. SIGINT / SIGTERM stop at a step boundary and save (Interrupted)."""
         t, s = self.cfg.train, self.state
         self.emit(Event("start", epochs=t.epochs, steps=self.steps, message=str(self.device)))
+        for note in self.precision.notes():  # 16-mixed on a CPU; bfloat16 on a CPU without it
+            self.emit(Event("note", message=note))
         began, first = time.perf_counter(), s.epoch + 1
         with self.stop, closing(self.data):  # the data's workers end with the fit, however it ends
             while s.epoch < t.epochs:
@@ -258,6 +255,8 @@ class Trainer:
                 sums = self.train_epoch(epoch)  # a signal mid-epoch: last.pt at the step boundary, Interrupted
                 train_loss = self.check_divergence(epoch, sums)  # diverged: nothing is saved
                 row = self.evaluate(epoch, train_loss)  # the metrics row: train loss, validation metrics
+                if epoch + 1 == first and (note := COMPILE.note(self.ctx.model, epoch)):
+                    self.emit(Event("note", epoch=epoch, message=note))  # compile: graphs, recompilations
                 self.step_scheduler(row, train_loss)
                 row["seconds"] = time.perf_counter() - tick
                 improved = self.apply_policies(epoch, row)  # a new best? early stopping's counter; stop early?
