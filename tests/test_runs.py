@@ -92,7 +92,7 @@ def test_a_failed_run_is_recorded_and_its_folder_reused(tmp_path, cli, monkeypat
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "status.json"]
     code, out, _ = cli("runs", "--json")  # the default folder: runs
     (row,) = json.loads(out)
-    assert row["state"] == "failed" and row["error"]["type"] == "UsageError"
+    assert row["state"] == "failed" and row["error"]["type"] == "ConfigError"  # at model.input_shape's line
     assert "[1, 4, 4]" in row["error"]["message"] and row["epochs_done"] == 0
     code, out, _ = cli("runs")
     assert "failed" in out and "t: failed:" in out
