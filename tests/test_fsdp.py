@@ -17,6 +17,8 @@ from torch import nn
 
 from nnctl.runs import checkpoint as K
 
+from .conftest import make, run_cli, write
+
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
@@ -103,3 +105,46 @@ def test_fsdp2_on_two_cpu_processes_equals_one_process_and_its_state_is_plain(tm
     for i, s in ref_optim["state"].items():  # loaded into shards and gathered back: bit for bit
         for k in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(got["back"]["state"][i][k], s[k])
+MODEL = {"input_shape": [1, 8, 8], "layers": ["Flatten", {"Linear": {"out_features": 33}}, "ReLU",
+                                               {"Linear": {"out_features": 10}}]}
+TRAIN = {"epochs": 3, "batch_size": 64, "optimizer": {"Adam": {"lr": 0.01}}}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+@pytest.mark.slow  # torchrun with two ranks, five runs: .ci/run runs the slow group
+def test_an_fsdp_run_equals_one_process_and_resumes_under_any_strategy(tmp_path):
+    p = write(tmp_path, make(model=MODEL, train=TRAIN))
+    fsdp = ["--set", "train.distributed.strategy=fsdp"]
+    one = run_cli("train", str(p), "--out", str(tmp_path / "one"), cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    two = run_cli("train", str(p), "--nproc-per-node", "2", "--out", str(tmp_path / "two"), *fsdp, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert "2 processes (FSDP2, gloo)" in two.stdout
+    ref = K.load(tmp_path / "one" / "last.pt")
+    got = K.load(tmp_path / "two" / "last.pt")
+    assert got["world_size"] == 2 and _max_diff(ref["model"], got["model"]) < TOL
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 33), nn.ReLU(), nn.Linear(33, 10))
+    plain.load_state_dict(got["model"])  # the one checkpoint format: strict, plain tensors
+    # FSDP for 1 epoch, then DDP (2 processes) and 1 process to the end: the straight run's weights
+    r = run_cli("train", str(p), "--nproc-per-node", "2", "--epochs", "1", "--out", str(tmp_path / "a"), *fsdp,
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--resume", str(tmp_path / "a"), "--epochs", "2", "--nproc-per-node", "2",
+                "--set", "train.distributed.strategy=ddp", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--resume", str(tmp_path / "a"), "--epochs", "3", "--set", "train.distributed.strategy=ddp",
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert _max_diff(ref["model"], K.load(tmp_path / "a" / "last.pt")["model"]) < TOL
+    # one process for 1 epoch, then FSDP to the end
+    r = run_cli("train", str(p), "--epochs", "1", "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("train", "--resume", str(tmp_path / "b"), "--epochs", "3", "--nproc-per-node", "2", *fsdp,
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    state = K.load(tmp_path / "b" / "last.pt")
+    assert state["epoch"] == 3 and _max_diff(ref["model"], state["model"]) < TOL

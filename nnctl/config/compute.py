@@ -27,6 +27,17 @@ PRECISION_HELP = ("32-true | bf16-mixed (bfloat16 autocast) | 16-mixed (float16 
 COMPILE_HELP = "torch.compile the model: false, true, or {mode, dynamic, backend, fullgraph}"
 
 
+class DistributedSection(_Section):
+    """How several processes (--nproc-per-node, several machines) share the model: ``ddp`` keeps a whole
+    copy on every rank (DistributedDataParallel); ``fsdp`` shards parameters, gradients and optimizer
+    state over the ranks (FSDP2, ``fully_shard``): each holds 1/N. One process ignores it."""
+
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="ddp (a copy a rank) | fsdp (FSDP2: 1/N a rank)")
+    reshard_after_forward: bool = Field(True, description="fsdp: free the gathered layers after the forward "
+                                                          "(less memory; gathered again for the backward)")
+    cpu_offload: bool = Field(False, description="fsdp: keep the shards and optimizer state in CPU memory")
+
+
 def canonical_precision(name: str) -> str:
     """A precision's canonical (Lightning) name: an alias becomes the name it stands for."""
     return PRECISION_ALIASES.get(name, name)

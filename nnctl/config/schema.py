@@ -16,7 +16,7 @@ from nnctl.config.nn_names import LAYER_NAMES
 from nnctl.config.suggest import CORE_LAYERS, suggest  # noqa: F401  (re-exported)
 from nnctl.config.base import _CrossProblems, _one_key, _Section  # noqa: F401  (re-exported)
 from nnctl.config.tune import TuneSection
-from nnctl.config.compute import COMPILE_HELP, PRECISION_HELP, Compile, Precision
+from nnctl.config.compute import COMPILE_HELP, PRECISION_HELP, Compile, DistributedSection, Precision
 
 
 def _describe(value: Any) -> str:
@@ -295,6 +295,7 @@ class TrainSection(_Section):
     early_stopping: EarlyStopping | None = None
     channels_last: bool = False
     compile: Compile = Field(False, description=COMPILE_HELP)
+    distributed: DistributedSection = Field(default_factory=DistributedSection, description=DistributedSection.__doc__)
     threads: int | None = Field(None, ge=1, le=1024, description="CPU threads (torch.set_num_threads)")
     log: list[Literal["csv", "tensorboard", "mlflow"]] = Field(
         default_factory=lambda: ["csv"],

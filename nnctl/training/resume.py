@@ -24,7 +24,9 @@ from nnctl.training import policy
 RESUME_MAY_CHANGE = {"train.epochs", "train.device", "data.num_workers", "data.root", "data.download",
                      "data.val_root", "data.test_root",  # moved folders: the data's fingerprint guards them
                      "train.log", "data.cache", "data.preload",  # train.log, train.mlflow: where it is logged
-                     "train.mlflow", *(f"train.mlflow.{k}" for k in C.MlflowSection.model_fields)}
+                     "train.mlflow", *(f"train.mlflow.{k}" for k in C.MlflowSection.model_fields),
+                     # how the ranks share the model: the checkpoint is one format under every strategy
+                     "train.distributed", *(f"train.distributed.{k}" for k in C.DistributedSection.model_fields)}
 
 
 # --- resume --------------------------------------------------------------------------------

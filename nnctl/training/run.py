@@ -313,7 +313,8 @@ def _tell(spec: RunSpec, data) -> None:
     """The run's information lines: device, run folder (and what it resumes), data, model, notes."""
     dev, dist, state, say, model = spec.dev, spec.dist, spec.state, spec.say, spec.model
     threads = f", {torch.get_num_threads()} CPU threads" if dev.type == "cpu" else ""
-    say(f"device: {dev}{threads}" + (f", {dist.world_size} processes (DistributedDataParallel, "
+    engine = "FSDP2" if spec.cfg.train.distributed.strategy == "fsdp" else "DistributedDataParallel"
+    say(f"device: {dev}{threads}" + (f", {dist.world_size} processes ({engine}, "
                                      f"{'nccl' if dev.type == 'cuda' else 'gloo'})" if dist.enabled else ""))
     resumed = ""
     if state is not None:

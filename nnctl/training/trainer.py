@@ -2,19 +2,16 @@
 
 ``Trainer.run`` reads top to bottom as torchvision's reference ``train.py``: for each
 epoch, train one epoch -> evaluate -> the policies (diverged? a new best? stop early?,
-``policy.py``) -> save (best / last / epoch-N, one payload builder) -> metrics row ->
-event. What it keeps off the hot path: no per-step host synchronisation (loss sums stay on
-the device and are read once an epoch, or when a progress display asks), batches come
-preloaded on the device, ``zero_grad(set_to_none=True)``.
+``policy.py``) -> save (best / last / epoch-N, one payload builder) -> metrics row -> event. Off the
+hot path: no per-step host sync (loss sums stay on the device, read once an epoch or for a progress
+display), batches preloaded on the device, ``zero_grad(set_to_none=True)``.
 
-Exactness: the data order of an epoch depends only on (seed, epoch), the global RNG state is
-saved in every checkpoint, and an interrupted epoch saves its step and running sums, so a
-resumed run is bit-identical on the CPU.
+Exactness: an epoch's data order depends only on (seed, epoch), the RNG state is in every checkpoint,
+and an interrupted epoch saves its step and running sums: a resumed run is bit-identical on the CPU.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import signal
 import time
@@ -42,6 +39,7 @@ from nnctl.runs.metrics import write_metrics
 from nnctl.runs.rundir import RunDir
 from nnctl.seeds import rank_seed
 from nnctl.training import policy
+from nnctl.training import sharding as SH
 from nnctl.training.distributed import Dist
 from nnctl.training.loop import NOTHING_COUNTED, Context, EpochSums, acc_dtype, evaluate, train_one_epoch
 from nnctl.training.signals import Interrupted, _StopFlag
@@ -97,11 +95,10 @@ class TrainState:
     ``epoch`` counts the finished epochs (the next one to run, 0-based); ``step_in_epoch`` the
     steps done of that one and ``sums`` its running losses (an epoch in progress or interrupted;
     0 and None between epochs); ``global_step`` every step of the run. ``best`` is best.pt's
-    reference ``{metric, mode, value, epoch}`` and ``best_weights`` its weights (in memory);
-    ``stopping`` is early stopping's own reference (its metric and min_delta may differ) and
-    ``bad_epochs`` its counter; ``loss_reference`` the run's first step's loss (the divergence
-    rule's scale); ``stopped_early`` is set in the epoch early stopping ends the run at. The random state is torch's global generators: each checkpoint captures it
-    (``Trainer.payload``) and ``Trainer.resume`` sets it back (per rank under DDP).
+    reference ``{metric, mode, value, epoch}`` and ``best_weights`` its weights (in memory); ``stopping``
+    early stopping's own reference and ``bad_epochs`` its counter; ``loss_reference`` the first step's loss
+    (the divergence rule's scale); ``stopped_early`` is set in the epoch early stopping ends the run at.
+    The random state (torch's generators) is saved by ``payload``, set back by ``resume`` (per rank).
     """
 
     model: nn.Module
@@ -123,12 +120,9 @@ class TrainState:
 
 def fit(cfg: Config, model: nn.Module, data, device: torch.device, run_dir,
         options: FitOptions | None = None) -> FitResult:
-    """Train the model as the config says, writing checkpoints into run_dir. Returns the history.
-
-    Under torch.distributed (options.dist enabled) the model is wrapped in
-    DistributedDataParallel, losses and validation metrics are reduced across ranks, every rank
-    takes the same decisions (best, early stopping, stop on a signal), and only rank 0 writes.
-    """
+    """Train the model as the config says, writing checkpoints into run_dir. Returns the history. Under
+    torch.distributed the model is in DDP, or sharded (FSDP2, train.distributed), losses and metrics are
+    reduced across ranks, every rank takes the same decisions, and only rank 0 writes."""
     return Trainer(cfg, model, data, device, run_dir, options or FitOptions()).run()
 
 
@@ -154,7 +148,8 @@ def _runner(model: nn.Module, device: torch.device, dist: Dist, compile_, dtype:
     """What runs forward: the model (compiled with train.compile, before DDP wraps it, as torch advises), in
     DDP under torch.distributed, in a Runner when inputs are cast or graphs counted."""
     inner = COMPILE.compiled(model, compile_)
-    ddp = dist.enabled and DistributedDataParallel(inner, device_ids=[device.index] if device.type == "cuda" else None)
+    ddp = dist.enabled and not SH.is_sharded(model) and \
+        DistributedDataParallel(inner, device_ids=[device.index] if device.type == "cuda" else None)
     return COMPILE.runner(ddp or inner, compile_, dtype)
 
 
@@ -177,6 +172,9 @@ def _context(cfg: Config, model: nn.Module, data, device: torch.device, options:
     PREC.cast_model(model, precision)
     if t.channels_last:
         model.to(memory_format=torch.channels_last)
+    if dist.enabled and t.distributed.strategy == "fsdp":  # before the optimizer: it takes the shards
+        SH.shard(model, dist, device, reshard_after_forward=t.distributed.reshard_after_forward,
+                 cpu_offload=t.distributed.cpu_offload)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise UsageError("every parameter is frozen: nothing to train")
@@ -331,9 +329,9 @@ class Trainer:
                 f"stopped by a signal in epoch {epoch + 1}, step {self.state.step_in_epoch}, but the training had "
                 f"diverged (a non-finite loss or weights): nothing saved. {self.last_good()}")
         rng_ranks = self.dist.gather(ckpt.rng_state()) if self.dist.enabled else None
-        path = None
+        path, gathered = None, self.gathered()
         if self.writes:
-            ckpt.save(self.last_path, self.payload("last", rng_ranks=rng_ranks))
+            ckpt.save(self.last_path, self.payload("last", rng_ranks=rng_ranks, gathered=gathered))
             path = self.last_path
         raise Interrupted(self.stop.signum or signal.SIGTERM, path)
 
@@ -410,7 +408,7 @@ class Trainer:
         improved = policy.improves(row.get(self.metric), s.best["value"], self.mode)
         if improved:
             s.best = {**s.best, "value": row[self.metric], "epoch": epoch + 1}
-            s.best_weights = copy.deepcopy(s.model.state_dict())
+            s.best_weights = SH.model_state(s.model, copy=True)  # gathered on rank 0 when sharded
         s.stopping, s.bad_epochs = policy.early_stopping(row, s.stopping, s.bad_epochs, improved, self.min_delta,
                                                          epoch + 1)
         if policy.stops_early(self.cfg.train.early_stopping, s.bad_epochs, epoch, self.cfg.train.epochs):
@@ -426,13 +424,13 @@ class Trainer:
 
     # --- checkpoints --------------------------------------------------------------------------
 
-    def payload(self, kind: str, weights: dict[str, torch.Tensor] | None = None,
-                rng_ranks: list | None = None) -> dict:
+    def payload(self, kind: str, weights: dict[str, torch.Tensor] | None = None, rng_ranks: list | None = None,
+                gathered: tuple[dict, dict] | None = None) -> dict:
         """The checkpoint of the TrainState as it is now: the one place its fields are gathered."""
         s = self.state
+        model_state, optim_state = gathered or (s.model.state_dict(), s.optimizer.state_dict())
         return ckpt.make_payload(
-            kind, self.resolved_cfg, weights if weights is not None else s.model.state_dict(),
-            optimizer=s.optimizer.state_dict(),
+            kind, self.resolved_cfg, weights if weights is not None else model_state, optimizer=optim_state,
             scheduler=s.scheduler.state_dict() if s.scheduler is not None else None,
             scaler=s.scaler.state_dict() if s.scaler is not None else None,
             epoch=s.epoch, step_in_epoch=s.step_in_epoch, global_step=s.global_step,
@@ -448,25 +446,28 @@ class Trainer:
     def save(self, epoch: int, improved: bool) -> None:
         """After an epoch: best.pt (a new best), last.pt, epoch-N.pt (train.checkpoint.every), metrics.csv."""
         rng_ranks = self.dist.gather(ckpt.rng_state()) if self.dist.enabled else None  # every rank takes part
+        gathered = self.gathered()  # sharded: a collective too
         if not self.writes:
             return
         if improved:
             self.best_path = str(self.run_dir.best)
-            ckpt.save(self.best_path, self.payload("best", self.state.best_weights, rng_ranks))
-        ckpt.save(self.last_path, self.payload("last", rng_ranks=rng_ranks))
+            ckpt.save(self.best_path, self.payload("best", self.state.best_weights, rng_ranks, gathered))
+        ckpt.save(self.last_path, self.payload("last", rng_ranks=rng_ranks, gathered=gathered))
         every = self.cfg.train.checkpoint.every
         if every and (epoch + 1) % every == 0:
-            self.save_epoch_checkpoint(epoch, rng_ranks)
+            self.save_epoch_checkpoint(epoch, rng_ranks, gathered)
         write_metrics(self.run_dir, self.state.history)
 
-    def save_epoch_checkpoint(self, epoch: int, rng_ranks: list | None) -> None:
+    def gathered(self) -> tuple[dict, dict]:  # the model's and optimizer's full states (sharded: gathered)
+        return SH.model_state(self.state.model), SH.optimizer_state(self.state.model, self.state.optimizer)
+    def save_epoch_checkpoint(self, epoch: int, rng_ranks: list | None, gathered: tuple | None = None) -> None:
         target = self.run_dir.epoch(epoch + 1)
         if target.is_symlink() or (target.exists() and not target.is_file()):
             # never written over, never a reason to fail the epoch (last.pt is saved)
             self.emit(Event("note", epoch=epoch, message=f"note: {target} exists and is not a regular "
                                                          "file: this epoch's checkpoint was not kept"))
             return
-        ckpt.save(target, self.payload("epoch", rng_ranks=rng_ranks))
+        ckpt.save(target, self.payload("epoch", rng_ranks=rng_ranks, gathered=gathered))
         prune_epoch_checkpoints(self.run_dir, self.cfg.train.checkpoint.keep)
 
     # --- resuming -----------------------------------------------------------------------------
@@ -474,8 +475,9 @@ class Trainer:
     def resume(self, saved: dict, watch: tuple[str, str] | None) -> None:
         """The TrainState from a checkpoint: weights, optimizer, counters, references, the RNG."""
         s, cfg = self.state, self.cfg
-        s.model.load_state_dict(saved["model"])
-        _resume_optimizer(cfg, saved.get("config") or {}, saved, s.optimizer, s.scheduler, self.steps)
+        SH.load_model_state(s.model, saved["model"])  # into each rank's shards when sharded
+        _resume_optimizer(cfg, saved.get("config") or {}, saved, s.optimizer, s.scheduler, self.steps,
+                          load=SH.optimizer_loader(s.model, s.optimizer))
         if s.scaler is not None and saved.get("scaler"):
             s.scaler.load_state_dict(saved["scaler"])
         s.epoch = int(saved.get("epoch", 0))
