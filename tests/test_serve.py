@@ -124,12 +124,15 @@ class Gated(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def thread_server(model, **options):
-    """The app under uvicorn in a thread of this process (the same build and uvicorn settings as nnctl serve)."""
+def thread_server(model, uvicorn_out: list | None = None, **options):
+    """The app under uvicorn in a thread of this process (the same build and uvicorn settings as nnctl serve);
+    ``uvicorn_out`` receives the uvicorn server (to stop it as a signal does: ``should_exit``)."""
     opts = ServeOptions(port=0, **options)
     sock = lifecycle.bind("127.0.0.1", 0)
     asgi, server = build(Predictor.load(model), opts)
     uv = lifecycle.uvicorn_server(asgi, opts)
+    if uvicorn_out is not None:
+        uvicorn_out.append(uv)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = lifecycle.url_of(sock)
@@ -289,6 +292,12 @@ NAN_SAMPLE = [[[float("nan")] + [0.0] * 7] + [[0.0] * 8] * 7]
     ({"inputs": [[[[0.0] * 8] * 8]], "colour": 1}, "unknown field 'colour': the body takes inputs, top_k, dtype"),
     ({"inputs": []}, '"inputs" must be a non-empty list of tensors'),
     ({"inputs": [[[[0.0] * 8] * 8]], "top_k": 0}, "top_k must be a whole number of at least 1, not '0'"),
+    # numpy reads these as numbers (1.5, NaN, 1.0); the server does not
+    ({"inputs": [[[["1.5"] * 8] * 8]]}, "tensor#0: not a tensor of numbers (it holds text)"),
+    ({"inputs": [[[[None] + [0.0] * 7] * 8]]}, "tensor#0: not a tensor of numbers (it holds null)"),
+    ({"inputs": [[[[1.0] * 7 + [True]] * 8]]}, "tensor#0: holds true/false values; give numbers"),
+    ({"inputs": [[[[0.0] * 8] * 8], [[[0.0] * 8] * 7]]}, "tensor#1: shape [1, 7, 8]"),
+    ({"inputs": [[[[0.0] * 8] * 8 + [[0.0] * 7]]]}, "tensor#0: not a tensor of numbers"),  # ragged
 ])
 def test_unusable_tensors_are_422_with_one_line(served, body, detail):
     r = httpx.post(f"{served}/predict", json=body, timeout=30)
@@ -319,6 +328,14 @@ def test_other_content_types_and_bad_queries(served):
     assert r.status_code == 415
     r = httpx.post(f"{served}/predict", json={"inputs": [[[[0.0] * 8] * 8]]}, params={"top_k": "x"})
     assert r.status_code == 422 and r.json()["detail"].startswith("top_k: ")
+    r = httpx.post(f"{served}/predict", json={"inputs": [[[[0.0] * 8] * 8]]}, params={"top_k": "0"})
+    assert r.status_code == 422 and r.json() == {"detail": "top_k: must be a whole number of at least 1, not '0'"}
+    r = httpx.post(f"{served}/predict", json={"inputs": [[[[0.0] * 8] * 8]]}, params={"format": "xml"})
+    assert r.status_code == 422 and r.json() == {"detail": "format: must be json or jsonl, not 'xml'"}
+    r = httpx.post(f"{served}/predict", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert r.status_code == 422
+    assert r.json() == {"detail": "not a readable multipart form (no boundary in its Content-Type)"}
+    assert httpx.get(f"{served}/predict").status_code == 405  # FastAPI's route: POST only
 
 
 def test_a_bounded_smoke_test_of_200_requests(served, pngs):
@@ -550,6 +567,194 @@ def test_sigterm_drains_the_requests_in_flight_and_exits_0(digits_run):
         assert proc.wait(WAIT) == 0
         out = proc.stdout.read()
         assert out.splitlines()[-1] == "stopped by SIGTERM: 3 answered", out
+
+
+# --- shutting down, and clients that leave: one line of JSON, never uvicorn's 500 and a traceback ---------
+
+SLOW_JSON = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+             b'{"inputs":')  # 10 of 1000 bytes: a client whose body is slow
+SLOW_FORM = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=bb\r\n"
+             b"Content-Length: 1000\r\n\r\n--bb\r\nContent-Disposition: form-data; name=\"files\"; "
+             b'filename="x.png"\r\nContent-Type: image/png\r\n\r\n\x89PNG')  # an upload cut short
+SHUT = "shutting down: not answered within --drain-timeout {:g} s"
+ASGI_ERROR = "Exception in ASGI application"  # what uvicorn logs, with a traceback, for an exception the app let out
+
+
+def read_reply(s: socket.socket) -> tuple[str, dict]:
+    """Read until the server closes the connection: (the head, the JSON body)."""
+    chunks = []
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    head, _, body = b"".join(chunks).decode().partition("\r\n\r\n")
+    return head, json.loads(body)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def test_shutdown_while_a_body_is_still_coming_answers_503_at_the_drain_deadline(trained, caplog):
+    """The outside tester's case (--drain-timeout shorter than --timeout): uvicorn cancelled the body's read at
+    its graceful-shutdown deadline: a text/plain 500 and a traceback. Now the app's own drain deadline answers."""
+    uv = []
+    with thread_server(trained, uvicorn_out=uv, timeout=30, drain_timeout=0.5) as (url, server):
+        with socket.create_connection(address(url), timeout=10) as s:
+            s.sendall(SLOW_JSON)
+            _wait_for(lambda: server._bounds, "the body is being read")
+            started = time.monotonic()
+            uv[0].should_exit = True  # what SIGTERM does
+            head, body = read_reply(s)
+            took = time.monotonic() - started
+    assert head.startswith("HTTP/1.1 503 "), head
+    assert "content-type: application/json" in head.lower() and "retry-after: 1" in head.lower()
+    assert body == {"detail": SHUT.format(0.5)}
+    assert 0.4 < took < 0.5 + lifecycle.UVICORN_GRACE  # the app's deadline, before uvicorn's
+    assert ASGI_ERROR not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+def test_shutdown_answers_503_to_requests_the_worker_has_not_answered(trained, caplog):
+    """One request in a forward pass that outlasts the drain, one waiting in the worker's queue: both answered
+    503 at the drain deadline (uvicorn would have cancelled their wait: a 500 and a traceback each). The pass
+    ends after the event loop has closed: the worker ends quietly (no "Event loop is closed" in its thread)."""
+    model = Gated(trained)
+    model.gate.set()
+    body = {"inputs": [[[[0.0] * 8] * 8]]}
+    uv = []
+    with thread_server(model, uvicorn_out=uv, max_batch=1, timeout=30, drain_timeout=0.5) as (url, server):
+        assert server.batcher.ready.wait(WAIT)
+        model.gate.clear()
+        calls = model.calls
+
+        async def two():
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = asyncio.create_task(client.post(f"{url}/predict", json=body))
+                await asyncio.to_thread(_wait_for, lambda: model.calls > calls, "the worker took the first")
+                second = asyncio.create_task(client.post(f"{url}/predict", json=body))
+                await asyncio.to_thread(_wait_for, lambda: len(server.batcher._queue) == 1, "the second queued")
+                uv[0].should_exit = True
+                return await first, await second
+
+        answers = asyncio.run(two())
+    model.gate.set()
+    server.batcher._thread.join(WAIT)
+    assert not server.batcher._thread.is_alive()
+    assert [(r.status_code, r.json()) for r in answers] == [(503, {"detail": SHUT.format(0.5)})] * 2
+    assert ASGI_ERROR not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_second_signal_still_answers_in_json(trained, caplog):
+    """A second SIGTERM or SIGINT (uvicorn's force exit) skips the drain: the event loop's end cancels what is in
+    flight, and the Gate answers it 503 in JSON instead of letting the cancellation out."""
+    uv = []
+    with thread_server(trained, uvicorn_out=uv, timeout=30, drain_timeout=30) as (url, server):
+        with socket.create_connection(address(url), timeout=10) as s:
+            s.sendall(SLOW_JSON)
+            _wait_for(lambda: server._bounds, "the body is being read")
+            uv[0].force_exit = True
+            uv[0].should_exit = True
+            head, body = read_reply(s)
+    assert head.startswith("HTTP/1.1 503 ") and body == {"detail": SHUT.format(30)}
+    assert ASGI_ERROR not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("request_head", [SLOW_JSON, SLOW_FORM], ids=["json", "multipart"])
+def test_a_client_that_leaves_mid_body_is_counted_not_a_traceback(trained, caplog, request_head):
+    with thread_server(trained) as (url, server):
+        with socket.create_connection(address(url), timeout=10) as s:
+            s.sendall(request_head)
+            _wait_for(lambda: server._bounds, "the body is being read")
+        left = 'nnctl_serve_requests_total{endpoint="/predict",status="499"}'
+        _wait_for(lambda: left in httpx.get(f"{url}/metrics").text, "the request counted")
+        assert metric(httpx.get(f"{url}/metrics").text, left) == 1
+        assert httpx.post(f"{url}/predict", json={"inputs": [[[[0.0] * 8] * 8]]}).status_code == 200
+    assert ASGI_ERROR not in caplog.text and "ClientDisconnect" not in caplog.text
+
+
+@pytest.mark.slow  # real processes (.ci/run runs them)
+@pytest.mark.parametrize("timeout,drain,status,detail", [
+    (30, 1, 503, SHUT.format(1)),
+    (1, 3, 408, "the body was not sent within --timeout 1 s"),
+])
+def test_sigterm_during_a_slow_body_is_one_json_line_whatever_the_two_timeouts(digits_run, timeout, drain, status,
+                                                                               detail):
+    """The outside tester's reproduction (/tmp/recheck3/f4.sh), on nnctl serve itself: SIGTERM while a client sends
+    a slow body; serve exits 0 and logs no traceback."""
+    with cli_server(digits_run, "--timeout", str(timeout), "--drain-timeout", str(drain)) as (url, proc):
+        with socket.create_connection(address(url), timeout=20) as s:
+            s.sendall(SLOW_JSON)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            head, body = read_reply(s)
+        assert proc.wait(WAIT) == 0
+        err = proc.stderr.read()
+    assert head.startswith(f"HTTP/1.1 {status} ") and body == {"detail": detail}
+    assert ASGI_ERROR not in err and "Traceback" not in err
+
+
+def test_serving_leaves_a_core_to_the_event_loop(monkeypatch):
+    """torch's threads while serving: the usable cores less one (the forward pass's threads otherwise wait for the
+    core the event loop holds), at most torch's default, at least 1; OMP_NUM_THREADS, where set, decides."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for cores, default, want in ((2, 2, 1), (1, 1, 1), (16, 16, 15), (16, 4, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert lifecycle.inference_threads(default) == want, (cores, default)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert lifecycle.inference_threads(2) == 2
+
+
+# --- a batch answers each request as alone (nnctl.use.predict: the serving hot path) ----------------------
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "nll"])
+def test_a_pass_finishes_its_groups_together_bit_for_bit_as_each_alone(trained, loss):
+    """Predictor.deliver finishes the groups wholly in a pass together (one softmax and top-k for the pass, one
+    finiteness check): every group's answers equal its own softmax (or exp, for nll) and top-k in plain
+    PyTorch, non-finite rows included."""
+    predictor = Predictor.load(trained)
+    predictor.loss = loss
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(40, 10, generator=g) * 6
+    out[[3, 17, 18]] = torch.tensor(float("nan"))
+    sizes = [1, 1, 3, 1, 5, 1, 1, 8, 2, 1, 1, 6, 1, 8]
+    assert sum(sizes) == 40
+    groups = [_group(f"g{i}", n) for i, n in enumerate(sizes)]
+    predictor.deliver([(grp, 0, grp.n) for grp in groups], out, 3)
+    at = 0
+    for grp in groups:
+        rows = out[at:at + grp.n]
+        probs = rows.exp() if loss == "nll" else torch.softmax(rows, dim=1)
+        top_p, top_i = probs.topk(3, dim=1)
+        assert torch.equal(grp.top_i, top_i) and torch.equal(grp.top_p.nan_to_num(-1), top_p.nan_to_num(-1))
+        assert grp.bad == [i for i in range(grp.n) if not torch.isfinite(rows[i]).all()]
+        at += grp.n
+    answered = [r.to_dict() for r in predictor.answers(groups, 3).rows]
+    assert sum("error" in r for r in answered) == 3 and len(answered) == 40
+
+
+def test_a_pass_scales_its_pieces_together_as_each_alone(trained):
+    """Predictor.forward scales runs of pieces of one dtype and kind together: the model's outputs equal those
+    of the pieces scaled one at a time (Preprocessing.from_raw) in plain PyTorch, bit for bit."""
+    predictor = Predictor.load(trained)
+    g = torch.Generator().manual_seed(1)
+    images = [_group(f"i{k}", 1, torch.randint(0, 256, (1, 1, 8, 8), generator=g, dtype=torch.uint8), image=True)
+              for k in range(5)]
+    raw = [_group(f"u{k}", 3, torch.randint(0, 17, (3, 1, 8, 8), generator=g, dtype=torch.uint8)) for k in range(3)]
+    floats = [_group(f"f{k}", 2, torch.rand(2, 1, 8, 8, generator=g)) for k in range(4)]
+    groups = images[:3] + raw[:2] + floats[:2] + images[3:] + floats[2:] + raw[2:]
+    pieces = [(grp, 0, grp.n) for grp in groups] + [(raw[0], 1, 2)]
+    with torch.inference_mode():
+        got = predictor.forward(pieces)
+        x = torch.cat([predictor.pre.from_raw(grp.x[a:b], image=grp.image) for grp, a, b in pieces])
+        want = trained(x).float()
+    assert torch.equal(got, want)
+
+
+def _group(name: str, n: int, x: torch.Tensor | None = None, image: bool = False):
+    from nnctl.use.inputs import _Group
+
+    return _Group(name, torch.zeros(n, 1, 8, 8) if x is None else x, image=image)
 
 
 # --- the page, in a real headless Chromium ------------------------------------------------------------

@@ -2,7 +2,9 @@
 public function, and ``nnctl.serve`` is the function) (the serve extra: FastAPI, uvicorn, prometheus-client,
 python-multipart). Imported only by ``nnctl.api.serve``, never on ``import nnctl`` or ``nnctl --help``.
 
-    app.py        the FastAPI app: endpoints, reading and checking inputs, refusals (ServeOptions)
+    app.py        the app: POST /predict as plain ASGI (the hot path), the other endpoints FastAPI's, refusals,
+                  the drain on shutdown (ServeOptions)
+    reading.py    a request's query, JSON tensors and multipart images, read and checked (in the pool)
     batcher.py    the one inference worker: dynamic batches under torch.inference_mode
     metrics.py    /metrics (prometheus-client)
     page.py       the HTML page at /

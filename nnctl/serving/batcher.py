@@ -1,9 +1,10 @@
 """The one inference worker: requests queue into one thread, which forms batches and answers them.
 
 A request's samples (``nnctl.use.inputs._Group`` objects, decoded and checked before they queue) wait
-in a bounded queue. The worker takes the first waiting request, then keeps taking whole requests for up
-to ``max_wait`` seconds or until ``max_batch`` samples (it waits only while more requests are on their
-way: read or decoded by the app, ``coming``; a lone request is answered at once), runs ONE forward pass over all of them under
+in a bounded queue. Once a request waits, the worker waits up to ``max_wait`` seconds for ``max_batch``
+samples (only while more requests are on their way: read or decoded by the app, ``coming``; a lone
+request is answered at once), takes the waiting requests whole up to ``max_batch`` samples, runs ONE
+forward pass over all of them under
 ``torch.inference_mode()`` (``Predictor.forward``: the recorded preprocessing, the model in eval mode, so
 BatchNorm and Dropout answer a sample the same in any batch), and hands each request its slice
 (``Predictor.deliver``, with the request's own top-k). A request of more than ``max_batch`` samples is
@@ -12,13 +13,16 @@ a request whose client stopped waiting (timed out) is skipped; a model that rais
 requests with the error and the worker goes on. Before the first request, one warm-up batch of zeros of
 the recorded input shape runs (``ready`` is set after it).
 
-The answers reach the event loop through ``loop.call_soon_threadsafe``; the worker never blocks it.
+The answers reach the event loop through ``loop.call_soon_threadsafe``, once a batch; the worker never
+blocks it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,27 +45,48 @@ class InferenceFailed(Exception):
 
 @dataclass(eq=False)
 class Job:
-    """One request's samples waiting for the worker; ``future`` is set (None, or an exception) when answered."""
+    """One request for the worker, made on the event loop before its inputs are read (``Job.here``);
+    ``groups`` (its samples, decoded and checked) and ``top_k`` are set when it is queued (``submit``, from
+    any thread); ``future`` is settled (None, or an exception) when it is answered or refused."""
 
-    groups: list[_Group]
-    top_k: int
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    groups: list[_Group] = field(default_factory=list)
+    top_k: int = 1
     n: int = 0
-    queued_at: float = field(default_factory=time.perf_counter)
-    abandoned: bool = False  # the client stopped waiting (timeout): skipped if not yet started
+    queued_at: float = 0.0
+    abandoned: bool = False  # the client stopped waiting (timeout, or the drain): skipped if not yet started
 
-    def __post_init__(self):
-        self.n = sum(g.n for g in self.groups)
+    @classmethod
+    def here(cls) -> "Job":
+        loop = asyncio.get_running_loop()
+        return cls(loop.create_future(), loop)
 
 
-def _settle(future: asyncio.Future, error: BaseException | None) -> None:
-    if future.done():  # cancelled: the client timed out or left
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+def _settle(futures: list[asyncio.Future], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():  # cancelled: the client timed out or left
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+def refuse(job: Job, error: BaseException) -> None:
+    """Answer a job with an error, from any thread (its inputs could not be used, the queue is full)."""
+    _settle_all([job], error)
+
+
+def _settle_all(jobs: list[Job], error: BaseException | None) -> None:
+    """Answer the jobs on their event loops: one wake-up of a loop for all of its jobs, not one a job. A job
+    abandoned meanwhile (its client's deadline, or the drain's, passed during the pass) needs no answer; an
+    event loop closed meanwhile (the server stopped while this pass ran) has nobody waiting on it."""
+    for loop, mine in itertools.groupby(jobs, key=lambda job: job.loop):
+        futures = [job.future for job in mine if not job.abandoned]
+        if futures:
+            with contextlib.suppress(RuntimeError):  # "Event loop is closed"
+                loop.call_soon_threadsafe(_settle, futures, error)
 
 
 class Batcher:
@@ -80,6 +105,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._coming = 0  # requests the app is reading or decoding: worth waiting for
+        self._queued = 0  # the samples of the queued requests
         self._thread = threading.Thread(target=self._run, name="nnctl-serve-inference", daemon=True)
 
     # --- the event loop's side ---------------------------------------------------------------
@@ -88,25 +114,31 @@ class Batcher:
         self._thread.start()
 
     def coming(self, change: int) -> None:
-        """A request starts being read (+1), or is queued or refused (-1): the worker waits for more only
-        while some are coming."""
+        """A request starts being read (+1), or is refused before it queues (-1): the worker waits for more
+        only while some are coming (and is woken when none are left)."""
         with self._cond:
             self._coming += change
-            self._cond.notify()
+            if self._coming <= 0:
+                self._cond.notify()
 
-    def submit(self, groups: list[_Group], top_k: int) -> Job:
-        """Queue a request (called on the event loop); QueueFull when max_queue requests wait already."""
-        loop = asyncio.get_running_loop()
-        job = Job(groups, top_k, loop.create_future(), loop)
+    def submit(self, job: Job, groups: list[_Group], top_k: int) -> None:
+        """Queue a request that was coming (from any thread; queued or refused, it is no longer coming);
+        QueueFull when max_queue requests wait already. The worker is woken only when this gives it something
+        to do: a first request, a full batch, or nothing more on its way (not once a request)."""
+        job.groups, job.top_k, job.n = groups, top_k, sum(g.n for g in groups)
+        job.queued_at = time.perf_counter()
         with self._cond:
-            if self._stopping:
-                raise QueueFull("the server is stopping")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} requests are waiting already (--max-queue {self.max_queue})")
+            self._coming -= 1
+            if self._stopping or len(self._queue) >= self.max_queue:
+                if self._coming <= 0:
+                    self._cond.notify()
+                raise QueueFull("the server is stopping" if self._stopping else
+                                f"{len(self._queue)} requests are waiting already (--max-queue {self.max_queue})")
             self._queue.append(job)
+            self._queued += job.n
             self.metrics.queue_depth.set(len(self._queue))
-            self._cond.notify()
-        return job
+            if len(self._queue) == 1 or self._queued >= self.max_batch or self._coming <= 0:
+                self._cond.notify()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Answer what is queued, then end the worker (bounded by ``timeout`` seconds)."""
@@ -141,37 +173,30 @@ class Batcher:
             self.predictor.forward([(x, 0, x.n)])
 
     def _collect(self) -> list[Job] | None:
-        """The next batch: whole requests, up to max_batch samples, waiting at most max_wait for more after
-        the first; None when stopping with nothing left."""
+        """The next batch: whole requests, up to max_batch samples (a larger request alone), waiting at most
+        max_wait after the first for more while more are coming; None when stopping with nothing left."""
         with self._cond:
-            first = None
-            while first is None:
+            while True:
                 while not self._queue and not self._stopping:
                     self._cond.wait()
                 if not self._queue:
                     return None
-                first = self._pop()
-            jobs, size = [first], first.n
-            deadline = time.perf_counter() + self.max_wait
-            while size < self.max_batch:
-                if not self._queue:
+                deadline = time.perf_counter() + self.max_wait
+                while self._queued < self.max_batch and self._coming > 0 and not self._stopping:
                     left = deadline - time.perf_counter()
-                    if left <= 0 or self._stopping or self._coming <= 0:
+                    if left <= 0:
                         break
                     self._cond.wait(left)
-                    continue
-                if size + self._queue[0].n > self.max_batch:
-                    break
-                job = self._pop()
-                if job is not None:
-                    jobs.append(job)
-                    size += job.n
-            self.metrics.queue_depth.set(len(self._queue))
-            return jobs
-
-    def _pop(self) -> Job | None:
-        job = self._queue.popleft()
-        return None if job.abandoned else job
+                jobs, size = [], 0
+                while self._queue and (not jobs or size + self._queue[0].n <= self.max_batch):
+                    job = self._queue.popleft()
+                    self._queued -= job.n
+                    if not job.abandoned:  # its client stopped waiting (timed out, or the server is draining)
+                        jobs.append(job)
+                        size += job.n
+                self.metrics.queue_depth.set(len(self._queue))
+                if jobs:
+                    return jobs
 
     def _answer(self, jobs: list[Job]) -> None:
         started = time.perf_counter()
@@ -189,25 +214,26 @@ class Batcher:
         except Exception as exc:  # the model's own failure on this batch: these requests get it, the worker goes on
             error = InferenceFailed(f"the model failed on this batch: {type(exc).__name__}: "
                                     f"{' '.join(str(exc).split())[:300]}")
-        for job in jobs:
-            job.loop.call_soon_threadsafe(_settle, job.future, error)
+        _settle_all(jobs, error)
 
     def _pass(self, pieces: list, owners: list[tuple[Job, int]]) -> None:
-        """One forward pass over pieces, delivered to their owners (each job with its count of pieces)."""
+        """One forward pass over pieces, delivered to their owners (each job with its count of pieces): the
+        consecutive jobs that ask for the same top-k in one ``deliver`` (their answers in one softmax and
+        top-k, as ``nnctl.predict`` answers a batch)."""
         out = self.predictor.forward(pieces)
         self.batches += 1
         self.metrics.batch_size.observe(len(out))
         at, row = 0, 0
-        for job, count in owners:
+        for top_k, run in itertools.groupby(owners, key=lambda owner: owner[0].top_k):
+            count = sum(c for _, c in run)
             mine = pieces[at:at + count]
             rows = sum(b - a for _, a, b in mine)
-            self.predictor.deliver(mine, out[row:row + rows], job.top_k)
+            self.predictor.deliver(mine, out[row:row + rows], top_k)
             at += count
             row += rows
 
     def _refuse_all(self, error: BaseException) -> None:
         with self._cond:
-            jobs, self._queue = list(self._queue), collections.deque()
+            jobs, self._queue, self._queued = list(self._queue), collections.deque(), 0
             self._stopping = True
-        for job in jobs:
-            job.loop.call_soon_threadsafe(_settle, job.future, error)
+        _settle_all(jobs, error)

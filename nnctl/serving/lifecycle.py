@@ -6,34 +6,41 @@
   one's closed connections), never SO_REUSEPORT (which would let two servers share a port silently).
 - The model is loaded once (``Predictor.load``), before serving: a file changed on disk later changes
   nothing.
+- torch's intra-op threads while serving: the usable cores less one (``inference_threads``; the
+  environment's OMP_NUM_THREADS where set), restored afterwards.
 - uvicorn's timeouts: ``timeout_keep_alive`` (an idle connection is closed after 5 s), the body must
   arrive within ``--timeout`` (the app's 408), ``h11_max_incomplete_event_size`` (headers bounded),
-  ``timeout_graceful_shutdown`` = ``--drain-timeout``. No client holds the inference worker: it only
-  sees requests whose inputs are decoded already.
-- SIGTERM (and SIGINT): uvicorn stops accepting, answers what is in flight (bounded by the drain
-  timeout), the worker answers what is queued, and ``serve`` returns: the process exits 0. uvicorn
+  ``timeout_graceful_shutdown`` = ``--drain-timeout`` + 1 s. No client holds the inference worker: it
+  only sees requests whose inputs are decoded already.
+- SIGTERM (and SIGINT): uvicorn stops accepting and tells the app (``Server.drain``), which answers what
+  is in flight within ``--drain-timeout`` (a request not answered by then, a body still coming
+  included: 503 "shutting down", one line of JSON); uvicorn's own deadline, a second later, cancels
+  only what an event loop held past it left (the app's Gate answers that 503 too: never uvicorn's 500
+  and traceback). The worker ends, and ``serve`` returns: the process exits 0. uvicorn
   re-raises the signal after its shutdown; the handler in place then is this module's, which only
   records it; the caller's own handlers are restored afterwards.
 """
 
 from __future__ import annotations
 
-import asyncio
 import errno
+import os
 import signal
 import socket
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import torch
 import uvicorn
 
 from nnctl.errors import NnctlError
 from nnctl.use.predict import Predictor
 
-from nnctl.serving.app import ServeOptions, build
+from nnctl.serving.app import Gate, ServeOptions, build
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+UVICORN_GRACE = 1.0  # seconds uvicorn waits past the app's drain deadline before it cancels what is left
 
 
 class PortInUse(NnctlError):
@@ -73,12 +80,26 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def uvicorn_server(asgi, options: ServeOptions) -> uvicorn.Server:
-    """uvicorn for the app, with the timeouts above; its logging left to the caller (nothing printed here)."""
-    config = uvicorn.Config(asgi, lifespan="on", log_config=None, log_level="warning", access_log=False,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=options.drain_timeout,
+class _Uvicorn(uvicorn.Server):
+    """uvicorn's server, telling the app when its graceful shutdown begins (``Server.drain``: the app's own
+    deadline for what is in flight, before uvicorn's)."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]):
+        super().__init__(config)
+        self._on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        self._on_shutdown()
+        await super().shutdown(sockets=sockets)
+
+
+def uvicorn_server(gate: Gate, options: ServeOptions) -> uvicorn.Server:
+    """uvicorn for the app (``build``'s Gate), with the timeouts above; its logging left to the caller (nothing
+    printed here)."""
+    config = uvicorn.Config(gate, lifespan="on", log_config=None, log_level="warning", access_log=False,
+                            timeout_keep_alive=5, timeout_graceful_shutdown=options.drain_timeout + UVICORN_GRACE,
                             h11_max_incomplete_event_size=64 * 1024, server_header=False)
-    return uvicorn.Server(config)
+    return _Uvicorn(config, gate.server.drain)
 
 
 def serve(source: Any, options: ServeOptions, on_listening: Callable[[str, Predictor], None] | None = None) -> Served:
@@ -92,14 +113,17 @@ def serve(source: Any, options: ServeOptions, on_listening: Callable[[str, Predi
         if on_listening is not None:
             on_listening(url, predictor)
         received: list[int] = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(inference_threads(threads))
         previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
         in_main = _main_thread()
         if in_main:  # what uvicorn restores and re-raises once it has drained: recorded, not fatal
             for sig in SIGNALS:
                 signal.signal(sig, lambda signum, frame: received.append(signum))
         try:
-            asyncio.run(uv.serve(sockets=[sock]))
+            uv.run(sockets=[sock])  # uvicorn's event loop (uvloop where it is installed)
         finally:
+            torch.set_num_threads(threads)
             if in_main:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
@@ -107,6 +131,17 @@ def serve(source: Any, options: ServeOptions, on_listening: Callable[[str, Predi
         sock.close()
     stopped = signal.Signals(received[0]).name if received else None
     return Served(url, stopped, server.answered, server.batcher.batches)
+
+
+def inference_threads(default: int) -> int:
+    """torch's threads while serving: one core left to the event loop and the decoding threads (the usable
+    cores less one, at least 1, at most torch's default), unless OMP_NUM_THREADS says how many. With every
+    core given to the forward pass (torch's default), its threads wait for the cores the HTTP side holds:
+    on 2 cores, a forward pass in the server took several times its time alone (docs/benchmarks.md)."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit():
+        return default
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(default, cores - 1))
 
 
 def _main_thread() -> bool:

@@ -2,7 +2,8 @@
 
 Each app has its own registry (two servers in one process, as the tests start them, never share counts):
 
-- ``nnctl_serve_requests_total{endpoint, status}``: answered requests
+- ``nnctl_serve_requests_total{endpoint, status}``: answered requests (499: the client left before its body
+  was sent whole; nobody saw that answer)
 - ``nnctl_serve_request_seconds{endpoint}``: latency, from the request's start to its answer
 - ``nnctl_serve_queue_wait_seconds``: how long a /predict request waited for the inference worker
 - ``nnctl_serve_batch_size``: the samples of each forward pass (a sum above the count of passes: batching)

@@ -37,6 +37,7 @@ when it is read.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -245,23 +246,35 @@ class Predictor:
         return cls(model, pre, task, loss, notes, cfg, dev)
 
     def forward(self, pieces: list[tuple[_Group, int, int]]) -> torch.Tensor:
-        """One forward pass over (group, start, stop) slices of the groups' raw samples, each scaled by the
-        record (``Preprocessing.from_raw``): the outputs, float32 on the CPU. Call it under inference_mode."""
-        x = torch.cat([self.pre.from_raw(g.x[a:b].to(self.device), image=g.image) for g, a, b in pieces])
-        out = self.model(x)
+        """One forward pass over (group, start, stop) slices of the groups' raw samples, scaled by the record
+        (``Preprocessing.from_raw``; consecutive slices of one dtype and kind together: it is elementwise, the
+        same values as one at a time, in a few tensor operations instead of a few a slice): the outputs,
+        float32 on the CPU. Call it under inference_mode."""
+        scaled = []
+        for (_, image), run in itertools.groupby(pieces, key=lambda p: (p[0].x.dtype, p[0].image)):
+            raw = [g.x[a:b] for g, a, b in run]
+            scaled.append(self.pre.from_raw((raw[0] if len(raw) == 1 else torch.cat(raw)).to(self.device),
+                                            image=image))
+        out = self.model(scaled[0] if len(scaled) == 1 else torch.cat(scaled))
         if isinstance(out, (tuple, list)):
             out = out[0]
         return out.float().cpu()
 
     def deliver(self, pieces: list[tuple[_Group, int, int]], out: torch.Tensor, top_k: int) -> None:
         """The outputs of ``forward`` (rows in the pieces' order) back to their groups; a group whose last
-        piece this is gets its answers (``_finish``: top-k classes, a sigmoid per label, or the values)."""
-        at = 0
+        piece this is gets its answers (``_finish``: top-k classes, a sigmoid per label, or the values; the
+        groups wholly in this pass together, ``_finish_whole``)."""
+        at, whole = 0, []
         for g, a, b in pieces:
-            g.outs.append(out[at:at + b - a])
+            if a == 0 and b == g.n:
+                whole.append((g, at, at + b))
+            else:
+                g.outs.append(out[at:at + b - a])
+                if b == g.n:  # the group is complete: keep its results, drop its raw samples
+                    _finish(g, self.task, self.loss, top_k)
             at += b - a
-            if b == g.n:  # the group is complete: keep its results, drop its raw samples
-                _finish(g, self.task, self.loss, top_k)
+        if whole:
+            _finish_whole(whole, out, self.task, self.loss, top_k)
 
     def answers(self, groups: list[_Group], top_k: int, notes: list[str] = (), files: list[str] = ()) -> Predictions:
         return Predictions(groups, self.task, top_k, list(self.notes) + list(notes), list(files), self.pre.class_name)
@@ -348,3 +361,22 @@ def _finish(g: _Group, task: Task, loss: str, top_k: int) -> None:
         g.top_p, g.top_i = probs.topk(min(top_k, probs.shape[1]), dim=1)
     elif task.answer == "labels":
         g.values = torch.sigmoid(g.out)
+
+
+def _finish_whole(whole: list[tuple[_Group, int, int]], out: torch.Tensor, task: Task, loss: str, top_k: int) -> None:
+    """Groups wholly in one pass's outputs (rows ``start:stop`` each), finished as ``_finish`` finishes each,
+    with what does not depend on the other rows done once for the pass (a row's finiteness, softmax and
+    top-k: bit for bit the same); the elementwise exp (an ``nll`` model's probabilities) and sigmoid of a row
+    can depend on where it lies (vectorised or not), so they stay per group."""
+    if task.answer != "classes" or out.dim() != 2:
+        for g, start, stop in whole:
+            g.outs.append(out[start:stop])
+            _finish(g, task, loss, top_k)
+        return
+    bad = (~torch.isfinite(out).all(dim=1)).nonzero().flatten().tolist()
+    k = min(top_k, out.shape[1])
+    top = None if loss == "nll" else torch.softmax(out, dim=1).topk(k, dim=1)
+    for g, start, stop in whole:
+        g.out, g.outs, g.x = out[start:stop], [], None
+        g.top_p, g.top_i = g.out.exp().topk(k, dim=1) if top is None else (top[0][start:stop], top[1][start:stop])
+        g.bad = [i - start for i in bad if start <= i < stop]
