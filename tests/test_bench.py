@@ -37,7 +37,7 @@ def assert_table(out: str) -> None:
 pytestmark = pytest.mark.slow  # every benchmark script once (about 70 s in all on 2 cores): .ci/run runs the slow group
 
 
-@pytest.mark.parametrize("name", ["parity.py", "tutorial.py", "startup.py", "checkpoints.py", "first_step.py", "tune.py",
+@pytest.mark.parametrize("name", ["parity.py", "tutorial.py", "startup.py", "checkpoints.py", "first_step.py", "tune.py", "fsdp.py",
                                   "serve.py"])
 def test_cpu_benchmark_runs(name):
     out = run_bench(name)
