@@ -91,7 +91,7 @@ def report():  # registered first, so the last of the atexit handlers: what is l
 import atexit
 atexit.register(report)
 T_MAIN = time.time()
-nnctl.cli.app.run()  # the console script's entry: main(), then its exit
+getattr(nnctl.cli.app, "run", nnctl.cli.app.main)()  # the console script's entry (main() before it had run)
 '''
 
 HAND_CHILD = r'''

@@ -30,6 +30,8 @@ from nnctl.model import plan as M
 from nnctl.model import weights as W
 from nnctl.training import distributed as DIST
 from nnctl.training import launch as LAUNCH
+from nnctl.training import sharding as SHARD
+from nnctl.optim.optimizers import state_slots
 from nnctl.training.launch import is_main_process, is_worker, set_timeout  # noqa: F401  (the CLI's train)
 from nnctl.use import freeze as FREEZE
 from nnctl.model import graph as G
@@ -310,7 +312,7 @@ def evaluate(source: Any, *, which: str = "best", split: str | None = None, data
 
 
 def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Sequence[str] = (),
-              graph: str | os.PathLike | None = None):
+              graph: str | os.PathLike | None = None, processes: int = 1):
     """torchinfo-style statistics of a model: rows, totals, MACs (a Summary object, named after the config).
 
     ``graph``: also draw the model (branches, shortcuts, output shapes) to this .png, .svg or .pdf file.
@@ -325,6 +327,11 @@ def summarize(source: Any, *, depth: int = 1, which: str = "best", overrides: Se
     result.name = cfg.name
     pre = src.preprocessing
     result.inputs = pre.describe() if pre is not None else None
+    if cfg.train is not None:  # what training holds a rank: parameters, gradients, the optimizer's state
+        strategy = cfg.train.distributed.strategy if processes > 1 else "one process"
+        slots = state_slots(cfg.train.optimizer)
+        result.per_rank = {"strategy": strategy, "processes": processes, "optimizer_slots": slots,
+                           **SHARD.per_rank_bytes(src.model, processes, strategy, slots)}
     located = getattr(src.plan, "doc", None)
     result.lines_of = located.file if located is not None and any(r.line for r in result.rows) else None
     if graph is not None:

@@ -148,3 +148,26 @@ def test_an_fsdp_run_equals_one_process_and_resumes_under_any_strategy(tmp_path)
     assert r.returncode == 0, r.stderr
     state = K.load(tmp_path / "b" / "last.pt")
     assert state["epoch"] == 3 and _max_diff(ref["model"], state["model"]) < TOL
+
+
+def test_summary_shows_what_one_rank_holds_under_each_strategy(tmp_path, cli):
+    """`nnctl summary --processes N`: parameters, gradients and the optimizer's state one rank holds (ddp: all
+    of it; fsdp: 1/N of each tensor's rows, rounded up as fully_shard's dim-0 shards are), counted by hand."""
+    import nnctl
+
+    doc = make(model=MODEL, train={"optimizer": {"Adam": {"lr": 0.01}}})
+    sizes = [33 * 64, 33, 10 * 33, 10]  # the Linear weights and biases
+    rows = [33, 33, 10, 10]
+    full = 4 * sum(sizes)
+    half = 4 * sum(-(-r // 2) * (n // r) for n, r in zip(sizes, rows))
+    one = nnctl.summarize(doc).per_rank
+    assert one == {"strategy": "one process", "processes": 1, "optimizer_slots": 2, "parameters": full,
+                   "gradients": full, "optimizer": 2 * full}
+    ddp = nnctl.summarize(doc, processes=2).per_rank
+    assert (ddp["strategy"], ddp["parameters"], ddp["optimizer"]) == ("ddp", full, 2 * full)
+    fsdp = nnctl.summarize(doc, processes=2, overrides=["train.distributed.strategy=fsdp"]).per_rank
+    assert (fsdp["strategy"], fsdp["parameters"], fsdp["gradients"], fsdp["optimizer"]) == ("fsdp", half, half, 2 * half)
+    sgd = nnctl.summarize(doc, overrides=["train.optimizer={SGD: {lr: 0.1}}"]).per_rank
+    assert (sgd["optimizer_slots"], sgd["optimizer"]) == (0, 0)
+    code, out, _ = cli("summary", str(write(tmp_path, doc)), "-n", "2", "--set", "train.distributed.strategy=fsdp")
+    assert code == 0 and "training state a rank (fsdp, 2 processes): parameters" in out, out

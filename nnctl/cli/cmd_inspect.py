@@ -21,11 +21,14 @@ def summary(
     graph: Optional[str] = typer.Option(None, "--graph", help="Also draw the model (branches, shortcuts, "
                                                               "output shapes) to this .png, .svg or .pdf file."),
     set_: Optional[list[str]] = SetOpt,
+    processes: int = typer.Option(1, "--processes", "-n", min=1, max=65536,
+                                  help="The training state one rank holds with this many processes "
+                                       "(train.distributed.strategy: ddp, a copy each; fsdp, 1/N each)."),
 ):
     """Per-layer table: output shapes, parameters, trainable/frozen, MACs; totals."""
     from nnctl import api
 
-    result = api.summarize(source, depth=depth, which=which, overrides=set_ or [], graph=graph)
+    result = api.summarize(source, depth=depth, which=which, overrides=set_ or [], graph=graph, processes=processes)
     if graph is not None:
         _err(f"graph: {graph}")
     if as_json:

@@ -253,6 +253,12 @@ def print_summary(result) -> None:
         con.print(f"augment (training batches): {result.augment}", markup=False)
     if result.inputs:  # a trained model: what predict and eval feed it (its preprocessing record)
         con.print(f"inputs: {result.inputs}", markup=False)
+    if result.per_rank:  # what training holds a rank (parameters, gradients, the optimizer's state)
+        r = result.per_rank
+        how = (f"{r['strategy']}, {r['processes']} processes" if r["processes"] > 1 else "one process")
+        con.print(f"training state a rank ({how}): parameters {_fmt_bytes(r['parameters'])}, gradients "
+                  f"{_fmt_bytes(r['gradients'])}, optimizer state {_fmt_bytes(r['optimizer'])} "
+                  f"({r['optimizer_slots']} tensor(s) a parameter)", markup=False)
     if result.lines_of:  # a run's rows are at the lines of its config.yaml, not of the file it was trained from
         con.print(f"line: in {display_name(result.lines_of)}", markup=False)
 

@@ -89,6 +89,7 @@ class Summary:
     name: str | None = None  # the config's name (nnctl summary's title; not in to_dict), None: a bare model
     inputs: str | None = None  # a trained model's inputs, from its preprocessing record (Preprocessing.describe)
     lines_of: str | None = None  # the YAML file the rows' line numbers are in (a run's: RUN/config.yaml)
+    per_rank: dict | None = None  # training state one rank holds: {strategy, processes, parameters, gradients, ...}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (``json.dumps`` works): the same content as the table."""
@@ -108,6 +109,7 @@ class Summary:
             "augment": self.augment,
             "inputs": self.inputs,
             "lines_of": self.lines_of,
+            "per_rank": self.per_rank,
         }
 
 

@@ -171,3 +171,20 @@ def make_scheduler(spec: dict | None, optimizer, epochs: int, steps_per_epoch: i
     if "total_steps" in sig and "total_steps" not in args and "epochs" not in args:
         args["total_steps"] = epochs * (steps_per_epoch if interval == "step" else 1)
     return cls(optimizer, **args)
+
+
+# tensors of the parameter's size that each optimizer keeps a parameter (its state), by class
+_SLOTS = {"Adam": 2, "AdamW": 2, "Adamax": 2, "NAdam": 2, "RAdam": 2, "Adadelta": 2, "Adagrad": 1, "ASGD": 2,
+          "Rprop": 2, "LBFGS": 0, "SparseAdam": 2, "Adafactor": 2, "Muon": 1}
+
+
+def state_slots(optimizer: dict) -> int:
+    """How many tensors of a parameter's size the config's optimizer keeps a parameter (Adam: its two
+    moments; SGD: one with momentum, none without; RMSprop: one, two with momentum or centered)."""
+    (name, args), = optimizer.items()
+    args = args or {}
+    if name == "SGD":
+        return 1 if args.get("momentum") else 0
+    if name == "RMSprop":
+        return 1 + bool(args.get("momentum")) + bool(args.get("centered"))
+    return _SLOTS.get(name, 2)

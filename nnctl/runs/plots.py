@@ -10,40 +10,8 @@ from nnctl.runs.records import Comparison, _unique_names
 from nnctl.runs.rundir import RunDir
 from nnctl.tasks import curve_for
 import csv
-import sys
 from nnctl.runs import checkpoint as K
 from nnctl.files import check_output
-import threading
-
-_warming: list[threading.Thread] = []  # at most one: the thread warm_up started
-
-
-def warm_up() -> None:
-    """Import matplotlib (Figure, the Agg canvas, the font list) in a daemon thread while the run trains.
-
-    The import is most of what curves.png costs at the end of a run (0.4-0.7 s on this project's
-    2-core machine, docs/benchmarks.md "The whole run"); started when training starts, it runs while
-    the training's torch kernels have released the GIL, so the curves at the end find it done. Only
-    matplotlib's own modules are imported there (never torch's, so no import lock is held in both
-    threads); the plot waits on the import lock if the thread is not done, and imports it itself if the
-    thread failed."""
-    if _warming or "matplotlib.backends.backend_agg" in sys.modules:
-        return
-    thread = threading.Thread(target=_import_matplotlib, name="nnctl-plot-warm-up", daemon=True)
-    _warming.append(thread)
-    thread.start()
-
-
-def _import_matplotlib() -> None:
-    try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-        from matplotlib import font_manager
-
-        font_manager.findfont(font_manager.FontProperties())  # the default font's file, found and cached
-    except Exception:  # noqa: BLE001  (the plot imports it again and says what is wrong)
-        pass
-
 
 def plot_curves(run_dir, history: list[dict], title: str) -> str | None:
     """curves.png: losses (left) and the task's validation metric (right: ``Task.curve``) by epoch."""

@@ -53,7 +53,7 @@ from nnctl.training.resume import ResumeSource, accepted_resume, resume_source  
 from nnctl.runs.rundir import RunDir
 from nnctl.seeds import rank_seed
 from nnctl.runs.claim import Claim, claim_existing, claim_new
-from nnctl.runs.plots import plot_quietly, warm_up as warm_up_plots
+from nnctl.runs.plots import plot_quietly
 from nnctl.optim import losses
 from nnctl.model.tv import pretrained_preprocessing
 from nnctl import files as files
@@ -411,8 +411,6 @@ def _recording(spec: RunSpec, record: StatusRecorder, loggers: list) -> Callable
     """The fit's events, to status.json, the loggers (TensorBoard, MLflow) and spec.on_event."""
 
     def events(event) -> None:
-        if event.kind == "start":  # the torch side is built: matplotlib is imported while it trains
-            warm_up_plots()
         if event.kind == "epoch_end" and record.monitor is None and event.row is not None:
             record.set_monitor(*monitor_for(spec.cfg, any(k.startswith("val_") for k in event.row)))
         record.on_event(event)

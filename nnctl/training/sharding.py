@@ -17,16 +17,11 @@ process count wrote it.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 
 from nnctl.training.distributed import Dist
 
@@ -34,6 +29,9 @@ from nnctl.training.distributed import Dist
 def shard(model: nn.Module, dist: Dist, device: torch.device, *, reshard_after_forward: bool = True,
           cpu_offload: bool = False) -> nn.Module:
     """The model sharded in place over every rank (its parameters become DTensor shards); returned."""
+    from torch.distributed.device_mesh import init_device_mesh  # FSDP2's modules: 0.9 s, only when sharding
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
     mesh = init_device_mesh(device.type, (dist.world_size,))
     options: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
                                "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
@@ -45,23 +43,31 @@ def shard(model: nn.Module, dist: Dist, device: torch.device, *, reshard_after_f
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether fully_shard has been applied to the model (its parameters are DTensors)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """Whether fully_shard has been applied to the model (its parameters are DTensors). No DTensor exists
+    before torch.distributed.tensor is imported (0.7 s: it is left to shard() to import it)."""
+    tensor = sys.modules.get("torch.distributed.tensor")
+    return tensor is not None and any(isinstance(p, tensor.DTensor) for p in model.parameters())
 
 
-def _options(**kw) -> StateDictOptions:
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
     return StateDictOptions(**kw)
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The unwrapped model's full state_dict on the CPU, on rank 0 (a collective: every rank calls it; the
     others get {}: only rank 0 writes checkpoints, and no rank holds the whole model on its device)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
     return get_model_state_dict(model, options=_options(full_state_dict=True, cpu_offload=True))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's full state in PyTorch's own ``state_dict`` format (state and groups keyed by the
     parameter's index), as a one-process run's optimizer returns it (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     by_name = get_optimizer_state_dict(model, optimizer, options=_options(full_state_dict=True, cpu_offload=True))
     return _by_index(by_name, _names_in_order(model, optimizer)) if by_name else {}
 
@@ -70,6 +76,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     """A plain optimizer ``state_dict`` (index-keyed, from any strategy or process count) into the
     sharded model's optimizer: each rank keeps its shard."""
     by_name = _by_name(state, _names_in_order(model, optimizer))
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
     set_optimizer_state_dict(model, optimizer, by_name, options=_options(full_state_dict=True))
 
 
@@ -127,6 +135,8 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if not is_sharded(model):
         model.load_state_dict(state)
         return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
     set_model_state_dict(model, state, options=_options(full_state_dict=True))
 
 
