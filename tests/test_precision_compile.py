@@ -228,7 +228,7 @@ def test_the_last_partial_batch_does_not_recompile(tmp_path):
      "mode, or use backend: inductor"),
     ("  compile: yes\n", "5:12", "train.compile: expected true, false or a mapping of torch.compile's options "
                                  "{mode, dynamic, backend, fullgraph}, got 'yes' (nnctl reads YAML 1.2: 'yes' is "
-                                 "a string here)"),
+                                 "a string here; write true)"),
     ("  compile: {dynamic: 1}\n", "5:22", "train.compile.dynamic: expected true or false, got 1"),
     ("  precision: bf15\n", "5:14", "train.precision: 'bf15' is not one of '32-true', 'bf16-mixed', '16-mixed', "
                                     "'bf16-true', 'fp32', 'bf16' or 'fp16'; did you mean 'bf16'?"),

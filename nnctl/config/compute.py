@@ -72,7 +72,8 @@ def compile_value(value: Any) -> bool | CompileSection:
     if not isinstance(value, dict):
         hint = ""
         if isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n"):
-            hint = f" (nnctl reads YAML 1.2: {value!r} is a string here)"
+            hint = (f" (nnctl reads YAML 1.2: {value!r} is a string here; write "
+                    f"{'true' if value.lower() in ('yes', 'on', 'y') else 'false'})")
         raise ValueError("expected true, false or a mapping of torch.compile's options {mode, dynamic, backend, "
                          f"fullgraph}}, got {value!r}{hint}")
     try:
