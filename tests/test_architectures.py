@@ -387,6 +387,7 @@ def test_onnx_export_matches_eager(layers, tmp_path):
 
 # --- 6. the graph picture ----------------------------------------------------------------------------
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_summary_graph_png_and_svg(tmp_path):
     d = make(model={"input_shape": [4, 8, 8], "layers": [BASIC_DOWN, {"Concat": {"branches": [[], ["ReLU"]]}},
                                                          "Flatten", {"Linear": {"out_features": 3}}]})

@@ -221,6 +221,7 @@ print("went on")
                                      "went on"]
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_an_interrupted_run_records_its_hparams_with_a_status_tensorboard_knows(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -268,6 +269,7 @@ def _ignore_cfg(tmp_path: Path, path: Path, lr: float = 0.0) -> Path:
                "optimizer": {"SGD": {"lr": lr}}}))
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_an_all_ignored_batch_counts_for_nothing_and_the_mean_is_plain_pytorchs(tmp_path):
     # 16 samples in batches of 2, 10 of them ignored (class 2): several batches hold only ignored targets
     y = [2, 2, 2, 0, 2, 2, 1, 2, 2, 0, 2, 1, 2, 2, 0, 1]

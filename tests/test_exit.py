@@ -4,6 +4,8 @@ same as a normal interpreter exit gives (issue 25: the teardown cost every comma
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 
@@ -54,6 +56,7 @@ def test_a_message_given_to_systemexit_is_printed_and_exits_1(tmp_path):
     assert (r.returncode, r.stderr) == (1, "stopped: a reason\n")
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_python_m_nnctl_and_a_trained_run_are_complete(tmp_path):
     """`python -m nnctl train` through run(): every file of the run is in place and readable at exit."""
     cfg = write(tmp_path, make(train={"epochs": 1}))

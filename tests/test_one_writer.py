@@ -486,6 +486,7 @@ def test_a_class_folder_whose_name_is_not_utf8_reaches_every_output(image_run, t
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG" and "r\\xe9" in r.stdout
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_a_failed_pid_write_of_the_run_lock_leaves_nothing(tmp_path):
     """Defect 20: a pid write that failed (a full disk, a file-size limit) left a folder holding only .lock.
     Now the claim leaves nothing: no lock file, no folder it made (nor the runs/ it made), one line naming

@@ -40,6 +40,7 @@ def _image_config(root: Path, epochs: int = 2) -> dict:
 
 # --- 5: the validation split is the one the run used, or nothing is scored / resumed on it ---------------
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_a_changed_data_folder_is_named_by_eval_and_resume(tmp_path):
     """One file added to a class folder after training moved training images into "val" (eval 0.23 ->
     0.84) and --resume chose a new best.pt on the leaked split. The checkpoint's record now carries the

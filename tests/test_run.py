@@ -229,6 +229,7 @@ def test_out_onto_a_foreign_folder_is_refused(trained, tmp_path):
 
 # --- 5: a run killed before its first checkpoint --------------------------------------------------
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_a_run_killed_before_its_first_checkpoint_leads_somewhere(tmp_path):
     cfg = write(tmp_path, make(train={"epochs": 1}))
     # a real process killed by SIGKILL once it has written config.yaml, before any checkpoint

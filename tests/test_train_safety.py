@@ -212,6 +212,7 @@ def test_resume_refuses_a_changed_optimizer_class_or_schedule(tmp_path, new_trai
     assert K.load(tmp_path / "run" / "last.pt")["epoch"] == 1  # nothing written
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_resume_optimizer_switch_is_a_clear_cli_error(tmp_path):
     p = write(tmp_path, make(train={"epochs": 1}))
     r = run_cli("train", str(p), "--out", str(tmp_path / "run"))
@@ -222,6 +223,7 @@ def test_resume_optimizer_switch_is_a_clear_cli_error(tmp_path):
     assert "internal error" not in r.stderr and "checkpoint's run used Adam" in r.stderr
 
 
+@pytest.mark.slow  # a real-process test (README test command kept under ~6 minutes; .ci/run runs it)
 def test_onecycle_resumed_with_more_epochs_is_refused(tmp_path):
     p = write(tmp_path, make(train={"epochs": 1, "scheduler": {"OneCycleLR": {"max_lr": 0.01}},
                                     "scheduler_interval": "step"}))
