@@ -193,21 +193,26 @@ def _node(ns: str, host: str, rank: int, args: list[str], cwd: Path) -> subproce
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
+def _both_nodes(names, args: list[str], cwd) -> list[tuple]:
+    """One node in each namespace, run to their end (killed if the test fails first); each exited 0."""
+    nodes = [_node(ns, host, r, args, cwd) for r, (ns, (host, _)) in enumerate(zip(names, NODES))]
+    try:
+        ends = [(n, *n.communicate(timeout=180)) for n in nodes]
+    finally:
+        for node in nodes:
+            _kill(node)
+    for node, out, err in ends:
+        assert node.returncode == 0, err
+    return ends
+
+
 @pytest.mark.slow  # a run across two network hosts and a single-process one (about 25 s): .ci/run runs the slow group
 def test_two_hosts_train_one_run_equal_to_one_process(tmp_path):
     p = write(tmp_path, make(model=MODEL, train=TRAIN))
     with _two_hosts() as names:
         one = run_cli("train", str(p), "--out", str(tmp_path / "one"), cwd=tmp_path)
         assert one.returncode == 0, one.stderr
-        nodes = [_node(ns, host, r, [str(p), "--out", "run", "--rdzv-timeout", "30"], tmp_path)
-                 for r, (ns, (host, _)) in enumerate(zip(names, NODES))]
-        try:
-            ends = [(n, *n.communicate(timeout=180)) for n in nodes]
-        finally:
-            for node in nodes:
-                _kill(node)
-    for node, out, err in ends:
-        assert node.returncode == 0, err
+        ends = _both_nodes(names, [str(p), "--out", "run", "--rdzv-timeout", "30"], tmp_path)
     assert "epoch 3/3" in ends[0][1] + ends[1][1]
     assert sorted(os.listdir(tmp_path)) == ["c.yaml", "one", "run"]  # one run folder, written by global rank 0
     status = json.loads((tmp_path / "run" / "status.json").read_text())
@@ -224,15 +229,7 @@ def test_two_hosts_then_one_process_resume_equals_one_process_throughout(tmp_pat
     with _two_hosts() as names:
         straight = run_cli("train", str(p), "--out", str(tmp_path / "straight"), cwd=tmp_path)
         assert straight.returncode == 0, straight.stderr
-        nodes = [_node(ns, host, r, [str(p), "--out", "run", "--epochs", "1"], tmp_path)
-                 for r, (ns, (host, _)) in enumerate(zip(names, NODES))]
-        try:
-            ends = [(n, *n.communicate(timeout=180)) for n in nodes]
-        finally:
-            for node in nodes:
-                _kill(node)
-    for node, out, err in ends:
-        assert node.returncode == 0, err
+        ends = _both_nodes(names, [str(p), "--out", "run", "--epochs", "1"], tmp_path)
     r = run_cli("train", "--resume", str(tmp_path / "run"), "--epochs", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     state = K.load(tmp_path / "run" / "last.pt")
